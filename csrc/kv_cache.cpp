@@ -1,0 +1,378 @@
+#include "kv_cache.h"
+
+#include <algorithm>
+#include <fstream>
+#include <stdexcept>
+
+#include "errors.h"
+
+namespace vattn {
+namespace {
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+int64_t read_max_map_count() {
+  std::ifstream f("/proc/sys/vm/max_map_count");
+  int64_t n = 0;
+  if (f >> n && n > 0) return n;
+  return 65530;  // the kernel's default when the file cannot be read
+}
+
+constexpr int64_t kMaxVirtualBytes = int64_t(1) << 46;  // 64 TiB: half of x86-64 user space
+
+}  // namespace
+
+KVCache::KVCache(const CacheConfig& cfg) : cfg_(cfg) {
+  auto positive = [](int64_t v, const char* name) {
+    if (v <= 0) throw std::invalid_argument(std::string(name) + " must be positive, got " + std::to_string(v));
+  };
+  positive(cfg.num_layers, "num_layers");
+  positive(cfg.num_kv_heads, "num_kv_heads");
+  positive(cfg.head_dim, "head_size");
+  positive(cfg.elem_size, "dtype size");
+  positive(cfg.max_batch_size, "max_batch_size");
+  positive(cfg.max_context_len, "max_context_length");
+  positive(cfg.page_size, "page_size");
+  if (cfg.map_ahead_tokens < 0) throw std::invalid_argument("map_ahead_tokens must be >= 0");
+
+  backend_ = cfg.device < 0 ? make_cpu_backend() : make_cuda_backend(cfg.device);
+  const int64_t gran = static_cast<int64_t>(backend_->granularity());
+  if (cfg.page_size % gran != 0)
+    throw std::invalid_argument("page_size " + std::to_string(cfg.page_size) + " is not a multiple of the " +
+                                (backend_->is_cuda() ? "CUDA allocation granularity " : "OS page size ") +
+                                std::to_string(gran));
+  if (!backend_->is_cuda() && (cfg.page_size < 4096 || cfg.page_size > (2 << 20)))
+    throw std::invalid_argument("page_size must be between 4 KiB and 2 MiB on CPU, got " + std::to_string(cfg.page_size));
+
+  token_bytes_ = cfg.num_kv_heads * cfg.head_dim * cfg.elem_size;
+  slot_bytes_ = round_up(cfg.max_context_len * token_bytes_, cfg.page_size);
+  pages_per_slot_ = slot_bytes_ / cfg.page_size;
+  regions_ = 2 * cfg.num_layers;
+  const double virt = double(slot_bytes_) * double(cfg.max_batch_size) * double(regions_);
+  if (virt > double(kMaxVirtualBytes))
+    throw std::invalid_argument("the KV cache would reserve " + std::to_string(int64_t(virt) >> 30) +
+                                " GiB of virtual address space (limit 64 TiB): lower max_batch_size or max_context_length");
+  for (int64_t r = 0; r < regions_; ++r) region_base_.push_back(backend_->reserve(slot_bytes_ * cfg.max_batch_size));
+  slots_.resize(cfg.max_batch_size);
+  worker_ = std::thread([this] { worker_loop(); });
+}
+
+KVCache::~KVCache() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  job_cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+}
+
+int64_t KVCache::pages_for(int64_t tokens) const {
+  return (tokens * token_bytes_ + cfg_.page_size - 1) / cfg_.page_size;
+}
+
+void KVCache::check_slot(int64_t slot) const {
+  if (slot < 0 || slot >= cfg_.max_batch_size)
+    throw std::out_of_range("slot " + std::to_string(slot) + " out of range [0, " +
+                            std::to_string(cfg_.max_batch_size) + ")");
+}
+
+void KVCache::check_lengths(const std::vector<int64_t>& seq_lens) const {
+  if (int64_t(seq_lens.size()) != cfg_.max_batch_size)
+    throw std::invalid_argument("seq_lens must have one entry per slot (max_batch_size=" +
+                                std::to_string(cfg_.max_batch_size) + "), got " + std::to_string(seq_lens.size()));
+  for (size_t i = 0; i < seq_lens.size(); ++i) {
+    if (seq_lens[i] < 0 || seq_lens[i] > cfg_.max_context_len)
+      throw std::invalid_argument("seq_lens[" + std::to_string(i) + "]=" + std::to_string(seq_lens[i]) +
+                                  " outside [0, max_context_length=" + std::to_string(cfg_.max_context_len) + "]");
+  }
+}
+
+int64_t KVCache::reserve_physical_pages(int64_t bytes) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (blocks_total_ > 0) throw std::logic_error("reserve_physical_pages was already called for this cache");
+  const int64_t block_bytes = cfg_.page_size * regions_;
+  const int64_t blocks = bytes / block_bytes;
+  if (blocks <= 0)
+    throw std::invalid_argument("a KV budget of " + std::to_string(bytes) + " bytes is less than one block (" +
+                                std::to_string(block_bytes) + " bytes = page_size x 2 x num_layers)");
+  if (blocks > INT32_MAX) throw std::invalid_argument("too many pool blocks; use a larger page_size");
+  const int64_t pages = blocks * regions_;
+  if (!backend_->is_cuda()) {
+    // Each mapped page may become its own kernel mapping, plus a PROT_NONE gap after it.
+    const int64_t max_maps = read_max_map_count();
+    const int64_t worst = 2 * std::min(pages, pages_per_slot_ * cfg_.max_batch_size * regions_) + regions_;
+    if (worst > max_maps / 2)
+      throw std::invalid_argument("a pool of " + std::to_string(pages) + " pages of " + std::to_string(cfg_.page_size) +
+                                  " bytes could need " + std::to_string(worst) +
+                                  " kernel mappings, more than half of vm.max_map_count=" + std::to_string(max_maps) +
+                                  ": use a larger page_size or a smaller KV budget");
+  }
+  backend_->create_pool(static_cast<size_t>(pages), static_cast<size_t>(cfg_.page_size));
+  blocks_total_ = blocks;
+  free_blocks_.reserve(blocks);
+  for (int64_t b = blocks - 1; b >= 0; --b) free_blocks_.push_back(static_cast<int32_t>(b));
+  return pages;
+}
+
+int64_t KVCache::alloc_slot(int64_t seqlen) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (seqlen < 0 || seqlen > cfg_.max_context_len)
+    throw std::invalid_argument("seqlen " + std::to_string(seqlen) + " outside [0, max_context_length=" +
+                                std::to_string(cfg_.max_context_len) + "]");
+  const int64_t need = pages_for(seqlen);
+  int64_t best = -1;
+  for (int64_t i = 0; i < cfg_.max_batch_size; ++i) {
+    const Slot& s = slots_[i];
+    if (s.active) continue;
+    if (best < 0) {
+      best = i;
+      continue;
+    }
+    const int64_t have = s.blocks.size(), best_have = slots_[best].blocks.size();
+    const bool covers = have >= need, best_covers = best_have >= need;
+    // Prefer a slot already covering seqlen with the fewest pages, else the most pages.
+    if ((covers && (!best_covers || have < best_have)) || (!covers && !best_covers && have > best_have)) best = i;
+  }
+  if (best < 0) return -1;
+  slots_[best].active = true;
+  slots_[best].required = 0;
+  slots_[best].generation++;
+  return best;
+}
+
+void KVCache::free_slot(int64_t slot) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_slot(slot);
+  Slot& s = slots_[slot];
+  if (!s.active) throw std::invalid_argument("slot " + std::to_string(slot) + " is not in use (double free?)");
+  s.active = false;
+  s.required = 0;
+  s.generation++;
+  if (!deferred_) release_slot_pages_locked(slot);
+}
+
+void KVCache::release_slot_pages_locked(int64_t slot) {
+  while (!slots_[slot].blocks.empty()) unmap_last_locked(slot);
+}
+
+void KVCache::map_block_locked(int64_t slot, int32_t block) {
+  Slot& s = slots_[slot];
+  const int64_t offset = slot * slot_bytes_ + int64_t(s.blocks.size()) * cfg_.page_size;
+  int64_t r = 0;
+  try {
+    for (; r < regions_; ++r) backend_->map(region_base_[r] + offset, size_t(block) * regions_ + r);
+  } catch (...) {
+    for (int64_t u = 0; u < r; ++u) {
+      try {
+        backend_->unmap(region_base_[u] + offset);
+      } catch (...) {
+      }
+    }
+    free_blocks_.push_back(block);
+    throw;
+  }
+  s.blocks.push_back(block);
+}
+
+void KVCache::unmap_last_locked(int64_t slot) {
+  Slot& s = slots_[slot];
+  const int64_t offset = slot * slot_bytes_ + int64_t(s.blocks.size() - 1) * cfg_.page_size;
+  for (int64_t r = 0; r < regions_; ++r) backend_->unmap(region_base_[r] + offset);
+  free_blocks_.push_back(s.blocks.back());
+  s.blocks.pop_back();
+}
+
+int64_t KVCache::reclaimable_locked() const {
+  int64_t n = 0;
+  for (const Slot& s : slots_) n += s.active ? std::max<int64_t>(0, int64_t(s.blocks.size()) - s.required) : s.blocks.size();
+  return n;
+}
+
+int32_t KVCache::take_block_locked(int64_t for_slot) {
+  if (free_blocks_.empty()) {
+    // Reclaim: first from freed slots (deferred reclamation), then pages mapped
+    // ahead beyond what an active slot's live tokens need.
+    int64_t victim = -1;
+    for (int64_t i = 0; i < cfg_.max_batch_size && victim < 0; ++i)
+      if (!slots_[i].active && !slots_[i].blocks.empty()) victim = i;
+    for (int64_t i = 0; i < cfg_.max_batch_size && victim < 0; ++i)
+      if (i != for_slot && slots_[i].active && int64_t(slots_[i].blocks.size()) > slots_[i].required) victim = i;
+    if (victim < 0) throw OutOfPages("KV page pool exhausted while mapping (no free or reclaimable block)");
+    unmap_last_locked(victim);
+  }
+  int32_t b = free_blocks_.back();
+  free_blocks_.pop_back();
+  return b;
+}
+
+void KVCache::rethrow_worker_error_locked() {
+  if (worker_error_.empty()) return;
+  std::string e;
+  e.swap(worker_error_);
+  throw SystemError("background page mapping failed: " + e);
+}
+
+void KVCache::step_locked(const std::vector<int64_t>& seq_lens, bool eager_reclaim) {
+  rethrow_worker_error_locked();
+  check_lengths(seq_lens);
+  if (blocks_total_ == 0) throw std::logic_error("no physical pages: call reserve_physical_pages first");
+  // Plan without touching state, so a short pool leaves everything as it was.
+  const int64_t n = cfg_.max_batch_size;
+  std::vector<int64_t> required(n);
+  int64_t deficit = 0, available = int64_t(free_blocks_.size());
+  for (int64_t i = 0; i < n; ++i) {
+    const Slot& s = slots_[i];
+    const int64_t need = pages_for(seq_lens[i]);
+    if (seq_lens[i] > 0)
+      required[i] = s.active ? std::max(s.required, need) : need;
+    else
+      required[i] = s.active ? s.required : 0;
+    const int64_t have = s.blocks.size();
+    deficit += std::max<int64_t>(0, required[i] - have);
+    const bool active_after = s.active || seq_lens[i] > 0;
+    available += active_after ? std::max<int64_t>(0, have - required[i]) : have;
+  }
+  if (deficit > available)
+    throw OutOfPages("KV page pool exhausted: this step needs " + std::to_string(deficit) +
+                     " more blocks but only " + std::to_string(available) + " are free or reclaimable (pool: " +
+                     std::to_string(blocks_total_) + " blocks of " + std::to_string(regions_) + " pages x " +
+                     std::to_string(cfg_.page_size) + " bytes)");
+  for (int64_t i = 0; i < n; ++i) {
+    Slot& s = slots_[i];
+    if (seq_lens[i] > 0 && !s.active) {
+      s.active = true;
+      s.generation++;
+    }
+    s.required = required[i];
+  }
+  if (eager_reclaim)
+    for (int64_t i = 0; i < n; ++i)
+      if (!slots_[i].active) release_slot_pages_locked(i);
+  for (int64_t i = 0; i < n; ++i)
+    while (int64_t(slots_[i].blocks.size()) < slots_[i].required) map_block_locked(i, take_block_locked(i));
+}
+
+void KVCache::step(const std::vector<int64_t>& seq_lens, bool eager_reclaim) {
+  std::lock_guard<std::mutex> lk(mu_);
+  step_locked(seq_lens, eager_reclaim);
+}
+
+void KVCache::step_async(const std::vector<int64_t>& seq_lens) {
+  std::lock_guard<std::mutex> lk(mu_);
+  step_locked(seq_lens, false);
+  auto job = std::make_unique<AheadJob>();
+  job->target_pages.resize(cfg_.max_batch_size, 0);
+  job->generation.resize(cfg_.max_batch_size, 0);
+  for (int64_t i = 0; i < cfg_.max_batch_size; ++i) {
+    if (seq_lens[i] <= 0) continue;
+    job->target_pages[i] = pages_for(std::min(seq_lens[i] + cfg_.map_ahead_tokens, cfg_.max_context_len));
+    job->generation[i] = slots_[i].generation;
+  }
+  job_ = std::move(job);  // a newer job replaces one not yet started
+  job_cv_.notify_one();
+}
+
+void KVCache::worker_loop() {
+  std::unique_lock<std::mutex> lk(mu_);
+  while (true) {
+    job_cv_.wait(lk, [this] { return stop_ || job_ != nullptr; });
+    if (stop_) return;
+    std::unique_ptr<AheadJob> job = std::move(job_);
+    worker_busy_ = true;
+    // One block per lock hold, so step() on the main thread waits for at most one mapping.
+    for (int64_t i = 0; i < cfg_.max_batch_size && !stop_ && !job_; ++i) {
+      while (!stop_ && !job_) {
+        Slot& s = slots_[i];
+        if (!s.active || s.generation != job->generation[i] || int64_t(s.blocks.size()) >= job->target_pages[i] ||
+            free_blocks_.empty())
+          break;  // map-ahead only uses free blocks: it never takes pages from another slot
+        int32_t b = free_blocks_.back();
+        free_blocks_.pop_back();
+        try {
+          map_block_locked(i, b);
+        } catch (const std::exception& e) {
+          worker_error_ = e.what();
+          break;
+        }
+        lk.unlock();
+        lk.lock();
+      }
+    }
+    worker_busy_ = false;
+    idle_cv_.notify_all();
+  }
+}
+
+void KVCache::wait_async() {
+  std::unique_lock<std::mutex> lk(mu_);
+  idle_cv_.wait(lk, [this] { return stop_ || (!job_ && !worker_busy_); });
+}
+
+void KVCache::set_deferred_reclamation(bool on) {
+  std::lock_guard<std::mutex> lk(mu_);
+  deferred_ = on;
+  if (!on)
+    for (int64_t i = 0; i < cfg_.max_batch_size; ++i)
+      if (!slots_[i].active) release_slot_pages_locked(i);
+}
+
+int64_t KVCache::num_free_blocks() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return int64_t(free_blocks_.size()) + reclaimable_locked();
+}
+
+CacheStats KVCache::stats() {
+  std::lock_guard<std::mutex> lk(mu_);
+  CacheStats st{};
+  st.page_size = cfg_.page_size;
+  st.blocks_total = blocks_total_;
+  st.blocks_free = free_blocks_.size();
+  st.blocks_mapped = blocks_total_ - st.blocks_free;
+  st.blocks_reclaimable = reclaimable_locked();
+  st.pages_total = blocks_total_ * regions_;
+  st.pages_free = st.blocks_free * regions_;
+  st.pages_mapped = st.blocks_mapped * regions_;
+  st.pages_reclaimable = st.blocks_reclaimable * regions_;
+  st.virtual_bytes_reserved = slot_bytes_ * cfg_.max_batch_size * regions_;
+  st.physical_bytes_pool = st.pages_total * cfg_.page_size;
+  st.pool_resident_bytes = backend_->pool_resident_bytes();
+  for (const Slot& s : slots_) st.slots_active += s.active;
+  st.slot_bytes = slot_bytes_;
+  st.bytes_per_token_per_layer = token_bytes_;
+  return st;
+}
+
+std::vector<uintptr_t> KVCache::region_ptrs() const { return region_base_; }
+
+std::vector<int64_t> KVCache::slot_blocks(int64_t slot) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_slot(slot);
+  return std::vector<int64_t>(slots_[slot].blocks.begin(), slots_[slot].blocks.end());
+}
+
+bool KVCache::slot_active(int64_t slot) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_slot(slot);
+  return slots_[slot].active;
+}
+
+void KVCache::check_invariants() {
+  std::lock_guard<std::mutex> lk(mu_);
+  std::vector<int> seen(blocks_total_, 0);
+  auto mark = [&](int32_t b, const std::string& where) {
+    if (b < 0 || b >= blocks_total_) throw std::logic_error("invalid block id " + std::to_string(b) + " in " + where);
+    if (seen[b]++) throw std::logic_error("block " + std::to_string(b) + " is owned twice (again in " + where + ")");
+  };
+  for (int32_t b : free_blocks_) mark(b, "the free list");
+  for (int64_t i = 0; i < cfg_.max_batch_size; ++i) {
+    const Slot& s = slots_[i];
+    for (int32_t b : s.blocks) mark(b, "slot " + std::to_string(i));
+    if (int64_t(s.blocks.size()) > pages_per_slot_) throw std::logic_error("slot " + std::to_string(i) + " overflows");
+    if (s.active && int64_t(s.blocks.size()) < s.required)
+      throw std::logic_error("active slot " + std::to_string(i) + " lacks pages for its live tokens");
+  }
+  for (int64_t b = 0; b < blocks_total_; ++b)
+    if (!seen[b]) throw std::logic_error("block " + std::to_string(b) + " was lost");
+}
+
+}  // namespace vattn

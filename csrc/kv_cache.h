@@ -1,0 +1,120 @@
+// The vAttention KV cache: per layer a K and a V region of reserved virtual memory,
+// one page-aligned slot per request, physical pages mapped in as sequences grow.
+//
+// Allocation unit: a "block" = one page at the same offset in every K and V region
+// (2 * num_layers pages), so a block holds tokens_per_page tokens of one sequence
+// in all layers. The pool is a LIFO free list of blocks.
+#pragma once
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "memory_backend.h"
+
+namespace vattn {
+
+struct CacheConfig {
+  int64_t num_layers = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t elem_size = 0;       // bytes per element (4 = fp32, 2 = bf16/fp16)
+  int64_t max_batch_size = 0;  // number of slots
+  int64_t max_context_len = 0;
+  int64_t page_size = 0;       // bytes
+  int device = -1;             // -1 = CPU, otherwise CUDA ordinal
+  int64_t map_ahead_tokens = 0;  // step_async maps this many tokens beyond the step
+};
+
+struct CacheStats {
+  int64_t page_size, pages_total, pages_mapped, pages_free, pages_reclaimable;
+  int64_t blocks_total, blocks_free, blocks_mapped, blocks_reclaimable;
+  int64_t virtual_bytes_reserved, physical_bytes_pool, pool_resident_bytes;
+  int64_t slots_active, slot_bytes, bytes_per_token_per_layer;
+};
+
+class KVCache {
+ public:
+  explicit KVCache(const CacheConfig& cfg);
+  ~KVCache();  // stops and joins the mapping thread; the backend releases the memory
+  KVCache(const KVCache&) = delete;
+  KVCache& operator=(const KVCache&) = delete;
+
+  // Create the pool from a byte budget (rounded down to whole blocks); returns pages.
+  int64_t reserve_physical_pages(int64_t bytes);
+  // A free slot, preferring one whose mapped pages already cover seqlen; -1 if none.
+  int64_t alloc_slot(int64_t seqlen);
+  // The slot's pages become reclaimable (deferred) or go back to the pool now.
+  void free_slot(int64_t slot);
+  // Map pages so every slot with seq_lens[i] > 0 covers that many tokens. All or
+  // nothing: raises OutOfPages before mapping anything if the pool is short.
+  void step(const std::vector<int64_t>& seq_lens, bool eager_reclaim);
+  // step() for what this step needs, then map map_ahead_tokens more in the background.
+  void step_async(const std::vector<int64_t>& seq_lens);
+  // Block until the background thread has finished its current job (tests, benchmarks).
+  void wait_async();
+  void set_deferred_reclamation(bool on);
+  int64_t num_free_blocks();  // free + reclaimable blocks
+  CacheStats stats();
+  std::vector<uintptr_t> region_ptrs() const;  // all K regions, then all V regions
+  std::vector<int64_t> slot_blocks(int64_t slot);  // pool blocks mapped into a slot, in order
+  bool slot_active(int64_t slot);
+  // Every block is either free or mapped in exactly one slot; raises if not.
+  void check_invariants();
+
+  const CacheConfig& config() const { return cfg_; }
+  int64_t pages_per_slot() const { return pages_per_slot_; }
+  int64_t slot_bytes() const { return slot_bytes_; }
+  bool is_cuda() const { return backend_->is_cuda(); }
+
+ private:
+  struct Slot {
+    std::vector<int32_t> blocks;  // blocks mapped at page offsets 0, 1, ...
+    int64_t required = 0;         // pages that hold live tokens (never reclaimed while active)
+    bool active = false;
+    uint64_t generation = 0;      // bumped on activate/free: stale map-ahead jobs see it
+  };
+  struct AheadJob {
+    std::vector<int64_t> target_pages;  // per slot
+    std::vector<uint64_t> generation;
+  };
+
+  int64_t pages_for(int64_t tokens) const;
+  void check_slot(int64_t slot) const;
+  void check_lengths(const std::vector<int64_t>& seq_lens) const;
+  void step_locked(const std::vector<int64_t>& seq_lens, bool eager_reclaim);
+  int64_t reclaimable_locked() const;
+  int32_t take_block_locked(int64_t for_slot);
+  void map_block_locked(int64_t slot, int32_t block);
+  void unmap_last_locked(int64_t slot);
+  void release_slot_pages_locked(int64_t slot);
+  void worker_loop();
+  void rethrow_worker_error_locked();
+
+  CacheConfig cfg_;
+  std::unique_ptr<MemoryBackend> backend_;
+  int64_t token_bytes_ = 0;  // bytes per token per layer region
+  int64_t slot_bytes_ = 0;
+  int64_t pages_per_slot_ = 0;
+  int64_t regions_ = 0;      // 2 * num_layers
+  std::vector<uintptr_t> region_base_;
+  int64_t blocks_total_ = 0;
+
+  std::mutex mu_;  // guards everything below and every map/unmap
+  std::vector<Slot> slots_;
+  std::vector<int32_t> free_blocks_;  // LIFO
+  bool deferred_ = true;
+  std::string worker_error_;
+
+  std::condition_variable job_cv_;
+  std::condition_variable idle_cv_;
+  std::unique_ptr<AheadJob> job_;
+  bool worker_busy_ = false;
+  bool stop_ = false;
+  std::thread worker_;  // last member: started when everything else exists
+};
+
+}  // namespace vattn
