@@ -160,3 +160,40 @@ def _write_hf_dir(gguf_path: Path, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2))
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tok.save_pretrained(str(out))
+
+
+def iter_safetensors(model_dir: Path):
+    """Yield (name, tensor) from model.safetensors or a sharded index. No pickle files."""
+    from safetensors import safe_open
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir} has no .safetensors weights (pickle checkpoints are not loaded)")
+    for name in files:
+        with safe_open(str(model_dir / name), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def load_hf_config(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+def load_model(model_dir: Path, dtype, device):
+    """Build our LlamaForCausalLM from an HF-style directory."""
+    import torch
+
+    from sarathi.model_executor.models.llama import LlamaArgs, LlamaForCausalLM
+
+    args = LlamaArgs.from_hf_config(load_hf_config(model_dir))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(args)
+    model = model.to_empty(device=device).to(dtype)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.load_weights((k, v.to(dtype)) for k, v in iter_safetensors(model_dir))
+    return model.eval()

@@ -1,0 +1,224 @@
+"""Which sequences run in the next step, and how many of their tokens.
+
+`sarathi` (default): a token budget of `chunk_size` per step; running decodes go
+first and are never refused for budget, then ongoing prefills take the next chunk
+of what budget remains, then new requests FIFO. The batch lists prefill chunks
+first, then decodes. `vllm`: whole prompts in prefill-only steps whenever any can be
+admitted, otherwise a decode-only step (decodes stall behind prefills). `orca`:
+whole prompts mixed with decodes, no token budget.
+
+Memory pressure: recompute preemption of the newest running sequence. Admission
+keeps headroom: a new request must leave room for every running sequence to grow by
+one more block, and a request that was preempted comes back only when it can run to
+completion next to what is running, so a tight budget cannot make it thrash.
+
+No torch here: this runs on a fake clock in unit tests.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Deque, List, Optional
+
+from sarathi.core.kv_manager import KVManager
+from sarathi.core.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    prefills: List[ScheduledSeq] = field(default_factory=list)
+    decodes: List[ScheduledSeq] = field(default_factory=list)
+    preempted: List[Sequence] = field(default_factory=list)
+    freed_slots: List[int] = field(default_factory=list)
+
+    @property
+    def scheduled(self) -> List[ScheduledSeq]:
+        """Batch layout: prefill chunks first, then decodes."""
+        return self.prefills + self.decodes
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.prefills)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return len(self.decodes)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefills and not self.decodes
+
+    def _drop(self, seq: Sequence) -> None:
+        self.prefills = [s for s in self.prefills if s.seq is not seq]
+        self.decodes = [s for s in self.decodes if s.seq is not seq]
+
+
+class Scheduler:
+    """Shared state and mechanics; subclasses decide the batch."""
+
+    def __init__(self, kv: KVManager, max_num_seqs: int, max_model_len: int,
+                 chunk_size: int = 512, max_num_batched_tokens: Optional[int] = None):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.chunk_size = chunk_size
+        self.max_num_batched_tokens = max_num_batched_tokens or max(max_model_len, chunk_size)
+        self.waiting: Deque[Sequence] = deque()
+        self.running: List[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- requests in and out -------------------------------------------------
+    def check_prompt(self, num_prompt_tokens: int) -> None:
+        if num_prompt_tokens < 1:
+            raise ValueError("prompt must contain at least one token")
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(f"prompt has {num_prompt_tokens} tokens, but max_model_len is "
+                             f"{self.max_model_len} (prompt plus at least one output token must fit)")
+        if not self.kv.fits(num_prompt_tokens + 1):
+            raise ValueError(f"prompt has {num_prompt_tokens} tokens, more than the whole KV cache holds "
+                             f"({self.kv.num_blocks * self.kv.block_size} tokens); raise --kv-cache-memory")
+
+    def add(self, seq: Sequence) -> None:
+        self.check_prompt(len(seq.prompt_token_ids))
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence) -> Optional[int]:
+        """Take a sequence out of the scheduler (finished or aborted); returns its freed slot."""
+        slot = None
+        if seq in self.running:
+            self.running.remove(seq)
+            slot = self.kv.free(seq.seq_id)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        return slot
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- mechanics -----------------------------------------------------------
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Recompute preemption: drop the KV, start over later from the head of the queue."""
+        self.running.remove(seq)
+        out.freed_slots.append(self.kv.free(seq.seq_id))
+        out._drop(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def _schedule_decodes(self, out: SchedulerOutput) -> None:
+        """Every running decode, oldest first; preempt the newest when a block is short."""
+        for seq in list(self.running):
+            if seq not in self.running or seq.is_prefill:
+                continue
+            while not self.kv.can_grow(seq.seq_id, seq.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                self.kv.grow(seq.seq_id, seq.num_tokens)
+                out.decodes.append(ScheduledSeq(seq, 1))
+
+    def _can_admit(self, seq: Sequence) -> bool:
+        if len(self.running) >= self.max_num_seqs:
+            return False
+        if not self.running:
+            return self.kv.can_admit(seq.num_tokens)
+        if seq.num_preemptions == 0:
+            # Leave room for every running sequence to grow by one more block.
+            growth = sum(self.kv.blocks_for(s.num_tokens + self.kv.block_size) - self.kv.blocks_held(s.seq_id)
+                         for s in self.running)
+            return self.kv.can_admit(seq.num_tokens, extra_blocks=max(growth, 0))
+        # A restarted sequence returns only when it and everything running can finish.
+        growth = sum(max(self.kv.blocks_for(s.final_len) - self.kv.blocks_held(s.seq_id), 0)
+                     for s in self.running)
+        final = min(seq.final_len, self.kv.num_blocks * self.kv.block_size)
+        return self.kv.can_admit(max(final, seq.num_tokens), extra_blocks=growth)
+
+    def _admit(self, seq: Sequence) -> None:
+        self.waiting.popleft()
+        self.kv.admit(seq.seq_id, seq.num_tokens)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def slot(self, seq: Sequence) -> int:
+        return self.kv.slot(seq.seq_id)
+
+    def schedule(self) -> SchedulerOutput:
+        raise NotImplementedError
+
+
+class SarathiScheduler(Scheduler):
+    """Chunked prefills and stall-free hybrid batches under a token budget."""
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        self.running.sort(key=lambda s: (s.arrival_time, s.seq_id))
+        self._schedule_decodes(out)
+        budget = max(self.chunk_size - len(out.decodes), 0)
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.is_prefill:
+                n = min(seq.num_uncomputed_tokens, budget)
+                out.prefills.append(ScheduledSeq(seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and self._can_admit(self.waiting[0]):
+            seq = self.waiting[0]
+            self._admit(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            out.prefills.append(ScheduledSeq(seq, n))
+            budget -= n
+        return out
+
+
+class VLLMScheduler(Scheduler):
+    """Prefill-first: whole prompts in prefill-only steps, else a decode-only step."""
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        while self.waiting and self._can_admit(self.waiting[0]):
+            seq = self.waiting[0]
+            if seq.num_uncomputed_tokens > budget:
+                break
+            self._admit(seq)
+            out.prefills.append(ScheduledSeq(seq, seq.num_uncomputed_tokens))
+            budget -= seq.num_uncomputed_tokens
+        if out.prefills:
+            return out
+        self.running.sort(key=lambda s: (s.arrival_time, s.seq_id))
+        self._schedule_decodes(out)
+        return out
+
+
+class OrcaScheduler(Scheduler):
+    """Iteration-level batching: decodes plus whole new prompts, no token budget."""
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        self.running.sort(key=lambda s: (s.arrival_time, s.seq_id))
+        self._schedule_decodes(out)
+        while self.waiting and self._can_admit(self.waiting[0]):
+            seq = self.waiting[0]
+            self._admit(seq)
+            out.prefills.append(ScheduledSeq(seq, seq.num_uncomputed_tokens))
+        return out
+
+
+def make_scheduler(name: str, kv: KVManager, max_num_seqs: int, max_model_len: int,
+                   chunk_size: int, max_num_batched_tokens: Optional[int]) -> Scheduler:
+    cls = {"sarathi": SarathiScheduler, "vllm": VLLMScheduler, "orca": OrcaScheduler}.get(name)
+    if cls is None:
+        raise ValueError(f"unknown scheduler {name!r}")
+    return cls(kv, max_num_seqs, max_model_len, chunk_size, max_num_batched_tokens)

@@ -1,0 +1,62 @@
+"""A request's sequences: their tokens, progress through the prompt, and status.
+
+One `Sequence` per output sample (n > 1 fans a request out into n sequences that
+are scheduled independently). `num_computed_tokens` counts tokens whose K/V are in
+the cache; whatever lies beyond it is still to run, so a decode is simply a
+sequence with one token left and a preempted sequence (recompute) starts over
+from zero with its generated tokens folded into what it must prefill.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int                      # which of the request's n outputs
+    prompt_token_ids: List[int]
+    arrival_time: float
+    max_tokens: int                 # output tokens allowed (already capped by max_model_len)
+    output_token_ids: List[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    num_preemptions: int = 0
+    finish_reason: Optional[str] = None
+    stop_reason: Any = None
+    # Owned by the engine (sampling / detokenisation state), opaque to the scheduler.
+    data: Any = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """More than the last token is still to run (a prompt, or a recompute after preemption)."""
+        return self.num_uncomputed_tokens > 1
+
+    @property
+    def final_len(self) -> int:
+        """Longest this sequence can grow to."""
+        return len(self.prompt_token_ids) + self.max_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def token_ids(self) -> List[int]:
+        return self.prompt_token_ids + self.output_token_ids

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server (see api_server.py)."""

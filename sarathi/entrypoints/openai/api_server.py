@@ -1,0 +1,297 @@
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn).
+
+    python -m sarathi.entrypoints.openai.api_server [engine flags] [--host H --port P --api-key K]
+
+uvicorn starts listening at once; the model loads on a worker thread meanwhile, and
+/health answers 503 until it is ready (200 after). A client that disconnects has its
+request aborted, which frees its KV slot within one engine step.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import logging
+import os
+import sys
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, List, Optional
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sarathi.config import EngineConfig, add_engine_args
+
+from .metrics import ServerMetrics
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .serving_chat import OpenAIServingChat, render_messages
+from .serving_completion import OpenAIServingCompletion
+from .serving_engine import APIError, OpenAIServing, bad_request
+
+logger = logging.getLogger("sarathi.entrypoints.openai")
+
+# Paths anyone may read without the API key (probes and scrapers).
+_OPEN_PATHS = {"/health", "/metrics", "/version"}
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as dist_version
+        return dist_version("sarathi-vattn")
+    except Exception:  # noqa: BLE001 - running from a source tree without an install
+        return "unknown"
+
+
+def make_arg_parser() -> argparse.ArgumentParser:
+    """Engine flags (sarathi.config, aliases included) plus the server's own."""
+    parser = argparse.ArgumentParser(prog="sarathi serve", description="OpenAI-compatible server")
+    add_engine_args(parser)
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get("SARATHI_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
+                        "(default $SARATHI_API_KEY)")
+    g.add_argument("--max-queue-len", type=int, default=None,
+                   help="answer 503 when this many requests already wait for the engine")
+    g.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log line")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--access-log", action="store_true", help="also log uvicorn's line per HTTP request")
+    return parser
+
+
+@dataclass
+class ServerState:
+    """What the handlers need; filled in once the engine has loaded."""
+
+    engine: Any = None
+    serving: Optional[OpenAIServing] = None
+    completion: Optional[OpenAIServingCompletion] = None
+    chat: Optional[OpenAIServingChat] = None
+    load_error: Optional[str] = None
+    started: float = field(default_factory=time.time)
+
+    def ready(self) -> OpenAIServing:
+        if self.load_error is not None:
+            raise APIError(500, f"model failed to load: {self.load_error}", type="server_error")
+        if self.serving is None:
+            raise APIError(503, "model is still loading; retry when /health answers 200",
+                           type="server_unavailable", code="loading")
+        return self.serving
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return bad_request(f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(": "))
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = loc[0] if loc else None
+    where = ".".join(loc) or "body"
+    msg = first.get("msg", "invalid request")
+    if len(errors) > 1 and param:
+        # a Union field (e.g. prompt) reports one error per alternative; name the field once
+        msg = f"invalid value ({len(errors)} alternatives tried; first: {msg})"
+    return bad_request(f"{where}: {msg}", param=param)
+
+
+async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Run `work` but cancel it if the client disconnects first (non-streaming requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()  # cancellation runs the abort in OpenAIServing.generate
+        return Response(status_code=499)
+    return task.result()
+
+
+def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], Any]] = None,
+              on_load_failure: Optional[Callable[[], None]] = None) -> FastAPI:
+    """The FastAPI app; the engine is made by `engine_factory` (default AsyncLLMEngine) on a thread."""
+    state = ServerState()
+    metrics = ServerMetrics(lambda: state.engine.get_stats() if state.engine is not None else None)
+
+    if engine_factory is None:
+        config = EngineConfig.from_cli_args(args)
+
+        def engine_factory():
+            from sarathi.engine.async_llm_engine import AsyncLLMEngine
+            return AsyncLLMEngine(config)
+
+    async def load_engine() -> None:
+        t0 = time.perf_counter()
+        try:
+            engine = await asyncio.to_thread(engine_factory)
+            names = [args.served_model_name or engine.model_name]
+            serving = OpenAIServing(engine, names, metrics, max_queue_len=args.max_queue_len,
+                                    log_prompts=args.log_prompts)
+        except Exception as e:  # noqa: BLE001 - reported on /health and in the log, then we exit
+            logger.exception("model failed to load")
+            state.load_error = f"{type(e).__name__}: {e}"
+            if on_load_failure is not None:
+                on_load_failure()
+            return
+        state.engine = engine
+        state.completion, state.chat = OpenAIServingCompletion(serving), OpenAIServingChat(serving)
+        state.serving = serving
+        logger.info("model %s ready in %.1fs (max_model_len %d)", names[0], time.perf_counter() - t0,
+                    serving.max_model_len)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = asyncio.create_task(load_engine())
+        yield
+        loader.cancel()
+        shutdown = getattr(state.engine, "shutdown", None)
+        if shutdown is not None:
+            result = shutdown()
+            if asyncio.iscoroutine(result):
+                await result
+
+    app = FastAPI(title="sarathi-vattn OpenAI-compatible server", version=version(), lifespan=lifespan)
+    app.state.server = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        metrics.rejected.labels(str(exc.status)).inc()
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        metrics.rejected.labels("400").inc()
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        logger.exception("internal error on %s", request.url.path)
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+
+    if args.api_key:
+        @app.middleware("http")
+        async def _auth(request: Request, call_next):
+            if request.method != "OPTIONS" and request.url.path not in _OPEN_PATHS:
+                given = request.headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {args.api_key}".encode()):
+                    return error_response(APIError(401, "invalid or missing API key (send 'Authorization: "
+                                                        "Bearer KEY')", code="invalid_api_key"))
+            return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        state.ready()
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def get_version():
+        return {"version": version()}
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        s = state.ready()
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": int(state.started), "owned_by": "sarathi",
+             "root": str(getattr(state.engine, "model_path", name)), "max_model_len": s.max_model_len}
+            for name in s.served_model_names]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        state.ready()
+        return await _respond(request, state.completion.create(req), req.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        state.ready()
+        return await _respond(request, state.chat.create(req), req.stream)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        s = state.ready()
+        s.model_name(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give exactly one of prompt or messages", param="prompt")
+        if req.messages is not None:
+            text = render_messages(s, req.messages, req.add_generation_prompt)
+            ids = s.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = s.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"count": len(ids), "max_model_len": s.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        s = state.ready()
+        s.model_name(req.model)
+        s.check_token_ids(req.tokens, "tokens")
+        return {"prompt": s.tokenizer.decode(req.tokens)}
+
+    return app
+
+
+async def _respond(request: Request, created: Awaitable[Any], stream: bool):
+    if not stream:
+        return await _until_disconnect(request, created)
+    # validation errors surface here, before the 200 and the first SSE byte
+    chunks = await created
+    return StreamingResponse(chunks, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Serve until interrupted; returns the process exit status."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    failed: List[bool] = []
+    server: Optional[uvicorn.Server] = None
+
+    def stop_on_failure() -> None:
+        failed.append(True)
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(args, on_load_failure=stop_on_failure)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           access_log=args.access_log, timeout_keep_alive=30))
+    logger.info("sarathi %s serving on http://%s:%d (model loading in the background)", version(),
+                args.host, args.port)
+    server.run()
+    return 1 if failed else 0
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = make_arg_parser()
+    args = parser.parse_args(argv)
+    try:
+        EngineConfig.from_cli_args(args)
+    except (ValueError, TypeError, OSError) as e:
+        parser.error(str(e))
+    sys.exit(run_server(args))
+
+
+if __name__ == "__main__":
+    main()

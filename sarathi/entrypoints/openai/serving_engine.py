@@ -1,0 +1,268 @@
+"""What the completions and chat handlers share: request checks, SamplingParams,
+OpenAI-shaped errors, and a generate() wrapper that aborts the engine request when
+the client goes away and records metrics and one log line when it finishes."""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import re
+import uuid
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
+
+from sarathi.outputs import CompletionOutput, Logprob, RequestOutput
+from sarathi.sampling_params import SamplingParams
+
+from .metrics import ServerMetrics
+from .protocol import SamplingFields, UsageInfo
+
+logger = logging.getLogger("sarathi.entrypoints.openai")
+
+# SamplingParams names the offending field first in its ValueError; map it back to the API field.
+_PARAM_OF_MESSAGE = re.compile(r"^\s*([a-z_]+)")
+_API_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+               "repetition_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "max_tokens",
+               "min_tokens", "logprobs", "prompt_logprobs"}
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's {"error": {...}} shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 type: str = "invalid_request_error", code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def stop_reason(c: CompletionOutput) -> Optional[object]:
+    """vLLM's extra field: the stop string or stop token id that ended the choice."""
+    return c.stop_reason if isinstance(c.stop_reason, (int, str)) else None
+
+
+def usage_of(finals: Sequence[Optional[RequestOutput]]) -> UsageInfo:
+    """Prompt tokens once per prompt, completion tokens over every choice."""
+    prompt = sum(len(o.prompt_token_ids) for o in finals if o is not None)
+    completion = sum(len(c.token_ids) for o in finals if o is not None for c in o.outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class OpenAIServing:
+    """Per-server state the endpoint handlers need (engine, names, limits, metrics)."""
+
+    def __init__(self, engine, served_model_names: Sequence[str], metrics: ServerMetrics,
+                 max_queue_len: Optional[int] = None, log_prompts: bool = False):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.served_model_names = list(served_model_names)
+        self.max_model_len = int(engine.max_model_len)
+        self.metrics = metrics
+        self.max_queue_len = max_queue_len
+        self.log_prompts = log_prompts
+        self.vocab_size = len(self.tokenizer)
+        self._background: set = set()   # abort tasks, kept alive until they run
+        self._special_ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        # byte-level BPE (GPT-2 alphabet) spells a space as "Ġ"; its tokens map back to exact bytes
+        probe = self.tokenizer.convert_ids_to_tokens(self.tokenizer.encode(" a b", add_special_tokens=False))
+        self._byte_level = any(isinstance(t, str) and t.startswith("Ġ") for t in probe)
+
+    # ------------------------------------------------------------------ checks
+
+    def model_name(self, requested: Optional[str]) -> str:
+        if requested is None or requested in self.served_model_names:
+            return requested or self.served_model_names[0]
+        raise APIError(404, f"The model `{requested}` does not exist; this server serves "
+                            f"{self.served_model_names}.", param="model", code="model_not_found")
+
+    def check_capacity(self) -> None:
+        if self.max_queue_len is None:
+            return
+        waiting = int((self.engine.get_stats() or {}).get("num_waiting", 0))
+        if waiting >= self.max_queue_len:
+            raise APIError(503, f"server overloaded: {waiting} requests already waiting "
+                                f"(--max-queue-len {self.max_queue_len}); retry later",
+                           type="server_overloaded", code="overloaded")
+
+    def check_token_ids(self, ids: Sequence[int], param: str) -> None:
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                raise bad_request(f"{param} contains token id {t!r}, outside the vocabulary "
+                                  f"[0, {self.vocab_size})", param=param)
+
+    def check_length(self, prompt_len: int, max_tokens: Optional[int], param: str) -> int:
+        """Prompt + max_tokens must fit the context; returns the max_tokens to use."""
+        if prompt_len == 0:
+            raise bad_request(f"{param} is empty: at least one token is needed", param=param)
+        if prompt_len >= self.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens; the {param} has "
+                f"{prompt_len} tokens, which leaves no room for output.",
+                param=param, code="context_length_exceeded")
+        room = self.max_model_len - prompt_len
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {param}, {max_tokens} for the "
+                f"completion). Please reduce the length of the {param} or max_tokens.",
+                param="max_tokens", code="context_length_exceeded")
+        return max_tokens
+
+    def sampling_params(self, req: SamplingFields, max_tokens: Optional[int], logprobs: Optional[int],
+                        prompt_logprobs: Optional[int] = None) -> SamplingParams:
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+        logit_bias = None
+        if req.logit_bias:
+            logit_bias = {}
+            for key, bias in req.logit_bias.items():
+                try:
+                    tid = int(key)
+                except ValueError:
+                    raise bad_request(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+                self.check_token_ids([tid], "logit_bias")
+                if not -100.0 <= bias <= 100.0:
+                    raise bad_request(f"logit_bias values must be in [-100, 100], got {bias}", param="logit_bias")
+                logit_bias[tid] = bias
+        if req.stop_token_ids:
+            self.check_token_ids(req.stop_token_ids, "stop_token_ids")
+        if logprobs is not None and not 0 <= logprobs <= 20:
+            raise bad_request(f"logprobs must be between 0 and 20, got {logprobs}", param="logprobs")
+        try:
+            return SamplingParams(
+                n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty, logit_bias=logit_bias, seed=req.seed,
+                stop=req.stop, stop_token_ids=req.stop_token_ids,
+                include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
+                max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
+                spaces_between_special_tokens=req.spaces_between_special_tokens)
+        except (ValueError, TypeError) as e:
+            m = _PARAM_OF_MESSAGE.match(str(e))
+            param = m.group(1) if m and m.group(1) in _API_FIELDS else None
+            raise bad_request(str(e), param=param) from None
+
+    # ------------------------------------------------------------------ generation
+
+    async def generate(self, prompt: Optional[str], prompt_ids: List[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """engine.generate, plus: abort on early exit (client gone, error), metrics and a log line."""
+        finished = False
+        try:
+            async for out in self.engine.generate(prompt, params, request_id, prompt_token_ids=prompt_ids):
+                if out.finished:
+                    finished = True
+                    self._record(out)
+                yield out
+        except ValueError as e:
+            # the engine rejects a prompt (empty, too long) before yielding anything
+            raise bad_request(str(e), param="prompt") from None
+        finally:
+            if not finished:
+                self._abort_soon(request_id)
+
+    def _abort_soon(self, request_id: str) -> None:
+        """Abort from a fresh task: a cancelled handler cannot await anything itself."""
+        logger.info("request %s aborted before it finished (client disconnected or error)", request_id)
+        try:
+            result = self.engine.abort(request_id)
+        except Exception:  # noqa: BLE001 - an abort must never take the server down
+            logger.exception("abort of %s failed", request_id)
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.get_running_loop().create_task(result)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _record(self, out: RequestOutput) -> None:
+        self.metrics.observe_finished(out)
+        m = out.metrics
+        ms = lambda v: f"{1e3 * v:.1f}ms" if v is not None else "-"  # noqa: E731
+        line = (f"request {out.request_id}: prompt_tokens={len(out.prompt_token_ids)} "
+                f"output_tokens={sum(len(c.token_ids) for c in out.outputs)} "
+                f"ttft={ms(m.ttft if m else None)} e2e={ms(m.e2e_latency if m else None)} "
+                f"finish_reason={','.join(str(c.finish_reason) for c in out.outputs)}")
+        if self.log_prompts:
+            line += f" prompt={out.prompt!r}"
+        logger.info(line)
+
+    async def merge(self, streams: List[AsyncIterator[RequestOutput]]) -> AsyncIterator[Tuple[int, RequestOutput]]:
+        """Interleave several prompts' output streams as (prompt index, output)."""
+        if len(streams) == 1:
+            async for out in streams[0]:
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+            try:
+                async for out in stream:
+                    await queue.put((i, out))
+                await queue.put((i, done))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                await queue.put((i, e))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    # ------------------------------------------------------------------ logprob text
+
+    def token_text(self, token_id: int, lp: Optional[Logprob]) -> str:
+        if lp is not None and lp.decoded_token is not None:
+            return lp.decoded_token
+        return self.tokenizer.decode([token_id])
+
+    def token_bytes(self, token_id: int, text: str) -> List[int]:
+        """The token's own bytes: exact for byte-level BPE, where a token may hold part of a
+        multi-byte character and its decoded text would be a replacement char."""
+        if self._byte_level and token_id not in self._special_ids:
+            byte_decoder = _byte_decoder()
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str) and piece and all(ch in byte_decoder for ch in piece):
+                return [byte_decoder[ch] for ch in piece]
+        return list(text.encode("utf-8"))
+
+
+_BYTE_DECODER: Optional[Dict[str, int]] = None
+
+
+def _byte_decoder() -> Dict[str, int]:
+    """GPT-2's printable-character alphabet for bytes, reversed (used by byte-level BPE)."""
+    global _BYTE_DECODER
+    if _BYTE_DECODER is None:
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+            list(range(ord("®"), ord("ÿ") + 1))
+        cs = bs[:]
+        n = 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        _BYTE_DECODER = {chr(c): b for b, c in zip(bs, cs)}
+    return _BYTE_DECODER

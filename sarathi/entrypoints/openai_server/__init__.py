@@ -1,0 +1,1 @@
+"""The module path the original integration documented; same server as sarathi.entrypoints.openai."""
