@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 
 class OpenAIBase(BaseModel):
@@ -165,6 +165,11 @@ class ChatChunkChoice(BaseModel):
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+
+    @field_serializer("delta")
+    def _delta(self, delta: DeltaMessage) -> Dict[str, Any]:
+        # OpenAI sends the role once, in the first delta, and omits it afterwards
+        return delta.model_dump(exclude_none=True)
 
 
 class ChatCompletionChunk(BaseModel):

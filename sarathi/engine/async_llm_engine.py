@@ -1,0 +1,120 @@
+"""asyncio face of the engine: a background loop runs steps, each request gets a stream.
+
+The loop owns the LLMEngine: requests and aborts queued from the event loop are
+applied between steps, and each step runs in a worker thread so the event loop
+(HTTP handlers, streaming) stays responsive while the model computes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator, Dict, List, Optional, Tuple
+
+from sarathi.config import EngineConfig
+from sarathi.engine.llm_engine import LLMEngine
+from sarathi.outputs import RequestOutput
+from sarathi.sampling_params import SamplingParams
+
+logger = logging.getLogger("sarathi")
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.engine = LLMEngine(config)
+        self._streams: Dict[str, asyncio.Queue] = {}
+        self._new: List[Tuple[str, Optional[str], SamplingParams, List[int], float]] = []
+        self._aborts: List[str] = []
+        self._wakeup: Optional[asyncio.Event] = None
+        self._loop_task: Optional[asyncio.Task] = None
+        self.errored: Optional[BaseException] = None
+
+    # Pass-throughs the server needs.
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def get_stats(self) -> dict:
+        return self.engine.get_stats()
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+
+    async def generate(self, prompt: Optional[str], sampling_params: SamplingParams, request_id: str,
+                       prompt_token_ids: Optional[List[int]] = None) -> AsyncIterator[RequestOutput]:
+        """Stream cumulative outputs of one request; raises ValueError on bad input before any output."""
+        if self.errored is not None:
+            raise RuntimeError(f"engine loop died: {self.errored!r}")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        # Validate now (tokenize, length checks) so bad input fails here, not in the loop.
+        ids = self.engine.encode_prompt(prompt, prompt_token_ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._new.append((request_id, prompt, sampling_params, ids, time.monotonic()))
+        self._ensure_loop()
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the consumer went away (client disconnect, cancellation)
+                await self.abort(request_id)
+            self._streams.pop(request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request; its KV slot is freed before the next step runs."""
+        self._aborts.append(request_id)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def _run_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._new and not self._aborts and not self.engine.has_unfinished_requests():
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            self._apply_pending()
+            try:
+                outputs = await loop.run_in_executor(None, self.engine.step)
+            except BaseException as e:  # a bug in a step must not hang every client
+                logger.exception("engine step failed")
+                self.errored = e
+                for q in self._streams.values():
+                    q.put_nowait(RuntimeError(f"engine step failed: {e!r}"))
+                raise
+            for out in outputs:
+                q = self._streams.get(out.request_id)
+                if q is not None:
+                    q.put_nowait(out)
+            await asyncio.sleep(0)
+
+    def _apply_pending(self) -> None:
+        new, self._new = self._new, []
+        for rid, prompt, params, ids, arrival in new:
+            try:
+                self.engine.add_request(rid, prompt, params, prompt_token_ids=ids, arrival_time=arrival)
+            except ValueError as e:
+                q = self._streams.get(rid)
+                if q is not None:
+                    q.put_nowait(e)
+        aborts, self._aborts = self._aborts, []
+        if aborts:
+            self.engine.abort_request(aborts)

@@ -1,0 +1,141 @@
+"""The `vattention` KV backend: one virtually contiguous slot per sequence per layer,
+physical pages mapped in by vattention_ext as sequences grow (mapping for the next
+tokens overlaps the forward pass when async_mapping is on).
+
+Attention: the C++ kernel over the slot-contiguous cache on CPU (fp32/bf16);
+flash_attn_with_kvcache(cache_batch_idx=...) for decodes on CUDA when flash-attn is
+importable; torch SDPA (`slot_attention`) otherwise.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from sarathi.model_executor.kv_cache import KVCache, KVCacheSpec, StepBatch, slot_attention
+
+_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _page_size(spec: KVCacheSpec) -> int:
+    from vattention_ext import default_page_size
+
+    token_bytes = spec.num_kv_heads * spec.head_dim * spec.elem_size
+    if spec.page_size is not None:
+        return spec.page_size
+    return default_page_size(token_bytes, spec.kv_cache_memory, cuda=spec.device.type == "cuda")
+
+
+class VAttentionKVCache(KVCache):
+    name = "vattention"
+
+    @classmethod
+    def layout(cls, spec: KVCacheSpec) -> Tuple[int, int, int]:
+        """One block = one page in every layer's K and V region; block_size = whole tokens per page."""
+        page = _page_size(spec)
+        token_bytes = spec.num_kv_heads * spec.head_dim * spec.elem_size
+        tokens_per_page = page // token_bytes
+        if tokens_per_page < 1:
+            raise ValueError(f"page size {page} bytes is smaller than one token's K (or V) in one layer "
+                             f"({token_bytes} bytes); use a larger --page-size")
+        num_blocks = spec.kv_cache_memory // (page * 2 * spec.num_layers)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={spec.kv_cache_memory} bytes is less than one vAttention block "
+                             f"({page * 2 * spec.num_layers} bytes = page {page} x 2 x {spec.num_layers} layers)")
+        return num_blocks, tokens_per_page, spec.max_num_seqs
+
+    def __init__(self, spec: KVCacheSpec):
+        super().__init__(spec)
+        import vattention_ext
+
+        self.layout(spec)  # validates before reserving anything
+        device = "cpu" if spec.device.type == "cpu" else f"cuda:{spec.device.index or 0}"
+        self.cache = vattention_ext.KVCache(
+            spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.max_num_seqs, spec.max_model_len,
+            dtype=spec.dtype, device=device, page_size=_page_size(spec), kv_cache_memory=spec.kv_cache_memory)
+        self.k = [self.cache.k_cache(i) for i in range(spec.num_layers)]
+        self.v = [self.cache.v_cache(i) for i in range(spec.num_layers)]
+        self._seq_lens = [0] * spec.max_num_seqs
+        self._native = spec.device.type == "cpu" and spec.dtype in _KERNEL_DTYPES
+        self._flash = None
+        if spec.device.type == "cuda":
+            try:
+                from flash_attn import flash_attn_with_kvcache
+                self._flash = flash_attn_with_kvcache
+            except ImportError:
+                pass
+        if self._native:
+            from vattention_ext import _C
+            self._kernel = _C.attention
+            k0 = self.k[0]
+            self._geometry = (k0.stride(0), k0.stride(1), k0.stride(2), k0.shape[0], k0.shape[1])
+
+    def begin_step(self, batch: StepBatch) -> None:
+        lens = self._seq_lens
+        for i in range(len(lens)):
+            lens[i] = 0
+        for slot, n in zip(batch.slots, batch.seq_lens):
+            lens[slot] = n
+        if self.spec.async_mapping:
+            self.cache.step_async(lens)  # maps this step's pages, then maps ahead in the background
+        else:
+            self.cache.step(lens)
+        t = batch.tensors
+        t["va_slots"] = torch.tensor(batch.slots, dtype=torch.int64)
+        t["va_context_lens"] = torch.tensor(batch.context_lens, dtype=torch.int64)
+        t["va_query_lens"] = torch.tensor(batch.query_lens, dtype=torch.int64)
+        if not self._native:
+            pos = [(s, p) for s, c, n in zip(batch.slots, batch.context_lens, batch.query_lens)
+                   for p in range(c, c + n)]
+            t["va_store_slot"] = torch.tensor([s for s, _ in pos], dtype=torch.long, device=batch.device)
+            t["va_store_pos"] = torch.tensor([p for _, p in pos], dtype=torch.long, device=batch.device)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch,
+               scale: float) -> torch.Tensor:
+        kc, vc = self.k[layer], self.v[layer]
+        t = batch.tensors
+        if self._native and q.dtype in _KERNEL_DTYPES:
+            q, k, v = q.contiguous(), k.to(kc.dtype).contiguous(), v.to(vc.dtype).contiguous()
+            out = torch.empty_like(q)
+            s0, s1, s2, nslots, maxctx = self._geometry
+            self._kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), kc.data_ptr(), vc.data_ptr(),
+                         s0, s1, s2, nslots, maxctx, t["va_slots"].data_ptr(), t["va_context_lens"].data_ptr(),
+                         t["va_query_lens"].data_ptr(), len(batch.slots), q.shape[0], q.shape[1], k.shape[1],
+                         q.shape[2], scale, _KERNEL_DTYPES[q.dtype])
+            return out
+        kc[t["va_store_slot"], t["va_store_pos"]] = k.to(kc.dtype)
+        vc[t["va_store_slot"], t["va_store_pos"]] = v.to(vc.dtype)
+        if self._flash is not None and batch.num_prefills == 0:
+            return self._flash_decode(q, kc, vc, batch, scale)
+        return slot_attention(q, kc, vc, batch, scale)
+
+    def _flash_decode(self, q, kc, vc, batch, scale):
+        dev = q.device
+        seqlens = torch.tensor(batch.seq_lens, dtype=torch.int32, device=dev)
+        idx = torch.tensor(batch.slots, dtype=torch.int32, device=dev)
+        out = self._flash(q.unsqueeze(1), kc, vc, cache_seqlens=seqlens, cache_batch_idx=idx, softmax_scale=scale)
+        return out.squeeze(1)
+
+    def free_slot(self, slot: int) -> None:
+        # The scheduler may free a slot this cache never saw (aborted before its first step).
+        if self.cache.slot_active(slot):
+            self.cache.free_slot(slot)
+
+    def stats(self) -> Dict[str, int]:
+        st = self.cache.stats()
+        page = st["page_size"]
+        out = {
+            "kv_bytes_total": st["physical_bytes_pool"],
+            "kv_bytes_mapped": st["pages_mapped"] * page,
+            "kv_bytes_free": (st["pages_free"] + st["pages_reclaimable"]) * page,
+            "kv_bytes_reserved_virtual": st["virtual_bytes_reserved"],
+            "kv_page_size": page,
+        }
+        # Committed = what the kernel reports resident in our mappings (CPU); on CUDA the
+        # driver committed every pool page at cuMemCreate.
+        out["kv_bytes_committed"] = st.get("rss_bytes_mapped", st["pool_resident_bytes"])
+        return out
+
+    def close(self) -> None:
+        self.k = self.v = None
+        self.cache.close()
