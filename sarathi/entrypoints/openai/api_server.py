@@ -41,11 +41,8 @@ _OPEN_PATHS = {"/health", "/metrics", "/version"}
 
 
 def version() -> str:
-    try:
-        from importlib.metadata import version as dist_version
-        return dist_version("sarathi-vattn")
-    except Exception:  # noqa: BLE001 - running from a source tree without an install
-        return "unknown"
+    from sarathi import __version__
+    return __version__
 
 
 def make_arg_parser() -> argparse.ArgumentParser:
@@ -97,12 +94,12 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return bad_request(f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(": "))
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = loc[0] if loc else None
-    where = ".".join(loc) or "body"
-    msg = first.get("msg", "invalid request")
-    if len(errors) > 1 and param:
-        # a Union field (e.g. prompt) reports one error per alternative; name the field once
-        msg = f"invalid value ({len(errors)} alternatives tried; first: {msg})"
-    return bad_request(f"{where}: {msg}", param=param)
+    if param == "prompt" and len(errors) > 1:
+        # a Union field reports one error per alternative; say what is accepted instead
+        return bad_request("prompt must be a string, a list of strings, a list of token ids or a list of "
+                           "token-id lists", param="prompt")
+    where = ".".join(loc) or "request body"
+    return bad_request(f"{where}: {first.get('msg', 'invalid value')}", param=param)
 
 
 async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:

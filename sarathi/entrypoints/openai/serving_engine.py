@@ -167,7 +167,8 @@ class OpenAIServing:
                     self._record(out)
                 yield out
         except ValueError as e:
-            # the engine rejects a prompt (empty, too long) before yielding anything
+            # the engine rejects a prompt (empty, too long) before yielding anything: nothing to abort
+            finished = True
             raise bad_request(str(e), param="prompt") from None
         finally:
             if not finished:

