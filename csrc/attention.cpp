@@ -1,6 +1,6 @@
 #include "attention.h"
 
-#include <omp.h>
+#include "work_pool.h"
 
 #include <algorithm>
 #include <cmath>
@@ -148,56 +148,56 @@ void run(const AttentionArgs& a) {
   T* kc = static_cast<T*>(a.k_cache);
   T* vc = static_cast<T*>(a.v_cache);
 
+  WorkPool& pool = WorkPool::shared();
+  const int threads = int(std::max<int64_t>(1, a.num_threads));
   if (a.k_new) {
     const T* kn = static_cast<const T*>(a.k_new);
     const T* vn = static_cast<const T*>(a.v_new);
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < a.num_tokens; ++t) {
-      const int64_t i = std::upper_bound(token_start.begin(), token_start.end(), t) - token_start.begin() - 1;
-      const int64_t pos = a.context_lens[i] + (t - token_start[i]);
-      const int64_t base = a.slots[i] * a.stride_slot + pos * a.stride_token;
-      for (int64_t h = 0; h < Hkv; ++h) {
-        std::memcpy(kc + base + h * a.stride_head, kn + (t * Hkv + h) * D, D * sizeof(T));
-        std::memcpy(vc + base + h * a.stride_head, vn + (t * Hkv + h) * D, D * sizeof(T));
+    const int64_t per_item = 256;  // small copies: split only when there are many tokens
+    pool.run((a.num_tokens + per_item - 1) / per_item, threads, [&](int64_t item) {
+      for (int64_t t = item * per_item; t < std::min(a.num_tokens, (item + 1) * per_item); ++t) {
+        const int64_t i = std::upper_bound(token_start.begin(), token_start.end(), t) - token_start.begin() - 1;
+        const int64_t pos = a.context_lens[i] + (t - token_start[i]);
+        const int64_t base = a.slots[i] * a.stride_slot + pos * a.stride_token;
+        for (int64_t h = 0; h < Hkv; ++h) {
+          std::memcpy(kc + base + h * a.stride_head, kn + (t * Hkv + h) * D, D * sizeof(T));
+          std::memcpy(vc + base + h * a.stride_head, vn + (t * Hkv + h) * D, D * sizeof(T));
+        }
       }
-    }
+    });
   }
 
   // Work items: (sequence, KV head, block of query rows).
   std::vector<int64_t> item_start(a.num_seqs + 1, 0);
   for (int64_t i = 0; i < a.num_seqs; ++i)
     item_start[i + 1] = item_start[i] + Hkv * ((a.query_lens[i] + kQueryBlock - 1) / kQueryBlock);
-  const int64_t items = item_start[a.num_seqs];
   const T* q = static_cast<const T*>(a.q);
   T* out = static_cast<T*>(a.out);
 
-#pragma omp parallel
-  {
-    std::vector<float> buf(G * kKeyBlock + 3 * G * D);
+  pool.run(item_start[a.num_seqs], threads, [&](int64_t it) {
+    thread_local std::vector<float> buf;
+    buf.resize(G * kKeyBlock + 3 * G * D);
     float* scores = buf.data();
     float* acc = scores + G * kKeyBlock;
     float* qrow = acc + G * D;
     float* orow = qrow + G * D;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t i = std::upper_bound(item_start.begin(), item_start.end(), it) - item_start.begin() - 1;
-      const int64_t local = it - item_start[i];
-      const int64_t h = local % Hkv, qb = local / Hkv;
-      const int64_t ctx = a.context_lens[i], qlen = a.query_lens[i];
-      const T* k = kc + a.slots[i] * a.stride_slot + h * a.stride_head;
-      const T* v = vc + a.slots[i] * a.stride_slot + h * a.stride_head;
-      const int64_t r_end = std::min(qlen, (qb + 1) * kQueryBlock);
-      for (int64_t r = qb * kQueryBlock; r < r_end; ++r) {
-        const int64_t t = token_start[i] + r;
-        const T* qt = q + (t * Hq + h * G) * D;
-        for (int64_t e = 0; e < G * D; ++e) qrow[e] = load(qt, e) * a.scale;
-        // Causal: the query at position ctx + r sees keys 0 .. ctx + r.
-        attend(qrow, k, v, a.stride_token, ctx + r + 1, G, D, scores, acc, orow);
-        T* ot = out + (t * Hq + h * G) * D;
-        for (int64_t e = 0; e < G * D; ++e) store(ot, e, orow[e]);
-      }
+    const int64_t i = std::upper_bound(item_start.begin(), item_start.end(), it) - item_start.begin() - 1;
+    const int64_t local = it - item_start[i];
+    const int64_t h = local % Hkv, qb = local / Hkv;
+    const int64_t ctx = a.context_lens[i], qlen = a.query_lens[i];
+    const T* k = kc + a.slots[i] * a.stride_slot + h * a.stride_head;
+    const T* v = vc + a.slots[i] * a.stride_slot + h * a.stride_head;
+    const int64_t r_end = std::min(qlen, (qb + 1) * kQueryBlock);
+    for (int64_t r = qb * kQueryBlock; r < r_end; ++r) {
+      const int64_t t = token_start[i] + r;
+      const T* qt = q + (t * Hq + h * G) * D;
+      for (int64_t e = 0; e < G * D; ++e) qrow[e] = load(qt, e) * a.scale;
+      // Causal: the query at position ctx + r sees keys 0 .. ctx + r.
+      attend(qrow, k, v, a.stride_token, ctx + r + 1, G, D, scores, acc, orow);
+      T* ot = out + (t * Hq + h * G) * D;
+      for (int64_t e = 0; e < G * D; ++e) store(ot, e, orow[e]);
     }
-  }
+  });
 }
 
 }  // namespace

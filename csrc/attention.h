@@ -28,6 +28,7 @@ struct AttentionArgs {
   int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
   float scale = 1.0f;
   DType dtype = DType::F32;
+  int64_t num_threads = 1;  // the caller plus num_threads - 1 pool helpers
 };
 
 // Stores k_new/v_new into the caches (if given), then writes attention output to out.

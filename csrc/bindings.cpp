@@ -3,7 +3,6 @@
 // Python exception (pybind11 re-acquires the GIL before translating it).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-#include <omp.h>
 
 #include "attention.h"
 #include "errors.h"
@@ -43,7 +42,8 @@ py::dict stats_dict(KVCache& c) {
 void attention(uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t out, uintptr_t k_cache, uintptr_t v_cache,
                int64_t stride_slot, int64_t stride_token, int64_t stride_head, int64_t num_slots, int64_t max_ctx,
                uintptr_t slots, uintptr_t context_lens, uintptr_t query_lens, int64_t num_seqs, int64_t num_tokens,
-               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale, int dtype) {
+               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale, int dtype,
+               int64_t num_threads) {
   if (dtype != 0 && dtype != 1) throw std::invalid_argument("attention: dtype code must be 0 (fp32) or 1 (bf16)");
   vattn::AttentionArgs a;
   a.q = reinterpret_cast<const void*>(q);
@@ -67,6 +67,7 @@ void attention(uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t out, uin
   a.head_dim = head_dim;
   a.scale = static_cast<float>(scale);
   a.dtype = static_cast<vattn::DType>(dtype);
+  a.num_threads = num_threads;
   py::gil_scoped_release nogil;
   vattn::attention(a);
 }
@@ -126,6 +127,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stride_slot"), py::arg("stride_token"), py::arg("stride_head"), py::arg("num_slots"),
         py::arg("max_ctx"), py::arg("slots"), py::arg("context_lens"), py::arg("query_lens"), py::arg("num_seqs"),
         py::arg("num_tokens"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"),
-        py::arg("dtype"));
-  m.def("max_threads", [] { return omp_get_max_threads(); }, "OpenMP threads the attention kernel uses");
+        py::arg("dtype"), py::arg("num_threads") = 1);
 }

@@ -26,7 +26,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slo
     slots[i], has context_lens[i] tokens cached before this step and query_lens[i]
     new tokens. If k_new/v_new ([T, Hkv, D]) are given they are written into the cache
     at positions context_lens[i]... first; otherwise the cache must already hold them.
-    Returns out [T, Hq, D] (same dtype as q). fp32 and bf16.
+    Returns out [T, Hq, D] (same dtype as q). fp32 and bf16. Uses torch.get_num_threads() threads.
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [tokens, heads, head_dim], got shape {tuple(q.shape)}")
@@ -63,7 +63,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slo
     _C.attention(q.data_ptr(), 0 if k_new is None else k_new.data_ptr(), 0 if v_new is None else v_new.data_ptr(),
                  out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
                  k_cache.stride(2), k_cache.shape[0], k_cache.shape[1], slots.data_ptr(), context_lens.data_ptr(),
-                 query_lens.data_ptr(), len(slots), T, Hq, Hkv, D, float(scale), _DTYPE_CODES[q.dtype])
+                 query_lens.data_ptr(), len(slots), T, Hq, Hkv, D, float(scale), _DTYPE_CODES[q.dtype],
+                 torch.get_num_threads())
     return out
 
 

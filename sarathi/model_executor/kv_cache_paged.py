@@ -36,6 +36,7 @@ class PagedKVCache(KVCache):
         # Committed up front, as a GPU allocation would be (zeros touches every page on CPU).
         self.k = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
         self.v = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
+        self._scratch = None
 
     def begin_step(self, batch: StepBatch) -> None:
         if batch.block_tables is None:
@@ -60,15 +61,22 @@ class PagedKVCache(KVCache):
         t["paged_slots"] = torch.arange(len(seq_lens), dtype=torch.int64)
         t["paged_context_lens"] = torch.tensor(batch.context_lens, dtype=torch.int64)
         t["paged_query_lens"] = torch.tensor(batch.query_lens, dtype=torch.int64)
+        # Scratch for the gathered K and V, allocated once per step and reused by every layer.
+        rows_needed = len(seq_lens) * max_len
+        if self._scratch is None or self._scratch[0].shape[0] < rows_needed:
+            shape = (max(rows_needed, 1), *self.k.shape[2:])
+            self._scratch = (torch.empty(shape, dtype=self.k.dtype, device=self.k.device),
+                             torch.empty(shape, dtype=self.k.dtype, device=self.k.device))
 
     def gather(self, layer: int, batch: StepBatch) -> Tuple[torch.Tensor, torch.Tensor]:
         """This step's sequences' K and V copied out of their blocks: [seqs, max_len, Hkv, D]."""
         t = batch.tensors
         n, L = len(batch.slots), int(t["paged_max_len"])
         idx = t["paged_gather"]
-        kg = self.k[layer].index_select(0, idx).view(n, L, *self.k.shape[2:])
-        vg = self.v[layer].index_select(0, idx).view(n, L, *self.v.shape[2:])
-        return kg, vg
+        ks, vs = (x[: n * L] for x in self._scratch)
+        torch.index_select(self.k[layer], 0, idx, out=ks)
+        torch.index_select(self.v[layer], 0, idx, out=vs)
+        return ks.view(n, L, *self.k.shape[2:]), vs.view(n, L, *self.v.shape[2:])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch,
                scale: float) -> torch.Tensor:
@@ -88,4 +96,4 @@ class PagedKVCache(KVCache):
         return {"kv_bytes_total": total, "kv_bytes_committed": total}
 
     def close(self) -> None:
-        self.k = self.v = None
+        self.k = self.v = self._scratch = None

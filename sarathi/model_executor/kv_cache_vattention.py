@@ -101,7 +101,7 @@ class VAttentionKVCache(KVCache):
             self._kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), kc.data_ptr(), vc.data_ptr(),
                          s0, s1, s2, nslots, maxctx, t["va_slots"].data_ptr(), t["va_context_lens"].data_ptr(),
                          t["va_query_lens"].data_ptr(), len(batch.slots), q.shape[0], q.shape[1], k.shape[1],
-                         q.shape[2], scale, _KERNEL_DTYPES[q.dtype])
+                         q.shape[2], scale, _KERNEL_DTYPES[q.dtype], torch.get_num_threads())
             return out
         kc[t["va_store_slot"], t["va_store_pos"]] = k.to(kc.dtype)
         vc[t["va_store_slot"], t["va_store_pos"]] = v.to(vc.dtype)
