@@ -1,0 +1,70 @@
+"""A few checks of the server on the real embedded model (SmolLM2-135M-Instruct),
+started with no --model flag (the default), against the offline engine."""
+from __future__ import annotations
+
+import math
+
+import openai
+import pytest
+
+from server_harness import ServerProcess
+
+pytestmark = pytest.mark.slow
+ENGINE_ARGS = dict(kv_cache_memory="256MiB", max_model_len=1024)
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir, tmp_path_factory):
+    flags = ["--kv-cache-memory", ENGINE_ARGS["kv_cache_memory"], "--max-model-len", str(ENGINE_ARGS["max_model_len"])]
+    proc = ServerProcess(flags, tmp_path_factory.mktemp("smollm2-server") / "server.log")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def offline(smollm2_dir):
+    from sarathi import LLM
+
+    return LLM(**ENGINE_ARGS)
+
+
+def test_default_model_chat_equals_offline_and_streams(client, offline):
+    from sarathi import SamplingParams
+
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    resp = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
+    want = offline.chat(messages, SamplingParams(temperature=0, max_tokens=16))[0].outputs[0]
+    assert resp.choices[0].message.content == want.text
+    assert "Paris" in want.text
+    streamed = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0,
+                                              stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == want.text
+
+
+def test_completion_logprobs_and_utf8_echo_equal_offline(client, offline):
+    from sarathi import SamplingParams
+
+    model = client.models.list().data[0].id
+    prompt = "Un café à Paris ☕ costs"
+    resp = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0, logprobs=2,
+                                     echo=True)
+    want = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=8, logprobs=2,
+                                                     prompt_logprobs=2))[0]
+    choice = resp.choices[0]
+    assert choice.text == prompt + want.outputs[0].text
+    lp = choice.logprobs
+    n_prompt = len(want.prompt_token_ids)
+    for i, tid in enumerate(want.prompt_token_ids[1:], start=1):
+        assert math.isclose(lp.token_logprobs[i], want.prompt_logprobs[i][tid].logprob, abs_tol=1e-5)
+    for j, (tid, step) in enumerate(zip(want.outputs[0].token_ids, want.outputs[0].logprobs)):
+        assert math.isclose(lp.token_logprobs[n_prompt + j], step[tid].logprob, abs_tol=1e-5)
+        assert len(lp.top_logprobs[n_prompt + j]) in (2, 3)
