@@ -172,7 +172,7 @@ def build_payload(args, req: BenchRequest) -> Dict[str, Any]:
 async def send_request(client: httpx.AsyncClient, url: str, headers: Dict[str, str], body: Dict[str, Any],
                        req: BenchRequest, chat: bool, tokenizer) -> RequestResult:
     res = RequestResult(prompt_len=req.prompt_len)
-    text, chunks, usage = [], 0, None
+    text, chunks, usage, finished = [], 0, None, False
     start = time.perf_counter()
     last = start
     try:
@@ -187,9 +187,13 @@ async def send_request(client: httpx.AsyncClient, url: str, headers: Dict[str, s
                 if data == "[DONE]":
                     break
                 obj = json.loads(data)
+                if obj.get("error"):
+                    res.error = f"stream error: {obj['error']}"
+                    return res
                 if obj.get("usage"):
                     usage = obj["usage"]
                 for choice in obj.get("choices") or []:
+                    finished = finished or bool(choice.get("finish_reason"))
                     piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
                     if not piece:
                         continue
@@ -212,9 +216,11 @@ async def send_request(client: httpx.AsyncClient, url: str, headers: Dict[str, s
         res.output_len = len(tokenizer.encode("".join(text), add_special_tokens=False))
     else:
         res.output_len = chunks
-    res.ok = chunks > 0
+    if chunks == 0:
+        res.ttft = res.e2e  # only special tokens (skipped) or nothing at all came back
+    res.ok = finished or chunks > 0
     if not res.ok:
-        res.error = "no content streamed"
+        res.error = "stream ended without content or a finish_reason"
     return res
 
 
