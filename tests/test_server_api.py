@@ -323,5 +323,14 @@ def test_metrics_expose_latency_histograms(server, client):
     for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
                  "request_queue_time_seconds"):
         assert metric(text, f"sarathi:{name}_count") >= 1
-    for name in ("num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total", "num_preemptions_total"):
+    for name in ("num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total", "num_preemptions_total",
+                 "kv_backend_bytes_mapped", "kv_backend_bytes_committed"):
         metric(text, f"sarathi:{name}")
+
+
+def test_null_fields_mean_defaults_and_unknown_fields_are_ignored(server):
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3, "temperature": None, "top_p": None, "n": None,
+            "stream": None, "stop": None, "seed": None, "some_other_servers_field": 1}
+    r = httpx.post(server.base_url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["usage"]["completion_tokens"] == 3

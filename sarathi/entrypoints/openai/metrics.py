@@ -38,6 +38,14 @@ class _EngineStatsCollector:
                 g = GaugeMetricFamily(f"sarathi:{name}", doc)
                 g.add_metric([], float(stats[key]))
                 yield g
+        # what the KV backend itself reports (mapped / committed / free / reserved bytes, page size),
+        # figures that come from the kernel or the CUDA driver
+        for key, value in stats.items():
+            if key.startswith("kv_cache_") and isinstance(value, (int, float)):
+                name = key[len("kv_cache_"):].removeprefix("kv_")
+                g = GaugeMetricFamily(f"sarathi:kv_backend_{name}", f"KV cache backend: {name}")
+                g.add_metric([], float(value))
+                yield g
         counters = [("prompt_tokens", "Prompt tokens processed", "prompt_tokens_total"),
                     ("generation_tokens", "Tokens generated", "generation_tokens_total"),
                     ("num_preemptions", "Requests preempted (recompute)", "num_preemptions_total")]

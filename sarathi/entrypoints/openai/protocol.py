@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_serializer, field_validator
 
 
 class OpenAIBase(BaseModel):
@@ -63,6 +63,14 @@ class SamplingFields(OpenAIBase):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+
+    @field_validator("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                     "repetition_penalty", "min_tokens", "include_stop_str_in_output", "ignore_eos",
+                     "skip_special_tokens", "spaces_between_special_tokens", "stream", mode="before")
+    @classmethod
+    def _null_means_default(cls, value: Any, info: ValidationInfo) -> Any:
+        # many clients send an explicit null for "not set"
+        return cls.model_fields[info.field_name].default if value is None else value
 
 
 # ----------------------------------------------------------------------------- completions

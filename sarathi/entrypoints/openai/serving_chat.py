@@ -54,7 +54,7 @@ class OpenAIServingChat:
         # the template already holds the special tokens (BOS / role markers)
         ids = s.tokenizer.encode(prompt, add_special_tokens=False)
         s.check_capacity()
-        max_tokens = s.check_length(len(ids), req.max_completion_tokens or req.max_tokens, "messages")
+        max_tokens = s.check_length(len(ids), req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = s.sampling_params(req, max_tokens, logprobs)
         request_id = random_id("chatcmpl")

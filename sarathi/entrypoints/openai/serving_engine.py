@@ -121,6 +121,8 @@ class OpenAIServing:
 
     def sampling_params(self, req: SamplingFields, max_tokens: Optional[int], logprobs: Optional[int],
                         prompt_logprobs: Optional[int] = None) -> SamplingParams:
+        if req.model_extra:
+            logger.warning("ignoring unknown request fields: %s", sorted(req.model_extra))
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
         logit_bias = None
