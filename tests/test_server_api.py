@@ -334,3 +334,16 @@ def test_null_fields_mean_defaults_and_unknown_fields_are_ignored(server):
     r = httpx.post(server.base_url + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"]) == 1 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts(server):
+    url = server.base_url
+    body = {"model": MODEL, "prompt": "Keep going", "max_tokens": 450, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
+    deadline = time.monotonic() + 10
+    while metric(httpx.get(url + "/metrics").text, "sarathi:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "the request kept running after its client left"
+        time.sleep(0.02)
+    finished = httpx.get(url + "/metrics").text
+    assert 'sarathi:request_success_total{finished_reason="abort"}' in finished

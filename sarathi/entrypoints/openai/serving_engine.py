@@ -178,7 +178,8 @@ class OpenAIServing:
 
     def _abort_soon(self, request_id: str) -> None:
         """Abort from a fresh task: a cancelled handler cannot await anything itself."""
-        logger.info("request %s aborted before it finished (client disconnected or error)", request_id)
+        logger.info("request %s: aborted before it finished (client disconnected or error)", request_id)
+        self.metrics.finished.labels("abort").inc()
         try:
             result = self.engine.abort(request_id)
         except Exception:  # noqa: BLE001 - an abort must never take the server down
