@@ -36,6 +36,10 @@ py::dict stats_dict(KVCache& c) {
   d["slots_active"] = s.slots_active;
   d["slot_bytes"] = s.slot_bytes;
   d["bytes_per_token_per_layer"] = s.bytes_per_token_per_layer;
+  d["sync_blocks_mapped"] = s.sync_blocks_mapped;
+  d["sync_map_ns"] = s.sync_map_ns;
+  d["async_blocks_mapped"] = s.async_blocks_mapped;
+  d["async_map_ns"] = s.async_map_ns;
   return d;
 }
 

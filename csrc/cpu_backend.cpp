@@ -1,5 +1,7 @@
 // CPU backend: the pool is a memfd, reservations are PROT_NONE anonymous mappings,
 // mapping a page is an mmap(MAP_FIXED|MAP_SHARED) of the memfd over the reservation.
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -86,6 +88,12 @@ class CpuBackend : public MemoryBackend {
     void* got = mmap(reinterpret_cast<void*>(addr), page_size_, PROT_NONE,
                      MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (got == MAP_FAILED) throw SystemError(errno_text("mmap restoring the reservation"));
+  }
+
+  void discard(size_t page) override {
+    if (fallocate(pool_->fd(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(page * page_size_),
+                  static_cast<off_t>(page_size_)) != 0)
+      throw SystemError(errno_text("fallocate(PUNCH_HOLE) returning a pool page"));
   }
 
   size_t pool_resident_bytes() const override {

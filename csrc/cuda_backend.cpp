@@ -2,6 +2,7 @@
 // time from libcuda.so.1 with dlopen/dlsym, so building needs no CUDA toolkit.
 #include <dlfcn.h>
 
+#include <mutex>
 #include <string>
 #include <unordered_set>
 #include <vector>
@@ -165,6 +166,7 @@ class CudaBackend : public MemoryBackend {
       drv_.cuMemUnmap(a, page_size_);
       drv_.check(r, "cuMemSetAccess");
     }
+    std::lock_guard<std::mutex> lk(mapped_mu_);
     mapped_.insert(a);
   }
 
@@ -172,8 +174,11 @@ class CudaBackend : public MemoryBackend {
     make_current();
     CUdeviceptr a = static_cast<CUdeviceptr>(addr);
     drv_.check(drv_.cuMemUnmap(a, page_size_), "cuMemUnmap");
+    std::lock_guard<std::mutex> lk(mapped_mu_);
     mapped_.erase(a);
   }
+
+  void discard(size_t) override {}
 
   // cuMemCreate commits device memory at creation: the whole pool is resident.
   size_t pool_resident_bytes() const override { return pages_.size() * page_size_; }
@@ -192,6 +197,7 @@ class CudaBackend : public MemoryBackend {
   size_t page_size_ = 0;
   std::vector<CUmemHandle> pages_;
   std::vector<std::pair<CUdeviceptr, size_t>> reservations_;
+  std::mutex mapped_mu_;  // the background thread maps without the cache's lock
   std::unordered_set<CUdeviceptr> mapped_;
 };
 

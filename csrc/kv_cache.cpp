@@ -1,6 +1,7 @@
 #include "kv_cache.h"
 
 #include <algorithm>
+#include <chrono>
 #include <fstream>
 #include <stdexcept>
 
@@ -8,6 +9,11 @@
 
 namespace vattn {
 namespace {
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -141,23 +147,28 @@ int64_t KVCache::alloc_slot(int64_t seqlen) {
 }
 
 void KVCache::free_slot(int64_t slot) {
-  std::lock_guard<std::mutex> lk(mu_);
+  Lock lk(mu_);
   check_slot(slot);
+  wait_not_pending_locked(lk, slot);
   Slot& s = slots_[slot];
   if (!s.active) throw std::invalid_argument("slot " + std::to_string(slot) + " is not in use (double free?)");
   s.active = false;
   s.required = 0;
   s.generation++;
-  if (!deferred_) release_slot_pages_locked(slot);
+  if (!deferred_) release_slot_pages_locked(lk, slot);
 }
 
-void KVCache::release_slot_pages_locked(int64_t slot) {
-  while (!slots_[slot].blocks.empty()) unmap_last_locked(slot);
+void KVCache::wait_not_pending_locked(Lock& lk, int64_t slot) {
+  pending_cv_.wait(lk, [&] { return pending_slot_ < 0 || (slot >= 0 && pending_slot_ != slot); });
 }
 
-void KVCache::map_block_locked(int64_t slot, int32_t block) {
-  Slot& s = slots_[slot];
-  const int64_t offset = slot * slot_bytes_ + int64_t(s.blocks.size()) * cfg_.page_size;
+void KVCache::release_slot_pages_locked(Lock& lk, int64_t slot) {
+  wait_not_pending_locked(lk, slot);
+  while (!slots_[slot].blocks.empty()) unmap_last_locked(slot, true);
+}
+
+void KVCache::map_regions(int64_t slot, int64_t page_index, int32_t block) {
+  const int64_t offset = slot * slot_bytes_ + page_index * cfg_.page_size;
   int64_t r = 0;
   try {
     for (; r < regions_; ++r) backend_->map(region_base_[r] + offset, size_t(block) * regions_ + r);
@@ -168,18 +179,30 @@ void KVCache::map_block_locked(int64_t slot, int32_t block) {
       } catch (...) {
       }
     }
+    throw;
+  }
+}
+
+void KVCache::map_block_locked(int64_t slot, int32_t block) {
+  Slot& s = slots_[slot];
+  try {
+    map_regions(slot, int64_t(s.blocks.size()), block);
+  } catch (...) {
     free_blocks_.push_back(block);
     throw;
   }
   s.blocks.push_back(block);
 }
 
-void KVCache::unmap_last_locked(int64_t slot) {
+void KVCache::unmap_last_locked(int64_t slot, bool discard) {
   Slot& s = slots_[slot];
   const int64_t offset = slot * slot_bytes_ + int64_t(s.blocks.size() - 1) * cfg_.page_size;
+  const int32_t block = s.blocks.back();
   for (int64_t r = 0; r < regions_; ++r) backend_->unmap(region_base_[r] + offset);
-  free_blocks_.push_back(s.blocks.back());
   s.blocks.pop_back();
+  free_blocks_.push_back(block);
+  if (discard)
+    for (int64_t r = 0; r < regions_; ++r) backend_->discard(size_t(block) * regions_ + r);
 }
 
 int64_t KVCache::reclaimable_locked() const {
@@ -188,17 +211,24 @@ int64_t KVCache::reclaimable_locked() const {
   return n;
 }
 
-int32_t KVCache::take_block_locked(int64_t for_slot) {
-  if (free_blocks_.empty()) {
+int32_t KVCache::take_block_locked(Lock& lk, int64_t for_slot) {
+  while (free_blocks_.empty()) {
     // Reclaim: first from freed slots (deferred reclamation), then pages mapped
     // ahead beyond what an active slot's live tokens need.
     int64_t victim = -1;
     for (int64_t i = 0; i < cfg_.max_batch_size && victim < 0; ++i)
-      if (!slots_[i].active && !slots_[i].blocks.empty()) victim = i;
+      if (i != pending_slot_ && !slots_[i].active && !slots_[i].blocks.empty()) victim = i;
     for (int64_t i = 0; i < cfg_.max_batch_size && victim < 0; ++i)
-      if (i != for_slot && slots_[i].active && int64_t(slots_[i].blocks.size()) > slots_[i].required) victim = i;
-    if (victim < 0) throw OutOfPages("KV page pool exhausted while mapping (no free or reclaimable block)");
-    unmap_last_locked(victim);
+      if (i != for_slot && i != pending_slot_ && slots_[i].active &&
+          int64_t(slots_[i].blocks.size()) > slots_[i].required)
+        victim = i;
+    if (victim >= 0) {
+      unmap_last_locked(victim, false);  // mapped again right away: keep its memory
+    } else if (pending_slot_ >= 0) {
+      wait_not_pending_locked(lk, -1);  // the worker's block lands, then it is reclaimable
+    } else {
+      throw OutOfPages("KV page pool exhausted while mapping (no free or reclaimable block)");
+    }
   }
   int32_t b = free_blocks_.back();
   free_blocks_.pop_back();
@@ -212,14 +242,15 @@ void KVCache::rethrow_worker_error_locked() {
   throw SystemError("background page mapping failed: " + e);
 }
 
-void KVCache::step_locked(const std::vector<int64_t>& seq_lens, bool eager_reclaim) {
+void KVCache::step_locked(Lock& lk, const std::vector<int64_t>& seq_lens, bool eager_reclaim) {
   rethrow_worker_error_locked();
   check_lengths(seq_lens);
   if (blocks_total_ == 0) throw std::logic_error("no physical pages: call reserve_physical_pages first");
   // Plan without touching state, so a short pool leaves everything as it was.
   const int64_t n = cfg_.max_batch_size;
   std::vector<int64_t> required(n);
-  int64_t deficit = 0, available = int64_t(free_blocks_.size());
+  // A block the worker is mapping ends up in a slot (as surplus) or back in the free list.
+  int64_t deficit = 0, available = int64_t(free_blocks_.size()) + (pending_slot_ >= 0 ? 1 : 0);
   for (int64_t i = 0; i < n; ++i) {
     const Slot& s = slots_[i];
     const int64_t need = pages_for(seq_lens[i]);
@@ -247,19 +278,33 @@ void KVCache::step_locked(const std::vector<int64_t>& seq_lens, bool eager_recla
   }
   if (eager_reclaim)
     for (int64_t i = 0; i < n; ++i)
-      if (!slots_[i].active) release_slot_pages_locked(i);
-  for (int64_t i = 0; i < n; ++i)
-    while (int64_t(slots_[i].blocks.size()) < slots_[i].required) map_block_locked(i, take_block_locked(i));
+      if (!slots_[i].active) release_slot_pages_locked(lk, i);
+  for (int64_t i = 0; i < n; ++i) {
+    if (int64_t(slots_[i].blocks.size()) >= slots_[i].required) continue;
+    wait_not_pending_locked(lk, i);  // the worker may be mapping this slot's next page right now
+    while (int64_t(slots_[i].blocks.size()) < slots_[i].required) {
+      const int32_t b = take_block_locked(lk, i);
+      if (pending_slot_ == i) {  // take_block_locked waited and the worker came back to slot i
+        free_blocks_.push_back(b);
+        wait_not_pending_locked(lk, i);
+        continue;
+      }
+      const int64_t t0 = now_ns();
+      map_block_locked(i, b);
+      sync_map_ns_ += now_ns() - t0;
+      sync_blocks_mapped_++;
+    }
+  }
 }
 
 void KVCache::step(const std::vector<int64_t>& seq_lens, bool eager_reclaim) {
-  std::lock_guard<std::mutex> lk(mu_);
-  step_locked(seq_lens, eager_reclaim);
+  Lock lk(mu_);
+  step_locked(lk, seq_lens, eager_reclaim);
 }
 
 void KVCache::step_async(const std::vector<int64_t>& seq_lens) {
-  std::lock_guard<std::mutex> lk(mu_);
-  step_locked(seq_lens, false);
+  Lock lk(mu_);
+  step_locked(lk, seq_lens, false);
   auto job = std::make_unique<AheadJob>();
   job->target_pages.resize(cfg_.max_batch_size, 0);
   job->generation.resize(cfg_.max_batch_size, 0);
@@ -279,23 +324,39 @@ void KVCache::worker_loop() {
     if (stop_) return;
     std::unique_ptr<AheadJob> job = std::move(job_);
     worker_busy_ = true;
-    // One block per lock hold, so step() on the main thread waits for at most one mapping.
+    // One block at a time, mapped with the lock released: the main thread's step() only
+    // waits when it needs the very slot being mapped.
     for (int64_t i = 0; i < cfg_.max_batch_size && !stop_ && !job_; ++i) {
       while (!stop_ && !job_) {
         Slot& s = slots_[i];
         if (!s.active || s.generation != job->generation[i] || int64_t(s.blocks.size()) >= job->target_pages[i] ||
             free_blocks_.empty())
           break;  // map-ahead only uses free blocks: it never takes pages from another slot
-        int32_t b = free_blocks_.back();
+        const int32_t b = free_blocks_.back();
         free_blocks_.pop_back();
-        try {
-          map_block_locked(i, b);
-        } catch (const std::exception& e) {
-          worker_error_ = e.what();
-          break;
-        }
+        const int64_t page_index = s.blocks.size();
+        pending_slot_ = i;
         lk.unlock();
+        std::string error;
+        const int64_t t0 = now_ns();
+        try {
+          map_regions(i, page_index, b);
+        } catch (const std::exception& e) {
+          error = e.what();
+        }
+        const int64_t took = now_ns() - t0;
         lk.lock();
+        async_map_ns_ += took;
+        async_blocks_mapped_ += error.empty();
+        if (error.empty()) {
+          slots_[i].blocks.push_back(b);
+        } else {
+          free_blocks_.push_back(b);
+          worker_error_ = error;
+        }
+        pending_slot_ = -1;
+        pending_cv_.notify_all();
+        if (!error.empty()) break;
       }
     }
     worker_busy_ = false;
@@ -309,16 +370,16 @@ void KVCache::wait_async() {
 }
 
 void KVCache::set_deferred_reclamation(bool on) {
-  std::lock_guard<std::mutex> lk(mu_);
+  Lock lk(mu_);
   deferred_ = on;
   if (!on)
     for (int64_t i = 0; i < cfg_.max_batch_size; ++i)
-      if (!slots_[i].active) release_slot_pages_locked(i);
+      if (!slots_[i].active) release_slot_pages_locked(lk, i);
 }
 
 int64_t KVCache::num_free_blocks() {
   std::lock_guard<std::mutex> lk(mu_);
-  return int64_t(free_blocks_.size()) + reclaimable_locked();
+  return int64_t(free_blocks_.size()) + reclaimable_locked() + (pending_slot_ >= 0 ? 1 : 0);
 }
 
 CacheStats KVCache::stats() {
@@ -339,6 +400,10 @@ CacheStats KVCache::stats() {
   for (const Slot& s : slots_) st.slots_active += s.active;
   st.slot_bytes = slot_bytes_;
   st.bytes_per_token_per_layer = token_bytes_;
+  st.sync_blocks_mapped = sync_blocks_mapped_;
+  st.sync_map_ns = sync_map_ns_;
+  st.async_blocks_mapped = async_blocks_mapped_;
+  st.async_map_ns = async_map_ns_;
   return st;
 }
 
@@ -357,7 +422,8 @@ bool KVCache::slot_active(int64_t slot) {
 }
 
 void KVCache::check_invariants() {
-  std::lock_guard<std::mutex> lk(mu_);
+  Lock lk(mu_);
+  wait_not_pending_locked(lk, -1);
   std::vector<int> seen(blocks_total_, 0);
   auto mark = [&](int32_t b, const std::string& where) {
     if (b < 0 || b >= blocks_total_) throw std::logic_error("invalid block id " + std::to_string(b) + " in " + where);

@@ -34,6 +34,9 @@ struct CacheStats {
   int64_t blocks_total, blocks_free, blocks_mapped, blocks_reclaimable;
   int64_t virtual_bytes_reserved, physical_bytes_pool, pool_resident_bytes;
   int64_t slots_active, slot_bytes, bytes_per_token_per_layer;
+  // Blocks mapped and time spent mapping them, on the calling thread (step / step_async)
+  // and on the background thread (map-ahead).
+  int64_t sync_blocks_mapped, sync_map_ns, async_blocks_mapped, async_map_ns;
 };
 
 class KVCache {
@@ -82,15 +85,20 @@ class KVCache {
     std::vector<uint64_t> generation;
   };
 
+  using Lock = std::unique_lock<std::mutex>;
   int64_t pages_for(int64_t tokens) const;
   void check_slot(int64_t slot) const;
   void check_lengths(const std::vector<int64_t>& seq_lens) const;
-  void step_locked(const std::vector<int64_t>& seq_lens, bool eager_reclaim);
+  void step_locked(Lock& lk, const std::vector<int64_t>& seq_lens, bool eager_reclaim);
   int64_t reclaimable_locked() const;
-  int32_t take_block_locked(int64_t for_slot);
+  int32_t take_block_locked(Lock& lk, int64_t for_slot);
+  void map_regions(int64_t slot, int64_t page_index, int32_t block);  // backend calls only
   void map_block_locked(int64_t slot, int32_t block);
-  void unmap_last_locked(int64_t slot);
-  void release_slot_pages_locked(int64_t slot);
+  // discard: also return the page's memory to the OS (it goes to the free list, not to another slot).
+  void unmap_last_locked(int64_t slot, bool discard);
+  void release_slot_pages_locked(Lock& lk, int64_t slot);
+  // Wait (lock released meanwhile) until the worker is not mapping into `slot` (-1: any slot).
+  void wait_not_pending_locked(Lock& lk, int64_t slot);
   void worker_loop();
   void rethrow_worker_error_locked();
 
@@ -108,6 +116,13 @@ class KVCache {
   std::vector<int32_t> free_blocks_;  // LIFO
   bool deferred_ = true;
   std::string worker_error_;
+  int64_t sync_blocks_mapped_ = 0, sync_map_ns_ = 0, async_blocks_mapped_ = 0, async_map_ns_ = 0;
+
+  // The worker maps one block at a time outside the lock; while it does, that block is
+  // in neither the free list nor a slot, and pending_slot_ names the slot it goes to.
+  // Nothing else touches that slot's pages until it lands.
+  int64_t pending_slot_ = -1;
+  std::condition_variable pending_cv_;
 
   std::condition_variable job_cv_;
   std::condition_variable idle_cv_;

@@ -21,6 +21,9 @@ class MemoryBackend {
   virtual void map(uintptr_t addr, size_t page) = 0;
   // Put the reservation back at `addr`: the pool page stays in the pool.
   virtual void unmap(uintptr_t addr) = 0;
+  // The pool page's contents are no longer needed: give its memory back to the OS
+  // (CPU: punch a hole in the memfd; CUDA: nothing, pages are committed at creation).
+  virtual void discard(size_t page) = 0;
   // Bytes of the pool the kernel/driver has physically committed (CPU: memfd blocks).
   virtual size_t pool_resident_bytes() const = 0;
   virtual bool is_cuda() const = 0;

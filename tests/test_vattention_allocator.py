@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vattention_ext as va
-from vattention_ext.kernel_memory import resident_bytes
+from vattention_ext.kernel_memory import mincore_resident_bytes, resident_bytes
 
 LAYERS, HKV, D = 2, 2, 32           # 256 bytes per token per region (fp32)
 TOKEN_BYTES = HKV * D * 4
@@ -47,6 +47,7 @@ def test_step_maps_expected_pages_and_kernel_agrees():
     assert st["rss_bytes_mapped"] == blocks * REGIONS * PAGE
     assert resident_bytes(cache.region_ranges()) == blocks * REGIONS * PAGE
     assert st["pool_resident_bytes"] == blocks * REGIONS * PAGE
+    assert sum(mincore_resident_bytes(a, b - a) for a, b in cache.region_ranges()) == blocks * REGIONS * PAGE
     cache.check_invariants()
 
 
@@ -91,6 +92,8 @@ def test_free_deferred_then_eager_reclaim_returns_pages():
     st = cache.stats()
     assert st["pages_mapped"] == pages_for(64) * REGIONS
     assert st["rss_bytes_mapped"] == pages_for(64) * REGIONS * PAGE
+    # Reclaimed pages went back to the OS too (holes punched in the memfd).
+    assert st["pool_resident_bytes"] == pages_for(64) * REGIONS * PAGE
     assert cache.slot_blocks(1) == []
     cache.check_invariants()
 
@@ -101,7 +104,7 @@ def test_non_deferred_free_unmaps_now():
     cache.step([0, 0, 128, 0])
     cache.free_slot(2)
     st = cache.stats()
-    assert st["pages_mapped"] == 0 and st["rss_bytes_mapped"] == 0
+    assert st["pages_mapped"] == 0 and st["rss_bytes_mapped"] == 0 and st["pool_resident_bytes"] == 0
     assert st["pages_free"] == st["pages_total"]
 
 

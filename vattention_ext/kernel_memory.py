@@ -2,10 +2,14 @@
 from /proc/self/smaps (no allocator bookkeeping involved)."""
 from __future__ import annotations
 
+import ctypes
+import os
+
 
 def resident_bytes(ranges: list[tuple[int, int]]) -> int:
-    """Sum of the kernel's Rss over every mapping that lies inside one of `ranges`
-    ((start, end) address pairs, end exclusive)."""
+    """Sum of the kernel's Rss over every mapping that overlaps one of `ranges`
+    ((start, end) address pairs, end exclusive). Our reservations are whole mappings;
+    for a torch tensor the mapping that holds it may also hold an allocator header."""
     total = 0
     inside = False
     with open("/proc/self/smaps") as f:
@@ -13,7 +17,7 @@ def resident_bytes(ranges: list[tuple[int, int]]) -> int:
             head = line.split(" ", 1)[0]
             if "-" in head and ":" not in head:
                 lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = any(lo >= a and hi <= b for a, b in ranges)
+                inside = any(lo < b and hi > a for a, b in ranges)
             elif inside and line.startswith("Rss:"):
                 total += int(line.split()[1]) * 1024
     return total
@@ -23,3 +27,17 @@ def mapping_count() -> int:
     """Number of mappings this process has now (lines of /proc/self/maps)."""
     with open("/proc/self/maps") as f:
         return sum(1 for _ in f)
+
+
+def mincore_resident_bytes(addr: int, length: int) -> int:
+    """Bytes of [addr, addr + length) the kernel has resident, by mincore(2), page exact."""
+    import numpy as np
+
+    page = os.sysconf("SC_PAGESIZE")
+    start = addr // page * page
+    end = -(-(addr + length) // page) * page
+    vec = (ctypes.c_ubyte * ((end - start) // page))()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * page
