@@ -226,10 +226,11 @@ class LLMEngine:
                     blocked = tuple(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
                 st: SeqState = seq.data
                 rows.append(SampleRequest(p, seq.prompt_token_ids, seq.output_token_ids, st.generator, blocked))
-                row_logits.append(block[-1])
+                row_logits.append(offset - 1)
         touched: Dict[str, Request] = {}
         if rows:
-            results = sample(torch.stack(row_logits), rows, self.generator)
+            picked = logits if len(row_logits) == logits.shape[0] else logits[row_logits]
+            results = sample(picked, rows, self.generator)
             sampled = [item.seq for item, s in zip(sched.scheduled, sample_at) if s]
             now = time.monotonic()
             for seq, res in zip(sampled, results):
