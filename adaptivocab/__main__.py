@@ -1,0 +1,115 @@
+"""python -m adaptivocab {build,patch-model,finetune,evaluate} ..."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _build(args) -> None:
+    from adaptivocab.patch_tokenizer import PatchTokenizer
+
+    t0 = time.perf_counter()
+    tok = PatchTokenizer.build(args.base, args.corpus, num_new_tokens=args.num_new_tokens, max_ngram=args.max_ngram,
+                               min_count=args.min_count)
+    tok.save_pretrained(args.out)
+    info = tok.build_info
+    print(f"built {len(tok.ngrams)} n-tokens (max n={args.max_ngram}) from {info['corpus_bytes'] / 1e6:.2f} MB "
+          f"({info['corpus_base_tokens']} base tokens; estimated {info['estimated_saved_tokens']} saved on the "
+          f"training corpus) in {time.perf_counter() - t0:.1f} s -> {args.out}")
+
+
+def _patch_model(args) -> None:
+    from adaptivocab.patch_model import patch_model
+
+    out = patch_model(args.model, args.patch_tokenizer, args.out, init=args.init, overwrite=args.overwrite)
+    print(f"patched model ({args.init} init) -> {out}")
+
+
+def _finetune(args) -> None:
+    from adaptivocab.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(
+        train=[p.strip() for p in args.train.split(",") if p.strip()], seq_len=args.seq_len, batch_size=args.batch_size,
+        lr=args.lr, max_tokens=args.max_tokens, max_minutes=args.max_minutes, eval_every=args.eval_every,
+        eval_bytes=args.eval_bytes, save_every=args.save_every, seed=args.seed, bf16=args.bf16, threads=args.threads)
+    out = finetune(args.model, args.corpus, args.out, cfg, eval_corpus=args.eval_corpus, overwrite=args.overwrite)
+    print(f"fine-tuned model -> {out}")
+
+
+def _evaluate(args) -> None:
+    from adaptivocab.evaluate import evaluate
+
+    evaluate(args.base, args.patched, args.corpus, out=args.out, labels=args.labels, max_bytes=args.max_bytes,
+             window=args.window, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
+             concurrency=args.concurrency, speed=args.speed, threads=args.threads)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m adaptivocab", description="AdaptiVocab: domain n-gram vocabularies")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="choose n-tokens from a domain corpus and save a patch tokenizer")
+    b.add_argument("--base", required=True, help="base model: HF-style directory, GGUF file or known name")
+    b.add_argument("--corpus", required=True, nargs="+", help="UTF-8 text files of the domain")
+    b.add_argument("--num-new-tokens", type=int, required=True)
+    b.add_argument("--max-ngram", type=int, default=5)
+    b.add_argument("--min-count", type=int, default=2, help="ignore n-grams seen fewer times")
+    b.add_argument("--out", required=True, help="directory for patch_tokenizer.json")
+    b.set_defaults(func=_build)
+
+    p = sub.add_parser("patch-model", help="write a model directory with rows for the n-tokens")
+    p.add_argument("--model", required=True)
+    p.add_argument("--patch-tokenizer", "--patch_tokenizer_path", required=True, dest="patch_tokenizer")
+    p.add_argument("--init", choices=["exp", "mean", "first", "last"], default="exp")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_patch_model)
+
+    f = sub.add_parser("finetune", help="light CPU fine-tuning of a patched model (resumable)")
+    f.add_argument("--model", required=True, help="patched model directory")
+    f.add_argument("--corpus", required=True, nargs="+")
+    f.add_argument("--eval-corpus", nargs="*", default=None, help="held-out files for the bits/byte curve")
+    f.add_argument("--out", required=True)
+    f.add_argument("--train", default="embeddings,lm_head,first_layer,last_layer",
+                   help="comma list of: embeddings, lm_head, first_layer, last_layer, norm, all")
+    f.add_argument("--seq-len", type=int, default=256)
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--max-tokens", type=int, default=1_000_000, help="stop after this many training tokens")
+    f.add_argument("--max-minutes", type=float, default=25.0, help="stop after this much wall time")
+    f.add_argument("--eval-every", type=int, default=50, help="steps between held-out bits/byte points")
+    f.add_argument("--eval-bytes", type=int, default=20_000)
+    f.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
+    f.add_argument("--threads", type=int, default=None)
+    f.add_argument("--overwrite", action="store_true")
+    f.set_defaults(func=_finetune)
+
+    e = sub.add_parser("evaluate", help="tokens/byte, bits/byte, n-token share and engine bytes/s")
+    e.add_argument("--base", required=True)
+    e.add_argument("--patched", required=True, nargs="+", help="one or more patched model directories")
+    e.add_argument("--labels", nargs="*", default=None, help="names for the patched models (default: dir names)")
+    e.add_argument("--corpus", required=True, nargs="+", help="held-out domain text")
+    e.add_argument("--out", default="benchmarks/results/adaptivocab_eval")
+    e.add_argument("--max-bytes", type=int, default=50_000, help="held-out bytes scored for bits/byte")
+    e.add_argument("--window", type=int, default=512)
+    e.add_argument("--num-prompts", type=int, default=16)
+    e.add_argument("--max-tokens", type=int, default=64, help="generated tokens per request in the speed test")
+    e.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    e.add_argument("--speed", choices=["engine", "hf", "none"], default="engine",
+                   help="generation speed through our engine (default), HF generate, or skip")
+    e.add_argument("--threads", type=int, default=None)
+    e.set_defaults(func=_evaluate)
+
+    args = ap.parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

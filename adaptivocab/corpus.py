@@ -1,0 +1,59 @@
+"""Reading domain corpus files, with errors that name the file and the problem."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, List, Sequence, Union
+
+PathLike = Union[str, Path]
+
+
+def read_corpus(files: Sequence[PathLike]) -> List[str]:
+    """Return the text of each corpus file (UTF-8). Empty, missing or non-UTF-8 files raise ValueError."""
+    if isinstance(files, (str, Path)):
+        files = [files]
+    if not files:
+        raise ValueError("no corpus files given")
+    texts = []
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise ValueError(f"corpus file {str(path)!r} does not exist or is not a file")
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"corpus file {str(path)!r} is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+        if not text.strip():
+            raise ValueError(f"corpus file {str(path)!r} is empty")
+        texts.append(text)
+    return texts
+
+
+def split_documents(texts: Iterable[str], max_chars: int = 1 << 16) -> List[str]:
+    """Cut texts into pieces of about `max_chars` at newlines between two non-space characters.
+
+    A byte-level BPE pre-tokenizer never joins across such a newline (it is a pre-token of
+    its own), so encoding the pieces gives exactly the tokens of the whole text; pieces let
+    the base tokenizer encode in parallel and keep progress bars moving.
+    """
+    pieces = []
+    for text in texts:
+        start = 0
+        while len(text) - start > max_chars:
+            cut = _safe_newline(text, start + max_chars, start)
+            if cut is None:
+                break
+            pieces.append(text[start:cut])
+            start = cut
+        pieces.append(text[start:])
+    return [p for p in pieces if p]
+
+
+def _safe_newline(text: str, pos: int, floor: int):
+    """Index just after a newline at or before `pos` that has non-space on both sides."""
+    i = text.rfind("\n", floor + 1, pos)
+    while i > floor:
+        if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+        i = text.rfind("\n", floor + 1, i)
+    return None

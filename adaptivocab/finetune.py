@@ -1,0 +1,215 @@
+"""Light fine-tuning of a patched model on CPU: embeddings, LM head, first and last layers.
+
+The corpus is encoded with the patched tokenizer and cut into blocks of `seq_len` tokens,
+visited in a seeded random order. Only the chosen parts train (the rest is frozen, but
+gradients still flow through it down to the first layer and the embeddings). Training
+stops at a token budget or a wall-clock budget, whichever comes first.
+
+Resumable: every `save_every` steps the trainable tensors and the AdamW moments go to
+`<out>.checkpoint/` as safetensors, with a JSON state (step, tokens seen, minutes, the
+bits/byte curve). Running the same command again continues from there. No pickle.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from adaptivocab.corpus import read_corpus, split_documents
+from adaptivocab.metrics import bits_per_byte, heldout_sample
+from adaptivocab.patch_model import write_model_dir
+from adaptivocab.patch_tokenizer import PatchTokenizer, is_patch_tokenizer_dir
+
+TRAINABLE_PARTS = ("embeddings", "lm_head", "first_layer", "last_layer", "norm", "all")
+
+
+@dataclass
+class FinetuneConfig:
+    train: List[str] = field(default_factory=lambda: ["embeddings", "lm_head", "first_layer", "last_layer"])
+    seq_len: int = 256
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    max_tokens: int = 1_000_000
+    max_minutes: float = 25.0
+    eval_every: int = 50
+    eval_bytes: int = 20_000
+    save_every: int = 50
+    seed: int = 0
+    bf16: bool = False
+    threads: Optional[int] = None
+
+
+def select_trainable(model, parts: Sequence[str]) -> List[str]:
+    """Freeze everything but `parts`; return the names of the trainable parameters."""
+    unknown = [p for p in parts if p not in TRAINABLE_PARTS]
+    if unknown or not parts:
+        raise ValueError(f"unknown or empty --train parts {unknown or parts}; choose from {', '.join(TRAINABLE_PARTS)}")
+    layers = model.model.layers
+    prefixes = []
+    if "all" in parts:
+        prefixes.append("")
+    if "embeddings" in parts:
+        prefixes.append("model.embed_tokens.")
+    if "lm_head" in parts:
+        prefixes.append("lm_head.")
+    if "first_layer" in parts:
+        prefixes.append("model.layers.0.")
+    if "last_layer" in parts:
+        prefixes.append(f"model.layers.{len(layers) - 1}.")
+    if "norm" in parts:
+        prefixes.append("model.norm.")
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(name.startswith(p) for p in prefixes))
+        if param.requires_grad:
+            names.append(name)
+    return names
+
+
+def corpus_blocks(tok: PatchTokenizer, texts: Sequence[str], seq_len: int) -> np.ndarray:
+    """(num_blocks, seq_len) patched ids of the corpus, documents separated by EOS."""
+    eos = tok.eos_token_id
+    parts = []
+    for text in tqdm(texts, desc="tokenizing corpus (patched)", unit="file"):
+        # Pieces of one file join exactly (see split_documents); files are separated by EOS.
+        parts.extend(tok.encode_many(split_documents([text])))
+        if eos is not None:
+            parts.append([eos])
+    arr = np.fromiter((t for ids in parts for t in ids), dtype=np.int64)
+    n_blocks = len(arr) // seq_len
+    if n_blocks == 0:
+        raise ValueError(f"the corpus has {len(arr)} tokens, fewer than one block of --seq-len {seq_len}")
+    return arr[: n_blocks * seq_len].reshape(n_blocks, seq_len)
+
+
+def _save_checkpoint(ckpt: Path, model, names: List[str], opt: torch.optim.Optimizer, state: dict) -> None:
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    params = dict(model.named_parameters())
+    save_file({n: params[n].detach().contiguous() for n in names}, str(tmp / "trainable.safetensors"))
+    moments = {}
+    steps = {}
+    opt_state = opt.state_dict()["state"]
+    for idx, st in opt_state.items():
+        moments[f"{idx}.exp_avg"] = st["exp_avg"].contiguous()
+        moments[f"{idx}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+        steps[str(idx)] = float(st["step"])
+    save_file(moments, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "optimizer_steps": steps, "trainable": names}, indent=1))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)
+
+
+def _load_checkpoint(ckpt: Path, model, names: List[str], opt: torch.optim.Optimizer) -> dict:
+    state = json.loads((ckpt / "state.json").read_text())
+    if state.get("trainable") != names:
+        raise ValueError(f"checkpoint {str(ckpt)!r} trained other parameters; use the same --train or delete it")
+    saved = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(saved[n])
+    moments = load_file(str(ckpt / "optimizer.safetensors"))
+    sd = opt.state_dict()
+    sd["state"] = {int(i): {"step": torch.tensor(s), "exp_avg": moments[f"{i}.exp_avg"],
+                            "exp_avg_sq": moments[f"{i}.exp_avg_sq"]}
+                   for i, s in state["optimizer_steps"].items()}
+    opt.load_state_dict(sd)
+    return state
+
+
+def finetune(model_dir: Union[str, Path], corpus: Sequence[Union[str, Path]], out: Union[str, Path],
+             cfg: FinetuneConfig, eval_corpus: Optional[Sequence[Union[str, Path]]] = None,
+             overwrite: bool = False) -> Path:
+    """Fine-tune the patched model in `model_dir` on `corpus`; write the result to `out`."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir, out = Path(model_dir), Path(out)
+    if not model_dir.is_dir():
+        raise ValueError(f"model directory {str(model_dir)!r} does not exist")
+    if not is_patch_tokenizer_dir(model_dir):
+        raise ValueError(f"{str(model_dir)!r} is not a patched model directory (run patch-model first)")
+    if out.exists() and not overwrite:
+        raise ValueError(f"output directory {str(out)!r} already exists (pass --overwrite to replace it)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tok = PatchTokenizer.from_pretrained(model_dir)
+    texts = read_corpus(corpus)
+    eval_text = heldout_sample(read_corpus(eval_corpus), cfg.eval_bytes) if eval_corpus else None
+    blocks = corpus_blocks(tok, texts, cfg.seq_len)
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, tie_word_embeddings=False)
+    names = select_trainable(model, cfg.train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    total_steps = max(1, cfg.max_tokens // tokens_per_step)
+    order = np.random.default_rng(cfg.seed).permutation(len(blocks))
+
+    ckpt = out.with_name(out.name + ".checkpoint")
+    state = {"step": 0, "tokens_seen": 0, "minutes": 0.0, "curve": [], "config": asdict(cfg),
+             "trainable_params": int(sum(p.numel() for p in params)), "corpus_tokens": int(blocks.size)}
+    if ckpt.is_dir():
+        state.update({k: v for k, v in _load_checkpoint(ckpt, model, names, opt).items() if k in state})
+        print(f"resuming from {ckpt} at step {state['step']} ({state['tokens_seen']} tokens seen)")
+    elif eval_text is not None:
+        state["curve"].append({"step": 0, "tokens": 0, "minutes": 0.0, "bits_per_byte": bits_per_byte(model, tok, eval_text)})
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        frac = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+    model.train()
+    start = time.perf_counter() - state["minutes"] * 60
+    bar = tqdm(total=total_steps, initial=state["step"], desc="fine-tuning", unit="step")
+    step = state["step"]
+    while step < total_steps and (time.perf_counter() - start) / 60 < cfg.max_minutes:
+        idx = order[(np.arange(cfg.batch_size) + step * cfg.batch_size) % len(blocks)]
+        batch = torch.from_numpy(blocks[idx])
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        state["step"], state["tokens_seen"] = step, state["tokens_seen"] + batch.numel()
+        state["minutes"] = (time.perf_counter() - start) / 60
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{batch.numel() / (time.perf_counter() - t0):.0f}")
+        if eval_text is not None and step % cfg.eval_every == 0:
+            bpb = bits_per_byte(model, tok, eval_text)
+            state["curve"].append({"step": step, "tokens": state["tokens_seen"], "minutes": state["minutes"],
+                                   "bits_per_byte": bpb, "loss": loss.item()})
+            bar.write(f"step {step}: {state['tokens_seen']} tokens, {state['minutes']:.1f} min, held-out bits/byte {bpb:.4f}")
+        if step % cfg.save_every == 0:
+            _save_checkpoint(ckpt, model, names, opt, state)
+    bar.close()
+    if eval_text is not None and (not state["curve"] or state["curve"][-1]["step"] != step):
+        state["curve"].append({"step": step, "tokens": state["tokens_seen"], "minutes": state["minutes"],
+                               "bits_per_byte": bits_per_byte(model, tok, eval_text)})
+    _save_checkpoint(ckpt, model, names, opt, state)
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config["tie_word_embeddings"] = False
+    config.setdefault("adaptivocab", {})["finetune"] = {k: state[k] for k in ("step", "tokens_seen", "minutes")}
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    result = write_model_dir(out, model_dir, config, weights, tok, overwrite=True)
+    (result / "finetune_log.json").write_text(json.dumps(state, indent=1))
+    return result
