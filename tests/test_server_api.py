@@ -347,3 +347,33 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts(server):
         time.sleep(0.02)
     finished = httpx.get(url + "/metrics").text
     assert 'sarathi:request_success_total{finished_reason="abort"}' in finished
+
+
+def test_serving_benchmark_measures_the_server(server, tiny_model_dir, tmp_path):
+    import argparse
+    import json
+    import sys
+
+    from server_harness import REPO
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import serving
+
+    tokenizer = serving.load_tokenizer(str(tiny_model_dir))
+    argv = ["--base-url", server.base_url, "--num-prompts", "6", "--max-concurrency", "3", "--random-input-len", "24",
+            "--random-output-len", "8", "--request-rate", "50", "--goodput", "ttft:60000", "--label", "t",
+            "--result-dir", str(tmp_path)]
+    s = serving.run(serving.add_args(argparse.ArgumentParser()).parse_args(argv), tokenizer)
+    assert s["completed"] == 6 and s["failed"] == 0
+    assert s["total_output_tokens"] == 6 * 8  # ignore_eos + max_tokens honoured, counted from usage
+    assert s["total_input_tokens"] == sum(r["prompt_len"] for r in s["per_request"])
+    assert s["ttft_ms"]["median"] > 0 and s["tpot_ms"]["p99"] >= s["tpot_ms"]["median"] > 0
+    assert s["goodput"] == pytest.approx(s["request_throughput"])
+    assert json.loads((tmp_path / "serving-t.json").read_text())["completed"] == 6
+    assert (tmp_path / "serving-t.png").stat().st_size > 0
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "one two three"}\n{"prompt": "four five", "max_tokens": 3}\n')
+    argv = ["--base-url", server.base_url, "--dataset", "jsonl", "--dataset-path", str(prompts), "--num-prompts",
+            "2", "--endpoint", "chat", "--label", "j", "--result-dir", str(tmp_path), "--no-warmup"]
+    s = serving.run(serving.add_args(argparse.ArgumentParser()).parse_args(argv), tokenizer)
+    assert s["completed"] == 2 and s["total_output_tokens"] == 128 + 3
