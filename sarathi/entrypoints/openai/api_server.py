@@ -283,6 +283,10 @@ def run_server(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = make_arg_parser()
     args = parser.parse_args(argv)
+    if args.max_queue_len is not None and args.max_queue_len < 1:
+        parser.error(f"--max-queue-len must be >= 1, got {args.max_queue_len}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
     try:
         EngineConfig.from_cli_args(args)
     except (ValueError, TypeError, OSError) as e:
