@@ -10,8 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import httpx
 
@@ -71,6 +72,25 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def engine_flags(engine_args: Dict[str, Any]) -> List[str]:
+    """LLM(...) keywords -> the same settings as CLI flags."""
+    out: List[str] = []
+    for key, value in engine_args.items():
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+@contextmanager
+def running_server(args: List[str], log_path: Path) -> Iterator[ServerProcess]:
+    """A ready server for the duration of the block (stopped even if the start fails)."""
+    proc = ServerProcess(args, log_path)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[dict]:

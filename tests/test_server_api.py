@@ -11,29 +11,18 @@ import httpx
 import openai
 import pytest
 
-from server_harness import ServerProcess, metric, sse_events
+from server_harness import engine_flags, metric, running_server, sse_events
 
 MODEL = "tiny"
 ENGINE_ARGS = dict(kv_cache_memory="64MiB", max_num_seqs=64, max_model_len=512, seed=0)
 PROMPTS = ["The quick brown fox jumps over", "Hello, my name is"]
 
 
-def _flags(engine_args):
-    out = []
-    for k, v in engine_args.items():
-        out += [f"--{k.replace('_', '-')}", str(v)]
-    return out
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    proc = ServerProcess(["--model", str(tiny_model_dir), "--served-model-name", MODEL, *_flags(ENGINE_ARGS)],
-                         tmp_path_factory.mktemp("server") / "server.log")
-    try:
-        proc.wait_ready()
+    args = ["--model", str(tiny_model_dir), "--served-model-name", MODEL, *engine_flags(ENGINE_ARGS)]
+    with running_server(args, tmp_path_factory.mktemp("server") / "server.log") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 import openai
 import pytest
 
-from server_harness import ServerProcess
+from server_harness import engine_flags, running_server
 
 pytestmark = pytest.mark.slow
 ENGINE_ARGS = dict(kv_cache_memory="256MiB", max_model_len=1024)
@@ -15,13 +15,9 @@ ENGINE_ARGS = dict(kv_cache_memory="256MiB", max_model_len=1024)
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir, tmp_path_factory):
-    flags = ["--kv-cache-memory", ENGINE_ARGS["kv_cache_memory"], "--max-model-len", str(ENGINE_ARGS["max_model_len"])]
-    proc = ServerProcess(flags, tmp_path_factory.mktemp("smollm2-server") / "server.log")
-    try:
-        proc.wait_ready()
+    # no --model: the default (embedded SmolLM2)
+    with running_server(engine_flags(ENGINE_ARGS), tmp_path_factory.mktemp("smollm2-server") / "server.log") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
