@@ -80,6 +80,9 @@ class ServerState:
         if self.serving is None:
             raise APIError(503, "model is still loading; retry when /health answers 200",
                            type="server_unavailable", code="loading")
+        errored = getattr(self.engine, "errored", None)
+        if errored is not None:
+            raise APIError(500, f"the engine loop failed: {errored!r}; restart the server", type="server_error")
         return self.serving
 
 
