@@ -88,21 +88,19 @@ def run_backend(name: str, args, reqs) -> dict:
     samples, max_running, preemptions, step = [], 0, 0, 0
     worst_unused_ratio = 0.0
     while waiting or running:
-        # Decodes first: make room for one more token each, preempting the newest if needed.
+        # Decodes first, oldest first: room for one more token each, preempting the newest if needed.
         for sid in list(running):
             if sid not in running:
                 continue
-            while not kv.can_grow(sid, ctx[sid] + 1):
+            while sid in running and not kv.can_grow(sid, ctx[sid] + 1):
                 victim = running.pop()
                 cache.free_slot(kv.free(victim))
                 ctx[victim], done_tokens[victim] = 0, 0
                 waiting.appendleft(victim)
                 preemptions += 1
-                if victim == sid:
-                    break
+            if sid in running:
+                kv.grow(sid, ctx[sid] + 1)
         decodes = list(running)
-        for sid in decodes:
-            kv.grow(sid, ctx[sid] + 1)
         prefills = []
         while waiting and kv.can_admit(reqs[waiting[0]][0]):
             sid = waiting.popleft()

@@ -15,31 +15,13 @@ using vattn::KVCache;
 namespace {
 
 py::dict stats_dict(KVCache& c) {
-  vattn::CacheStats s;
+  vattn::CacheStats stats;
   {
     py::gil_scoped_release nogil;
-    s = c.stats();
+    stats = c.stats();
   }
   py::dict d;
-  d["page_size"] = s.page_size;
-  d["pages_total"] = s.pages_total;
-  d["pages_mapped"] = s.pages_mapped;
-  d["pages_free"] = s.pages_free;
-  d["pages_reclaimable"] = s.pages_reclaimable;
-  d["blocks_total"] = s.blocks_total;
-  d["blocks_free"] = s.blocks_free;
-  d["blocks_mapped"] = s.blocks_mapped;
-  d["blocks_reclaimable"] = s.blocks_reclaimable;
-  d["virtual_bytes_reserved"] = s.virtual_bytes_reserved;
-  d["physical_bytes_pool"] = s.physical_bytes_pool;
-  d["pool_resident_bytes"] = s.pool_resident_bytes;
-  d["slots_active"] = s.slots_active;
-  d["slot_bytes"] = s.slot_bytes;
-  d["bytes_per_token_per_layer"] = s.bytes_per_token_per_layer;
-  d["sync_blocks_mapped"] = s.sync_blocks_mapped;
-  d["sync_map_ns"] = s.sync_map_ns;
-  d["async_blocks_mapped"] = s.async_blocks_mapped;
-  d["async_map_ns"] = s.async_map_ns;
+  for (const auto& [name, value] : stats) d[name] = value;
   return d;
 }
 

@@ -384,27 +384,32 @@ int64_t KVCache::num_free_blocks() {
 
 CacheStats KVCache::stats() {
   std::lock_guard<std::mutex> lk(mu_);
-  CacheStats st{};
-  st.page_size = cfg_.page_size;
-  st.blocks_total = blocks_total_;
-  st.blocks_free = free_blocks_.size();
-  st.blocks_mapped = blocks_total_ - st.blocks_free;
-  st.blocks_reclaimable = reclaimable_locked();
-  st.pages_total = blocks_total_ * regions_;
-  st.pages_free = st.blocks_free * regions_;
-  st.pages_mapped = st.blocks_mapped * regions_;
-  st.pages_reclaimable = st.blocks_reclaimable * regions_;
-  st.virtual_bytes_reserved = slot_bytes_ * cfg_.max_batch_size * regions_;
-  st.physical_bytes_pool = st.pages_total * cfg_.page_size;
-  st.pool_resident_bytes = backend_->pool_resident_bytes();
-  for (const Slot& s : slots_) st.slots_active += s.active;
-  st.slot_bytes = slot_bytes_;
-  st.bytes_per_token_per_layer = token_bytes_;
-  st.sync_blocks_mapped = sync_blocks_mapped_;
-  st.sync_map_ns = sync_map_ns_;
-  st.async_blocks_mapped = async_blocks_mapped_;
-  st.async_map_ns = async_map_ns_;
-  return st;
+  const int64_t free = free_blocks_.size(), reclaimable = reclaimable_locked();
+  int64_t active = 0;
+  for (const Slot& s : slots_) active += s.active;
+  return {
+      {"page_size", cfg_.page_size},
+      {"pages_total", blocks_total_ * regions_},
+      {"pages_mapped", (blocks_total_ - free) * regions_},  // includes a block the worker is mapping
+      {"pages_free", free * regions_},
+      {"pages_reclaimable", reclaimable * regions_},
+      {"blocks_total", blocks_total_},
+      {"blocks_free", free},
+      {"blocks_mapped", blocks_total_ - free},
+      {"blocks_reclaimable", reclaimable},
+      {"virtual_bytes_reserved", slot_bytes_ * cfg_.max_batch_size * regions_},
+      {"physical_bytes_pool", blocks_total_ * regions_ * cfg_.page_size},
+      {"pool_resident_bytes", int64_t(backend_->pool_resident_bytes())},
+      {"slots_active", active},
+      {"slot_bytes", slot_bytes_},
+      {"bytes_per_token_per_layer", token_bytes_},
+      // Blocks mapped and time spent mapping them on the calling thread (step, step_async)
+      // and on the background thread (map-ahead).
+      {"sync_blocks_mapped", sync_blocks_mapped_},
+      {"sync_map_ns", sync_map_ns_},
+      {"async_blocks_mapped", async_blocks_mapped_},
+      {"async_map_ns", async_map_ns_},
+  };
 }
 
 std::vector<uintptr_t> KVCache::region_ptrs() const { return region_base_; }

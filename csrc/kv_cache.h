@@ -11,6 +11,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "memory_backend.h"
@@ -29,15 +30,8 @@ struct CacheConfig {
   int64_t map_ahead_tokens = 0;  // step_async maps this many tokens beyond the step
 };
 
-struct CacheStats {
-  int64_t page_size, pages_total, pages_mapped, pages_free, pages_reclaimable;
-  int64_t blocks_total, blocks_free, blocks_mapped, blocks_reclaimable;
-  int64_t virtual_bytes_reserved, physical_bytes_pool, pool_resident_bytes;
-  int64_t slots_active, slot_bytes, bytes_per_token_per_layer;
-  // Blocks mapped and time spent mapping them, on the calling thread (step / step_async)
-  // and on the background thread (map-ahead).
-  int64_t sync_blocks_mapped, sync_map_ns, async_blocks_mapped, async_map_ns;
-};
+// stats(): named figures, in a stable order (Python gets them as a dict).
+using CacheStats = std::vector<std::pair<const char*, int64_t>>;
 
 class KVCache {
  public:
