@@ -1,0 +1,132 @@
+"""Entry points: config flags and aliases, YAML presets, the CLI, AsyncLLMEngine, metrics."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sarathi.config import EngineConfig, add_engine_args, parse_bytes
+from sarathi.sampling_params import SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    return EngineConfig.from_cli_args(p.parse_args(argv))
+
+
+def test_flags_and_aliases():
+    c = _parse(["--model_name", "m", "--patch_tokenizer_path", "/p", "--model_attention_backend", "fa_paged",
+                "--model_block_size", "65536", "--kv-cache-memory", "1GiB", "--chunk-size", "256",
+                "--no-async-kv-mapping"])
+    assert (c.model, c.patch_tokenizer, c.kv_cache_backend, c.page_size) == ("m", "/p", "paged", 65536)
+    assert c.kv_cache_memory == 1 << 30 and c.chunk_size == 256 and c.async_kv_mapping is False
+    assert _parse(["--model_attention_backend", "fa_vattn"]).kv_cache_backend == "vattention"
+    assert parse_bytes("512MiB") == 512 << 20
+    with pytest.raises(ValueError, match="byte size"):
+        parse_bytes("lots")
+    with pytest.raises(ValueError, match="scheduler"):
+        EngineConfig(scheduler="fifo")
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        _parse(["--model_tensor_parallel_degree", "2"])
+
+
+def test_yaml_preset_and_command_line_wins(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model: foo\nchunk-size: 128\nmax_num_seqs: 3\nmodel_attention_backend: fa_paged\n")
+    c = _parse(["--config", str(preset), "--chunk-size", "64"])
+    assert (c.model, c.chunk_size, c.max_num_seqs, c.kv_cache_backend) == ("foo", 64, 3, "paged")
+    for name in os.listdir(ROOT / "configs"):
+        _parse(["--config", str(ROOT / "configs" / name)])  # every shipped preset parses
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("not_a_flag: 1\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        _parse(["--config", str(bad)])
+
+
+def test_cli_generate(tiny_model_dir):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "sarathi", "generate", "--model", str(tiny_model_dir), "--prompt", "Hello",
+           "--prompt", "World", "--max-tokens", "5", "--ignore-eos", "--json", "--kv-cache-memory", "64MiB",
+           "--max-model-len", "256"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.strip().splitlines()]
+    assert [r["prompt"] for r in lines] == ["Hello", "World"]
+    assert all(len(r["token_ids"]) == 5 and r["finish_reason"] == "length" for r in lines)
+    bad = subprocess.run(cmd[:4] + ["/no/such/model", "--prompt", "x"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert bad.returncode == 2 and "unknown model" in bad.stderr
+
+
+def test_chat_applies_template(tiny_model_dir):
+    from sarathi import LLM
+
+    llm = LLM(model=str(tiny_model_dir), max_model_len=256, kv_cache_memory="64MiB")
+    out = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=3, temperature=0))[0]
+    prompt = llm.get_tokenizer().decode(out.prompt_token_ids)
+    assert "<|im_start|>user\nHi<|im_end|>" in prompt and prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_async_engine_streams_and_aborts(tiny_model_dir):
+    from sarathi.engine.async_llm_engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir), max_model_len=256, kv_cache_memory="64MiB",
+                                         max_num_seqs=8))
+
+    async def consume(rid, n):
+        seen = []
+        async for out in engine.generate("Hello world", SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+                                         rid):
+            seen.append(out)
+        return seen
+
+    async def abandon(rid):
+        async for out in engine.generate("Hello", SamplingParams(max_tokens=200, ignore_eos=True), rid):
+            if len(out.outputs[0].token_ids) >= 3:
+                break  # the consumer goes away: the request must be aborted
+
+    async def main():
+        results = await asyncio.gather(*(consume(f"r{i}", 6 + i) for i in range(4)), abandon("gone"))
+        with pytest.raises(ValueError, match="empty"):
+            async for _ in engine.generate("", SamplingParams(), "bad"):
+                pass
+        for _ in range(50):
+            if not engine.engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.05)
+        return results
+
+    results = asyncio.run(main())
+    for i, seen in enumerate(results[:4]):
+        texts = [o.outputs[0].text for o in seen]
+        assert seen[-1].finished and len(seen[-1].outputs[0].token_ids) == 6 + i
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # cumulative
+        m = seen[-1].metrics
+        assert m.ttft > 0 and m.e2e_latency >= m.ttft and m.queue_time >= 0
+        assert len(m.inter_token_latencies) == 5 + i
+    eng = engine.engine
+    assert not eng.has_unfinished_requests()
+    assert eng.kv.num_free_slots == eng.kv.num_slots and eng.kv.num_free_blocks == eng.kv.num_blocks
+    stats = engine.get_stats()
+    assert stats["num_running"] == 0 and stats["generation_tokens_total"] >= sum(range(6, 10))
+
+
+def test_step_stats_record_batch_composition(tiny_model_dir):
+    from sarathi import LLM
+
+    llm = LLM(model=str(tiny_model_dir), max_model_len=256, kv_cache_memory="64MiB", chunk_size=16)
+    llm.generate(["a b c d e f g h i j k l m n o p q r s t u v w x y z"] * 2,
+                 SamplingParams(max_tokens=4, ignore_eos=True))
+    stats = list(llm.engine.step_stats)
+    assert all(s.num_prefill_tokens + s.num_decode_tokens <= 16 or s.num_prefill_tokens == 0 for s in stats)
+    assert any(s.num_prefill_tokens and s.num_decode_tokens for s in stats) or len(stats) > 2
+    assert all(s.step_time > 0 for s in stats)
