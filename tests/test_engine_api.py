@@ -62,7 +62,7 @@ def test_cli_generate(tiny_model_dir):
     lines = [json.loads(line) for line in res.stdout.strip().splitlines()]
     assert [r["prompt"] for r in lines] == ["Hello", "World"]
     assert all(len(r["token_ids"]) == 5 and r["finish_reason"] == "length" for r in lines)
-    bad = subprocess.run(cmd[:4] + ["/no/such/model", "--prompt", "x"], capture_output=True, text=True, env=env,
+    bad = subprocess.run(cmd[:4] + ["--model", "/no/such/model", "--prompt", "x"], capture_output=True, text=True, env=env,
                          timeout=300)
     assert bad.returncode == 2 and "unknown model" in bad.stderr
 
