@@ -79,8 +79,9 @@ def _filter(logits: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, rows: Seq[SampleRequest], shared: torch.Generator) -> List[SampleResult]:
     """Sample one token per row of logits [N, V] (float32)."""
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
-    logits = logits.clone()
+    raw = logits
+    if any(r.params.logit_bias or r.block_ids or r.params.needs_penalties for r in rows):
+        logits = logits.clone()
     for i, r in enumerate(rows):
         if r.params.logit_bias:
             ids = torch.tensor(list(r.params.logit_bias), dtype=torch.long, device=logits.device)
@@ -91,9 +92,8 @@ def sample(logits: torch.Tensor, rows: Seq[SampleRequest], shared: torch.Generat
             logits[i, list(r.block_ids)] = float("-inf")
     apply_penalties(logits, rows)
 
-    greedy = [r.params.greedy for r in rows]
     chosen = logits.argmax(dim=-1)
-    random_rows = [i for i, g in enumerate(greedy) if not g]
+    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
         sub = [rows[i] for i in random_rows]
         probs = _filter(logits[random_rows], sub).softmax(dim=-1)
@@ -103,18 +103,26 @@ def sample(logits: torch.Tensor, rows: Seq[SampleRequest], shared: torch.Generat
             noise = torch.empty_like(probs[j]).exponential_(generator=gen)
             chosen[i] = (probs[j] / noise).argmax()
 
-    results = []
-    chosen_lp = raw_logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
-    ranks = (raw_logprobs > chosen_lp.unsqueeze(1)).sum(dim=-1) + 1
-    max_n = max((r.params.logprobs or 0) for r in rows)
-    top_vals = top_ids = None
-    if max_n > 0:
-        top_vals, top_ids = raw_logprobs.topk(max_n, dim=-1)
-    for i, r in enumerate(rows):
-        n = r.params.logprobs or 0
-        top = list(zip(top_ids[i, :n].tolist(), top_vals[i, :n].tolist())) if n else []
-        results.append(SampleResult(int(chosen[i]), float(chosen_lp[i]), int(ranks[i]), top))
-    return results
+    # Logprobs of the raw distribution: one logsumexp pass; ranks and top-N only where asked.
+    lse = torch.logsumexp(raw, dim=-1)
+    chosen_lp = raw.gather(1, chosen.unsqueeze(1)).squeeze(1) - lse
+    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    ranks: Dict[int, int] = {}
+    tops: Dict[int, List[Tuple[int, float]]] = {}
+    if want:
+        sub_raw = raw[want]
+        sub_chosen = raw.gather(1, chosen.unsqueeze(1))[want]
+        counts = (sub_raw > sub_chosen).sum(dim=-1) + 1
+        max_n = max(rows[i].params.logprobs for i in want)
+        if max_n > 0:
+            top_vals, top_ids = sub_raw.topk(max_n, dim=-1)
+            top_vals = top_vals - lse[want].unsqueeze(1)
+        for j, i in enumerate(want):
+            ranks[i] = int(counts[j])
+            n = rows[i].params.logprobs
+            tops[i] = list(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist())) if n else []
+    chosen_l, lp_l = chosen.tolist(), chosen_lp.tolist()
+    return [SampleResult(chosen_l[i], lp_l[i], ranks.get(i, 0), tops.get(i, [])) for i in range(len(rows))]
 
 
 def prompt_logprobs(logits: torch.Tensor, next_ids: List[int], n: int) -> List[Dict[int, Tuple[float, int]]]:
