@@ -41,7 +41,7 @@ def _evaluate(args) -> None:
     from adaptivocab.evaluate import evaluate
 
     evaluate(args.base, args.patched, args.corpus, out=args.out, labels=args.labels, max_bytes=args.max_bytes,
-             window=args.window, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
+             window=args.window, max_tokens=args.max_tokens,
              concurrency=args.concurrency, speed=args.speed, threads=args.threads)
 
 
@@ -95,9 +95,9 @@ def main(argv=None) -> None:
     e.add_argument("--out", default="benchmarks/results/adaptivocab_eval")
     e.add_argument("--max-bytes", type=int, default=50_000, help="held-out bytes scored for bits/byte")
     e.add_argument("--window", type=int, default=512)
-    e.add_argument("--num-prompts", type=int, default=16)
     e.add_argument("--max-tokens", type=int, default=64, help="generated tokens per request in the speed test")
-    e.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    e.add_argument("--concurrency", type=int, nargs="+", default=[1, 16],
+                   help="numbers of requests submitted together (one batch each)")
     e.add_argument("--speed", choices=["engine", "hf", "none"], default="engine",
                    help="generation speed through our engine (default), HF generate, or skip")
     e.add_argument("--threads", type=int, default=None)
