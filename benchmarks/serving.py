@@ -162,9 +162,9 @@ def build_payload(args, req: BenchRequest) -> Dict[str, Any]:
         body["prompt"] = req.prompt
     if args.ignore_eos:
         body["ignore_eos"] = True
-    if args.ban_token_id is not None:
-        # for servers without ignore_eos: a -100 logit bias on the EOS id has the same effect
-        body["logit_bias"] = {str(args.ban_token_id): -100}
+    if args.ban_token_id:
+        # for servers without ignore_eos: a -100 logit bias on the end-of-generation ids has the same effect
+        body["logit_bias"] = {str(t): -100 for t in args.ban_token_id}
     body.update(json.loads(args.extra_body) if args.extra_body else {})
     return body
 
@@ -379,8 +379,8 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--ban-token-id", type=int, default=None,
-                   help="send logit_bias -100 for this id (EOS) for servers without ignore_eos")
+    p.add_argument("--ban-token-id", type=int, nargs="*", default=None,
+                   help="send logit_bias -100 for these ids (EOS, end-of-generation) for servers without ignore_eos")
     p.add_argument("--extra-body", default=None, help="JSON merged into every request body")
     p.add_argument("--goodput", nargs="*", default=None, help="SLOs in ms, e.g. ttft:1000 tpot:100")
     p.add_argument("--timeout", type=float, default=600.0)

@@ -50,7 +50,9 @@ def server_command(system: str, port: int, args) -> List[str]:
                 "--host", "127.0.0.1", "--port", str(port)]
     if system == "llama-cpp-python":
         return [str(BUILD / "venv" / "bin" / "python"), "-m", "llama_cpp.server", "--model", gguf,
-                "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads), "--n_ctx", "2048"]
+                "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads), "--n_ctx", "2048",
+                # by default a new request cuts off the one being streamed; queue them instead
+                "--interrupt_requests", "False"]
     raise ValueError(f"unknown system {system!r}")
 
 
@@ -106,8 +108,9 @@ def main() -> None:
     p.add_argument("--gguf", default=None, help="default: the embedded SmolLM2 Q4_1 GGUF")
     p.add_argument("--sarathi-model", default=None, help="default: the same GGUF (converted once to fp32)")
     p.add_argument("--sarathi-args", default="", help="extra flags for our server, e.g. '--chunk-size 256'")
-    p.add_argument("--eos-id", type=int, default=2, help="EOS id banned by logit_bias for servers without "
-                                                         "ignore_eos (llama-cpp-python); SmolLM2: 2")
+    p.add_argument("--eos-ids", type=int, nargs="+", default=[0, 2],
+                   help="end-of-generation ids banned by logit_bias for servers without ignore_eos "
+                        "(llama-cpp-python); SmolLM2: 0 <|endoftext|> and 2 <|im_end|>")
     p.add_argument("--result-dir", default=str(serving.RESULTS_DIR))
     args = p.parse_args()
     counts = args.num_prompts if len(args.num_prompts) > 1 else args.num_prompts * len(args.concurrency)
@@ -130,7 +133,7 @@ def main() -> None:
                         "--random-output-len", str(args.output_len), "--label", f"{system}-c{conc}",
                         "--result-dir", str(out_dir)]
                 if system == "llama-cpp-python":
-                    argv += ["--ban-token-id", str(args.eos_id)]
+                    argv += ["--ban-token-id", *map(str, args.eos_ids)]
                 s = serving.run(serving.add_args(argparse.ArgumentParser()).parse_args(argv), tokenizer)
                 rows.append({"system": system, "concurrency": conc, "num_prompts": n,
                              "completed": s["completed"],
