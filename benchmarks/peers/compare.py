@@ -47,7 +47,7 @@ def server_command(system: str, port: int, args) -> List[str]:
                 "--model", args.sarathi_model or gguf, *args.sarathi_args.split()]
     if system == "llama-server":
         return [str(BUILD / "llama-server"), "-m", gguf, "-t", str(args.threads), "-np", "32", "-c", "16384",
-                "--host", "127.0.0.1", "--port", str(port)]
+                "--host", "127.0.0.1", "--port", str(port), *args.llama_server_args.split()]
     if system == "llama-cpp-python":
         return [str(BUILD / "venv" / "bin" / "python"), "-m", "llama_cpp.server", "--model", gguf,
                 "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads), "--n_ctx", "2048",
@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--gguf", default=None, help="default: the embedded SmolLM2 Q4_1 GGUF")
     p.add_argument("--sarathi-model", default=None, help="default: the same GGUF (converted once to fp32)")
     p.add_argument("--sarathi-args", default="", help="extra flags for our server, e.g. '--chunk-size 256'")
+    p.add_argument("--llama-server-args", default="", help="extra flags for llama-server, e.g. '--poll 0'")
     p.add_argument("--eos-ids", type=int, nargs="+", default=[0, 2],
                    help="end-of-generation ids banned by logit_bias for servers without ignore_eos "
                         "(llama-cpp-python); SmolLM2: 0 <|endoftext|> and 2 <|im_end|>")
