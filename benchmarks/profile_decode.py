@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import random
 import sys
@@ -44,6 +45,7 @@ def main() -> None:
     p.add_argument("--engine-args", default="", help="extra engine flags as k=v pairs, e.g. chunk_size=256")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "profile-decode.json"))
     args = p.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server does (see api_server.main)
 
     from sarathi import SamplingParams
     from sarathi.config import EngineConfig
