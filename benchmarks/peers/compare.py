@@ -100,6 +100,9 @@ def main() -> None:
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--num-prompts", nargs="+", type=int, default=[8, 32, 64],
                    help="one per concurrency (or one for all)")
+    p.add_argument("--serial-num-prompts", nargs="+", type=int, default=None,
+                   help="prompts per concurrency for llama-cpp-python, which serves one request at a time "
+                        "(default: --num-prompts)")
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
@@ -115,8 +118,11 @@ def main() -> None:
     p.add_argument("--result-dir", default=str(serving.RESULTS_DIR))
     args = p.parse_args()
     counts = args.num_prompts if len(args.num_prompts) > 1 else args.num_prompts * len(args.concurrency)
-    if len(counts) != len(args.concurrency):
-        p.error("--num-prompts needs one value per --concurrency (or a single value)")
+    serial_counts = args.serial_num_prompts or counts
+    if len(serial_counts) == 1:
+        serial_counts = serial_counts * len(args.concurrency)
+    if len(counts) != len(args.concurrency) or len(serial_counts) != len(args.concurrency):
+        p.error("--num-prompts / --serial-num-prompts need one value per --concurrency (or a single value)")
     out_dir = Path(args.result_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = serving.load_tokenizer("smollm2-135m-instruct")
@@ -128,7 +134,7 @@ def main() -> None:
             continue
         proc, url = start(system, args, out_dir)
         try:
-            for conc, n in zip(args.concurrency, counts):
+            for conc, n in zip(args.concurrency, serial_counts if system == "llama-cpp-python" else counts):
                 argv = ["--base-url", url, "--endpoint", args.endpoint, "--num-prompts", str(n),
                         "--max-concurrency", str(conc), "--random-input-len", str(args.input_len),
                         "--random-output-len", str(args.output_len), "--label", f"{system}-c{conc}",
