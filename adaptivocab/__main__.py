@@ -42,7 +42,7 @@ def _evaluate(args) -> None:
 
     evaluate(args.base, args.patched, args.corpus, out=args.out, labels=args.labels, max_bytes=args.max_bytes,
              window=args.window, max_tokens=args.max_tokens,
-             concurrency=args.concurrency, speed=args.speed, threads=args.threads)
+             concurrency=args.concurrency, speed=args.speed, rounds=args.rounds, threads=args.threads)
 
 
 def main(argv=None) -> None:
@@ -100,6 +100,7 @@ def main(argv=None) -> None:
                    help="numbers of requests submitted together (one batch each)")
     e.add_argument("--speed", choices=["engine", "hf", "none"], default="engine",
                    help="generation speed through our engine (default), HF generate, or skip")
+    e.add_argument("--rounds", type=int, default=3, help="alternating timing rounds; the fastest of each side counts")
     e.add_argument("--threads", type=int, default=None)
     e.set_defaults(func=_evaluate)
 

@@ -161,7 +161,10 @@ def finetune(model_dir: Union[str, Path], corpus: Sequence[Union[str, Path]], ou
     state = {"step": 0, "tokens_seen": 0, "minutes": 0.0, "curve": [], "config": asdict(cfg),
              "trainable_params": int(sum(p.numel() for p in params)), "corpus_tokens": int(blocks.size)}
     if ckpt.is_dir():
-        state.update({k: v for k, v in _load_checkpoint(ckpt, model, names, opt).items() if k in state})
+        saved = _load_checkpoint(ckpt, model, names, opt)
+        # Progress comes from the checkpoint; the configuration is this run's (a resume may raise the budget).
+        state.update({k: v for k, v in saved.items() if k in state and k != "config"})
+        state["resumed_at_steps"] = saved.get("resumed_at_steps", []) + [saved["step"]]
         print(f"resuming from {ckpt} at step {state['step']} ({state['tokens_seen']} tokens seen)")
     elif eval_text is not None:
         state["curve"].append({"step": 0, "tokens": 0, "minutes": 0.0, "bits_per_byte": bits_per_byte(model, tok, eval_text)})
