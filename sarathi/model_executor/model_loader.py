@@ -193,7 +193,5 @@ def load_model(model_dir: Path, dtype, device):
     with torch.device("meta"):
         model = LlamaForCausalLM(args)
     model = model.to_empty(device=device).to(dtype)
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
     model.load_weights((k, v.to(dtype)) for k, v in iter_safetensors(model_dir))
     return model.eval()
