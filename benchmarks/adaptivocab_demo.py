@@ -61,7 +61,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--num-new-tokens", type=int, default=5000)
-    ap.add_argument("--finetune-minutes", type=float, default=25.0)
     ap.add_argument("--fresh", action="store_true", help="redo every step")
     args = ap.parse_args()
     train, heldout = DATA / "train.txt", DATA / "heldout.txt"
@@ -81,16 +80,25 @@ def main() -> None:
             run(["patch-model", "--model", args.base, "--patch-tokenizer", tok, "--init", init,
                  "--out", OUT / f"smollm2-{init}"])
     ft = OUT / "smollm2-exp-ft"
+    finetune_args = ["--model", OUT / "smollm2-exp", "--corpus", train, "--eval-corpus", heldout, "--eval-bytes", 4000,
+                     "--train", "lm_head,last_layer,norm", "--bf16", "--lr", "1e-3", "--seq-len", 256,
+                     "--batch-size", 4, "--eval-every", 8, "--save-every", 8]
     if not ft.is_dir():
         # CPU budget: lm_head + last layer (+ final norm) in bf16 autocast; see the README for why.
-        run(["finetune", "--model", OUT / "smollm2-exp", "--corpus", train, "--eval-corpus", heldout,
-             "--eval-bytes", 4000, "--out", ft, "--train", "lm_head,last_layer,norm", "--bf16", "--lr", "1e-3",
-             "--seq-len", 256, "--batch-size", 4, "--max-tokens", 65536, "--max-minutes", args.finetune_minutes,
-             "--eval-every", 8, "--save-every", 8], log=OUT / "finetune.log")
+        run(["finetune", *finetune_args, "--out", ft, "--max-tokens", 65536, "--max-minutes", 25],
+            log=OUT / "finetune.log")
     save_finetune_curve(ft, OUT / "finetune_curve")
-    run(["evaluate", "--base", args.base, "--patched", *[OUT / f"smollm2-{i}" for i in INITS], ft,
-         "--labels", *INITS, "exp+finetune", "--corpus", heldout, "--max-bytes", 8000, "--max-tokens", 64,
-         "--concurrency", 1, 16, "--out", OUT / "eval"])
+    # The same run continued from its 25-minute checkpoint to twice the token budget (a longer data point).
+    longer = OUT / "smollm2-exp-ft50"
+    if not longer.is_dir():
+        shutil.rmtree(OUT / "smollm2-exp-ft50.checkpoint", ignore_errors=True)
+        shutil.copytree(OUT / "smollm2-exp-ft.checkpoint", OUT / "smollm2-exp-ft50.checkpoint")
+        run(["finetune", *finetune_args, "--out", longer, "--max-tokens", 131072, "--max-minutes", 50],
+            log=OUT / "finetune50.log")
+    save_finetune_curve(longer, OUT / "finetune_curve_45min")
+    run(["evaluate", "--base", args.base, "--patched", *[OUT / f"smollm2-{i}" for i in INITS], longer, ft,
+         "--labels", *INITS, "exp+ft-45min", "exp+ft-25min", "--corpus", heldout, "--max-bytes", 8000,
+         "--max-tokens", 64, "--concurrency", 1, 16, "--rounds", 3, "--out", OUT / "eval"])
 
 
 if __name__ == "__main__":
