@@ -124,15 +124,6 @@ def test_evaluate_writes_report(base_tok, tiny_dir, tmp_path):
     assert (tmp_path / "eval.json").is_file() and (tmp_path / "eval.png").is_file()
 
 
-def _engine_available():
-    try:
-        import sarathi
-    except ImportError:
-        return False
-    return hasattr(sarathi, "LLM")
-
-
-@pytest.mark.skipif(not _engine_available(), reason="sarathi.LLM (the engine) is not there yet")
 def test_engine_greedy_matches_hf_on_patched_model(base_tok, tiny_dir, tmp_path):
     from sarathi import LLM, SamplingParams
 
