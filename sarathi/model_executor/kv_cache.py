@@ -167,10 +167,6 @@ class ContiguousKVCache(KVCache):
         self.k = self.v = None
 
 
-def make_kv_cache(backend: str, spec: KVCacheSpec) -> KVCache:
-    return kv_cache_class(backend)(spec)
-
-
 def kv_cache_class(backend: str) -> type:
     if backend == "contiguous":
         return ContiguousKVCache
