@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sarathi.core.kv_manager import KVManager  # noqa: E402
-from sarathi.model_executor.kv_cache import KVCacheSpec, StepBatch, kv_cache_class  # noqa: E402
+from sarathi.model_executor.kv_cache import KVCacheSpec, StepBatch, kv_backend_class  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,7 +38,7 @@ def build(backend: str, batch: int, context: int, args) -> tuple:
     spec = KVCacheSpec(num_layers=1, num_kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=torch.float32,
                        device=torch.device("cpu"), max_model_len=context + 64, max_num_seqs=batch,
                        kv_cache_memory=budget, block_size=args.block_size, async_mapping=False)
-    cls = kv_cache_class(backend)
+    cls = kv_backend_class(backend)
     num_blocks, block_size, slots = cls.layout(spec)
     kv = KVManager(num_blocks, block_size, slots)
     rng = random.Random(0)
@@ -50,23 +50,20 @@ def build(backend: str, batch: int, context: int, args) -> tuple:
         kv.admit(i, context)
         step = StepBatch(slots=[kv.slot(i)], context_lens=[0], query_lens=[context],
                          block_tables=[list(kv.block_table(i))], num_prefills=1)
-        cache.begin_step(step)
+        state = cache.begin_step(step)
         k = torch.randn(context, args.kv_heads, args.head_dim, generator=g)
-        _store_only(cache, backend, step, k, k.clone())
+        _store_only(cache, backend, step, state, k, k.clone())
     for i in range(batch):
         kv.grow(i, context + 1)
     decode = StepBatch(slots=[kv.slot(i) for i in range(batch)], context_lens=[context] * batch,
                        query_lens=[1] * batch, block_tables=[list(kv.block_table(i)) for i in range(batch)])
-    cache.begin_step(decode)
-    return cache, decode
+    return cache, cache.begin_step(decode)
 
 
-def _store_only(cache, backend, step, k, v):
+def _store_only(cache, backend, step, state, k, v):
     """Write a prefill's K/V into the cache without running attention over it."""
-    t = step.tensors
     if backend == "paged":
-        cache.k[0].index_copy_(0, t["paged_rows"], k)
-        cache.v[0].index_copy_(0, t["paged_rows"], v)
+        cache.store(0, k, v, state)
     else:
         slot, n = step.slots[0], step.query_lens[0]
         cache.k[0][slot, :n] = k

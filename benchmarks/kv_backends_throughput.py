@@ -39,7 +39,7 @@ def main() -> None:
 
     engines = {b: LLM(model=ns.model, kv_cache_backend=b, max_model_len=2048, max_num_seqs=64,
                       kv_cache_memory=ns.kv_cache_memory, chunk_size=512) for b in BACKENDS}
-    vocab = engines["vattention"].engine.runner.model.args.vocab_size
+    vocab = engines["vattention"].engine.runner.vocab_size
     rows = {}
     print(f"{torch.get_num_threads()} torch threads; scale {ns.scale}; best of {ns.rounds} alternating rounds")
     print(f"{'workload':<9} {'vattention tok/s':>17} {'paged tok/s':>12} {'vattn/paged':>12}")

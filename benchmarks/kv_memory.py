@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vattention_ext  # noqa: E402
 from sarathi.core.kv_manager import KVManager  # noqa: E402
-from sarathi.model_executor.kv_cache import KVCacheSpec, StepBatch, kv_cache_class  # noqa: E402
+from sarathi.model_executor.kv_cache import KVCacheSpec, StepBatch, kv_backend_class  # noqa: E402
 from vattention_ext.kernel_memory import mincore_resident_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -75,7 +75,7 @@ def run_backend(name: str, args, reqs) -> dict:
     sequences' pages go back to the OS at once), paged, contiguous."""
     backend = name.split("-")[0]
     spec = make_spec(args)
-    cls = kv_cache_class(backend)
+    cls = kv_backend_class(backend)
     num_blocks, block_size, num_slots = cls.layout(spec)
     kv = KVManager(num_blocks, block_size, min(num_slots, args.max_num_seqs))
     cache = cls(spec)

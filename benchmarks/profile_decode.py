@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # counted in the Python function that does it (the model's forward functions).
 STAGES = [
     ("matmul (linear layers, lm_head)", ("_nn.linear", "matmul", ".mm>", "addmm", "bmm")),
-    ("attention + KV cache", ("_C.attention", "slot_attention", "scaled_dot_product", "kv_cache")),
+    ("attention + KV cache", ("_C.attention", "attention_reference", "scaled_dot_product", "kv_cache")),
     ("logits gather + sampler", ("sampler.py", "softmax", "topk", "sort", "multinomial", "argmax",
                                  "torch.stack", "'sum'", "'clone'")),
     ("detokenizer", ("detokenizer.py", "tokenizers", "decode")),
@@ -54,7 +54,7 @@ def main() -> None:
     extra = dict(kv.split("=", 1) for kv in args.engine_args.split()) if args.engine_args else {}
     engine = LLMEngine(EngineConfig.from_kwargs(model=args.model, max_num_seqs=max(args.batch, 1), **extra))
     rng = random.Random(0)
-    vocab = engine.runner.model.args.vocab_size
+    vocab = engine.runner.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 64, ignore_eos=True)
     for i in range(args.batch):
         ids = [rng.randrange(3, vocab) for _ in range(args.prompt_len)]

@@ -99,7 +99,7 @@ def run_hf(model, prompts, out_len: int, batch: int, pad_id: int) -> dict:
 def steady_decode(llm: LLM, num_seqs: int, context: int, steps: int, rng: random.Random) -> dict:
     """Decode-only steps with num_seqs running sequences; tokens/s and step time."""
     eng = llm.engine
-    vocab = eng.runner.model.args.vocab_size
+    vocab = eng.runner.vocab_size
     for i in range(num_seqs):
         eng.add_request(f"steady-{i}", None, SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True),
                         prompt_token_ids=[rng.randrange(100, vocab - 100) for _ in range(context)])
@@ -120,7 +120,7 @@ def profile_step(llm: LLM, num_seqs: int, context: int, rng: random.Random) -> l
     from torch.profiler import ProfilerActivity, profile
 
     eng = llm.engine
-    vocab = eng.runner.model.args.vocab_size
+    vocab = eng.runner.vocab_size
     for i in range(num_seqs):
         eng.add_request(f"prof-{i}", None, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
                         prompt_token_ids=[rng.randrange(100, vocab - 100) for _ in range(context)])

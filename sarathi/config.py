@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 SCHEDULERS = ("sarathi", "vllm", "orca")
 KV_BACKENDS = ("vattention", "paged", "contiguous")
@@ -29,28 +29,56 @@ def parse_bytes(value: Any) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
+# --dtype names -> torch dtype names (auto: float32 on CPU, bfloat16 on CUDA).
+DTYPES = {"float32": "float32", "float": "float32", "float16": "float16", "half": "float16",
+          "bfloat16": "bfloat16"}
+
+
+def torch_dtype(name: str, device_type: str):
+    """The torch dtype for a --dtype value on a device type ('cpu' / 'cuda')."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return getattr(torch, DTYPES[name])
+
+
+def flag(default: Any, help: str, *aliases: str, type: Optional[Callable] = None,
+         choices: Optional[Sequence[str]] = None) -> Any:
+    """A config field that is also a CLI flag: --name-with-dashes plus aliases."""
+    return field(default=default, metadata={"help": help, "aliases": aliases, "type": type, "choices": choices})
+
+
 @dataclass
 class EngineConfig:
     """Every engine setting; each is also a CLI flag (dashes) and an LLM(...) keyword."""
 
-    model: str = "smollm2-135m-instruct"
-    served_model_name: Optional[str] = None
-    patch_tokenizer: Optional[str] = None
-    dtype: str = "auto"              # auto: float32 on CPU, bfloat16 on CUDA
-    device: str = "auto"             # auto: cuda if available, else cpu
-    seed: int = 0
-    max_model_len: Optional[int] = None   # default: the model's max_position_embeddings
-    max_num_seqs: int = 64
-    max_num_batched_tokens: Optional[int] = None  # vllm/orca token budget (default: max_model_len)
-    scheduler: str = "sarathi"
-    chunk_size: int = 512
-    kv_cache_backend: str = "vattention"
-    kv_cache_memory: Any = "2GiB"    # physical KV budget in bytes
-    block_size: int = 16             # paged backend: tokens per block
-    page_size: Optional[int] = None  # vattention backend: bytes per page
-    tensor_parallel_size: int = 1
-    num_threads: Optional[int] = None
-    async_kv_mapping: bool = True    # vattention: map pages ahead on a background thread
+    model: str = flag("smollm2-135m-instruct", "alias, HF-style directory or .gguf file", "--model_name")
+    served_model_name: Optional[str] = flag(None, "name clients use (default: --model)")
+    patch_tokenizer: Optional[str] = flag(None, "AdaptiVocab PatchTokenizer directory", "--patch_tokenizer_path")
+    dtype: str = flag("auto", "weights and KV dtype; auto: float32 on CPU, bfloat16 on CUDA",
+                      choices=("auto", *DTYPES))
+    device: str = flag("auto", "auto, cpu or cuda[:N]")
+    seed: int = flag(0, "seed of the engine's shared sampling generator")
+    max_model_len: Optional[int] = flag(None, "context length (default: the model's max_position_embeddings)",
+                                        type=int)
+    max_num_seqs: int = flag(64, "most sequences running at once")
+    max_num_batched_tokens: Optional[int] = flag(None, "vllm/orca token budget per step (default: max_model_len)",
+                                                 type=int)
+    max_logprobs: int = flag(20, "most logprobs / top_logprobs / prompt_logprobs a request may ask for")
+    max_n: int = flag(16, "most samples (n) one request may ask for")
+    scheduler: str = flag("sarathi", "batch policy", choices=SCHEDULERS)
+    chunk_size: int = flag(512, "sarathi token budget per step")
+    kv_cache_backend: str = flag("vattention", "KV backend; fa_vattn / fa_paged accepted", "--model_attention_backend",
+                                 choices=sorted(set(KV_BACKENDS) | set(ATTENTION_BACKEND_ALIASES)))
+    kv_cache_memory: Any = flag("2GiB", "physical KV cache budget, e.g. 2GiB", "--kv_cache_bytes")
+    block_size: int = flag(16, "paged backend: tokens per block")
+    page_size: Optional[int] = flag(None, "vattention backend: bytes per physical page", "--model_block_size",
+                                    type=parse_bytes)
+    tensor_parallel_size: int = flag(1, "tensor parallel degree (only 1)", "--model_tensor_parallel_degree",
+                                     "--tensor_parallel_degree")
+    num_threads: Optional[int] = flag(None, "torch CPU threads (default: all cores)", type=int)
+    async_kv_mapping: bool = flag(True, "vattention: map pages ahead on a background thread")
     disable_log_stats: bool = True
 
     def __post_init__(self) -> None:
@@ -61,14 +89,16 @@ class EngineConfig:
         if self.kv_cache_backend not in KV_BACKENDS:
             raise ValueError(f"kv_cache_backend must be one of {KV_BACKENDS} "
                              f"(or fa_vattn/fa_paged), got {self.kv_cache_backend!r}")
-        for name in ("max_num_seqs", "chunk_size", "block_size", "kv_cache_memory"):
+        for name in ("max_num_seqs", "chunk_size", "block_size", "kv_cache_memory", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet (scale-out is a later issue)")
-        if self.dtype not in ("auto", "float32", "float16", "bfloat16", "half", "float"):
+        if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto/float32/float16/bfloat16, got {self.dtype!r}")
 
     @classmethod
@@ -95,54 +125,28 @@ class EngineConfig:
         return cls(**values)
 
 
-# Spellings documented by the original integration (and vLLM's), as aliases.
-_ALIASES = {
-    "model_name": "model",
-    "patch_tokenizer_path": "patch_tokenizer",
-    "model_attention_backend": "kv_cache_backend",
-    "model_block_size": "page_size",
-    "model_tensor_parallel_degree": "tensor_parallel_size",
-    "tensor_parallel_degree": "tensor_parallel_size",
-    "kv_cache_bytes": "kv_cache_memory",
-}
+# Spellings documented by the original integration (and vLLM's), as LLM(...) keywords and preset keys.
+_ALIASES = {alias.lstrip("-"): f.name for f in fields(EngineConfig) for alias in f.metadata.get("aliases", ())}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add every engine flag (and its aliases) to an argparse parser."""
-    d = EngineConfig()
+    """Add every engine flag (and its aliases) to an argparse parser, from EngineConfig's fields.
+
+    Flags default to None so that a --config preset fills what the command line leaves out."""
     g = parser.add_argument_group("engine")
     g.add_argument("--config", type=str, default=None,
                    help="YAML preset (see configs/); flags on the command line win")
-    g.add_argument("--model", "--model_name", dest="model", default=None,
-                   help=f"alias, HF-style directory or .gguf file (default {d.model})")
-    g.add_argument("--served-model-name", dest="served_model_name", default=None)
-    g.add_argument("--patch-tokenizer", "--patch_tokenizer_path", dest="patch_tokenizer", default=None,
-                   help="AdaptiVocab PatchTokenizer directory")
-    g.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16", "half", "float"])
-    g.add_argument("--device", default=None, help="auto, cpu or cuda[:N]")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--max-model-len", dest="max_model_len", type=int, default=None)
-    g.add_argument("--max-num-seqs", dest="max_num_seqs", type=int, default=None,
-                   help=f"most sequences running at once (default {d.max_num_seqs})")
-    g.add_argument("--max-num-batched-tokens", dest="max_num_batched_tokens", type=int, default=None)
-    g.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default sarathi")
-    g.add_argument("--chunk-size", dest="chunk_size", type=int, default=None,
-                   help=f"sarathi token budget per step (default {d.chunk_size})")
-    g.add_argument("--kv-cache-backend", "--model_attention_backend", dest="kv_cache_backend",
-                   choices=sorted(set(KV_BACKENDS) | set(ATTENTION_BACKEND_ALIASES)), default=None,
-                   help="vattention (default) or paged; fa_vattn / fa_paged accepted")
-    g.add_argument("--kv-cache-memory", dest="kv_cache_memory", default=None,
-                   help="physical KV cache budget, e.g. 2GiB (default 2GiB)")
-    g.add_argument("--block-size", dest="block_size", type=int, default=None,
-                   help="paged backend: tokens per block (default 16)")
-    g.add_argument("--page-size", "--model_block_size", dest="page_size", type=parse_bytes, default=None,
-                   help="vattention backend: bytes per physical page")
-    g.add_argument("--tensor-parallel-size", "--model_tensor_parallel_degree", dest="tensor_parallel_size",
-                   type=int, default=None)
-    g.add_argument("--num-threads", dest="num_threads", type=int, default=None,
-                   help="torch CPU threads (default: all cores)")
-    g.add_argument("--async-kv-mapping", dest="async_kv_mapping", action=argparse.BooleanOptionalAction,
-                   default=None, help="vattention: map pages ahead on a background thread (default on)")
+    for f in fields(EngineConfig):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        names = ["--" + f.name.replace("_", "-"), *meta["aliases"]]
+        help_text = meta["help"] if f.default is None else f"{meta['help']} (default: {f.default})"
+        if isinstance(f.default, bool):
+            g.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        kind = meta["type"] or (type(f.default) if isinstance(f.default, (int, float)) else str)
+        g.add_argument(*names, dest=f.name, type=kind, choices=meta["choices"], default=None, help=help_text)
     return parser
 
 

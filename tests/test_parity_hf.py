@@ -13,8 +13,8 @@ def _backend_available(name: str) -> bool:
     if name == "contiguous":
         return True
     try:
-        from sarathi.model_executor.kv_cache import kv_cache_class
-        kv_cache_class(name)
+        from sarathi.model_executor.kv_cache import kv_backend_class
+        kv_backend_class(name)
         return True
     except ImportError:
         return False

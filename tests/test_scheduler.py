@@ -16,15 +16,14 @@ def _seq(i, prompt_len, max_tokens, t=None):
 
 
 def _run_step(sched, out, finished):
-    """What the engine does after a step: advance counts, 'sample' a token, finish at max_tokens."""
-    for item in out.scheduled:
-        seq = item.seq
-        seq.num_computed_tokens += item.num_tokens
-        if seq.num_computed_tokens == seq.num_tokens:
-            seq.output_token_ids.append(1)
-            if len(seq.output_token_ids) >= seq.max_tokens:
-                sched.finish(seq)
-                finished.append(seq)
+    """What the engine does after a step: 'sample' token 1 for every chunk that reached its
+    sequence's end, let the scheduler postprocess, finish what it marked finished."""
+    sampled = [(item.seq, 1) for item in out.scheduled if item.samples]
+    sched.postprocess(out, sampled)
+    for seq, _ in sampled:
+        if seq.finish_reason is not None:
+            sched.finish(seq)
+            finished.append(seq)
 
 
 def _drive(name, seqs, num_blocks=64, block=16, slots=8, chunk=32, max_steps=5000, check=None):
@@ -87,7 +86,7 @@ def test_orca_mixes_whole_prompts_with_decodes():
 
     def check(sched, out):
         for p in out.prefills:
-            assert p.num_tokens == len(p.seq.prompt_token_ids)
+            assert p.num_scheduled_tokens == len(p.seq.prompt_token_ids)
         mixed.append(bool(out.prefills and out.decodes))
 
     _, finished, _ = _drive("orca", seqs, num_blocks=400, slots=3, check=check)
@@ -146,3 +145,30 @@ def test_kv_manager_accounting():
     assert kv.free(0) == s0 and kv.num_free_blocks == 9
     with pytest.raises(RuntimeError):
         kv.grow(1, 4 * 11)
+
+
+def test_postprocess_token_stops():
+    kv = KVManager(64, 16, 4)
+    sched = make_scheduler("sarathi", kv, 4, 12, 64, None)
+    eos = Sequence(0, "eos", 0, [7] * 3, 0.0, 10, eos_token_ids=frozenset({2}), min_tokens=2)
+    stop = Sequence(1, "stop", 0, [7] * 3, 0.0, 10, stop_token_ids=frozenset({5}))
+    length = Sequence(2, "len", 0, [7] * 3, 0.0, 2)
+    ctx = Sequence(3, "ctx", 0, [7] * 10, 0.0, 100)
+    for s in (eos, stop, length, ctx):
+        sched.add(s)
+    out = sched.schedule()
+    assert all(item.samples for item in out.scheduled)
+    # EOS before min_tokens is not a stop (the sampler blocks it; postprocess must not stop either).
+    assert eos.blocked_token_ids == {2}
+    sched.postprocess(out, [(eos, 2), (stop, 5), (length, 9), (ctx, 9)])
+    assert all(s.num_computed_tokens == len(s.prompt_token_ids) for s in (eos, stop, length, ctx))
+    assert eos.finish_reason is None and eos.output_token_ids == [2]
+    assert (stop.finish_reason, stop.stop_reason) == ("stop", 5)
+    assert length.finish_reason is None and ctx.finish_reason is None
+    sched.finish(stop)
+    out = sched.schedule()
+    assert {item.seq for item in out.decodes} == {eos, length, ctx}
+    sched.postprocess(out, [(eos, 2), (length, 9), (ctx, 9)])
+    assert (eos.finish_reason, eos.stop_reason) == ("stop", None)   # EOS counts once min_tokens are out
+    assert length.finish_reason == "length"                         # max_tokens
+    assert (ctx.finish_reason, ctx.num_tokens) == ("length", 12)    # max_model_len

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sarathi.core.kv_manager import KVManager
-from sarathi.model_executor.kv_cache import KVCacheSpec, StepBatch, kv_cache_class
+from sarathi.model_executor.kv_cache import KVCacheSpec, StepBatch, kv_backend_class
 
 HQ, HKV, D, LAYERS = 6, 2, 32, 2
 
@@ -46,7 +46,7 @@ def script(seed=0, steps=24):
 
 
 def run(backend, sp, steps, seed=1):
-    cls = kv_cache_class(backend)
+    cls = kv_backend_class(backend)
     num_blocks, block_size, num_slots = cls.layout(sp)
     mgr = KVManager(num_blocks, block_size, num_slots)
     cache = cls(sp)
@@ -67,13 +67,13 @@ def run(backend, sp, steps, seed=1):
             cached[sid] = c + n
         batch = StepBatch(slots=slots, context_lens=ctx, query_lens=qlens, block_tables=tables,
                           num_prefills=num_prefills)
-        cache.begin_step(batch)
+        step = cache.begin_step(batch)
         T = sum(qlens)
         for layer in range(LAYERS):
             q = torch.randn(T, HQ, D, generator=g)
             k = torch.randn(T, HKV, D, generator=g)
             v = torch.randn(T, HKV, D, generator=g)
-            outputs.append(cache.attend(layer, q, k, v, batch, D ** -0.5).clone())
+            outputs.append(cache.attend(layer, q, k, v, step, D ** -0.5).clone())
         for sid in done:
             cache.free_slot(mgr.free(sid))
     return outputs, cache
@@ -93,8 +93,8 @@ def test_backend_matches_contiguous(backend, extra):
 
 def test_vattention_layout_matches_extension_pool():
     sp = spec(kv_cache_memory=3 << 20)
-    num_blocks, block_size, slots = kv_cache_class("vattention").layout(sp)
-    cache = kv_cache_class("vattention")(sp)
+    num_blocks, block_size, slots = kv_backend_class("vattention").layout(sp)
+    cache = kv_backend_class("vattention")(sp)
     st = cache.cache.stats()
     assert st["blocks_total"] == num_blocks
     assert block_size == 4096 // (HKV * D * 4)
@@ -114,7 +114,7 @@ def test_vattention_memory_follows_sequences():
 
 
 def test_vattention_default_page_size_and_bad_budgets():
-    cls = kv_cache_class("vattention")
+    cls = kv_backend_class("vattention")
     num_blocks, block_size, _ = cls.layout(spec(page_size=None, kv_cache_memory=64 << 20))
     assert block_size >= 1 and num_blocks >= 1
     with pytest.raises(ValueError, match="less than one vAttention block"):
@@ -122,10 +122,10 @@ def test_vattention_default_page_size_and_bad_budgets():
     with pytest.raises(ValueError, match="smaller than one token"):
         cls.layout(spec(page_size=4096, head_dim=1024, num_kv_heads=2))
     with pytest.raises(ValueError, match="less than one paged block"):
-        kv_cache_class("paged").layout(spec(kv_cache_memory=1000))
+        kv_backend_class("paged").layout(spec(kv_cache_memory=1000))
 
 
 def test_paged_needs_block_tables():
-    cache = kv_cache_class("paged")(spec())
+    cache = kv_backend_class("paged")(spec())
     with pytest.raises(ValueError, match="block tables"):
         cache.begin_step(StepBatch(slots=[0], context_lens=[0], query_lens=[3]))

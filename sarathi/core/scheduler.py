@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, List, Optional
+from typing import Deque, List, Optional, Tuple
 
 from sarathi.core.kv_manager import KVManager
 from sarathi.core.sequence import Sequence, SequenceStatus
@@ -27,7 +27,12 @@ from sarathi.core.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_tokens: int
+    num_scheduled_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """This chunk reaches the sequence's last token, so the step samples its next one."""
+        return self.seq.num_computed_tokens + self.num_scheduled_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -44,7 +49,7 @@ class SchedulerOutput:
 
     @property
     def num_prefill_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.prefills)
+        return sum(s.num_scheduled_tokens for s in self.prefills)
 
     @property
     def num_decode_tokens(self) -> int:
@@ -99,6 +104,21 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         return slot
 
+    def postprocess(self, out: SchedulerOutput, sampled: List[Tuple[Sequence, int]]) -> None:
+        """After the model ran `out`: advance every scheduled sequence, append the sampled
+        tokens and apply token-id stops (EOS, stop ids, max_tokens, max_model_len) by setting
+        finish_reason. Freeing is the engine's: it may still find a stop string in the text."""
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_scheduled_tokens
+        for seq, token in sampled:
+            seq.output_token_ids.append(token)
+            n_out = len(seq.output_token_ids)
+            if n_out >= seq.min_tokens and (token in seq.stop_token_ids or token in seq.eos_token_ids):
+                seq.finish_reason = "stop"
+                seq.stop_reason = token if token in seq.stop_token_ids else None
+            elif n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = "length"
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -151,8 +171,28 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
-    def slot(self, seq: Sequence) -> int:
-        return self.kv.slot(seq.seq_id)
+    def _admit_waiting(self, out: SchedulerOutput, budget: Optional[int] = None, chunked: bool = False) -> int:
+        """Admit queued sequences in order while they fit and the token budget lasts (None: no
+        budget). chunked: the last one admitted may get a partial prefill chunk; else whole
+        prompts only. Returns the budget left."""
+        while self.waiting and self._can_admit(self.waiting[0]):
+            seq = self.waiting[0]
+            n = seq.num_uncomputed_tokens
+            if budget is not None:
+                if budget <= 0 or (n > budget and not chunked):
+                    break
+                n = min(n, budget)
+                budget -= n
+            self._admit(seq)
+            out.prefills.append(ScheduledSeq(seq, n))
+        return budget
+
+    def _running_decodes(self) -> SchedulerOutput:
+        """A new step holding every running decode, oldest first."""
+        out = SchedulerOutput()
+        self.running.sort(key=lambda s: (s.arrival_time, s.seq_id))
+        self._schedule_decodes(out)
+        return out
 
     def schedule(self) -> SchedulerOutput:
         raise NotImplementedError
@@ -162,9 +202,7 @@ class SarathiScheduler(Scheduler):
     """Chunked prefills and stall-free hybrid batches under a token budget."""
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        self.running.sort(key=lambda s: (s.arrival_time, s.seq_id))
-        self._schedule_decodes(out)
+        out = self._running_decodes()
         budget = max(self.chunk_size - len(out.decodes), 0)
         for seq in self.running:
             if budget == 0:
@@ -173,12 +211,7 @@ class SarathiScheduler(Scheduler):
                 n = min(seq.num_uncomputed_tokens, budget)
                 out.prefills.append(ScheduledSeq(seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and self._can_admit(self.waiting[0]):
-            seq = self.waiting[0]
-            self._admit(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
-            out.prefills.append(ScheduledSeq(seq, n))
-            budget -= n
+        self._admit_waiting(out, budget, chunked=True)
         return out
 
 
@@ -187,32 +220,16 @@ class VLLMScheduler(Scheduler):
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
-        while self.waiting and self._can_admit(self.waiting[0]):
-            seq = self.waiting[0]
-            if seq.num_uncomputed_tokens > budget:
-                break
-            self._admit(seq)
-            out.prefills.append(ScheduledSeq(seq, seq.num_uncomputed_tokens))
-            budget -= seq.num_uncomputed_tokens
-        if out.prefills:
-            return out
-        self.running.sort(key=lambda s: (s.arrival_time, s.seq_id))
-        self._schedule_decodes(out)
-        return out
+        self._admit_waiting(out, self.max_num_batched_tokens)
+        return out if out.prefills else self._running_decodes()
 
 
 class OrcaScheduler(Scheduler):
     """Iteration-level batching: decodes plus whole new prompts, no token budget."""
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        self.running.sort(key=lambda s: (s.arrival_time, s.seq_id))
-        self._schedule_decodes(out)
-        while self.waiting and self._can_admit(self.waiting[0]):
-            seq = self.waiting[0]
-            self._admit(seq)
-            out.prefills.append(ScheduledSeq(seq, seq.num_uncomputed_tokens))
+        out = self._running_decodes()
+        self._admit_waiting(out)
         return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, FrozenSet, List, Optional
 
 
 class SequenceStatus(enum.Enum):
@@ -31,6 +31,10 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_preemptions: int = 0
+    # Token-id stops, applied by Scheduler.postprocess once min_tokens are out.
+    stop_token_ids: FrozenSet[int] = frozenset()   # the request's own stop ids
+    eos_token_ids: FrozenSet[int] = frozenset()    # the model's EOS ids (empty with ignore_eos)
+    min_tokens: int = 0
     finish_reason: Optional[str] = None
     stop_reason: Any = None
     # Owned by the engine (sampling / detokenisation state), opaque to the scheduler.
@@ -57,6 +61,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def blocked_token_ids(self) -> FrozenSet[int]:
+        """Ids the sampler must not pick yet: every token-id stop until min_tokens are out."""
+        if len(self.output_token_ids) >= self.min_tokens:
+            return frozenset()
+        return self.stop_token_ids | self.eos_token_ids
 
     def token_ids(self) -> List[int]:
         return self.prompt_token_ids + self.output_token_ids

@@ -183,13 +183,13 @@ def load_hf_config(model_dir: Path) -> dict:
     return json.loads((model_dir / "config.json").read_text())
 
 
-def load_model(model_dir: Path, dtype, device):
-    """Build our LlamaForCausalLM from an HF-style directory."""
+def load_model(model_dir: Path, hf_config: dict, dtype, device):
+    """Build our LlamaForCausalLM from an HF-style directory whose config.json is hf_config."""
     import torch
 
     from sarathi.model_executor.models.llama import LlamaArgs, LlamaForCausalLM
 
-    args = LlamaArgs.from_hf_config(load_hf_config(model_dir))
+    args = LlamaArgs.from_hf_config(hf_config)
     with torch.device("meta"):
         model = LlamaForCausalLM(args)
     model = model.to_empty(device=device).to(dtype)

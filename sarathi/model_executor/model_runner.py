@@ -1,4 +1,4 @@
-"""Runs one scheduled step through the model: builds the flat batch, owns the KV cache.
+"""Runs one scheduled step through the model: builds the flat batch, owns the KV backend.
 
 The runner never decides policy: it gets (slot, cached length, new tokens) per
 sequence and returns the logits rows the engine asked for.
@@ -8,25 +8,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from sarathi.model_executor.kv_cache import KVCacheSpec, StepBatch, kv_cache_class
-from sarathi.model_executor.model_loader import load_model
+from sarathi.config import EngineConfig, torch_dtype
+from sarathi.model_executor.kv_cache import KVCacheSpec, StepBatch, kv_backend_class
+from sarathi.model_executor.model_loader import load_hf_config, load_model
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
-            "half": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 @dataclass
@@ -41,25 +35,35 @@ class RunSeq:
 
 
 class ModelRunner:
-    def __init__(self, model_dir: Path, dtype: str, device: str, max_model_len: int, max_num_seqs: int,
-                 kv_cache_memory: int, kv_cache_backend: str, block_size: int, page_size: Optional[int],
-                 async_mapping: bool = True, num_threads: Optional[int] = None):
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
-        self.model = load_model(model_dir, self.dtype, self.device)
+    """The model, its KV backend and the device; `execute` runs one step."""
+
+    def __init__(self, config: EngineConfig, model_dir: Path, max_model_len: Optional[int] = None):
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.hf_config = load_hf_config(model_dir)
+        self.max_model_len = max_model_len or config.max_model_len or \
+            self.hf_config.get("max_position_embeddings", 2048)
+        self.device = pick_device(config.device)
+        self.dtype = torch_dtype(config.dtype, self.device.type)
+        self.model = load_model(model_dir, self.hf_config, self.dtype, self.device)
         a = self.model.args
+        self.vocab_size = a.vocab_size
         self.scale = 1.0 / math.sqrt(a.head_dim)
-        self.kv_spec = KVCacheSpec(
+        self._kv_spec = KVCacheSpec(
             num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, dtype=self.dtype,
-            device=self.device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            kv_cache_memory=kv_cache_memory, block_size=block_size, page_size=page_size,
-            async_mapping=async_mapping)
-        self.kv_cache = kv_cache_class(kv_cache_backend)(self.kv_spec)
+            device=self.device, max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
+            kv_cache_memory=config.kv_cache_memory, block_size=config.block_size, page_size=config.page_size,
+            async_mapping=config.async_kv_mapping)
+        self._kv = kv_backend_class(config.kv_cache_backend)(self._kv_spec)
+        self.needs_block_tables = self._kv.needs_block_tables
+        self.kv_bytes_per_token = self._kv_spec.bytes_per_token
 
     def kv_layout(self) -> Tuple[int, int, int]:
-        return type(self.kv_cache).layout(self.kv_spec)
+        """(num_blocks, block_size, num_slots) for the scheduler's KVManager."""
+        return type(self._kv).layout(self._kv_spec)
+
+    def kv_stats(self) -> Dict[str, int]:
+        return self._kv.stats()
 
     @torch.inference_mode()
     def execute(self, seqs: List[RunSeq], num_prefills: int) -> torch.Tensor:
@@ -68,14 +72,14 @@ class ModelRunner:
         batch = StepBatch(
             slots=[s.slot for s in seqs], context_lens=[s.context_len for s in seqs],
             query_lens=[len(s.token_ids) for s in seqs],
-            block_tables=[s.block_table for s in seqs] if seqs and seqs[0].block_table is not None else None,
+            block_tables=[s.block_table for s in seqs] if self.needs_block_tables else None,
             num_prefills=num_prefills, device=self.device)
-        self.kv_cache.begin_step(batch)
+        step = self._kv.begin_step(batch)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        cache, scale = self.kv_cache, self.scale
+        kv, scale = self._kv, self.scale
 
         def attend(layer, q, k, v):
-            return cache.attend(layer, q, k, v, batch, scale)
+            return kv.attend(layer, q, k, v, step, scale)
 
         hidden = self.model(input_ids, batch.positions(), attend)
         rows, start = [], 0
@@ -83,8 +87,12 @@ class ModelRunner:
             rows.extend(range(start + s.logits_rows[0], start + s.logits_rows[1]))
             start += len(s.token_ids)
         if not rows:
-            return torch.empty(0, self.model.args.vocab_size)
+            return torch.empty(0, self.vocab_size)
         return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
 
     def free_slot(self, slot: int) -> None:
-        self.kv_cache.free_slot(slot)
+        self._kv.free_slot(slot)
+
+    def close(self) -> None:
+        """Release the KV memory now (the engine is shutting down)."""
+        self._kv.close()

@@ -4,17 +4,30 @@ tokens overlaps the forward pass when async_mapping is on).
 
 Attention: the C++ kernel over the slot-contiguous cache on CPU (fp32/bf16);
 flash_attn_with_kvcache(cache_batch_idx=...) for decodes on CUDA when flash-attn is
-importable; torch SDPA (`slot_attention`) otherwise.
+importable; the torch reference (SDPA) otherwise.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from sarathi.model_executor.kv_cache import KVCache, KVCacheSpec, StepBatch, slot_attention
+from vattention_ext.kernel import attention_reference
+
+from .base import KVBackend, KVCacheSpec, StepBatch
 
 _KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+@dataclass
+class VAttentionStep:
+    batch: StepBatch
+    slots: torch.Tensor           # int64, per sequence
+    context_lens: torch.Tensor
+    query_lens: torch.Tensor
+    store_slot: Optional[torch.Tensor] = None  # torch paths: (slot, position) of every new token
+    store_pos: Optional[torch.Tensor] = None
 
 
 def _page_size(spec: KVCacheSpec) -> int:
@@ -26,7 +39,7 @@ def _page_size(spec: KVCacheSpec) -> int:
     return default_page_size(token_bytes, spec.kv_cache_memory, cuda=spec.device.type == "cuda")
 
 
-class VAttentionKVCache(KVCache):
+class VAttentionBackend(KVBackend):
     name = "vattention"
 
     @classmethod
@@ -70,7 +83,7 @@ class VAttentionKVCache(KVCache):
             k0 = self.k[0]
             self._geometry = (k0.stride(0), k0.stride(1), k0.stride(2), k0.shape[0], k0.shape[1])
 
-    def begin_step(self, batch: StepBatch) -> None:
+    def begin_step(self, batch: StepBatch) -> VAttentionStep:
         lens = self._seq_lens
         for i in range(len(lens)):
             lens[i] = 0
@@ -80,36 +93,34 @@ class VAttentionKVCache(KVCache):
             self.cache.step_async(lens)  # maps this step's pages, then maps ahead in the background
         else:
             self.cache.step(lens)
-        t = batch.tensors
-        t["va_slots"] = torch.tensor(batch.slots, dtype=torch.int64)
-        t["va_context_lens"] = torch.tensor(batch.context_lens, dtype=torch.int64)
-        t["va_query_lens"] = torch.tensor(batch.query_lens, dtype=torch.int64)
+        step = VAttentionStep(batch, *batch.index_tensors())
         if not self._native:
             pos = [(s, p) for s, c, n in zip(batch.slots, batch.context_lens, batch.query_lens)
                    for p in range(c, c + n)]
-            t["va_store_slot"] = torch.tensor([s for s, _ in pos], dtype=torch.long, device=batch.device)
-            t["va_store_pos"] = torch.tensor([p for _, p in pos], dtype=torch.long, device=batch.device)
+            step.store_slot = torch.tensor([s for s, _ in pos], dtype=torch.long, device=batch.device)
+            step.store_pos = torch.tensor([p for _, p in pos], dtype=torch.long, device=batch.device)
+        return step
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch,
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: VAttentionStep,
                scale: float) -> torch.Tensor:
         kc, vc = self.k[layer], self.v[layer]
-        t = batch.tensors
         if self._native and q.dtype in _KERNEL_DTYPES:
             q, k, v = q.contiguous(), k.to(kc.dtype).contiguous(), v.to(vc.dtype).contiguous()
             out = torch.empty_like(q)
             s0, s1, s2, nslots, maxctx = self._geometry
             self._kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), kc.data_ptr(), vc.data_ptr(),
-                         s0, s1, s2, nslots, maxctx, t["va_slots"].data_ptr(), t["va_context_lens"].data_ptr(),
-                         t["va_query_lens"].data_ptr(), len(batch.slots), q.shape[0], q.shape[1], k.shape[1],
+                         s0, s1, s2, nslots, maxctx, step.slots.data_ptr(), step.context_lens.data_ptr(),
+                         step.query_lens.data_ptr(), len(step.batch.slots), q.shape[0], q.shape[1], k.shape[1],
                          q.shape[2], scale, _KERNEL_DTYPES[q.dtype], torch.get_num_threads())
             return out
-        kc[t["va_store_slot"], t["va_store_pos"]] = k.to(kc.dtype)
-        vc[t["va_store_slot"], t["va_store_pos"]] = v.to(vc.dtype)
-        if self._flash is not None and batch.num_prefills == 0:
-            return self._flash_decode(q, kc, vc, batch, scale)
-        return slot_attention(q, kc, vc, batch, scale)
+        kc[step.store_slot, step.store_pos] = k.to(kc.dtype)
+        vc[step.store_slot, step.store_pos] = v.to(vc.dtype)
+        b = step.batch
+        if self._flash is not None and b.num_prefills == 0:
+            return self._flash_decode(q, kc, vc, b, scale)
+        return attention_reference(q, kc, vc, b.slots, b.context_lens, b.query_lens, scale)
 
-    def _flash_decode(self, q, kc, vc, batch, scale):
+    def _flash_decode(self, q, kc, vc, batch: StepBatch, scale):
         dev = q.device
         seqlens = torch.tensor(batch.seq_lens, dtype=torch.int32, device=dev)
         idx = torch.tensor(batch.slots, dtype=torch.int32, device=dev)
@@ -137,5 +148,5 @@ class VAttentionKVCache(KVCache):
         return out
 
     def close(self) -> None:
-        self.k = self.v = None
+        super().close()
         self.cache.close()

@@ -1,0 +1,107 @@
+"""The KV storage seam: where each running sequence's keys and values live.
+
+One slot per running sequence. A `KVBackend` owns the K/V memory, makes room for a
+step (`begin_step`, which returns the backend's own typed per-step state) and, per
+layer, stores the step's new K/V and runs attention over the cache (`attend`).
+
+A *block* means one thing everywhere: the unit the scheduler's torch-free
+`KVManager` counts, `block_size` tokens of K and V in every layer. What backs it
+differs: a paged block of each layer's tensor (`paged`), one page in each layer's K
+and V region (`vattention`), a whole max-length slot (`contiguous`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+
+@dataclass
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    max_num_seqs: int
+    kv_cache_memory: int          # bytes of physical KV budget
+    block_size: int = 16          # paged: tokens per block
+    page_size: Optional[int] = None  # vattention: bytes per page (None: the extension's default)
+    async_mapping: bool = True    # vattention: map ahead on a background thread
+
+    @property
+    def elem_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.elem_size
+
+
+@dataclass
+class StepBatch:
+    """One step's sequences as attention sees them: prefill chunks first, then decodes."""
+
+    slots: List[int]
+    context_lens: List[int]       # tokens already in the cache before this step
+    query_lens: List[int]         # new tokens this step
+    block_tables: Optional[List[List[int]]] = None  # backends with needs_block_tables only
+    num_prefills: int = 0         # the first num_prefills sequences carry prefill chunks
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def seq_lens(self) -> List[int]:
+        return [c + q for c, q in zip(self.context_lens, self.query_lens)]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    def positions(self) -> torch.Tensor:
+        pos = [p for c, q in zip(self.context_lens, self.query_lens) for p in range(c, c + q)]
+        return torch.tensor(pos, dtype=torch.long, device=self.device)
+
+    def index_tensors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slots, context_lens, query_lens) as int64 CPU tensors, the attention kernels' input."""
+        return tuple(torch.tensor(x, dtype=torch.int64) for x in (self.slots, self.context_lens, self.query_lens))
+
+
+class KVBackend:
+    """Base class of the KV backends. Subclasses set `name` and implement the four methods."""
+
+    name = "base"
+    needs_block_tables = False    # True: StepBatch.block_tables must come from the KVManager
+
+    def __init__(self, spec: KVCacheSpec):
+        self.spec = spec
+        self.k = self.v = None    # subclasses: per-layer K and V storage
+
+    @classmethod
+    def layout(cls, spec: KVCacheSpec) -> Tuple[int, int, int]:
+        """(num_blocks, block_size_tokens, num_slots) that the scheduler's KVManager counts."""
+        raise NotImplementedError
+
+    def begin_step(self, batch: StepBatch):
+        """Make room for the step; returns the state `attend` needs in every layer."""
+        raise NotImplementedError
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step, scale: float) -> torch.Tensor:
+        """Store this layer's new K/V [T, Hkv, D], then causal GQA attention for q [T, Hq, D]."""
+        raise NotImplementedError
+
+    def free_slot(self, slot: int) -> None:
+        """A sequence left its slot (finished, aborted or preempted)."""
+
+    def stats(self) -> Dict[str, int]:
+        """Bytes of KV memory; backends with preallocated tensors commit all of it up front."""
+        if not isinstance(self.k, torch.Tensor):
+            return {}
+        total = 2 * self.k.numel() * self.k.element_size()
+        return {"kv_bytes_total": total, "kv_bytes_committed": total}
+
+    def close(self) -> None:
+        """Release memory early (also happens when the object is collected)."""
+        self.k = self.v = None
