@@ -2,17 +2,53 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
+# Errors that bad input predictably raises: shown as one `error:` line, not a traceback.
+# (json.JSONDecodeError and UnicodeDecodeError are ValueErrors; FileNotFoundError,
+# PermissionError, IsADirectoryError and NotADirectoryError are OSErrors.)
+USER_ERRORS = (ValueError, OSError)
+
+
+def int_at_least(low: int):
+    """argparse type: an int >= `low` (sizes and counts; 0 would divide by zero or do nothing)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
 
 def _build(args) -> None:
+    from adaptivocab.outdir import check_output_dir, staged_output_dir
     from adaptivocab.patch_tokenizer import PatchTokenizer
 
     t0 = time.perf_counter()
+    check_output_dir(args.out, args.overwrite, [args.base, *args.corpus])  # before the slow build
     tok = PatchTokenizer.build(args.base, args.corpus, num_new_tokens=args.num_new_tokens, max_ngram=args.max_ngram,
                                min_count=args.min_count)
-    tok.save_pretrained(args.out)
+    with staged_output_dir(args.out, "build", args.overwrite, [args.base, *args.corpus]) as tmp:
+        tok.save_pretrained(tmp)
     info = tok.build_info
     print(f"built {len(tok.ngrams)} n-tokens (max n={args.max_ngram}) from {info['corpus_bytes'] / 1e6:.2f} MB "
           f"({info['corpus_base_tokens']} base tokens; estimated {info['estimated_saved_tokens']} saved on the "
@@ -52,10 +88,11 @@ def main(argv=None) -> None:
     b = sub.add_parser("build", help="choose n-tokens from a domain corpus and save a patch tokenizer")
     b.add_argument("--base", required=True, help="base model: HF-style directory, GGUF file or known name")
     b.add_argument("--corpus", required=True, nargs="+", help="UTF-8 text files of the domain")
-    b.add_argument("--num-new-tokens", type=int, required=True)
-    b.add_argument("--max-ngram", type=int, default=5)
-    b.add_argument("--min-count", type=int, default=2, help="ignore n-grams seen fewer times")
+    b.add_argument("--num-new-tokens", type=positive_int, required=True)
+    b.add_argument("--max-ngram", type=int_at_least(2), default=5)
+    b.add_argument("--min-count", type=positive_int, default=2, help="ignore n-grams seen fewer times")
     b.add_argument("--out", required=True, help="directory for patch_tokenizer.json")
+    b.add_argument("--overwrite", action="store_true", help="replace an earlier output of this tool at --out")
     b.set_defaults(func=_build)
 
     p = sub.add_parser("patch-model", help="write a model directory with rows for the n-tokens")
@@ -63,7 +100,7 @@ def main(argv=None) -> None:
     p.add_argument("--patch-tokenizer", "--patch_tokenizer_path", required=True, dest="patch_tokenizer")
     p.add_argument("--init", choices=["exp", "mean", "first", "last"], default="exp")
     p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of this tool at --out")
     p.set_defaults(func=_patch_model)
 
     f = sub.add_parser("finetune", help="light CPU fine-tuning of a patched model (resumable)")
@@ -73,18 +110,18 @@ def main(argv=None) -> None:
     f.add_argument("--out", required=True)
     f.add_argument("--train", default="embeddings,lm_head,first_layer,last_layer",
                    help="comma list of: embeddings, lm_head, first_layer, last_layer, norm, all")
-    f.add_argument("--seq-len", type=int, default=256)
-    f.add_argument("--batch-size", type=int, default=8)
-    f.add_argument("--lr", type=float, default=1e-3)
-    f.add_argument("--max-tokens", type=int, default=1_000_000, help="stop after this many training tokens")
-    f.add_argument("--max-minutes", type=float, default=25.0, help="stop after this much wall time")
-    f.add_argument("--eval-every", type=int, default=50, help="steps between held-out bits/byte points")
-    f.add_argument("--eval-bytes", type=int, default=20_000)
-    f.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
+    f.add_argument("--seq-len", type=positive_int, default=256)
+    f.add_argument("--batch-size", type=positive_int, default=8)
+    f.add_argument("--lr", type=positive_float, default=1e-3)
+    f.add_argument("--max-tokens", type=positive_int, default=1_000_000, help="stop after this many training tokens")
+    f.add_argument("--max-minutes", type=positive_float, default=25.0, help="stop after this much wall time")
+    f.add_argument("--eval-every", type=positive_int, default=50, help="steps between held-out bits/byte points")
+    f.add_argument("--eval-bytes", type=positive_int, default=20_000)
+    f.add_argument("--save-every", type=positive_int, default=50, help="steps between checkpoints")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
-    f.add_argument("--threads", type=int, default=None)
-    f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--threads", type=positive_int, default=None)
+    f.add_argument("--overwrite", action="store_true", help="replace an earlier output of this tool at --out")
     f.set_defaults(func=_finetune)
 
     e = sub.add_parser("evaluate", help="tokens/byte, bits/byte, n-token share and engine bytes/s")
@@ -93,23 +130,28 @@ def main(argv=None) -> None:
     e.add_argument("--labels", nargs="*", default=None, help="names for the patched models (default: dir names)")
     e.add_argument("--corpus", required=True, nargs="+", help="held-out domain text")
     e.add_argument("--out", default="benchmarks/results/adaptivocab_eval")
-    e.add_argument("--max-bytes", type=int, default=50_000, help="held-out bytes scored for bits/byte")
-    e.add_argument("--window", type=int, default=512)
-    e.add_argument("--max-tokens", type=int, default=64, help="generated tokens per request in the speed test")
-    e.add_argument("--concurrency", type=int, nargs="+", default=[1, 16],
+    e.add_argument("--max-bytes", type=positive_int, default=50_000, help="held-out bytes scored for bits/byte")
+    e.add_argument("--window", type=int_at_least(2), default=512)
+    e.add_argument("--max-tokens", type=positive_int, default=64, help="generated tokens per request in the speed test")
+    e.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 16],
                    help="numbers of requests submitted together (one batch each)")
     e.add_argument("--speed", choices=["engine", "hf", "none"], default="engine",
                    help="generation speed through our engine (default), HF generate, or skip")
-    e.add_argument("--rounds", type=int, default=3, help="alternating timing rounds; the fastest of each side counts")
-    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--rounds", type=positive_int, default=3,
+                   help="alternating timing rounds; the fastest of each side counts")
+    e.add_argument("--threads", type=positive_int, default=None)
     e.set_defaults(func=_evaluate)
 
     args = ap.parse_args(argv)
     try:
         args.func(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the source
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted (outputs are only put in place when complete)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -33,4 +33,7 @@ def load_hf_tokenizer(model: Union[str, Path]):
     model_dir = resolve_model_dir(model)
     if not (model_dir / "tokenizer.json").is_file():
         raise ValueError(f"model directory {str(model_dir)!r} has no tokenizer.json (a fast BPE tokenizer is needed)")
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:  # transformers / tokenizers raise many classes (even bare Exception) for bad files
+        raise ValueError(f"cannot load the tokenizer of {str(model_dir)!r}: {e}") from None

@@ -7,26 +7,39 @@ from typing import Iterable, List, Sequence, Union
 PathLike = Union[str, Path]
 
 
-def read_corpus(files: Sequence[PathLike]) -> List[str]:
-    """Return the text of each corpus file (UTF-8). Empty, missing or non-UTF-8 files raise ValueError."""
+def read_corpus(files: Sequence[PathLike], what: str = "corpus file") -> List[str]:
+    """Return the text of each corpus file (UTF-8).
+
+    Missing files, directories, unreadable, empty or binary (non-UTF-8 or NUL bytes) files
+    raise ValueError naming the file; `what` names the role in messages ("corpus file").
+    """
     if isinstance(files, (str, Path)):
         files = [files]
     if not files:
-        raise ValueError("no corpus files given")
-    texts = []
-    for f in files:
-        path = Path(f)
-        if not path.is_file():
-            raise ValueError(f"corpus file {str(path)!r} does not exist or is not a file")
+        raise ValueError(f"no {what}s given")
+    return [_read_text(Path(f), what) for f in files]
+
+
+def _read_text(path: Path, what: str) -> str:
+    if not path.exists():
+        raise ValueError(f"{what} {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a directory, not a text file")
+    if not path.is_file():  # a device or pipe could block or never end
+        raise ValueError(f"{what} {str(path)!r} is not a regular file")
+    try:
         data = path.read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"corpus file {str(path)!r} is not valid UTF-8 (byte {e.start}: {e.reason})") from None
-        if not text.strip():
-            raise ValueError(f"corpus file {str(path)!r} is empty")
-        texts.append(text)
-    return texts
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {str(path)!r} is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+    if "\0" in text:
+        raise ValueError(f"{what} {str(path)!r} looks binary (it contains NUL bytes)")
+    if not text.strip():
+        raise ValueError(f"{what} {str(path)!r} is empty")
+    return text
 
 
 def split_documents(texts: Iterable[str], max_chars: int = 1 << 16) -> List[str]:

@@ -20,14 +20,19 @@ from typing import Dict, List, Optional, Sequence
 from adaptivocab.base_model import load_hf_tokenizer, resolve_model_dir
 from adaptivocab.corpus import read_corpus
 from adaptivocab.metrics import bits_per_byte, heldout_sample
+from adaptivocab.outdir import check_parent_writable
 from adaptivocab.patch_tokenizer import PatchTokenizer, check_same_base
 
 
-def domain_prompts(texts: Sequence[str], num_prompts: int, max_chars: int = 300) -> List[str]:
-    """Openings of paragraphs spread evenly over the held-out text, cut at a space."""
+def domain_prompts(texts: Sequence[str], num_prompts: int, max_chars: int = 300, min_count: int = 1) -> List[str]:
+    """Openings of paragraphs spread evenly over the held-out text, cut at a space.
+
+    Raises ValueError when the text gives fewer than `min_count` prompts.
+    """
     paragraphs = [p.strip() for t in texts for p in t.split("\n\n") if len(p.strip()) >= 120]
-    if not paragraphs:
-        raise ValueError("the held-out corpus has no paragraph of 120+ characters to use as a prompt")
+    if len(paragraphs) < min_count:
+        raise ValueError(f"the held-out corpus has {len(paragraphs)} paragraphs of 120+ characters (separated by "
+                         f"blank lines) to use as prompts, fewer than {max(1, min_count)} (--concurrency)")
     step = max(1, len(paragraphs) // num_prompts)
     prompts = []
     for p in paragraphs[::step][:num_prompts]:
@@ -98,17 +103,31 @@ def evaluate(base, patched: Sequence, corpus: Sequence, out="benchmarks/results/
     """Run all measurements, print a table and write `<out>.json` and `<out>.png`."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    base_dir = resolve_model_dir(base)
+    # Everything that can be checked cheaply is checked before loading a model.
+    if not concurrency or min(max_bytes, max_tokens, rounds, threads or 1, *concurrency) < 1 or window < 2:
+        raise ValueError("max_bytes, max_tokens, rounds, threads and each concurrency must be >= 1, window >= 2")
+    if speed not in ("engine", "hf", "none"):
+        raise ValueError(f"unknown speed backend {speed!r}; choose engine, hf or none")
     patched_dirs = [Path(p) for p in patched]
     labels = list(labels) if labels else [p.name for p in patched_dirs]
     if len(labels) != len(patched_dirs):
         raise ValueError(f"{len(labels)} labels for {len(patched_dirs)} patched models")
+    if len(set(labels)) != len(labels) or "base" in labels:
+        raise ValueError(f"labels {labels} must be distinct and not 'base' (pass --labels to name the models)")
     for p in patched_dirs:
         if not p.is_dir():
             raise ValueError(f"patched model directory {str(p)!r} does not exist")
+    out = check_parent_writable(out)  # a path prefix: <out>.json and <out>.png are written
+    for path in (out, out.with_suffix(".json"), out.with_suffix(".png")):
+        if path.is_dir():
+            raise ValueError(f"--out {str(out)!r} is a prefix for <out>.json and <out>.png, "
+                             f"but {str(path)!r} is a directory")
     texts = read_corpus(corpus)
+    if speed != "none":
+        domain_prompts(texts, max(concurrency), min_count=max(concurrency))
+    if threads:
+        torch.set_num_threads(threads)
+    base_dir = resolve_model_dir(base)
     full = "\n".join(texts)
     n_bytes = len(full.encode("utf-8"))
     base_tok = load_hf_tokenizer(base_dir)
@@ -152,9 +171,7 @@ def _speed(base_dir, base_tok, patched_dir, label, patch_tok, texts, max_tokens,
     Both models stay loaded and take turns, so load from other processes on a shared
     machine hits both sides alike; the fastest of `rounds` is the least disturbed one.
     """
-    prompts = domain_prompts(texts, max(concurrency))
-    if len(prompts) < max(concurrency):
-        raise ValueError(f"the held-out corpus gives {len(prompts)} prompts, fewer than concurrency {max(concurrency)}")
+    prompts = domain_prompts(texts, max(concurrency), min_count=max(concurrency))
     sides = (("base", base_dir, base_tok), (label, patched_dir, patch_tok))
     runners = {name: (_engine_runner(d, prompts, max_tokens) if backend == "engine" else _hf_runner(d, tok, prompts, max_tokens))
                for name, d, tok in sides}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,8 @@ from tqdm.auto import tqdm
 
 from adaptivocab.corpus import read_corpus, split_documents
 from adaptivocab.metrics import bits_per_byte, heldout_sample
-from adaptivocab.patch_model import write_model_dir
+from adaptivocab.outdir import check_output_dir, is_our_output, staged_output_dir, write_marker
+from adaptivocab.patch_model import write_model_files
 from adaptivocab.patch_tokenizer import PatchTokenizer, is_patch_tokenizer_dir
 
 TRAINABLE_PARTS = ("embeddings", "lm_head", "first_layer", "last_layer", "norm", "all")
@@ -48,12 +48,29 @@ class FinetuneConfig:
     bf16: bool = False
     threads: Optional[int] = None
 
+    def __post_init__(self):
+        check_train_parts(self.train)
+        for name in ("seq_len", "batch_size", "max_tokens", "eval_every", "eval_bytes", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.max_minutes > 0 and self.warmup_steps >= 0):
+            raise ValueError(f"lr and max_minutes must be > 0 and warmup_steps >= 0, got {self.lr}, "
+                             f"{self.max_minutes}, {self.warmup_steps}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+def check_train_parts(parts: Sequence[str]) -> None:
+    """Raise ValueError unless `parts` is a non-empty list of TRAINABLE_PARTS names."""
+    unknown = [p for p in parts if p not in TRAINABLE_PARTS]
+    if unknown or not parts:
+        raise ValueError(f"unknown or empty --train parts {unknown or list(parts)}; "
+                         f"choose from {', '.join(TRAINABLE_PARTS)}")
+
 
 def select_trainable(model, parts: Sequence[str]) -> List[str]:
     """Freeze everything but `parts`; return the names of the trainable parameters."""
-    unknown = [p for p in parts if p not in TRAINABLE_PARTS]
-    if unknown or not parts:
-        raise ValueError(f"unknown or empty --train parts {unknown or parts}; choose from {', '.join(TRAINABLE_PARTS)}")
+    check_train_parts(parts)
     layers = model.model.layers
     prefixes = []
     if "all" in parts:
@@ -93,39 +110,41 @@ def corpus_blocks(tok: PatchTokenizer, texts: Sequence[str], seq_len: int) -> np
 
 
 def _save_checkpoint(ckpt: Path, model, names: List[str], opt: torch.optim.Optimizer, state: dict) -> None:
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    params = dict(model.named_parameters())
-    save_file({n: params[n].detach().contiguous() for n in names}, str(tmp / "trainable.safetensors"))
-    moments = {}
-    steps = {}
-    opt_state = opt.state_dict()["state"]
-    for idx, st in opt_state.items():
-        moments[f"{idx}.exp_avg"] = st["exp_avg"].contiguous()
-        moments[f"{idx}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
-        steps[str(idx)] = float(st["step"])
-    save_file(moments, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "optimizer_steps": steps, "trainable": names}, indent=1))
-    shutil.rmtree(ckpt, ignore_errors=True)
-    tmp.rename(ckpt)
+    # Written aside and swapped in, so an interrupted save keeps the previous checkpoint.
+    with staged_output_dir(ckpt, "finetune-checkpoint", overwrite=True) as tmp:
+        params = dict(model.named_parameters())
+        save_file({n: params[n].detach().contiguous() for n in names}, str(tmp / "trainable.safetensors"))
+        moments = {}
+        steps = {}
+        opt_state = opt.state_dict()["state"]
+        for idx, st in opt_state.items():
+            moments[f"{idx}.exp_avg"] = st["exp_avg"].contiguous()
+            moments[f"{idx}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+            steps[str(idx)] = float(st["step"])
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "optimizer_steps": steps, "trainable": names}, indent=1))
 
 
 def _load_checkpoint(ckpt: Path, model, names: List[str], opt: torch.optim.Optimizer) -> dict:
-    state = json.loads((ckpt / "state.json").read_text())
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        saved = load_file(str(ckpt / "trainable.safetensors"))
+        moments = load_file(str(ckpt / "optimizer.safetensors"))
+    except Exception as e:  # missing files, bad JSON, safetensors' own error class
+        raise ValueError(f"cannot resume from checkpoint {str(ckpt)!r} ({e}); delete it to start afresh") from None
     if state.get("trainable") != names:
         raise ValueError(f"checkpoint {str(ckpt)!r} trained other parameters; use the same --train or delete it")
-    saved = load_file(str(ckpt / "trainable.safetensors"))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n in names:
             params[n].copy_(saved[n])
-    moments = load_file(str(ckpt / "optimizer.safetensors"))
     sd = opt.state_dict()
     sd["state"] = {int(i): {"step": torch.tensor(s), "exp_avg": moments[f"{i}.exp_avg"],
                             "exp_avg_sq": moments[f"{i}.exp_avg_sq"]}
                    for i, s in state["optimizer_steps"].items()}
     opt.load_state_dict(sd)
+    if not is_our_output(ckpt):
+        write_marker(ckpt, "finetune-checkpoint")  # written before markers existed; it loaded, so it is ours
     return state
 
 
@@ -135,18 +154,21 @@ def finetune(model_dir: Union[str, Path], corpus: Sequence[Union[str, Path]], ou
     """Fine-tune the patched model in `model_dir` on `corpus`; write the result to `out`."""
     from transformers import AutoModelForCausalLM
 
-    model_dir, out = Path(model_dir), Path(out)
+    model_dir = Path(model_dir)
+    inputs = [model_dir, *corpus, *(eval_corpus or [])]
+    out = check_output_dir(out, overwrite, inputs)
     if not model_dir.is_dir():
         raise ValueError(f"model directory {str(model_dir)!r} does not exist")
     if not is_patch_tokenizer_dir(model_dir):
         raise ValueError(f"{str(model_dir)!r} is not a patched model directory (run patch-model first)")
-    if out.exists() and not overwrite:
-        raise ValueError(f"output directory {str(out)!r} already exists (pass --overwrite to replace it)")
+    ckpt = out.with_name(out.name + ".checkpoint")
+    if ckpt.exists() and not is_our_output(ckpt) and not (ckpt / "state.json").is_file():
+        raise ValueError(f"{str(ckpt)!r} (where the checkpoint goes) exists and is not an adaptivocab checkpoint")
+    texts = read_corpus(corpus)
+    eval_text = heldout_sample(read_corpus(eval_corpus, "eval corpus file"), cfg.eval_bytes) if eval_corpus else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tok = PatchTokenizer.from_pretrained(model_dir)
-    texts = read_corpus(corpus)
-    eval_text = heldout_sample(read_corpus(eval_corpus), cfg.eval_bytes) if eval_corpus else None
     blocks = corpus_blocks(tok, texts, cfg.seq_len)
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, tie_word_embeddings=False)
@@ -157,7 +179,6 @@ def finetune(model_dir: Union[str, Path], corpus: Sequence[Union[str, Path]], ou
     total_steps = max(1, cfg.max_tokens // tokens_per_step)
     order = np.random.default_rng(cfg.seed).permutation(len(blocks))
 
-    ckpt = out.with_name(out.name + ".checkpoint")
     state = {"step": 0, "tokens_seen": 0, "minutes": 0.0, "curve": [], "config": asdict(cfg),
              "trainable_params": int(sum(p.numel() for p in params)), "corpus_tokens": int(blocks.size)}
     if ckpt.is_dir():
@@ -213,6 +234,7 @@ def finetune(model_dir: Union[str, Path], corpus: Sequence[Union[str, Path]], ou
     config["tie_word_embeddings"] = False
     config.setdefault("adaptivocab", {})["finetune"] = {k: state[k] for k in ("step", "tokens_seen", "minutes")}
     weights = {k: v.detach() for k, v in model.state_dict().items()}
-    result = write_model_dir(out, model_dir, config, weights, tok, overwrite=True)
-    (result / "finetune_log.json").write_text(json.dumps(state, indent=1))
-    return result
+    with staged_output_dir(out, "finetune", overwrite, inputs) as tmp:
+        write_model_files(tmp, model_dir, config, weights, tok)
+        (tmp / "finetune_log.json").write_text(json.dumps(state, indent=1))
+    return out

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple, Union
 
@@ -27,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adaptivocab.base_model import resolve_model_dir
-from adaptivocab.patch_tokenizer import PATCH_TOKENIZER_FILE, PatchTokenizer, check_same_base
+from adaptivocab.outdir import MARKER, check_output_dir, staged_output_dir
+from adaptivocab.patch_tokenizer import PATCH_TOKENIZER_FILE, PatchTokenizer, check_same_base, read_json_file
 
 INIT_METHODS = ("exp", "mean", "first", "last")
 EMBED_KEY = "model.embed_tokens.weight"
@@ -72,50 +72,48 @@ def load_state_dict(model_dir: Path) -> Dict[str, torch.Tensor]:
         raise ValueError(f"model directory {str(model_dir)!r} has no .safetensors weights")
     state: Dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error class for corrupt files
+            raise ValueError(f"cannot read weights {str(f)!r}: {e}") from None
     return state
 
 
-def write_model_dir(out: Union[str, Path], source_dir: Path, config: dict, state: Dict[str, torch.Tensor],
-                    tokenizer: PatchTokenizer, overwrite: bool = False) -> Path:
-    """Write an HF-style directory into a temporary sibling, then rename it to `out`."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"output directory {str(out)!r} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model directory
-    try:
-        for f in source_dir.iterdir():
-            # Tokenizer files and generation config travel with the model; weights are rewritten.
-            if f.is_file() and f.name not in _WEIGHT_FILES and f.name != "config.json" and f.suffix != ".safetensors" \
-                    and f.name != PATCH_TOKENIZER_FILE:
-                shutil.copy2(f, tmp / f.name)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "model.safetensors").chmod(0o644)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+def write_model_files(directory: Path, source_dir: Path, config: dict, state: Dict[str, torch.Tensor],
+                      tokenizer: PatchTokenizer) -> None:
+    """Write an HF-style model (config, safetensors, tokenizer files, patch tokenizer) into `directory`."""
+    for f in source_dir.iterdir():
+        # Tokenizer files and generation config travel with the model; weights are rewritten.
+        if f.is_file() and f.name not in _WEIGHT_FILES and f.name not in ("config.json", PATCH_TOKENIZER_FILE, MARKER) \
+                and f.suffix != ".safetensors":
+            shutil.copy2(f, directory / f.name)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    (directory / "model.safetensors").chmod(0o644)
+    tokenizer.save_pretrained(directory)
 
 
 def patch_model(model: Union[str, Path], patch_tokenizer: Union[str, Path, PatchTokenizer], out: Union[str, Path],
                 init: str = "exp", overwrite: bool = False) -> Path:
-    """Write a patched copy of `model` whose n-token rows are initialised by `init`."""
+    """Write a patched copy of `model` whose n-token rows are initialised by `init`.
+
+    `out` is written into a temporary sibling and renamed into place; an existing `out`
+    is an error unless `overwrite` and it is an earlier adaptivocab output.
+    """
     if init not in INIT_METHODS:
         raise ValueError(f"unknown init method {init!r}; choose one of {', '.join(INIT_METHODS)}")
+    inputs = [] if isinstance(patch_tokenizer, PatchTokenizer) else [patch_tokenizer]
+    check_output_dir(out, overwrite, inputs + [model])  # before resolving: that may convert a GGUF file
     model_dir = resolve_model_dir(model)
+    inputs.append(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"model directory {str(model_dir)!r} has no config.json")
     tok = patch_tokenizer if isinstance(patch_tokenizer, PatchTokenizer) else PatchTokenizer.from_pretrained(patch_tokenizer)
     if not (model_dir / "tokenizer.json").is_file():
         raise ValueError(f"model directory {str(model_dir)!r} has no tokenizer.json to check the patch tokenizer against")
     check_same_base(tok.fingerprint, model_dir / "tokenizer.json", what="the patch tokenizer")
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_json_file(model_dir / "config.json", "model config")
     state = load_state_dict(model_dir)
     if EMBED_KEY not in state:
         raise ValueError(f"model in {str(model_dir)!r} has no {EMBED_KEY} (only Llama-style models are supported)")
@@ -128,4 +126,6 @@ def patch_model(model: Union[str, Path], patch_tokenizer: Union[str, Path, Patch
     state[LM_HEAD_KEY] = new_head
     config["tie_word_embeddings"] = bool(torch.equal(new_embed, new_head))
     config["adaptivocab"] = {"init": init, "num_ngrams": len(tok.ngrams), "base_model": str(model_dir)}
-    return write_model_dir(out, model_dir, config, state, tok, overwrite)
+    with staged_output_dir(out, "patch-model", overwrite, inputs) as tmp:
+        write_model_files(tmp, model_dir, config, state, tok)
+    return Path(out)

@@ -102,12 +102,14 @@ class PatchTokenizer:
         (the byte alphabet) are never removed, and the components of chosen n-grams are used
         by the corpus, so they are never removed either.
         """
-        hf = _as_hf_tokenizer(base_tokenizer)
         if num_new_tokens < 1:
             raise ValueError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
         if max_ngram < 2:
             raise ValueError(f"max_ngram must be >= 2, got {max_ngram}")
-        texts = read_corpus(corpus_files)
+        if min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {min_count}")
+        texts = read_corpus(corpus_files)  # first: a bad file is reported before any slow step
+        hf = _as_hf_tokenizer(base_tokenizer)
         base_json = hf.backend_tokenizer.to_str()
         probe = cls(base_json, _base_config(hf), {})
         pieces = split_documents(texts)
@@ -124,6 +126,10 @@ class PatchTokenizer:
         candidates = [count_ngrams(ids, n, min_count)
                       for n in tqdm(range(2, max_ngram + 1), desc="counting n-grams", disable=not show_progress)]
         chosen = select_ngrams(ids, candidates, num_new_tokens, min_count, show_progress)
+        if not chosen:
+            raise ValueError(
+                f"no n-gram of 2..{max_ngram} base tokens occurs at least {min_count} times in the corpus "
+                f"({len(ids)} base tokens); use a larger corpus or a lower min_count")
         ngrams = {removable[i]: c.tokens for i, c in enumerate(chosen)}
         info = {"num_requested": num_new_tokens, "num_chosen": len(chosen), "max_ngram": max_ngram,
                 "min_count": min_count, "corpus_bytes": sum(len(t.encode("utf-8")) for t in texts),
@@ -142,20 +148,19 @@ class PatchTokenizer:
         file = path / PATCH_TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise ValueError(f"no {PATCH_TOKENIZER_FILE} in {str(path)!r}")
-        try:
-            obj = json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{str(file)!r} is not a valid patch tokenizer JSON file: {e}") from None
-        if obj.get("format") != FORMAT or obj.get("version") != VERSION:
-            raise ValueError(f"{str(file)!r} is not a {FORMAT} v{VERSION} file")
+        obj = read_json_file(file, "patch tokenizer file")
+        _validate_saved(obj, file)
         base_json = json.dumps(obj["base_tokenizer"], ensure_ascii=False)
         if tokenizer_fingerprint(base_json) != obj["base_fingerprint"]:
             raise ValueError(f"{str(file)!r} is corrupt: its base tokenizer does not match its fingerprint")
         sibling = file.parent / "tokenizer.json"
         if sibling.is_file():
             check_same_base(obj["base_fingerprint"], sibling, what=str(file))
-        ngrams = {int(e["id"]): e["tokens"] for e in obj["ngrams"]}
-        return cls(base_json, obj["base_config"], ngrams, obj.get("build", {}))
+        ngrams = {e["id"]: e["tokens"] for e in obj["ngrams"]}
+        try:
+            return cls(base_json, obj["base_config"], ngrams, obj.get("build", {}))
+        except Exception as e:  # the tokenizers library raises plain Exception for a bad tokenizer.json
+            raise ValueError(f"{str(file)!r} is not a valid patch tokenizer: {e}") from None
 
     def save_pretrained(self, directory: Union[str, Path]) -> List[str]:
         """Write patch_tokenizer.json into `directory` (created if missing); JSON only."""
@@ -408,9 +413,56 @@ class PatchTokenizer:
             raise ValueError("the n-gram table holds the same n-gram twice")
 
 
+def read_json_file(path: Union[str, Path], what: str):
+    """Parsed JSON of `path`; unreadable, non-UTF-8 or malformed files raise ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _validate_saved(obj, file: Path) -> None:
+    """Raise ValueError unless `obj` has the shape `save_pretrained` writes.
+
+    Only types and structure; id ranges and n-gram rules are checked by the constructor.
+    """
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{str(file)!r} is not a valid patch tokenizer file: {what}")
+
+    need(isinstance(obj, dict), f"expected a JSON object, got {type(obj).__name__}")
+    need(obj.get("format") == FORMAT and obj.get("version") == VERSION,
+         f'"format" and "version" must be {FORMAT!r} and {VERSION}')
+    need(isinstance(obj.get("base_fingerprint"), str), '"base_fingerprint" must be a string')
+    cfg = obj.get("base_config")
+    need(isinstance(cfg, dict) and all(v is None or isinstance(v, str) for v in cfg.values()),
+         '"base_config" must be an object of strings')
+    base = obj.get("base_tokenizer")
+    need(isinstance(base, dict) and isinstance(base.get("model"), dict),
+         '"base_tokenizer" must be a tokenizer.json object')
+    ngrams = obj.get("ngrams")
+    need(isinstance(ngrams, list), '"ngrams" must be a list')
+    for i, e in enumerate(ngrams):
+        need(isinstance(e, dict) and _is_int(e.get("id")) and isinstance(e.get("tokens"), list)
+             and all(_is_int(t) for t in e["tokens"]), f'"ngrams"[{i}] must be {{"id": int, "tokens": [int, ...]}}')
+    ids = [e["id"] for e in ngrams]
+    need(len(set(ids)) == len(ids), '"ngrams" gives the same id twice')
+    need(obj.get("removed_ids", sorted(ids)) == sorted(ids), '"removed_ids" does not match the n-gram ids')
+    need(isinstance(obj.get("build", {}), dict), '"build" must be an object')
+
+
 def check_same_base(fingerprint: str, tokenizer_json_path: Path, what: str) -> None:
     """Raise when the tokenizer.json at `tokenizer_json_path` is not the base of `what`."""
-    other = tokenizer_fingerprint(Path(tokenizer_json_path).read_text(encoding="utf-8"))
+    obj = read_json_file(tokenizer_json_path, "tokenizer file")
+    if not isinstance(obj, dict):
+        raise ValueError(f"tokenizer file {str(tokenizer_json_path)!r} is not a tokenizer.json object")
+    other = tokenizer_fingerprint(obj)
     if other != fingerprint:
         raise ValueError(
             f"{what} was built for a different base tokenizer than {str(tokenizer_json_path)!r} "
