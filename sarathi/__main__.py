@@ -40,11 +40,7 @@ def generate_main(argv: Optional[List[str]] = None) -> int:
     ns = p.parse_args(argv)
     try:
         config = EngineConfig.from_cli_args(ns)
-        params = SamplingParams(
-            n=ns.n, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, min_p=ns.min_p,
-            presence_penalty=ns.presence_penalty, frequency_penalty=ns.frequency_penalty,
-            repetition_penalty=ns.repetition_penalty, seed=ns.sample_seed, stop=ns.stop,
-            max_tokens=ns.max_tokens, min_tokens=ns.min_tokens, logprobs=ns.logprobs, ignore_eos=ns.ignore_eos)
+        params = SamplingParams.from_request(vars(ns), seed=ns.sample_seed)
         llm = LLM(**{f: getattr(config, f) for f in config.__dataclass_fields__})
         if ns.chat:
             outs = [llm.chat([{"role": "user", "content": text}], params)[0] for text in ns.prompt]

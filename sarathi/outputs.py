@@ -72,3 +72,4 @@ class RequestOutput:
     outputs: List[CompletionOutput]
     finished: bool
     metrics: Optional[RequestMetrics] = None
+    error: Optional[str] = None   # set when the engine failed this request (it is finished, as aborted)

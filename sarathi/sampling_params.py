@@ -1,10 +1,21 @@
 """Sampling parameters of one request (vLLM's names and meanings)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Union
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 _GREEDY_EPS = 1e-5
+MAX_TEMPERATURE = 100.0          # beyond this every distribution is flat to float precision
+MAX_REPETITION_PENALTY = 100.0
+
+
+class InvalidParam(ValueError):
+    """A request parameter is out of range; `param` names it (the API's `error.param`)."""
+
+    def __init__(self, param: Optional[str], message: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -45,20 +56,46 @@ class SamplingParams:
         elif isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) for s in self.stop):
             self.stop_strs = list(self.stop)
         else:
-            raise ValueError(f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
+            raise InvalidParam("stop", f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.logit_bias:
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError, OverflowError):
+                raise InvalidParam("logit_bias", "logit_bias must map token ids to numbers") from None
         self._verify()
+
+    @classmethod
+    def from_request(cls, values: Mapping[str, Any], **overrides: Any) -> "SamplingParams":
+        """Build from any mapping holding (some of) our field names (an API request body, CLI
+        flags); other keys are ignored, `overrides` win."""
+        names = {f.name for f in fields(cls) if f.init}
+        kwargs = {k: v for k, v in values.items() if k in names and v is not None}
+        kwargs.update(overrides)
+        return cls(**kwargs)
 
     def _verify(self) -> None:
         def bad(name: str, why: str) -> None:
-            raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+            value = repr(getattr(self, name))
+            raise InvalidParam(name, f"{name} {why}, got {value[:80]}")
 
-        if not isinstance(self.n, int) or self.n < 1:
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_float(x) -> bool:  # a finite number: NaN and infinities never pass
+            return is_int(x) or (isinstance(x, float) and math.isfinite(x))
+
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            if not is_float(getattr(self, name)):
+                bad(name, "must be a finite number")
+        for name in ("n", "top_k", "min_tokens"):
+            if not is_int(getattr(self, name)):
+                bad(name, "must be an integer")
+        if self.n < 1:
             bad("n", "must be an integer >= 1")
-        if self.temperature < 0.0:
-            bad("temperature", "must be non-negative")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            bad("temperature", f"must be in [0, {MAX_TEMPERATURE}]")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", "must be in (0, 1]")
         if self.top_k == 0 or self.top_k < -1:
@@ -69,22 +106,26 @@ class SamplingParams:
             bad("presence_penalty", "must be in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             bad("frequency_penalty", "must be in [-2, 2]")
-        if self.repetition_penalty <= 0.0:
-            bad("repetition_penalty", "must be > 0")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            bad("max_tokens", "must be an integer >= 1")
+        if not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            bad("repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY}]")
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 0):
+            bad("max_tokens", "must be an integer >= 0")
         if self.min_tokens < 0:
             bad("min_tokens", "must be >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and self.logprobs < 0:
-            bad("logprobs", "must be >= 0")
-        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
-            bad("prompt_logprobs", "must be >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", "must be an integer")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < 0):
+                bad(name, "must be an integer >= 0")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**64):
+            bad("seed", "must be an integer in [0, 2**64)")
+        if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be non-negative integers")
+        if self.logit_bias and any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
+            bad("logit_bias", "values must be in [-100, 100]")
         if any(s == "" for s in self.stop_strs):
-            raise ValueError("stop strings must not be empty")
+            raise InvalidParam("stop", "stop strings must not be empty")
 
     @property
     def greedy(self) -> bool:
@@ -96,6 +137,6 @@ class SamplingParams:
                 or self.repetition_penalty != 1.0)
 
     def clone(self, **changes) -> "SamplingParams":
-        fields = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "stop_strs"}
-        fields.update(changes)
-        return SamplingParams(**fields)
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        values.update(changes)
+        return SamplingParams(**values)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from sarathi import LLM, SamplingParams
+from sarathi.sampling_params import InvalidParam
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +104,50 @@ def test_top_logprobs_are_sorted_and_include_choice(llm):
 
 @pytest.mark.parametrize("kwargs,field", [
     ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"n": 0}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"stop": 5}, "stop"), ({"top_k": 0}, "top_k"),
+    ({"n": 0}, "n"), ({"max_tokens": -1}, "max_tokens"), ({"stop": 5}, "stop"), ({"top_k": 0}, "top_k"),
     ({"min_p": 2.0}, "min_p"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    # hardening: NaN passes a plain `x < 0` check; infinities and huge integers must be refused too
+    ({"temperature": float("nan")}, "temperature"), ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": 1e300}, "temperature"), ({"top_p": float("nan")}, "top_p"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"), ({"min_p": float("nan")}, "min_p"),
+    ({"presence_penalty": float("nan")}, "presence_penalty"), ({"seed": 2**64}, "seed"), ({"seed": -1}, "seed"),
+    ({"n": 1.5}, "n"), ({"logprobs": -1}, "logprobs"),
+    ({"logit_bias": {"1": float("nan")}}, "logit_bias"), ({"stop_token_ids": [-3]}, "stop_token_ids"),
 ])
 def test_invalid_sampling_values(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(InvalidParam) as err:
         SamplingParams(**kwargs)
+    if field is not None:
+        assert err.value.param == field and field in str(err.value)
+
+
+def test_engine_limits_are_request_errors(llm):
+    """Limits that need the engine (vocabulary, --max-n, --max-logprobs) reject at add_request."""
+    eng = llm.engine
+    vocab = eng.runner.vocab_size
+    for params, field in ((SamplingParams(top_k=2**63), "top_k"), (SamplingParams(top_k=vocab + 1), "top_k"),
+                          (SamplingParams(n=eng.config.max_n + 1), "n"),
+                          (SamplingParams(logprobs=eng.config.max_logprobs + 1), "logprobs"),
+                          (SamplingParams(prompt_logprobs=10**6), "prompt_logprobs"),
+                          (SamplingParams(stop_token_ids=[vocab]), "stop_token_ids"),
+                          (SamplingParams(logit_bias={vocab + 5: 1.0}), "logit_bias")):
+        with pytest.raises(InvalidParam) as err:
+            eng.add_request("bad", "Hello", params)
+        assert err.value.param == field
+    assert not eng.has_unfinished_requests()
+    # top_k equal to the vocabulary is the same as no top-k, and a seed near 2**64 works for n > 1
+    out = llm.generate(["Hello"], SamplingParams(top_k=vocab, seed=2**64 - 1, n=2, max_tokens=3))[0]
+    assert len(out.outputs) == 2
+
+
+def test_max_tokens_zero_scores_the_prompt(llm):
+    """max_tokens=0 with prompt_logprobs: the prompt is scored, nothing is generated (OpenAI echo scoring)."""
+    out = llm.generate(["Hello there, how are you"], SamplingParams(max_tokens=0, prompt_logprobs=1))[0]
+    c = out.outputs[0]
+    assert c.token_ids == [] and c.finish_reason == "length" and out.finished
+    assert len(out.prompt_logprobs) == len(out.prompt_token_ids) and out.prompt_logprobs[1] is not None
+    assert not llm.engine.has_unfinished_requests() and llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
 
 
 def test_bad_requests_leave_others_unharmed(llm):

@@ -109,7 +109,10 @@ class Scheduler:
         tokens and apply token-id stops (EOS, stop ids, max_tokens, max_model_len) by setting
         finish_reason. Freeing is the engine's: it may still find a stop string in the text."""
         for item in out.scheduled:
-            item.seq.num_computed_tokens += item.num_scheduled_tokens
+            seq = item.seq
+            seq.num_computed_tokens += item.num_scheduled_tokens
+            if seq.max_tokens == 0 and seq.num_uncomputed_tokens == 0:
+                seq.finish_reason = "length"  # prompt scoring only: nothing to sample
         for seq, token in sampled:
             seq.output_token_ids.append(token)
             n_out = len(seq.output_token_ids)

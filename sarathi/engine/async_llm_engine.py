@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Dict, List, Optional, Tuple
+from typing import AsyncIterator, Callable, Dict, List, Optional, Tuple
 
 from sarathi.config import EngineConfig
+from sarathi.engine.engine_client import EngineDead, EngineLimits, RequestFailed
 from sarathi.engine.llm_engine import LLMEngine
 from sarathi.outputs import RequestOutput
 from sarathi.sampling_params import SamplingParams
@@ -20,30 +21,30 @@ logger = logging.getLogger("sarathi")
 
 
 class AsyncLLMEngine:
+    """An `EngineClient` over one in-process LLMEngine."""
+
     def __init__(self, config: EngineConfig):
         self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self.model_name = self.engine.model_name
+        self.limits: EngineLimits = self.engine.limits
+        self.errored: Optional[BaseException] = None
+        self.on_dead: List[Callable[[BaseException], None]] = []   # e.g. the server stops itself
         self._streams: Dict[str, asyncio.Queue] = {}
         self._new: List[Tuple[str, Optional[str], SamplingParams, List[int], float]] = []
         self._aborts: List[str] = []
         self._wakeup: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
-        self.errored: Optional[BaseException] = None
-
-    # Pass-throughs the server needs.
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
+        self._stopping = False
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def model_name(self) -> str:
-        return self.engine.model_name
+        return self.limits.max_model_len
 
     def get_stats(self) -> dict:
-        return self.engine.get_stats()
+        stats = self.engine.get_stats()
+        stats["num_waiting_requests"] = stats.get("num_waiting_requests", 0) + len(self._new)
+        return stats
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
@@ -53,12 +54,16 @@ class AsyncLLMEngine:
     async def generate(self, prompt: Optional[str], sampling_params: SamplingParams, request_id: str,
                        prompt_token_ids: Optional[List[int]] = None) -> AsyncIterator[RequestOutput]:
         """Stream cumulative outputs of one request; raises ValueError on bad input before any output."""
-        if self.errored is not None:
-            raise RuntimeError(f"engine loop died: {self.errored!r}")
+        if self.errored is not None or self._stopping:
+            raise EngineDead("the engine is not running (it failed or is shutting down)")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        # Validate now (tokenize, length checks) so bad input fails here, not in the loop.
-        ids = self.engine.encode_prompt(prompt, prompt_token_ids)
+        # Validate now so bad input fails here, not in the loop; tokenising runs off the event loop.
+        if prompt_token_ids is None:
+            ids = await asyncio.to_thread(self.engine.encode_prompt, prompt, None)
+        else:
+            ids = self.engine.encode_prompt(prompt, prompt_token_ids)
+        self.limits.check(sampling_params)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         self._new.append((request_id, prompt, sampling_params, ids, time.monotonic()))
@@ -69,7 +74,11 @@ class AsyncLLMEngine:
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
+                    finished = True
                     raise item
+                if item.error is not None:
+                    finished = True
+                    raise RequestFailed(item.error)
                 yield item
                 if item.finished:
                     finished = True
@@ -87,24 +96,31 @@ class AsyncLLMEngine:
 
     async def _run_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping:
             if not self._new and not self._aborts and not self.engine.has_unfinished_requests():
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            if self._stopping:
+                return
             self._apply_pending()
             try:
                 outputs = await loop.run_in_executor(None, self.engine.step)
-            except BaseException as e:  # a bug in a step must not hang every client
-                logger.exception("engine step failed")
-                self.errored = e
-                for q in self._streams.values():
-                    q.put_nowait(RuntimeError(f"engine step failed: {e!r}"))
-                raise
+            except Exception as e:  # noqa: BLE001 - the engine gave up (repeated step failures)
+                self._die(e)
+                return
             for out in outputs:
                 q = self._streams.get(out.request_id)
                 if q is not None:
                     q.put_nowait(out)
             await asyncio.sleep(0)
+
+    def _die(self, error: BaseException) -> None:
+        logger.error("engine loop stopped: %r", error)
+        self.errored = error
+        for q in self._streams.values():
+            q.put_nowait(EngineDead(f"the engine failed: {type(error).__name__}; the server must restart"))
+        for callback in self.on_dead:
+            callback(error)
 
     def _apply_pending(self) -> None:
         new, self._new = self._new, []
@@ -118,3 +134,14 @@ class AsyncLLMEngine:
         aborts, self._aborts = self._aborts, []
         if aborts:
             self.engine.abort_request(aborts)
+
+    async def shutdown(self) -> None:
+        """Stop the loop, end every open stream with an error, release the KV cache."""
+        self._stopping = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._loop_task is not None:
+            await self._loop_task   # returns after the step in flight (the KV cache is in use until then)
+        for q in self._streams.values():
+            q.put_nowait(EngineDead("the server is shutting down"))
+        self.engine.close()

@@ -14,6 +14,7 @@ from sarathi.config import EngineConfig
 from sarathi.core.kv_manager import KVManager
 from sarathi.core.scheduler import ScheduledSeq, SchedulerOutput, make_scheduler
 from sarathi.core.sequence import Sequence
+from sarathi.engine.engine_client import EngineLimits
 from sarathi.engine.output_processor import OutputProcessor, Request, SeqState
 from sarathi.model_executor.model_loader import resolve_model_dir
 from sarathi.model_executor.model_runner import ModelRunner, RunSeq
@@ -25,8 +26,11 @@ from sarathi.transformers_utils.tokenizer import get_tokenizer
 
 logger = logging.getLogger("sarathi")
 
+# A forward pass that fails this many times in a row means the engine itself is broken.
+MAX_CONSECUTIVE_FAILURES = 3
 
-@dataclass
+
+@dataclass(eq=False)
 class SeqPlan:
     """One scheduled sequence of a step: the runner's input and what to do with its logits."""
 
@@ -56,6 +60,7 @@ class LLMEngine:
         self.tokenizer = get_tokenizer(self.model_dir, config.patch_tokenizer)
         self.runner = ModelRunner(config, self.model_dir)
         self.max_model_len = self.runner.max_model_len
+        self.limits = EngineLimits(self.max_model_len, self.runner.vocab_size, config.max_logprobs, config.max_n)
         num_blocks, block_size, num_slots = self.runner.kv_layout()
         self.kv = KVManager(num_blocks, block_size, min(num_slots, config.max_num_seqs))
         self.scheduler = make_scheduler(config.scheduler, self.kv, config.max_num_seqs, self.max_model_len,
@@ -68,6 +73,7 @@ class LLMEngine:
         self.counters = {"prompt_tokens_total": 0, "requests_finished_total": 0}
         self.outputs = OutputProcessor(self.tokenizer)
         self._pending_outputs: List[RequestOutput] = []
+        self._consecutive_failures = 0
 
     def _eos_ids(self, hf_config: dict) -> set:
         ids = set()
@@ -94,6 +100,10 @@ class LLMEngine:
         self.scheduler.check_prompt(len(prompt_token_ids))
         return prompt_token_ids
 
+    def check_params(self, p: SamplingParams) -> None:
+        """Limits that depend on this engine: vocabulary, --max-logprobs, --max-n."""
+        self.limits.check(p)
+
     def add_request(self, request_id: str, prompt: Optional[str], sampling_params: SamplingParams,
                     prompt_token_ids: Optional[List[int]] = None, arrival_time: Optional[float] = None) -> None:
         """Queue a request. Raises ValueError for bad input; nothing else is affected."""
@@ -103,6 +113,7 @@ class LLMEngine:
             raise ValueError("sampling_params must be a SamplingParams")
         ids = self.encode_prompt(prompt, prompt_token_ids)
         p = sampling_params
+        self.check_params(p)
         room = self.max_model_len - len(ids)
         max_tokens = room if p.max_tokens is None else min(p.max_tokens, room)
         now = arrival_time if arrival_time is not None else time.monotonic()
@@ -112,7 +123,7 @@ class LLMEngine:
         for i in range(p.n):
             gen = None
             if p.seed is not None:
-                gen = torch.Generator(device=self.runner.device).manual_seed(p.seed + i * 1_000_003)
+                gen = torch.Generator(device=self.runner.device).manual_seed((p.seed + i * 1_000_003) % 2**64)
             detok = IncrementalDetokenizer.after_prompt(self.tokenizer, ids, p.skip_special_tokens)
             seq = Sequence(next(self._seq_counter), request_id, i, list(ids), now, max_tokens,
                            stop_token_ids=frozenset(p.stop_token_ids),
@@ -151,7 +162,11 @@ class LLMEngine:
 
     # ---- one step ------------------------------------------------------------
     def step(self) -> List[RequestOutput]:
-        """Schedule and run one batch; return outputs of requests that made progress."""
+        """Schedule and run one batch; return outputs of requests that made progress.
+
+        A failure tied to some requests (their sampling or text processing) fails just those
+        requests; a failed forward pass fails the requests of that batch. The engine carries
+        on, unless forward passes keep failing (MAX_CONSECUTIVE_FAILURES): then it raises."""
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule()
         for slot in sched.freed_slots:
@@ -161,11 +176,25 @@ class LLMEngine:
         if sched.is_empty:
             return outputs
         start = time.monotonic()
-        touched = self._run(sched, start)
+        try:
+            touched = self._run(sched, start)
+            self._consecutive_failures = 0
+        except Exception as e:  # noqa: BLE001 - the forward pass failed: fail this batch, not the engine
+            self._consecutive_failures += 1
+            logger.exception("engine step failed (%d in a row)", self._consecutive_failures)
+            if self._consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                raise
+            touched = []
+            for rid in {item.seq.request_id for item in sched.scheduled}:
+                self.fail_request(rid, f"the model step running this request failed: {type(e).__name__}")
         end = time.monotonic()
         self.step_stats.append(StepStats(end, sched.num_prefill_tokens, sched.num_decode_tokens,
                                          len(sched.scheduled), end - start))
+        outputs.extend(self._pending_outputs)
+        self._pending_outputs = []
         for req in touched:
+            if req.request_id not in self.requests:
+                continue  # failed during this step; its output is already in the list
             outputs.append(self.outputs.make_output(req))
             if req.finished:
                 del self.requests[req.request_id]
@@ -176,15 +205,23 @@ class LLMEngine:
         plan = [self._plan_seq(item, now) for item in sched.scheduled]
         logits = self.runner.execute([p.run for p in plan], len(sched.prefills))
         sampled = self._sample(plan, logits)
-        self.scheduler.postprocess(sched, [(p.seq, res.token_id) for p, res in sampled])
+        self.scheduler.postprocess(sched, [(p.seq, res.token_id) for p, res in sampled.items()])
         now = time.monotonic()
         touched: Dict[str, Request] = {}
-        for p, res in sampled:
-            req = self.requests[p.seq.request_id]
-            self.outputs.process_token(req, p.seq, res, now)
+        for p in plan:
+            res = sampled.get(p)
+            if p.req.request_id not in self.requests or (res is None and p.seq.finish_reason is None):
+                continue
+            try:
+                if res is not None:
+                    self.outputs.process_token(p.req, p.seq, res, now)
+            except Exception as e:  # noqa: BLE001 - e.g. a token the detokenizer cannot handle
+                logger.exception("output processing failed for request %s", p.req.request_id)
+                self.fail_request(p.req.request_id, f"processing this request's output failed: {type(e).__name__}")
+                continue
             if p.seq.finish_reason is not None:
-                self._finish(req, p.seq)
-            touched[req.request_id] = req
+                self._finish(p.req, p.seq)
+            touched[p.req.request_id] = p.req
         return list(touched.values())
 
     def _plan_seq(self, item: ScheduledSeq, now: float) -> "SeqPlan":
@@ -194,7 +231,7 @@ class LLMEngine:
         if req.metrics.first_scheduled_time is None:
             req.metrics.first_scheduled_time = now
         start = seq.num_computed_tokens
-        samples = item.samples
+        samples = item.samples and seq.max_tokens > 0  # max_tokens 0: scoring the prompt only
         want_plp = (req.prompt_logprobs is not None and seq.index == 0 and seq.num_preemptions == 0
                     and start < len(seq.prompt_token_ids) - 1)
         first_row = 0 if want_plp else n - 1
@@ -203,9 +240,9 @@ class LLMEngine:
         run = RunSeq(self.kv.slot(seq.seq_id), seq.token_ids()[start:start + n], start, (first_row, last_row), table)
         return SeqPlan(seq, req, run, samples, want_plp)
 
-    def _sample(self, plan: List["SeqPlan"], logits: torch.Tensor) -> List[Tuple["SeqPlan", SampleResult]]:
+    def _sample(self, plan: List["SeqPlan"], logits: torch.Tensor) -> Dict["SeqPlan", SampleResult]:
         """Prompt logprobs from each sequence's rows, then one token per sampling sequence."""
-        rows: List[SampleRequest] = []
+        rows: List[Tuple[SeqPlan, SampleRequest]] = []
         row_index: List[int] = []
         offset = 0
         for p in plan:
@@ -219,14 +256,32 @@ class LLMEngine:
             offset += count
             if p.samples:
                 seq = p.seq
-                rows.append(SampleRequest(p.req.params, seq.prompt_token_ids, seq.output_token_ids,
-                                          seq.data.generator, tuple(seq.blocked_token_ids)))
+                rows.append((p, SampleRequest(p.req.params, seq.prompt_token_ids, seq.output_token_ids,
+                                              seq.data.generator, tuple(seq.blocked_token_ids))))
                 row_index.append(offset - 1)
         if not rows:
-            return []
+            return {}
         picked = logits if len(row_index) == logits.shape[0] else logits[row_index]
-        results = sample(picked, rows, self.generator)
-        return list(zip([p for p in plan if p.samples], results))
+        try:
+            results = sample(picked, [r for _, r in rows], self.generator)
+            return {p: res for (p, _), res in zip(rows, results)}
+        except Exception:  # noqa: BLE001 - find the rows at fault, fail their requests, keep the rest
+            logger.exception("batched sampling failed; sampling row by row")
+        out: Dict[SeqPlan, SampleResult] = {}
+        for i, (p, r) in enumerate(rows):
+            try:
+                out[p] = sample(picked[i:i + 1], [r], self.generator)[0]
+            except Exception as e:  # noqa: BLE001
+                self.fail_request(p.req.request_id, f"sampling failed for this request: {type(e).__name__}: {e}")
+        return out
+
+    def fail_request(self, request_id: str, message: str) -> None:
+        """End a request with an error that its client sees; the rest of the engine goes on."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        self.abort_request(request_id)
+        self._pending_outputs[-1].error = message
 
     def _finish(self, req: Request, seq: Sequence) -> None:
         self._free(seq)
@@ -235,12 +290,17 @@ class LLMEngine:
             req.metrics.finished_time = time.monotonic()
             self.counters["requests_finished_total"] += 1
 
+    def close(self) -> None:
+        """Release the KV cache now; the engine cannot run afterwards."""
+        self.runner.close()
+
     # ---- stats ---------------------------------------------------------------
     def get_stats(self) -> Dict[str, float]:
         running = len(self.scheduler.running)
         waiting = len(self.scheduler.waiting)
         stats = {
-            "num_running": running, "num_waiting": waiting, "kv_usage": self.kv.usage,
+            "num_running": running, "num_waiting": waiting,
+            "num_waiting_requests": len({s.request_id for s in self.scheduler.waiting}), "kv_usage": self.kv.usage,
             "kv_blocks_total": self.kv.num_blocks, "kv_blocks_free": self.kv.num_free_blocks,
             "kv_block_tokens": self.kv.block_size,
             "kv_bytes_total": self.kv.num_blocks * self.kv.block_size * self.runner.kv_bytes_per_token,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, List, Optional
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -28,11 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sarathi.config import EngineConfig, add_engine_args
 
+from .http_limits import GuardedH11Protocol, RequestLimits
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .serving_chat import OpenAIServingChat, render_messages
 from .serving_completion import OpenAIServingCompletion
-from .serving_engine import APIError, OpenAIServing, bad_request
+from .serving_engine import APIError, OpenAIServing, bad_request, internal_error, short
 
 logger = logging.getLogger("sarathi.entrypoints.openai")
 
@@ -56,7 +57,13 @@ def make_arg_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
                         "(default $SARATHI_API_KEY)")
     g.add_argument("--max-queue-len", type=int, default=None,
-                   help="answer 503 when this many requests already wait for the engine")
+                   help="answer 503 when this many requests (not samples) already wait for the engine")
+    g.add_argument("--max-request-bytes", type=int, default=8 << 20,
+                   help="largest request body accepted; 413 beyond it, before parsing (default: 8 MiB)")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers (default: 10)")
+    g.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may stall before 408 (default: 30)")
     g.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log line")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--access-log", action="store_true", help="also log uvicorn's line per HTTP request")
@@ -76,25 +83,33 @@ class ServerState:
 
     def ready(self) -> OpenAIServing:
         if self.load_error is not None:
-            raise APIError(500, f"model failed to load: {self.load_error}", type="server_error")
+            raise APIError(503, f"model failed to load: {self.load_error}", type="server_unavailable",
+                           code="load_failed")
         if self.serving is None:
             raise APIError(503, "model is still loading; retry when /health answers 200",
                            type="server_unavailable", code="loading")
-        errored = getattr(self.engine, "errored", None)
-        if errored is not None:
-            raise APIError(500, f"the engine loop failed: {errored!r}; restart the server", type="server_error")
+        if getattr(self.engine, "errored", None) is not None:
+            raise APIError(503, "the engine failed and the server is stopping; it must be restarted",
+                           type="server_unavailable", code="engine_dead")
         return self.serving
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
 
 
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+def _validation_error(exc: RequestValidationError, content_type: Optional[str]) -> APIError:
     errors = exc.errors()
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return bad_request(f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(": "))
+    if content_type and "json" not in content_type.lower() and first.get("loc") in (("body",), ["body"]):
+        return bad_request(f"the request body must be JSON (Content-Type: application/json), got "
+                           f"Content-Type {short(content_type, 60)!r}")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = loc[0] if loc else None
     if param == "prompt" and len(errors) > 1:
@@ -124,9 +139,77 @@ async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     return task.result()
 
 
+router = APIRouter()
+
+
+@router.api_route("/health", methods=["GET", "HEAD"])
+async def health(request: Request):
+    _state(request).ready()
+    return Response(status_code=200)
+
+
+@router.get("/version")
+async def get_version():
+    return {"version": version()}
+
+
+@router.get("/metrics")
+async def get_metrics(request: Request):
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state = _state(request)
+    s = state.ready()
+    return {"object": "list", "data": [
+        {"id": name, "object": "model", "created": int(state.started), "owned_by": "sarathi",
+         "root": str(getattr(state.engine, "model_path", name)), "max_model_len": s.max_model_len}
+        for name in s.served_model_names]}
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    state = _state(request)
+    state.ready()
+    return await _respond(request, state.completion.create(req), req.stream)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    state = _state(request)
+    state.ready()
+    return await _respond(request, state.chat.create(req), req.stream)
+
+
+@router.post("/tokenize")
+async def tokenize(req: TokenizeRequest, request: Request):
+    s = _state(request).ready()
+    s.model_name(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise bad_request("give exactly one of prompt or messages", param="prompt")
+    if req.messages is not None:
+        text = await render_messages(s, req.messages, req.add_generation_prompt)
+        ids = await s.encode(text, "messages", add_special_tokens=False)
+    else:
+        ids = await s.encode(req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
+    return {"count": len(ids), "max_model_len": s.max_model_len, "tokens": ids}
+
+
+@router.post("/detokenize")
+async def detokenize(req: DetokenizeRequest, request: Request):
+    s = _state(request).ready()
+    s.model_name(req.model)
+    s.check_token_ids(req.tokens, "tokens")
+    return {"prompt": await asyncio.to_thread(s.tokenizer.decode, req.tokens)}
+
+
 def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], Any]] = None,
-              on_load_failure: Optional[Callable[[], None]] = None) -> FastAPI:
-    """The FastAPI app; the engine is made by `engine_factory` (default AsyncLLMEngine) on a thread."""
+              on_fatal: Optional[Callable[[], None]] = None) -> FastAPI:
+    """The FastAPI app; the engine is made by `engine_factory` (default AsyncLLMEngine) on a thread.
+
+    on_fatal runs when the model fails to load or the engine dies: the server should exit
+    non-zero so that a supervisor restarts it."""
     state = ServerState()
     metrics = ServerMetrics(lambda: state.engine.get_stats() if state.engine is not None else None)
 
@@ -137,19 +220,26 @@ def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], An
             from sarathi.engine.async_llm_engine import AsyncLLMEngine
             return AsyncLLMEngine(config)
 
+    def engine_died(error: BaseException) -> None:
+        logger.error("the engine died (%s); stopping the server", type(error).__name__)
+        if on_fatal is not None:
+            on_fatal()
+
     async def load_engine() -> None:
         t0 = time.perf_counter()
         try:
             engine = await asyncio.to_thread(engine_factory)
             names = [args.served_model_name or engine.model_name]
-            serving = OpenAIServing(engine, names, metrics, max_queue_len=args.max_queue_len,
-                                    log_prompts=args.log_prompts)
+            serving = await asyncio.to_thread(OpenAIServing, engine, names, metrics, args.max_queue_len,
+                                              args.log_prompts)
         except Exception as e:  # noqa: BLE001 - reported on /health and in the log, then we exit
             logger.exception("model failed to load")
             state.load_error = f"{type(e).__name__}: {e}"
-            if on_load_failure is not None:
-                on_load_failure()
+            if on_fatal is not None:
+                on_fatal()
             return
+        if hasattr(engine, "on_dead"):
+            engine.on_dead.append(engine_died)
         state.engine = engine
         state.completion, state.chat = OpenAIServingCompletion(serving), OpenAIServingChat(serving)
         state.serving = serving
@@ -161,14 +251,13 @@ def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], An
         loader = asyncio.create_task(load_engine())
         yield
         loader.cancel()
-        shutdown = getattr(state.engine, "shutdown", None)
-        if shutdown is not None:
-            result = shutdown()
-            if asyncio.iscoroutine(result):
-                await result
+        if state.engine is not None:
+            await state.engine.shutdown()
 
     app = FastAPI(title="sarathi-vattn OpenAI-compatible server", version=version(), lifespan=lifespan)
     app.state.server = state
+    app.state.metrics = metrics
+    app.include_router(router)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -178,7 +267,7 @@ def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], An
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         metrics.rejected.labels("400").inc()
-        return error_response(_validation_error(exc))
+        return error_response(_validation_error(exc, request.headers.get("content-type")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -188,69 +277,22 @@ def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], An
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
         logger.exception("internal error on %s", request.url.path)
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+        return error_response(internal_error())
 
     if args.api_key:
+        expected = args.api_key.encode()
+
         @app.middleware("http")
         async def _auth(request: Request, call_next):
             if request.method != "OPTIONS" and request.url.path not in _OPEN_PATHS:
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {args.api_key}".encode()):
+                scheme, _, token = request.headers.get("authorization", "").partition(" ")
+                # the scheme is case-insensitive (RFC 9110); the key is compared in constant time
+                if not (hmac.compare_digest(token.strip().encode(), expected) and scheme.lower() == "bearer"):
                     return error_response(APIError(401, "invalid or missing API key (send 'Authorization: "
                                                         "Bearer KEY')", code="invalid_api_key"))
             return await call_next(request)
 
-    @app.get("/health")
-    async def health():
-        state.ready()
-        return Response(status_code=200)
-
-    @app.get("/version")
-    async def get_version():
-        return {"version": version()}
-
-    @app.get("/metrics")
-    async def get_metrics():
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def models():
-        s = state.ready()
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": int(state.started), "owned_by": "sarathi",
-             "root": str(getattr(state.engine, "model_path", name)), "max_model_len": s.max_model_len}
-            for name in s.served_model_names]}
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        state.ready()
-        return await _respond(request, state.completion.create(req), req.stream)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
-        state.ready()
-        return await _respond(request, state.chat.create(req), req.stream)
-
-    @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest):
-        s = state.ready()
-        s.model_name(req.model)
-        if (req.prompt is None) == (req.messages is None):
-            raise bad_request("give exactly one of prompt or messages", param="prompt")
-        if req.messages is not None:
-            text = render_messages(s, req.messages, req.add_generation_prompt)
-            ids = s.tokenizer.encode(text, add_special_tokens=False)
-        else:
-            ids = s.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        return {"count": len(ids), "max_model_len": s.max_model_len, "tokens": ids}
-
-    @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest):
-        s = state.ready()
-        s.model_name(req.model)
-        s.check_token_ids(req.tokens, "tokens")
-        return {"prompt": s.tokenizer.decode(req.tokens)}
-
+    app.add_middleware(RequestLimits, max_bytes=args.max_request_bytes, body_timeout=args.body_timeout)
     return app
 
 
@@ -264,7 +306,7 @@ async def _respond(request: Request, created: Awaitable[Any], stream: bool):
 
 
 def run_server(args: argparse.Namespace) -> int:
-    """Serve until interrupted; returns the process exit status."""
+    """Serve until interrupted; returns the process exit status (1 if the engine failed)."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     failed: List[bool] = []
     server: Optional[uvicorn.Server] = None
@@ -274,9 +316,11 @@ def run_server(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = build_app(args, on_load_failure=stop_on_failure)
+    app = build_app(args, on_fatal=stop_on_failure)
+    GuardedH11Protocol.header_timeout = args.header_timeout
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           access_log=args.access_log, timeout_keep_alive=30))
+                                           access_log=args.access_log, timeout_keep_alive=30,
+                                           http=GuardedH11Protocol))
     logger.info("sarathi %s serving on http://%s:%d (model loading in the background)", version(),
                 args.host, args.port)
     server.run()
@@ -292,6 +336,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.max_queue_len is not None and args.max_queue_len < 1:
         parser.error(f"--max-queue-len must be >= 1, got {args.max_queue_len}")
+    for name in ("max_request_bytes", "header_timeout", "body_timeout"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     try:

@@ -29,7 +29,7 @@ class _EngineStatsCollector:
     def collect(self):
         stats = self.get_stats() or {}
         gauges = [("num_requests_running", "Requests in the running batch", "num_running"),
-                  ("num_requests_waiting", "Requests waiting to be scheduled", "num_waiting"),
+                  ("num_requests_waiting", "Requests waiting to be scheduled (not yet running)", "num_waiting_requests"),
                   ("kv_cache_usage_perc", "Fraction of the KV cache in use (0..1)", "kv_usage"),
                   ("kv_cache_bytes_total", "Physical KV cache bytes (the budget)", "kv_bytes_total"),
                   ("kv_cache_bytes_used", "Physical KV cache bytes held by requests", "kv_bytes_used")]

@@ -1,7 +1,7 @@
 """POST /v1/chat/completions: messages rendered with the model's chat template -> chat.completion."""
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 from typing import AsyncIterator, Dict, List, Optional, Union
 
@@ -10,11 +10,13 @@ from sarathi.outputs import RequestOutput
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatResponseMessage, ChatTokenLogprob,
                        DeltaMessage, TopLogprob)
-from .serving_engine import APIError, OpenAIServing, bad_request, random_id, stop_reason, usage_of
+from .serving_engine import (ChoiceCursor, OpenAIServing, bad_request, check_text, random_id, sse, stop_reason,
+                             usage_of)
 
 
-def render_messages(serving: OpenAIServing, messages: List[ChatMessage], add_generation_prompt: bool = True) -> str:
-    """Messages -> prompt text through the tokenizer's chat template (text parts only)."""
+async def render_messages(serving: OpenAIServing, messages: List[ChatMessage],
+                          add_generation_prompt: bool = True) -> str:
+    """Messages -> prompt text through the tokenizer's chat template (text parts only), off the event loop."""
     if not messages:
         raise bad_request("messages must contain at least one message", param="messages")
     plain = []
@@ -27,10 +29,10 @@ def render_messages(serving: OpenAIServing, messages: List[ChatMessage], add_gen
                     raise bad_request(f"messages[{k}].content: only text parts are supported", param="messages")
                 parts.append(part["text"])
             content = "".join(parts)
-        plain.append({"role": m.role, "content": content or ""})
+        plain.append({"role": check_text(m.role, "messages"), "content": check_text(content or "", "messages")})
     try:
-        return serving.tokenizer.apply_chat_template(plain, tokenize=False,
-                                                     add_generation_prompt=add_generation_prompt)
+        return await asyncio.to_thread(serving.tokenizer.apply_chat_template, plain, tokenize=False,
+                                       add_generation_prompt=add_generation_prompt)
     except Exception as e:  # noqa: BLE001 - template errors (bad roles, no template) are the client's to fix
         raise bad_request(f"messages could not be rendered with the chat template: {e}", param="messages") from None
 
@@ -48,19 +50,23 @@ class OpenAIServingChat:
             raise bad_request("only response_format type 'text' is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
-        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
-            raise bad_request(f"top_logprobs must be between 0 and 20, got {req.top_logprobs}", param="top_logprobs")
-        prompt = render_messages(s, req.messages, req.add_generation_prompt)
-        # the template already holds the special tokens (BOS / role markers)
-        ids = s.tokenizer.encode(prompt, add_special_tokens=False)
+        top = s.limits.max_logprobs
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= top:
+            raise bad_request(f"top_logprobs must be between 0 and {top}, got {req.top_logprobs}", param="top_logprobs")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is not None and max_tokens < 1:
+            raise bad_request(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         s.check_capacity()
-        max_tokens = s.check_length(len(ids), req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens, "messages")
+        prompt = await render_messages(s, req.messages, req.add_generation_prompt)
+        # the template already holds the special tokens (BOS / role markers)
+        ids = await s.encode(prompt, "messages", add_special_tokens=False)
+        max_tokens = s.check_length(len(ids), max_tokens, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = s.sampling_params(req, max_tokens, logprobs)
         request_id = random_id("chatcmpl")
         stream = s.generate(prompt, ids, params, request_id)
         if req.stream:
-            return self._stream(req, model, request_id, stream)
+            return sse(self._stream(req, model, request_id, stream))
         final = None
         async for out in stream:
             final = out
@@ -87,38 +93,29 @@ class OpenAIServingChat:
     async def _stream(self, req: ChatCompletionRequest, model: str, request_id: str,
                       stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
         created = int(time.time())
-        sent: Dict[int, List[int]] = {}   # choice index -> [text chars, tokens, done]
+        cursors: Dict[int, ChoiceCursor] = {}
         final: Optional[RequestOutput] = None
 
         def chunk(choice: ChatChunkChoice) -> str:
             body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice])
             return f"data: {body.model_dump_json(exclude={'usage'}, exclude_none=False)}\n\n"
 
-        try:
-            async for out in stream:
-                if out.finished:
-                    final = out
-                for c in out.outputs:
-                    state = sent.get(c.index)
-                    if state is None:
-                        state = sent[c.index] = [0, 0, 0]
-                        yield chunk(ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content="")))
-                    if state[2]:
-                        continue
-                    delta, new_ids = c.text[state[0]:], c.token_ids[state[1]:]
-                    if not delta and not new_ids and c.finish_reason is None:
-                        continue
-                    lp = None
-                    if req.logprobs:
-                        lp = self._logprobs(new_ids, (c.logprobs or [])[state[1]:], req)
-                    state[0], state[1], state[2] = len(c.text), len(c.token_ids), int(c.finish_reason is not None)
-                    yield chunk(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=delta), logprobs=lp,
-                                                finish_reason=c.finish_reason, stop_reason=stop_reason(c)))
-            if req.stream_options is not None and req.stream_options.include_usage:
-                body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
-                                           usage=usage_of([final]))
-                yield f"data: {body.model_dump_json()}\n\n"
-        except APIError as e:
-            yield f"data: {json.dumps(e.body())}\n\n"
-        yield "data: [DONE]\n\n"
-
+        async for out in stream:
+            if out.finished:
+                final = out
+            for c in out.outputs:
+                cursor = cursors.get(c.index)
+                if cursor is None:
+                    cursor = cursors[c.index] = ChoiceCursor()
+                    yield chunk(ChatChunkChoice(index=c.index, delta=DeltaMessage(role="assistant", content="")))
+                new = cursor.advance(c)
+                if new is None:
+                    continue
+                delta, new_ids, first = new
+                lp = self._logprobs(new_ids, (c.logprobs or [])[first:], req) if req.logprobs else None
+                yield chunk(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=delta), logprobs=lp,
+                                            finish_reason=c.finish_reason, stop_reason=stop_reason(c)))
+        if req.stream_options is not None and req.stream_options.include_usage:
+            body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
+                                       usage=usage_of([final]))
+            yield f"data: {body.model_dump_json()}\n\n"

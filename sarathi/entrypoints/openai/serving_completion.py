@@ -1,14 +1,14 @@
 """POST /v1/completions: prompts (text, token ids, or lists of either) -> text_completion."""
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple, Union
 
 from sarathi.outputs import CompletionOutput, PromptLogprobs, RequestOutput, SampleLogprobs
 
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from .serving_engine import APIError, OpenAIServing, bad_request, random_id, stop_reason, usage_of
+from .serving_engine import ChoiceCursor, OpenAIServing, bad_request, random_id, sse, stop_reason, usage_of
 
 Prompt = Tuple[str, List[int]]  # (text, token ids)
 
@@ -17,7 +17,7 @@ class OpenAIServingCompletion:
     def __init__(self, serving: OpenAIServing):
         self.serving = serving
 
-    def parse_prompts(self, prompt) -> List[Prompt]:
+    async def parse_prompts(self, prompt) -> List[Prompt]:
         """A string, a list of strings, a list of token ids, or a list of token-id lists."""
         s = self.serving
         if isinstance(prompt, str):
@@ -31,11 +31,11 @@ class OpenAIServingCompletion:
         prompts = []
         for item in items:
             if isinstance(item, str):
-                prompts.append((item, s.tokenizer.encode(item, add_special_tokens=True)))
+                prompts.append((item, await s.encode(item, "prompt")))
             else:
                 ids = list(item)
                 s.check_token_ids(ids, "prompt")
-                prompts.append((s.tokenizer.decode(ids), ids))
+                prompts.append((await asyncio.to_thread(s.tokenizer.decode, ids), ids))
         return prompts
 
     async def create(self, req: CompletionRequest) -> Union[CompletionResponse, AsyncIterator[str]]:
@@ -45,8 +45,11 @@ class OpenAIServingCompletion:
             raise bad_request("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request("best_of is not supported (only best_of == n)", param="best_of")
-        prompts = self.parse_prompts(req.prompt)
+        if req.max_tokens == 0 and not req.echo:
+            raise bad_request("max_tokens must be at least 1 (0 is for scoring a prompt with echo)",
+                              param="max_tokens")
         s.check_capacity()
+        prompts = await self.parse_prompts(req.prompt)
         want_prompt_logprobs = req.echo and req.logprobs is not None
         params = []
         for _, ids in prompts:
@@ -58,7 +61,7 @@ class OpenAIServingCompletion:
                    for i, ((text, ids), p) in enumerate(zip(prompts, params))]
         merged = s.merge(streams)
         if req.stream:
-            return self._stream(req, model, request_id, prompts, merged)
+            return sse(self._stream(req, model, request_id, prompts, merged))
         finals: List[Optional[RequestOutput]] = [None] * len(prompts)
         async for i, out in merged:
             finals[i] = out
@@ -74,10 +77,10 @@ class OpenAIServingCompletion:
         logprobs = None
         if req.logprobs is not None:
             logprobs = CompletionLogprobs()
+            offset = 0
             if req.echo:
-                self._add_logprobs(logprobs, out.prompt_token_ids, out.prompt_logprobs, req.logprobs, 0)
-            self._add_logprobs(logprobs, c.token_ids, c.logprobs, req.logprobs,
-                               _next_offset(logprobs, 0))
+                offset = self._add_logprobs(logprobs, out.prompt_token_ids, out.prompt_logprobs, req.logprobs, 0)
+            self._add_logprobs(logprobs, c.token_ids, c.logprobs, req.logprobs, offset)
         return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=c.finish_reason,
                                 stop_reason=stop_reason(c))
 
@@ -106,57 +109,47 @@ class OpenAIServingCompletion:
     async def _stream(self, req: CompletionRequest, model: str, request_id: str, prompts: List[Prompt],
                       merged: AsyncIterator[Tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         created = int(time.time())
-        sent: Dict[Tuple[int, int], List[int]] = {}   # choice -> [text chars, tokens, text offset, done]
+        cursors: Dict[Tuple[int, int], ChoiceCursor] = {}
         finals: Dict[int, RequestOutput] = {}
 
         def chunk(choice: CompletionChoice) -> str:
             body = CompletionResponse(id=request_id, created=created, model=model, choices=[choice])
             return f"data: {body.model_dump_json(exclude={'usage'})}\n\n"
 
-        try:
-            async for i, out in merged:
-                if out.finished:
-                    finals[i] = out
-                for c in out.outputs:
-                    index = i * req.n + c.index
-                    state = sent.get((i, c.index))
-                    if state is None:
-                        state = sent[(i, c.index)] = [0, 0, 0, 0]
-                        if req.echo:
-                            lp = None
-                            if req.logprobs is not None:
-                                lp = CompletionLogprobs()
-                                state[2] = self._add_logprobs(lp, out.prompt_token_ids, out.prompt_logprobs,
-                                                              req.logprobs, 0)
-                            else:
-                                state[2] = len(prompts[i][0])
-                            yield chunk(CompletionChoice(index=index, text=prompts[i][0], logprobs=lp))
-                    if state[3]:
-                        continue
-                    delta, new_ids = c.text[state[0]:], c.token_ids[state[1]:]
-                    if not delta and not new_ids and c.finish_reason is None:
-                        continue
-                    lp = None
-                    if req.logprobs is not None:
-                        lp = CompletionLogprobs()
-                        steps = (c.logprobs or [])[state[1]:]
-                        self._add_logprobs(lp, new_ids, steps or None, req.logprobs, state[2])
-                    state[0], state[1] = len(c.text), len(c.token_ids)
-                    state[2] += len(delta)
-                    state[3] = int(c.finish_reason is not None)
-                    yield chunk(CompletionChoice(index=index, text=delta, logprobs=lp,
-                                                 finish_reason=c.finish_reason, stop_reason=stop_reason(c)))
-            if req.stream_options is not None and req.stream_options.include_usage:
-                usage = usage_of([finals.get(i) for i in range(len(prompts))])
-                body = CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=usage)
-                yield f"data: {body.model_dump_json()}\n\n"
-        except APIError as e:
-            yield f"data: {json.dumps(e.body())}\n\n"
-        yield "data: [DONE]\n\n"
+        async for i, out in merged:
+            if out.finished:
+                finals[i] = out
+            for c in out.outputs:
+                index = i * req.n + c.index
+                cursor = cursors.get((i, c.index))
+                if cursor is None:
+                    cursor = cursors[(i, c.index)] = ChoiceCursor()
+                    if req.echo:
+                        yield chunk(self._echo_choice(req, index, prompts[i][0], out, cursor))
+                new = cursor.advance(c)
+                if new is None:
+                    continue
+                delta, new_ids, first = new
+                lp = None
+                if req.logprobs is not None:
+                    lp = CompletionLogprobs()
+                    self._add_logprobs(lp, new_ids, (c.logprobs or [])[first:] or None, req.logprobs,
+                                       cursor.text_offset)
+                cursor.text_offset += len(delta)
+                yield chunk(CompletionChoice(index=index, text=delta, logprobs=lp, finish_reason=c.finish_reason,
+                                             stop_reason=stop_reason(c)))
+        if req.stream_options is not None and req.stream_options.include_usage:
+            usage = usage_of([finals.get(i) for i in range(len(prompts))])
+            body = CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=usage)
+            yield f"data: {body.model_dump_json()}\n\n"
 
-
-def _next_offset(lp: CompletionLogprobs, default: int) -> int:
-    if not lp.tokens:
-        return default
-    return lp.text_offset[-1] + len(lp.tokens[-1])
-
+    def _echo_choice(self, req: CompletionRequest, index: int, prompt_text: str, out: RequestOutput,
+                     cursor: ChoiceCursor) -> CompletionChoice:
+        """The first chunk of an echo stream: the prompt (with its logprobs when asked for)."""
+        lp = None
+        if req.logprobs is not None:
+            lp = CompletionLogprobs()
+            cursor.text_offset = self._add_logprobs(lp, out.prompt_token_ids, out.prompt_logprobs, req.logprobs, 0)
+        else:
+            cursor.text_offset = len(prompt_text)
+        return CompletionChoice(index=index, text=prompt_text, logprobs=lp)

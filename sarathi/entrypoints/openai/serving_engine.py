@@ -5,24 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
-import re
 import uuid
-from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple
 
+from sarathi.engine.engine_client import EngineDead, RequestFailed
 from sarathi.outputs import CompletionOutput, Logprob, RequestOutput
-from sarathi.sampling_params import SamplingParams
+from sarathi.sampling_params import InvalidParam, SamplingParams
 
 from .metrics import ServerMetrics
 from .protocol import SamplingFields, UsageInfo
 
 logger = logging.getLogger("sarathi.entrypoints.openai")
 
-# SamplingParams names the offending field first in its ValueError; map it back to the API field.
-_PARAM_OF_MESSAGE = re.compile(r"^\s*([a-z_]+)")
-_API_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-               "repetition_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "max_tokens",
-               "min_tokens", "logprobs", "prompt_logprobs"}
+# Fields of SamplingFields that are not sampling parameters (or are set by the endpoint).
+_NOT_SAMPLING = {"model", "stream", "stream_options", "user", "logit_bias", "max_tokens", "logprobs"}
 
 
 class APIError(Exception):
@@ -45,6 +44,21 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def short(value: object, limit: int = 80) -> str:
+    """A client-supplied value, cut so that an error message never echoes megabytes."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+def check_text(text: str, param: str) -> str:
+    """Text must be valid Unicode: a lone surrogate (\\ud800 in JSON) cannot be encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(f"{param} contains invalid Unicode (a lone surrogate)", param=param) from None
+    return text
+
+
 def stop_reason(c: CompletionOutput) -> Optional[object]:
     """vLLM's extra field: the stop string or stop token id that ended the choice."""
     return c.stop_reason if isinstance(c.stop_reason, (int, str)) else None
@@ -65,11 +79,16 @@ class OpenAIServing:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.served_model_names = list(served_model_names)
-        self.max_model_len = int(engine.max_model_len)
+        self.limits = engine.limits
+        self.max_model_len = int(engine.limits.max_model_len)
         self.metrics = metrics
         self.max_queue_len = max_queue_len
         self.log_prompts = log_prompts
         self.vocab_size = len(self.tokenizer)
+        # Longest text one token stands for: a text of more than max_model_len times this many
+        # characters cannot fit the context, whatever its tokens, so it is refused untokenised.
+        self.max_token_chars = max(len(t) for t in self.tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
+                                   if isinstance(t, str))
         self._background: set = set()   # abort tasks, kept alive until they run
         self._special_ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
         # byte-level BPE (GPT-2 alphabet) spells a space as "Ġ"; its tokens map back to exact bytes
@@ -81,13 +100,13 @@ class OpenAIServing:
     def model_name(self, requested: Optional[str]) -> str:
         if requested is None or requested in self.served_model_names:
             return requested or self.served_model_names[0]
-        raise APIError(404, f"The model `{requested}` does not exist; this server serves "
+        raise APIError(404, f"The model `{short(requested)}` does not exist; this server serves "
                             f"{self.served_model_names}.", param="model", code="model_not_found")
 
     def check_capacity(self) -> None:
         if self.max_queue_len is None:
             return
-        waiting = int((self.engine.get_stats() or {}).get("num_waiting", 0))
+        waiting = int((self.engine.get_stats() or {}).get("num_waiting_requests", 0))
         if waiting >= self.max_queue_len:
             raise APIError(503, f"server overloaded: {waiting} requests already waiting "
                                 f"(--max-queue-len {self.max_queue_len}); retry later",
@@ -119,42 +138,40 @@ class OpenAIServing:
                 param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
+    async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> List[int]:
+        """Tokenise on a worker thread (never on the event loop), after cheap size checks."""
+        check_text(text, param)
+        if len(text) > self.max_model_len * self.max_token_chars:
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens; the {param} "
+                              f"has {len(text)} characters, far more than that.", param=param,
+                              code="context_length_exceeded")
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
     def sampling_params(self, req: SamplingFields, max_tokens: Optional[int], logprobs: Optional[int],
                         prompt_logprobs: Optional[int] = None) -> SamplingParams:
+        """SamplingParams from the request body, checked against this engine's limits."""
         if req.model_extra:
-            logger.warning("ignoring unknown request fields: %s", sorted(req.model_extra))
+            logger.warning("ignoring unknown request fields: %s", sorted(req.model_extra)[:20])
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
         logit_bias = None
         if req.logit_bias:
-            logit_bias = {}
-            for key, bias in req.logit_bias.items():
-                try:
-                    tid = int(key)
-                except ValueError:
-                    raise bad_request(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
-                self.check_token_ids([tid], "logit_bias")
-                if not -100.0 <= bias <= 100.0:
-                    raise bad_request(f"logit_bias values must be in [-100, 100], got {bias}", param="logit_bias")
-                logit_bias[tid] = bias
-        if req.stop_token_ids:
-            self.check_token_ids(req.stop_token_ids, "stop_token_ids")
-        if logprobs is not None and not 0 <= logprobs <= 20:
-            raise bad_request(f"logprobs must be between 0 and 20, got {logprobs}", param="logprobs")
+            try:
+                logit_bias = {int(key): bias for key, bias in req.logit_bias.items()}
+            except (ValueError, OverflowError):
+                raise bad_request("logit_bias keys must be token ids", param="logit_bias") from None
+        for stop in ([req.stop] if isinstance(req.stop, str) else req.stop or []):
+            check_text(stop, "stop")
+        fields = {k: v for k, v in req.model_dump(exclude=_NOT_SAMPLING).items() if k not in req.model_extra}
         try:
-            return SamplingParams(
-                n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                repetition_penalty=req.repetition_penalty, logit_bias=logit_bias, seed=req.seed,
-                stop=req.stop, stop_token_ids=req.stop_token_ids,
-                include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
-                max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
-                spaces_between_special_tokens=req.spaces_between_special_tokens)
+            params = SamplingParams.from_request(fields, max_tokens=max_tokens, logprobs=logprobs,
+                                                 prompt_logprobs=prompt_logprobs, logit_bias=logit_bias)
+            self.limits.check(params)
+        except InvalidParam as e:
+            raise bad_request(str(e), param=e.param) from None
         except (ValueError, TypeError) as e:
-            m = _PARAM_OF_MESSAGE.match(str(e))
-            param = m.group(1) if m and m.group(1) in _API_FIELDS else None
-            raise bad_request(str(e), param=param) from None
+            raise bad_request(str(e)) from None
+        return params
 
     # ------------------------------------------------------------------ generation
 
@@ -168,10 +185,19 @@ class OpenAIServing:
                     finished = True
                     self._record(out)
                 yield out
+        except InvalidParam as e:
+            finished = True
+            raise bad_request(str(e), param=e.param) from None
         except ValueError as e:
             # the engine rejects a prompt (empty, too long) before yielding anything: nothing to abort
             finished = True
             raise bad_request(str(e), param="prompt") from None
+        except RequestFailed as e:
+            finished = True
+            raise APIError(500, f"the engine failed this request: {e}", type="server_error") from None
+        except EngineDead as e:
+            finished = True
+            raise APIError(503, str(e), type="server_unavailable", code="engine_dead") from None
         finally:
             if not finished:
                 self._abort_soon(request_id)
@@ -250,6 +276,45 @@ class OpenAIServing:
             if isinstance(piece, str) and piece and all(ch in byte_decoder for ch in piece):
                 return [byte_decoder[ch] for ch in piece]
         return list(text.encode("utf-8"))
+
+
+@dataclass
+class ChoiceCursor:
+    """How much of one choice a stream has already sent."""
+
+    text_chars: int = 0
+    tokens: int = 0
+    text_offset: int = 0          # completions logprobs: text_offset of the next token
+    done: bool = False
+
+    def advance(self, c: CompletionOutput) -> Optional[Tuple[str, List[int], int]]:
+        """(new text, new token ids, index of the first new token), or None when nothing is new."""
+        if self.done:
+            return None
+        delta, new_ids = c.text[self.text_chars:], c.token_ids[self.tokens:]
+        if not delta and not new_ids and c.finish_reason is None:
+            return None
+        first = self.tokens
+        self.text_chars, self.tokens, self.done = len(c.text), len(c.token_ids), c.finish_reason is not None
+        return delta, new_ids, first
+
+
+async def sse(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Server-sent events that always end with [DONE], after an error event if anything failed."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as e:
+        yield f"data: {json.dumps(e.body())}\n\n"
+    except Exception:  # noqa: BLE001 - the client gets an error event, the log gets the details
+        logger.exception("stream failed")
+        yield f"data: {json.dumps(internal_error().body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def internal_error() -> APIError:
+    """What a client sees of an unexpected failure (the details go to the log only)."""
+    return APIError(500, "internal server error; the request was not completed", type="server_error")
 
 
 _BYTE_DECODER: Optional[Dict[str, int]] = None
