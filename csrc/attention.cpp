@@ -1,5 +1,6 @@
 #include "attention.h"
 
+#include "checked.h"
 #include "work_pool.h"
 
 #include <algorithm>
@@ -16,6 +17,7 @@ constexpr int64_t kKeyBlock = 128;    // keys scored at once (scores stay in L1)
 constexpr int64_t kQueryBlock = 16;   // query rows per work item in prefill chunks
 constexpr int64_t kMaxGroup = 64;     // query heads per KV head we support
 constexpr int64_t kMaxHeadDim = 512;
+constexpr int64_t kMaxThreads = 1024;
 
 inline float load(const float* p, int64_t i) { return p[i]; }
 inline float load(const uint16_t* p, int64_t i) {
@@ -110,71 +112,113 @@ void attend_row(const float* q /*[G, D] fp32, pre-scaled*/, const T* k, const T*
   }
 }
 
-void validate(const AttentionArgs& a) {
-  auto fail = [](const std::string& m) { throw std::invalid_argument("attention: " + m); };
-  if (a.num_heads <= 0 || a.num_kv_heads <= 0 || a.head_dim <= 0) fail("head counts and head_dim must be positive");
-  if (a.num_heads % a.num_kv_heads != 0)
-    fail("num_heads " + std::to_string(a.num_heads) + " is not a multiple of num_kv_heads " + std::to_string(a.num_kv_heads));
-  if (a.num_heads / a.num_kv_heads > kMaxGroup) fail("more than 64 query heads per KV head");
-  if (a.head_dim > kMaxHeadDim) fail("head_dim above 512");
-  if (!a.q || !a.out || !a.k_cache || !a.v_cache || !a.slots || !a.context_lens || !a.query_lens) fail("null pointer");
-  if ((a.k_new == nullptr) != (a.v_new == nullptr)) fail("give both k_new and v_new or neither");
-  int64_t total = 0;
-  for (int64_t i = 0; i < a.num_seqs; ++i) {
-    const int64_t s = a.slots[i], c = a.context_lens[i], n = a.query_lens[i];
-    if (s < 0 || s >= a.num_slots)
-      fail("sequence " + std::to_string(i) + ": slot " + std::to_string(s) + " outside [0, " + std::to_string(a.num_slots) + ")");
-    if (c < 0 || n < 1) fail("sequence " + std::to_string(i) + ": context_len must be >= 0 and query_len >= 1");
-    if (c + n > a.max_ctx)
-      fail("sequence " + std::to_string(i) + ": context_len + query_len = " + std::to_string(c + n) +
-           " exceeds the cache's max context " + std::to_string(a.max_ctx));
-    total += n;
-  }
-  if (total != a.num_tokens)
-    fail("query_lens sum to " + std::to_string(total) + " but q has " + std::to_string(a.num_tokens) + " tokens");
-}
-
 template <typename T>
 using RowFn = void (*)(const float*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, float*, float*, float*);
 
+[[noreturn]] void fail(const std::string& m) { throw std::invalid_argument("attention: " + m); }
+
+std::string seq_text(size_t i) { return "sequence " + std::to_string(i) + ": "; }
+
+}  // namespace
+
+AttentionPlan::AttentionPlan(const CacheGeometry& cache, DType dtype, std::vector<int64_t> slots,
+                             std::vector<int64_t> context_lens, std::vector<int64_t> query_lens, int64_t num_threads)
+    : cache_(cache),
+      dtype_(dtype),
+      slots_(std::move(slots)),
+      context_lens_(std::move(context_lens)),
+      query_lens_(std::move(query_lens)),
+      num_threads_(num_threads) {
+  const CacheGeometry& c = cache_;
+  if (dtype != DType::F32 && dtype != DType::BF16) fail("dtype must be F32 or BF16");
+  if (c.num_slots < 0 || c.max_ctx < 0) fail("num_slots and max_ctx must be >= 0");
+  if (c.num_kv_heads <= 0 || c.head_dim <= 0) fail("num_kv_heads and head_dim must be positive");
+  if (c.head_dim > kMaxHeadDim) fail("head_dim " + std::to_string(c.head_dim) + " above 512");
+  if (c.stride_slot < 0 || c.stride_token < 0 || c.stride_head < 0) fail("cache strides must be >= 0");
+  if (c.num_slots > 0 && c.max_ctx > 0) {
+    // The last element of a cache must be addressable: offsets below cannot overflow.
+    int64_t last = checked_mul(c.num_slots - 1, c.stride_slot, "attention: cache extent");
+    last = checked_add(last, checked_mul(c.max_ctx - 1, c.stride_token, "attention: cache extent"), "attention: cache extent");
+    last = checked_add(last, checked_mul(c.num_kv_heads - 1, c.stride_head, "attention: cache extent"), "attention: cache extent");
+    checked_mul(checked_add(last, c.head_dim, "attention: cache extent"), 4, "attention: cache extent in bytes");
+  }
+  if (num_threads < 1 || num_threads > kMaxThreads)
+    fail("num_threads must be in [1, " + std::to_string(kMaxThreads) + "], got " + std::to_string(num_threads));
+  if (slots_.size() != context_lens_.size() || slots_.size() != query_lens_.size())
+    fail("slots, context_lens and query_lens must have the same length (got " + std::to_string(slots_.size()) + ", " +
+         std::to_string(context_lens_.size()) + ", " + std::to_string(query_lens_.size()) + ")");
+  const size_t n = slots_.size();
+  token_start_.assign(n + 1, 0);
+  item_start_.assign(n + 1, 0);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t s = slots_[i], ctx = context_lens_[i], q = query_lens_[i];
+    if (s < 0 || s >= c.num_slots)
+      fail(seq_text(i) + "slot " + std::to_string(s) + " outside [0, " + std::to_string(c.num_slots) + ")");
+    if (ctx < 0 || q < 1)
+      fail(seq_text(i) + "context_len must be >= 0 and query_len >= 1, got " + std::to_string(ctx) + " and " +
+           std::to_string(q));
+    // ctx + q > max_ctx, without computing ctx + q (both are non-negative here).
+    if (ctx > c.max_ctx || q > c.max_ctx - ctx)
+      fail(seq_text(i) + "context_len + query_len = " + std::to_string(ctx) + " + " + std::to_string(q) +
+           " exceeds the cache's max context " + std::to_string(c.max_ctx));
+    token_start_[i + 1] = checked_add(token_start_[i], q, "attention: sum of query_lens");
+    const int64_t blocks = (q + kQueryBlock - 1) / kQueryBlock;  // q <= max_ctx: no overflow
+    item_start_[i + 1] =
+        checked_add(item_start_[i], checked_mul(c.num_kv_heads, blocks, "attention: work items"), "attention: work items");
+  }
+}
+
+void AttentionPlan::run(const void* q, const void* k_new, const void* v_new, void* out, void* k_cache, void* v_cache,
+                        int64_t num_heads, float scale) const {
+  const int64_t hkv = cache_.num_kv_heads;
+  if (num_heads <= 0) fail("num_heads must be positive, got " + std::to_string(num_heads));
+  if (num_heads % hkv != 0)
+    fail("num_heads " + std::to_string(num_heads) + " is not a multiple of num_kv_heads " + std::to_string(hkv));
+  if (num_heads / hkv > kMaxGroup) fail("more than 64 query heads per KV head");
+  checked_mul(checked_mul(num_tokens(), num_heads, "attention: q size"), cache_.head_dim * 4, "attention: q size");
+  if ((k_new == nullptr) != (v_new == nullptr)) fail("give both k_new and v_new or neither");
+  if (num_tokens() == 0) return;
+  if (!q || !out || !k_cache || !v_cache) fail("null pointer");
+  if (dtype_ == DType::F32)
+    run_typed(static_cast<const float*>(q), static_cast<const float*>(k_new), static_cast<const float*>(v_new),
+              static_cast<float*>(out), static_cast<float*>(k_cache), static_cast<float*>(v_cache), num_heads, scale);
+  else
+    run_typed(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k_new),
+              static_cast<const uint16_t*>(v_new), static_cast<uint16_t*>(out), static_cast<uint16_t*>(k_cache),
+              static_cast<uint16_t*>(v_cache), num_heads, scale);
+}
+
 template <typename T>
-void run(const AttentionArgs& a) {
-  const RowFn<T> attend = a.head_dim == 64    ? &attend_row<T, 64>
-                          : a.head_dim == 128 ? &attend_row<T, 128>
+void AttentionPlan::run_typed(const T* q, const T* kn, const T* vn, T* out, T* kc, T* vc, int64_t num_heads,
+                              float scale) const {
+  const CacheGeometry& c = cache_;
+  const RowFn<T> attend = c.head_dim == 64    ? &attend_row<T, 64>
+                          : c.head_dim == 128 ? &attend_row<T, 128>
                                               : &attend_row<T, 0>;
-  const int64_t Hq = a.num_heads, Hkv = a.num_kv_heads, D = a.head_dim, G = Hq / Hkv;
-  std::vector<int64_t> token_start(a.num_seqs + 1, 0);
-  for (int64_t i = 0; i < a.num_seqs; ++i) token_start[i + 1] = token_start[i] + a.query_lens[i];
-  T* kc = static_cast<T*>(a.k_cache);
-  T* vc = static_cast<T*>(a.v_cache);
+  const int64_t Hq = num_heads, Hkv = c.num_kv_heads, D = c.head_dim, G = Hq / Hkv;
+  const int64_t T_total = num_tokens(), nseq = num_seqs();
+  const std::vector<int64_t>& token_start = token_start_;
+  const std::vector<int64_t>& item_start = item_start_;
 
   WorkPool& pool = WorkPool::shared();
-  const int threads = int(std::max<int64_t>(1, a.num_threads));
-  if (a.k_new) {
-    const T* kn = static_cast<const T*>(a.k_new);
-    const T* vn = static_cast<const T*>(a.v_new);
+  const int threads = int(num_threads_);
+  if (kn) {
     const int64_t per_item = 256;  // small copies: split only when there are many tokens
-    pool.run((a.num_tokens + per_item - 1) / per_item, threads, [&](int64_t item) {
-      for (int64_t t = item * per_item; t < std::min(a.num_tokens, (item + 1) * per_item); ++t) {
+    pool.run((T_total + per_item - 1) / per_item, threads, [&](int64_t item) {
+      for (int64_t t = item * per_item; t < std::min(T_total, (item + 1) * per_item); ++t) {
         const int64_t i = std::upper_bound(token_start.begin(), token_start.end(), t) - token_start.begin() - 1;
-        const int64_t pos = a.context_lens[i] + (t - token_start[i]);
-        const int64_t base = a.slots[i] * a.stride_slot + pos * a.stride_token;
+        const int64_t pos = context_lens_[i] + (t - token_start[i]);
+        const int64_t base = slots_[i] * c.stride_slot + pos * c.stride_token;
         for (int64_t h = 0; h < Hkv; ++h) {
-          std::memcpy(kc + base + h * a.stride_head, kn + (t * Hkv + h) * D, D * sizeof(T));
-          std::memcpy(vc + base + h * a.stride_head, vn + (t * Hkv + h) * D, D * sizeof(T));
+          std::memcpy(kc + base + h * c.stride_head, kn + (t * Hkv + h) * D, D * sizeof(T));
+          std::memcpy(vc + base + h * c.stride_head, vn + (t * Hkv + h) * D, D * sizeof(T));
         }
       }
     });
   }
 
   // Work items: (sequence, KV head, block of query rows).
-  std::vector<int64_t> item_start(a.num_seqs + 1, 0);
-  for (int64_t i = 0; i < a.num_seqs; ++i)
-    item_start[i + 1] = item_start[i] + Hkv * ((a.query_lens[i] + kQueryBlock - 1) / kQueryBlock);
-  const T* q = static_cast<const T*>(a.q);
-  T* out = static_cast<T*>(a.out);
-
-  pool.run(item_start[a.num_seqs], threads, [&](int64_t it) {
+  pool.run(item_start[nseq], threads, [&](int64_t it) {
     thread_local std::vector<float> buf;
     buf.resize(G * kKeyBlock + 3 * G * D);
     float* scores = buf.data();
@@ -184,31 +228,20 @@ void run(const AttentionArgs& a) {
     const int64_t i = std::upper_bound(item_start.begin(), item_start.end(), it) - item_start.begin() - 1;
     const int64_t local = it - item_start[i];
     const int64_t h = local % Hkv, qb = local / Hkv;
-    const int64_t ctx = a.context_lens[i], qlen = a.query_lens[i];
-    const T* k = kc + a.slots[i] * a.stride_slot + h * a.stride_head;
-    const T* v = vc + a.slots[i] * a.stride_slot + h * a.stride_head;
+    const int64_t ctx = context_lens_[i], qlen = query_lens_[i];
+    const T* k = kc + slots_[i] * c.stride_slot + h * c.stride_head;
+    const T* v = vc + slots_[i] * c.stride_slot + h * c.stride_head;
     const int64_t r_end = std::min(qlen, (qb + 1) * kQueryBlock);
     for (int64_t r = qb * kQueryBlock; r < r_end; ++r) {
       const int64_t t = token_start[i] + r;
       const T* qt = q + (t * Hq + h * G) * D;
-      for (int64_t e = 0; e < G * D; ++e) qrow[e] = load(qt, e) * a.scale;
+      for (int64_t e = 0; e < G * D; ++e) qrow[e] = load(qt, e) * scale;
       // Causal: the query at position ctx + r sees keys 0 .. ctx + r.
-      attend(qrow, k, v, a.stride_token, ctx + r + 1, G, D, scores, acc, orow);
+      attend(qrow, k, v, c.stride_token, ctx + r + 1, G, D, scores, acc, orow);
       T* ot = out + (t * Hq + h * G) * D;
       for (int64_t e = 0; e < G * D; ++e) store(ot, e, orow[e]);
     }
   });
-}
-
-}  // namespace
-
-void attention(const AttentionArgs& a) {
-  validate(a);
-  if (a.num_tokens == 0) return;
-  if (a.dtype == DType::F32)
-    run<float>(a);
-  else
-    run<uint16_t>(a);
 }
 
 }  // namespace vattn

@@ -1,38 +1,61 @@
 // CPU attention over slot-contiguous K/V caches for a mixed batch of prefill
 // chunks and decodes: the CPU analogue of flash_attn_with_kvcache(cache_batch_idx=...).
+//
+// An AttentionPlan is built once per engine step: it copies and validates the step's
+// sequences (slots, lengths) against the caches' geometry. run() then does one layer
+// with O(1) checks, so every layer of the step shares the validation.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace vattn {
 
 enum class DType : int { F32 = 0, BF16 = 1 };
 
-struct AttentionArgs {
-  // New tokens, flattened in batch order (prefills first, then decodes): [T, Hq, D]
-  // for q and out, [T, Hkv, D] for k_new/v_new; all contiguous. k_new/v_new may be
-  // null: then the cache already holds the new tokens.
-  const void* q = nullptr;
-  const void* k_new = nullptr;
-  const void* v_new = nullptr;
-  void* out = nullptr;
-  // Caches [slots, max_ctx, Hkv, D] with element strides; head_dim is contiguous.
-  void* k_cache = nullptr;
-  void* v_cache = nullptr;
+// Caches [num_slots, max_ctx, num_kv_heads, head_dim], strides in elements; head_dim
+// is contiguous. Every layer's K and V cache that a plan runs over has this geometry.
+struct CacheGeometry {
+  int64_t num_slots = 0, max_ctx = 0, num_kv_heads = 0, head_dim = 0;
   int64_t stride_slot = 0, stride_token = 0, stride_head = 0;
-  int64_t num_slots = 0, max_ctx = 0;
-  // Per sequence: slot, tokens already cached before this step, new tokens.
-  const int64_t* slots = nullptr;
-  const int64_t* context_lens = nullptr;
-  const int64_t* query_lens = nullptr;
-  int64_t num_seqs = 0, num_tokens = 0;
-  int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
-  float scale = 1.0f;
-  DType dtype = DType::F32;
-  int64_t num_threads = 1;  // the caller plus num_threads - 1 pool helpers
 };
 
-// Stores k_new/v_new into the caches (if given), then writes attention output to out.
-// Throws std::invalid_argument on inconsistent sizes, slots or lengths.
-void attention(const AttentionArgs& a);
+class AttentionPlan {
+ public:
+  // Per sequence (in batch order: prefills first, then decodes): its cache slot, the
+  // tokens already cached before this step, and its new tokens this step.
+  // Throws std::invalid_argument on any inconsistency: slot out of range, a negative
+  // length, context_len + query_len > max_ctx, sizes that overflow int64, ...
+  AttentionPlan(const CacheGeometry& cache, DType dtype, std::vector<int64_t> slots,
+                std::vector<int64_t> context_lens, std::vector<int64_t> query_lens, int64_t num_threads);
+
+  // One layer. q and out: [num_tokens, num_heads, head_dim]; k_new/v_new:
+  // [num_tokens, num_kv_heads, head_dim]; all contiguous, of the plan's dtype. k_new/v_new
+  // are stored into the caches at positions context_lens[i]... first; both null means
+  // the caches already hold them. k_cache/v_cache must have the plan's geometry.
+  // The caller vouches that the pointers address tensors of those shapes.
+  void run(const void* q, const void* k_new, const void* v_new, void* out, void* k_cache, void* v_cache,
+           int64_t num_heads, float scale) const;
+
+  const CacheGeometry& geometry() const { return cache_; }
+  DType dtype() const { return dtype_; }
+  int64_t num_seqs() const { return int64_t(slots_.size()); }
+  int64_t num_tokens() const { return token_start_.back(); }
+  int64_t num_threads() const { return num_threads_; }
+  const std::vector<int64_t>& slots() const { return slots_; }
+  const std::vector<int64_t>& context_lens() const { return context_lens_; }
+  const std::vector<int64_t>& query_lens() const { return query_lens_; }
+
+ private:
+  template <typename T>
+  void run_typed(const T* q, const T* k_new, const T* v_new, T* out, T* k_cache, T* v_cache, int64_t num_heads,
+                 float scale) const;
+
+  CacheGeometry cache_;
+  DType dtype_;
+  std::vector<int64_t> slots_, context_lens_, query_lens_;
+  std::vector<int64_t> token_start_;  // [num_seqs + 1]: first token of each sequence in q
+  std::vector<int64_t> item_start_;   // [num_seqs + 1]: first work item (KV head x query block)
+  int64_t num_threads_ = 1;           // the caller plus num_threads - 1 pool helpers
+};
 
 }  // namespace vattn

@@ -9,6 +9,7 @@
 #include "kv_cache.h"
 
 namespace py = pybind11;
+using vattn::AttentionPlan;
 using vattn::CacheConfig;
 using vattn::KVCache;
 
@@ -23,39 +24,6 @@ py::dict stats_dict(KVCache& c) {
   py::dict d;
   for (const auto& [name, value] : stats) d[name] = value;
   return d;
-}
-
-void attention(uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t out, uintptr_t k_cache, uintptr_t v_cache,
-               int64_t stride_slot, int64_t stride_token, int64_t stride_head, int64_t num_slots, int64_t max_ctx,
-               uintptr_t slots, uintptr_t context_lens, uintptr_t query_lens, int64_t num_seqs, int64_t num_tokens,
-               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale, int dtype,
-               int64_t num_threads) {
-  if (dtype != 0 && dtype != 1) throw std::invalid_argument("attention: dtype code must be 0 (fp32) or 1 (bf16)");
-  vattn::AttentionArgs a;
-  a.q = reinterpret_cast<const void*>(q);
-  a.k_new = reinterpret_cast<const void*>(k_new);
-  a.v_new = reinterpret_cast<const void*>(v_new);
-  a.out = reinterpret_cast<void*>(out);
-  a.k_cache = reinterpret_cast<void*>(k_cache);
-  a.v_cache = reinterpret_cast<void*>(v_cache);
-  a.stride_slot = stride_slot;
-  a.stride_token = stride_token;
-  a.stride_head = stride_head;
-  a.num_slots = num_slots;
-  a.max_ctx = max_ctx;
-  a.slots = reinterpret_cast<const int64_t*>(slots);
-  a.context_lens = reinterpret_cast<const int64_t*>(context_lens);
-  a.query_lens = reinterpret_cast<const int64_t*>(query_lens);
-  a.num_seqs = num_seqs;
-  a.num_tokens = num_tokens;
-  a.num_heads = num_heads;
-  a.num_kv_heads = num_kv_heads;
-  a.head_dim = head_dim;
-  a.scale = static_cast<float>(scale);
-  a.dtype = static_cast<vattn::DType>(dtype);
-  a.num_threads = num_threads;
-  py::gil_scoped_release nogil;
-  vattn::attention(a);
 }
 
 }  // namespace
@@ -107,11 +75,51 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("slot_bytes", &KVCache::slot_bytes)
       .def_property_readonly("is_cuda", &KVCache::is_cuda);
 
-  m.def("attention", &attention, "Mixed prefill/decode attention over slot-contiguous K/V (raw pointers; use "
-        "vattention_ext.attention)",
-        py::arg("q"), py::arg("k_new"), py::arg("v_new"), py::arg("out"), py::arg("k_cache"), py::arg("v_cache"),
-        py::arg("stride_slot"), py::arg("stride_token"), py::arg("stride_head"), py::arg("num_slots"),
-        py::arg("max_ctx"), py::arg("slots"), py::arg("context_lens"), py::arg("query_lens"), py::arg("num_seqs"),
-        py::arg("num_tokens"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("scale"),
-        py::arg("dtype"), py::arg("num_threads") = 1);
+  py::enum_<vattn::DType>(m, "DType", "Element type of the attention kernel's tensors")
+      .value("F32", vattn::DType::F32)
+      .value("BF16", vattn::DType::BF16);
+
+  // Low level: vattention_ext.kernel.AttentionPlan checks the torch tensors and passes
+  // their data pointers here.
+  py::class_<AttentionPlan>(m, "AttentionPlan",
+                            "One engine step's sequences, validated against the caches' geometry once; "
+                            "run() does one layer")
+      .def(py::init([](int64_t num_slots, int64_t max_ctx, int64_t num_kv_heads, int64_t head_dim,
+                       int64_t stride_slot, int64_t stride_token, int64_t stride_head, vattn::DType dtype,
+                       std::vector<int64_t> slots, std::vector<int64_t> context_lens,
+                       std::vector<int64_t> query_lens, int64_t num_threads) {
+             vattn::CacheGeometry g;
+             g.num_slots = num_slots;
+             g.max_ctx = max_ctx;
+             g.num_kv_heads = num_kv_heads;
+             g.head_dim = head_dim;
+             g.stride_slot = stride_slot;
+             g.stride_token = stride_token;
+             g.stride_head = stride_head;
+             return new AttentionPlan(g, dtype, std::move(slots), std::move(context_lens), std::move(query_lens),
+                                      num_threads);
+           }),
+           py::arg("num_slots"), py::arg("max_ctx"), py::arg("num_kv_heads"), py::arg("head_dim"),
+           py::arg("stride_slot"), py::arg("stride_token"), py::arg("stride_head"), py::arg("dtype"),
+           py::arg("slots"), py::arg("context_lens"), py::arg("query_lens"), py::arg("num_threads") = 1)
+      .def(
+          "run",
+          [](const AttentionPlan& p, uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t out, uintptr_t k_cache,
+             uintptr_t v_cache, int64_t num_heads, double scale) {
+            p.run(reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k_new),
+                  reinterpret_cast<const void*>(v_new), reinterpret_cast<void*>(out), reinterpret_cast<void*>(k_cache),
+                  reinterpret_cast<void*>(v_cache), num_heads, static_cast<float>(scale));
+          },
+          "One layer over raw data pointers (0 for no k_new/v_new); the caller vouches for the tensors behind them",
+          py::arg("q"), py::arg("k_new"), py::arg("v_new"), py::arg("out"), py::arg("k_cache"), py::arg("v_cache"),
+          py::arg("num_heads"), py::arg("scale"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("num_seqs", &AttentionPlan::num_seqs)
+      .def_property_readonly("num_tokens", &AttentionPlan::num_tokens)
+      .def_property_readonly("num_threads", &AttentionPlan::num_threads)
+      .def_property_readonly("dtype", &AttentionPlan::dtype)
+      .def_property_readonly("num_kv_heads", [](const AttentionPlan& p) { return p.geometry().num_kv_heads; })
+      .def_property_readonly("head_dim", [](const AttentionPlan& p) { return p.geometry().head_dim; })
+      .def_property_readonly("slots", &AttentionPlan::slots)
+      .def_property_readonly("context_lens", &AttentionPlan::context_lens)
+      .def_property_readonly("query_lens", &AttentionPlan::query_lens);
 }

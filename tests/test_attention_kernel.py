@@ -1,11 +1,11 @@
 """The C++ attention kernel against torch SDPA: decode-only, prefill-only and mixed
 batches, GQA ratios 1/3/4, lengths 1, 15, 16, 17, 1000 and 4097 (fp32: max abs error
-<= 1e-4), on plain tensors and on a vAttention cache."""
+<= 1e-4), on plain tensors and on a vAttention cache; AttentionPlan rejecting bad input."""
 import pytest
 import torch
 
 import vattention_ext as va
-from vattention_ext.kernel import attention, attention_reference
+from vattention_ext.kernel import AttentionPlan, attention, attention_reference
 
 LENGTHS = [1, 15, 16, 17, 1000, 4097]
 
@@ -118,3 +118,121 @@ def test_bad_input_raises():
         attention(q, kc, vc, [0, 1], [0], [3], 1.0)
     with pytest.raises(ValueError, match="both k_new and v_new"):
         attention(q, kc, vc, [0], [0], [3], 1.0, k_new=torch.randn(3, 2, 16))
+
+
+def test_plan_built_once_runs_every_layer():
+    """One plan per step from layer 0's cache, run over several layers' caches."""
+    hkv, d, layers = 2, 64, 3
+    ks, vs = zip(*(caches(3, 300, hkv, d, seed=10 + i) for i in range(layers)))
+    slots, ctx, qlens = [2, 0], [100, 250], [20, 1]
+    plan = AttentionPlan(ks[0], slots, ctx, qlens)
+    assert plan.num_tokens == 21 and plan.num_seqs == 2
+    for layer in range(layers):
+        q = torch.randn(21, 6, d)
+        k_new, v_new = torch.randn(21, hkv, d), torch.randn(21, hkv, d)
+        out = torch.empty_like(q)
+        assert plan.run(q, k_new, v_new, ks[layer], vs[layer], 0.2, out=out) is out
+        assert torch.equal(ks[layer][2, 100:120], k_new[:20])
+        ref = attention_reference(q, ks[layer], vs[layer], slots, ctx, qlens, 0.2)
+        assert (out - ref).abs().max().item() <= 1e-4
+
+
+def test_plan_accepts_index_tensors_and_empty_batch():
+    kc, vc = caches(2, 64, 2, 16)
+    plan = AttentionPlan(kc, torch.tensor([1]), torch.tensor([3]), torch.tensor([2]))
+    q = torch.randn(2, 4, 16)
+    check(q, kc, vc, [1], [3], [2], 0.3)
+    assert plan.run(q, None, None, kc, vc, 0.3).shape == q.shape
+    empty = AttentionPlan(kc, [], [], [])
+    assert empty.run(torch.empty(0, 4, 16), None, None, kc, vc, 1.0).shape == (0, 4, 16)
+
+
+@pytest.mark.parametrize("slots, ctx, qlens, exc, message", [
+    ([2], [0], [1], ValueError, "slot 2 outside"),
+    ([-1], [0], [1], ValueError, "slot -1 outside"),
+    ([0], [-1], [1], ValueError, "context_len must be >= 0"),
+    ([0], [0], [0], ValueError, "query_len >= 1"),
+    ([0], [0], [-5], ValueError, "query_len >= 1"),
+    ([0], [2 ** 63 - 1], [1], ValueError, "exceeds the cache's max context"),  # c + n would wrap
+    ([0], [1], [2 ** 63 - 1], ValueError, "exceeds the cache's max context"),
+    ([0], [64], [1], ValueError, "exceeds the cache's max context"),
+    ([0], [2 ** 64], [1], ValueError, "fit in int64"),
+    ([0, 1], [0], [1], ValueError, "same length"),
+    ([0], [0], [1.5], ValueError, "list of ints"),
+])
+def test_plan_rejects_bad_batch(slots, ctx, qlens, exc, message):
+    kc, _ = caches(2, 64, 2, 16)
+    with pytest.raises(exc, match=message):
+        AttentionPlan(kc, slots, ctx, qlens)
+
+
+def test_native_plan_checks_sizes_without_overflow():
+    """The C++ plan on its own (no tensors): sums and cache extents that overflow int64."""
+    from vattention_ext import _C
+
+    def plan(**kw):
+        args = dict(num_slots=2, max_ctx=2 ** 62, num_kv_heads=1, head_dim=8, stride_slot=0, stride_token=0,
+                    stride_head=0, dtype=_C.DType.F32, slots=[0, 1], context_lens=[0, 0], query_lens=[1, 1],
+                    num_threads=1)
+        args.update(kw)
+        return _C.AttentionPlan(**args)
+
+    assert plan().num_tokens == 2
+    with pytest.raises(ValueError, match="sum of query_lens overflows"):
+        plan(query_lens=[2 ** 62, 2 ** 62])
+    with pytest.raises(ValueError, match="cache extent"):
+        plan(stride_slot=2 ** 62, num_slots=3, slots=[0], context_lens=[0], query_lens=[1])
+    with pytest.raises(ValueError, match="cache strides"):
+        plan(stride_token=-1)
+    with pytest.raises(ValueError, match="head_dim"):
+        plan(head_dim=513)
+    with pytest.raises(ValueError, match="num_threads"):
+        plan(num_threads=0)
+    with pytest.raises(ValueError, match="num_threads"):
+        plan(num_threads=2 ** 40)
+    p = plan(max_ctx=8, num_kv_heads=2, slots=[0], context_lens=[0], query_lens=[8])
+    with pytest.raises(ValueError, match="num_heads must be positive"):
+        p.run(0, 0, 0, 0, 0, 0, 0, 1.0)
+    with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
+        p.run(0, 0, 0, 0, 0, 0, 3, 1.0)
+    with pytest.raises(ValueError, match="both k_new and v_new"):
+        p.run(1, 1, 0, 1, 1, 1, 2, 1.0)
+    with pytest.raises(ValueError, match="null pointer"):
+        p.run(0, 0, 0, 0, 0, 0, 2, 1.0)
+    with pytest.raises(ValueError, match="q size overflows"):
+        plan(max_ctx=2 ** 62, slots=[0], context_lens=[0], query_lens=[2 ** 61]).run(1, 0, 0, 1, 1, 1, 64, 1.0)
+
+
+def test_plan_run_rejects_mismatched_tensors():
+    kc, vc = caches(2, 64, 2, 16)
+    plan = AttentionPlan(kc, [0, 1], [3, 0], [1, 2])
+    q, kn = torch.randn(3, 4, 16), torch.randn(3, 2, 16)
+    bad = [
+        (dict(q=q.double()), "q must be"),
+        (dict(q=torch.randn(4, 4, 16)), "query_lens sum to 3 but q has 4"),
+        (dict(q=torch.randn(3, 4, 8)), "q must be"),
+        (dict(q=torch.randn(3, 3, 16)), "not a multiple of num_kv_heads"),
+        (dict(q=torch.randn(3, 4 * 65, 16)), "more than 64"),
+        (dict(k_cache=torch.randn(3, 64, 2, 16)), "k_cache must be"),
+        (dict(v_cache=torch.randn(2, 65, 2, 16)), "v_cache must be"),
+        (dict(v_cache=vc.bfloat16()), "v_cache must be"),
+        (dict(v_cache=torch.randn(2, 64, 16, 2).transpose(2, 3)), "v_cache must be"),  # other strides
+        (dict(k_cache=torch.randn(2, 128, 2, 16)[:, :64]), "k_cache must be"),           # same shape, other strides
+        (dict(k_new=torch.randn(2, 2, 16)), "k_new must be"),
+        (dict(v_new=torch.randn(3, 2, 16).bfloat16()), "v_new must be"),
+        (dict(v_new=None), "both k_new and v_new"),
+        (dict(out=torch.empty(3, 4, 8)), "out must be"),
+        (dict(out=torch.empty(4, 3, 16).transpose(0, 1)), "out must be"),
+        (dict(q="not a tensor"), "q must be"),
+    ]
+    for change, message in bad:
+        args = dict(q=q, k_new=kn, v_new=kn, k_cache=kc, v_cache=vc, scale=1.0, out=None)
+        args.update(change)
+        with pytest.raises(ValueError, match=message):
+            plan.run(**args)
+    with pytest.raises(ValueError, match="4-D CPU tensor"):
+        AttentionPlan(kc[0], [0], [0], [1])
+    with pytest.raises(ValueError, match="float32 and bfloat16"):
+        AttentionPlan(kc.double(), [0], [0], [1])
+    with pytest.raises(ValueError, match="head_dim must be contiguous"):
+        AttentionPlan(kc.transpose(2, 3), [0], [0], [1])

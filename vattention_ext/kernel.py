@@ -1,71 +1,135 @@
-"""Python entry to the C++ attention kernel: checks shapes, dtypes and strides of
-torch tensors, then hands raw pointers to vattention_ext._C.attention."""
+"""Python entry to the C++ attention kernel.
+
+`AttentionPlan` is built once per engine step (from the first layer's K cache, which
+gives the geometry every layer shares, and the step's slots and lengths): the C++ side
+copies and validates the sequences then. `plan.run(...)` does one layer, checking the
+torch tensors against the plan (O(1) per call) and handing their pointers to C++.
+`attention(...)` builds a plan and runs it once.
+"""
 from __future__ import annotations
+
+import operator
 
 import torch
 
 from . import _C
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+# The one torch dtype -> kernel element type table.
+KERNEL_DTYPES = {torch.float32: _C.DType.F32, torch.bfloat16: _C.DType.BF16}
 
 
-def _index_tensor(x, name: str) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.int64)
-    if t.dtype != torch.int64 or t.dim() != 1 or t.device.type != "cpu":
-        raise ValueError(f"{name} must be a 1-D int64 CPU tensor or a list of ints")
-    return t.contiguous()
+def _int_list(x, name: str) -> list:
+    if isinstance(x, torch.Tensor):
+        if x.dtype != torch.int64 or x.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D int64 tensor or a list of ints, got {x.dtype} {tuple(x.shape)}")
+        return x.tolist()
+    try:
+        values = [operator.index(v) for v in x]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a 1-D int64 tensor or a list of ints: {e}") from None
+    if values and (min(values) < -(1 << 63) or max(values) >= 1 << 63):
+        raise ValueError(f"{name}: values must fit in int64")
+    return values
+
+
+def _check_cache(c, name: str) -> None:
+    if not isinstance(c, torch.Tensor) or c.dim() != 4 or not c.is_cpu:
+        raise ValueError(f"{name} must be a 4-D CPU tensor [slots, max_ctx, kv_heads, head_dim]")
+    if c.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"attention supports float32 and bfloat16, got {name} of {c.dtype}")
+    if c.stride(3) != 1:
+        raise ValueError(f"{name}: head_dim must be contiguous (stride 1), got strides {c.stride()}")
+
+
+class AttentionPlan:
+    """One step's batch for the C++ kernel: causal GQA attention for prefill chunks and
+    decodes over slot-contiguous caches.
+
+    k_cache: [num_slots, max_ctx, Hkv, D] (head_dim contiguous; fp32 or bf16), any layer's:
+    every cache passed to run() must have its shape, strides and dtype. Sequence i lives
+    in slot slots[i], has context_lens[i] tokens cached before this step and
+    query_lens[i] >= 1 new tokens (prefill chunks first, then decodes). num_threads:
+    default torch.get_num_threads(). Raises ValueError on an inconsistent batch.
+    """
+
+    __slots__ = ("_core", "dtype", "cache_shape", "cache_strides", "num_tokens", "_kv_shape", "_head_dim")
+
+    def __init__(self, k_cache: torch.Tensor, slots, context_lens, query_lens, num_threads: int | None = None):
+        _check_cache(k_cache, "k_cache")
+        n, L, hkv, d = k_cache.shape
+        s0, s1, s2, _ = k_cache.stride()
+        threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+        self._core = _C.AttentionPlan(n, L, hkv, d, s0, s1, s2, KERNEL_DTYPES[k_cache.dtype],
+                                      _int_list(slots, "slots"), _int_list(context_lens, "context_lens"),
+                                      _int_list(query_lens, "query_lens"), threads)
+        self.dtype = k_cache.dtype
+        self.cache_shape = k_cache.shape
+        self.cache_strides = k_cache.stride()
+        self.num_tokens = self._core.num_tokens
+        self._kv_shape = (self.num_tokens, hkv, d)
+        self._head_dim = d
+
+    @property
+    def num_seqs(self) -> int:
+        return self._core.num_seqs
+
+    def run(self, q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None, k_cache: torch.Tensor,
+            v_cache: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One layer: stores k_new/v_new [T, Hkv, D] (if given) into the caches at
+        positions context_lens[i]..., then returns out [T, Hq, D] = attention of q
+        [T, Hq, D]. All of the plan's dtype on CPU; q, k_new, v_new are made contiguous."""
+        dt = self.dtype
+        if (not isinstance(q, torch.Tensor) or q.dtype != dt or not q.is_cpu or q.dim() != 3
+                or q.shape[0] != self.num_tokens or q.shape[2] != self._head_dim):
+            if isinstance(q, torch.Tensor) and q.dim() == 3 and q.shape[0] != self.num_tokens:
+                raise ValueError(f"query_lens sum to {self.num_tokens} but q has {q.shape[0]} tokens")
+            raise ValueError(f"q must be a CPU {dt} tensor [{self.num_tokens}, heads, {self._head_dim}], got "
+                             f"{getattr(q, 'dtype', type(q))} {tuple(getattr(q, 'shape', ()))}")
+        for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if (not isinstance(c, torch.Tensor) or c.dtype != dt or not c.is_cpu or c.shape != self.cache_shape
+                    or c.stride() != self.cache_strides):
+                raise ValueError(f"{name} must be a CPU {dt} tensor of the plan's shape {tuple(self.cache_shape)} "
+                                 f"and strides {self.cache_strides}, got {getattr(c, 'dtype', type(c))} "
+                                 f"{tuple(getattr(c, 'shape', ()))} {c.stride() if isinstance(c, torch.Tensor) else ''}")
+        if (k_new is None) != (v_new is None):
+            raise ValueError("give both k_new and v_new or neither")
+        q = q.contiguous()
+        if k_new is not None:
+            for name, t in (("k_new", k_new), ("v_new", v_new)):
+                if not isinstance(t, torch.Tensor) or t.dtype != dt or not t.is_cpu or t.shape != self._kv_shape:
+                    raise ValueError(f"{name} must be a CPU {dt} tensor {list(self._kv_shape)}, got "
+                                     f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+            k_new, v_new = k_new.contiguous(), v_new.contiguous()
+            kp, vp = k_new.data_ptr(), v_new.data_ptr()
+        else:
+            kp = vp = 0
+        if out is None:
+            out = torch.empty_like(q)
+        elif (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != dt or not out.is_cpu
+              or not out.is_contiguous()):
+            raise ValueError("out must be a contiguous CPU tensor shaped and typed like q")
+        self._core.run(q.data_ptr(), kp, vp, out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), q.shape[1],
+                       float(scale))
+        return out
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots, context_lens, query_lens,
               scale: float, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal GQA attention for a batch of prefill chunks and decodes.
-
-    q: [T, Hq, D], the batch's new tokens in sequence order. k_cache/v_cache:
-    [num_slots, max_ctx, Hkv, D] (head_dim contiguous). Sequence i lives in slot
-    slots[i], has context_lens[i] tokens cached before this step and query_lens[i]
-    new tokens. If k_new/v_new ([T, Hkv, D]) are given they are written into the cache
-    at positions context_lens[i]... first; otherwise the cache must already hold them.
-    Returns out [T, Hq, D] (same dtype as q). fp32 and bf16. Uses torch.get_num_threads() threads.
-    """
-    if q.dim() != 3:
-        raise ValueError(f"q must be [tokens, heads, head_dim], got shape {tuple(q.shape)}")
-    if q.dtype not in _DTYPE_CODES:
+    """Causal GQA attention for a batch of prefill chunks and decodes: one AttentionPlan,
+    run once (see AttentionPlan for the arguments). Returns out [T, Hq, D] (same dtype
+    as q). fp32 and bf16 on CPU. Uses torch.get_num_threads() threads."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q must be [tokens, heads, head_dim], got shape {tuple(getattr(q, 'shape', ()))}")
+    if q.dtype not in KERNEL_DTYPES:
         raise ValueError(f"attention supports float32 and bfloat16, got {q.dtype}")
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if c.dim() != 4 or c.dtype != q.dtype or c.device.type != "cpu":
-            raise ValueError(f"{name} must be a 4-D CPU tensor [slots, max_ctx, kv_heads, head_dim] of {q.dtype}")
-        if c.stride(3) != 1 or c.shape[3] != q.shape[2]:
-            raise ValueError(f"{name}: head_dim must match q ({q.shape[2]}) and be contiguous")
-    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
-        raise ValueError("k_cache and v_cache must have the same shape and strides")
-    if q.device.type != "cpu":
-        raise ValueError("the C++ attention kernel runs on CPU tensors only")
-    q = q.contiguous()
-    T, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
-    if (k_new is None) != (v_new is None):
-        raise ValueError("give both k_new and v_new or neither")
-    if k_new is not None:
-        for name, t in (("k_new", k_new), ("v_new", v_new)):
-            if t.shape != (T, Hkv, D) or t.dtype != q.dtype or t.device.type != "cpu":
-                raise ValueError(f"{name} must be [{T}, {Hkv}, {D}] {q.dtype} on CPU, got {tuple(t.shape)} {t.dtype}")
-        k_new, v_new = k_new.contiguous(), v_new.contiguous()
-    slots = _index_tensor(slots, "slots")
-    context_lens = _index_tensor(context_lens, "context_lens")
-    query_lens = _index_tensor(query_lens, "query_lens")
-    if not (len(slots) == len(context_lens) == len(query_lens)):
-        raise ValueError("slots, context_lens and query_lens must have the same length")
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
-        raise ValueError("out must be a contiguous tensor shaped and typed like q")
-    _C.attention(q.data_ptr(), 0 if k_new is None else k_new.data_ptr(), 0 if v_new is None else v_new.data_ptr(),
-                 out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
-                 k_cache.stride(2), k_cache.shape[0], k_cache.shape[1], slots.data_ptr(), context_lens.data_ptr(),
-                 query_lens.data_ptr(), len(slots), T, Hq, Hkv, D, float(scale), _DTYPE_CODES[q.dtype],
-                 torch.get_num_threads())
-    return out
+    _check_cache(k_cache, "k_cache")
+    if k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"k_cache: head_dim must match q ({q.shape[2]}) and be contiguous")
+    if k_cache.dtype != q.dtype:
+        raise ValueError(f"k_cache must be {q.dtype} like q, got {k_cache.dtype}")
+    plan = AttentionPlan(k_cache, slots, context_lens, query_lens)
+    return plan.run(q, k_new, v_new, k_cache, v_cache, scale, out=out)
 
 
 def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots, context_lens,

@@ -8,15 +8,13 @@ cost of paging that vAttention avoids.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from vattention_ext.kernel import attention, attention_reference
+from vattention_ext.kernel import KERNEL_DTYPES, AttentionPlan, attention_reference
 
 from .base import KVBackend, KVCacheSpec, StepBatch
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @dataclass
@@ -27,6 +25,7 @@ class PagedStep:
     slots: torch.Tensor           # 0..seqs-1: the gathered copy's own "slots"
     context_lens: torch.Tensor
     query_lens: torch.Tensor
+    plan: Optional[AttentionPlan] = None  # C++ kernel over the gathered copy (CPU fp32/bf16)
 
 
 class PagedBackend(KVBackend):
@@ -74,8 +73,13 @@ class PagedBackend(KVBackend):
             self._scratch = (torch.empty(shape, dtype=self.k.dtype, device=self.k.device),
                              torch.empty(shape, dtype=self.k.dtype, device=self.k.device))
         _, context_lens, query_lens = batch.index_tensors()
-        return PagedStep(rows.to(dev), gather.reshape(-1).to(dev), max_len,
+        step = PagedStep(rows.to(dev), gather.reshape(-1).to(dev), max_len,
                          torch.arange(len(seq_lens), dtype=torch.int64), context_lens, query_lens)
+        if self.k.device.type == "cpu" and self.k.dtype in KERNEL_DTYPES:
+            # Every layer's gathered K and V is a view of the same scratch: one geometry.
+            kg = self._scratch[0][: rows_needed].view(len(seq_lens), max_len, *self.k.shape[2:])
+            step.plan = AttentionPlan(kg, range(len(seq_lens)), batch.context_lens, batch.query_lens)
+        return step
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: PagedStep) -> None:
         self.k[layer].index_copy_(0, step.rows, k.to(self.k.dtype))
@@ -93,8 +97,8 @@ class PagedBackend(KVBackend):
                scale: float) -> torch.Tensor:
         self.store(layer, k, v, step)
         kg, vg = self.gather(layer, step)
-        if q.device.type == "cpu" and q.dtype in _KERNEL_DTYPES and q.dtype == kg.dtype:
-            return attention(q, kg, vg, step.slots, step.context_lens, step.query_lens, scale)
+        if step.plan is not None and q.dtype == kg.dtype:
+            return step.plan.run(q, None, None, kg, vg, scale)
         return attention_reference(q, kg, vg, step.slots, step.context_lens, step.query_lens, scale)
 
     def close(self) -> None:

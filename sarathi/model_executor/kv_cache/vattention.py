@@ -13,19 +13,15 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from vattention_ext.kernel import attention_reference
+from vattention_ext.kernel import KERNEL_DTYPES, AttentionPlan, attention_reference
 
 from .base import KVBackend, KVCacheSpec, StepBatch
-
-_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 @dataclass
 class VAttentionStep:
     batch: StepBatch
-    slots: torch.Tensor           # int64, per sequence
-    context_lens: torch.Tensor
-    query_lens: torch.Tensor
+    plan: Optional[AttentionPlan] = None       # C++ kernel path: the step's sequences, validated once
     store_slot: Optional[torch.Tensor] = None  # torch paths: (slot, position) of every new token
     store_pos: Optional[torch.Tensor] = None
 
@@ -69,7 +65,7 @@ class VAttentionBackend(KVBackend):
         self.k = [self.cache.k_cache(i) for i in range(spec.num_layers)]
         self.v = [self.cache.v_cache(i) for i in range(spec.num_layers)]
         self._seq_lens = [0] * spec.max_num_seqs
-        self._native = spec.device.type == "cpu" and spec.dtype in _KERNEL_DTYPES
+        self._native = spec.device.type == "cpu" and spec.dtype in KERNEL_DTYPES
         self._flash = None
         if spec.device.type == "cuda":
             try:
@@ -77,11 +73,6 @@ class VAttentionBackend(KVBackend):
                 self._flash = flash_attn_with_kvcache
             except ImportError:
                 pass
-        if self._native:
-            from vattention_ext import _C
-            self._kernel = _C.attention
-            k0 = self.k[0]
-            self._geometry = (k0.stride(0), k0.stride(1), k0.stride(2), k0.shape[0], k0.shape[1])
 
     def begin_step(self, batch: StepBatch) -> VAttentionStep:
         lens = self._seq_lens
@@ -93,8 +84,10 @@ class VAttentionBackend(KVBackend):
             self.cache.step_async(lens)  # maps this step's pages, then maps ahead in the background
         else:
             self.cache.step(lens)
-        step = VAttentionStep(batch, *batch.index_tensors())
-        if not self._native:
+        step = VAttentionStep(batch)
+        if self._native:  # every layer's K and V cache shares layer 0's geometry
+            step.plan = AttentionPlan(self.k[0], batch.slots, batch.context_lens, batch.query_lens)
+        else:
             pos = [(s, p) for s, c, n in zip(batch.slots, batch.context_lens, batch.query_lens)
                    for p in range(c, c + n)]
             step.store_slot = torch.tensor([s for s, _ in pos], dtype=torch.long, device=batch.device)
@@ -104,15 +97,12 @@ class VAttentionBackend(KVBackend):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: VAttentionStep,
                scale: float) -> torch.Tensor:
         kc, vc = self.k[layer], self.v[layer]
-        if self._native and q.dtype in _KERNEL_DTYPES:
-            q, k, v = q.contiguous(), k.to(kc.dtype).contiguous(), v.to(vc.dtype).contiguous()
-            out = torch.empty_like(q)
-            s0, s1, s2, nslots, maxctx = self._geometry
-            self._kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), kc.data_ptr(), vc.data_ptr(),
-                         s0, s1, s2, nslots, maxctx, step.slots.data_ptr(), step.context_lens.data_ptr(),
-                         step.query_lens.data_ptr(), len(step.batch.slots), q.shape[0], q.shape[1], k.shape[1],
-                         q.shape[2], scale, _KERNEL_DTYPES[q.dtype], torch.get_num_threads())
-            return out
+        plan = step.plan
+        if plan is not None:
+            if q.dtype == plan.dtype and k.dtype == plan.dtype and v.dtype == plan.dtype:
+                return plan.run(q, k, v, kc, vc, scale)
+            dt = plan.dtype
+            return plan.run(q.to(dt), k.to(dt), v.to(dt), kc, vc, scale).to(q.dtype)
         kc[step.store_slot, step.store_pos] = k.to(kc.dtype)
         vc[step.store_slot, step.store_pos] = v.to(vc.dtype)
         b = step.batch
