@@ -41,7 +41,7 @@ class Reservation {
 
 class Memfd {
  public:
-  Memfd(size_t bytes) {
+  explicit Memfd(size_t bytes) {
     fd_ = memfd_create("vattention_kv_pool", MFD_CLOEXEC);
     if (fd_ < 0) throw SystemError(errno_text("memfd_create"));
     if (ftruncate(fd_, static_cast<off_t>(bytes)) != 0) {

@@ -102,18 +102,35 @@ struct Driver {
   }
 };
 
+// A retained reference to a device's primary context (the one the CUDA runtime, and so
+// torch, uses), released when this goes away, also when a later constructor step throws.
+class PrimaryContext {
+ public:
+  PrimaryContext(const Driver& drv, int ordinal) : drv_(drv) {
+    drv_.check(drv_.cuInit(0), "cuInit");
+    drv_.check(drv_.cuDeviceGet(&device_, ordinal), "cuDeviceGet");
+    drv_.check(drv_.cuDevicePrimaryCtxRetain(&ctx_, device_), "cuDevicePrimaryCtxRetain");
+  }
+  ~PrimaryContext() { drv_.cuDevicePrimaryCtxRelease(device_); }
+  PrimaryContext(const PrimaryContext&) = delete;
+  PrimaryContext& operator=(const PrimaryContext&) = delete;
+  CUdevice device() const { return device_; }
+  CUcontext get() const { return ctx_; }
+
+ private:
+  const Driver& drv_;
+  CUdevice device_ = 0;
+  CUcontext ctx_ = nullptr;
+};
+
 class CudaBackend : public MemoryBackend {
  public:
-  explicit CudaBackend(int device) {
-    drv_.check(drv_.cuInit(0), "cuInit");
-    drv_.check(drv_.cuDeviceGet(&device_, device), "cuDeviceGet");
-    // The primary context is the one the CUDA runtime (and so torch) uses.
-    drv_.check(drv_.cuDevicePrimaryCtxRetain(&ctx_, device_), "cuDevicePrimaryCtxRetain");
+  explicit CudaBackend(int device) : ctx_(drv_, device) {
     prop_ = {};
     prop_.type = 1;
     prop_.requestedHandleTypes = 0;
     prop_.location.type = 1;
-    prop_.location.id = device_;
+    prop_.location.id = ctx_.device();
     access_ = {};
     access_.location = prop_.location;
     access_.flags = 3;
@@ -122,12 +139,12 @@ class CudaBackend : public MemoryBackend {
   }
 
   ~CudaBackend() override {
-    // Errors cannot be reported from a destructor; undo everything in reverse.
-    drv_.cuCtxSetCurrent(ctx_);
+    // Errors cannot be reported from a destructor; undo everything in reverse (ctx_,
+    // then drv_, go last as members).
+    drv_.cuCtxSetCurrent(ctx_.get());
     for (auto addr : mapped_) drv_.cuMemUnmap(addr, page_size_);
     for (auto h : pages_) drv_.cuMemRelease(h);
     for (auto& r : reservations_) drv_.cuMemAddressFree(r.first, r.second);
-    drv_.cuDevicePrimaryCtxRelease(device_);
   }
 
   size_t granularity() const override { return granularity_; }
@@ -186,11 +203,10 @@ class CudaBackend : public MemoryBackend {
 
  private:
   // The mapping thread may be the background one: make the context current there too.
-  void make_current() { drv_.check(drv_.cuCtxSetCurrent(ctx_), "cuCtxSetCurrent"); }
+  void make_current() { drv_.check(drv_.cuCtxSetCurrent(ctx_.get()), "cuCtxSetCurrent"); }
 
   Driver drv_;
-  CUdevice device_ = 0;
-  CUcontext ctx_ = nullptr;
+  PrimaryContext ctx_;  // after drv_: released before the driver library is closed
   CUmemAllocationProp prop_;
   CUmemAccessDesc access_;
   size_t granularity_ = 0;

@@ -5,6 +5,9 @@
 #include <fstream>
 #include <stdexcept>
 
+#include <unistd.h>
+
+#include "checked.h"
 #include "errors.h"
 
 namespace vattn {
@@ -15,8 +18,6 @@ int64_t now_ns() {
       .count();
 }
 
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
 int64_t read_max_map_count() {
   std::ifstream f("/proc/sys/vm/max_map_count");
   int64_t n = 0;
@@ -25,6 +26,18 @@ int64_t read_max_map_count() {
 }
 
 constexpr int64_t kMaxVirtualBytes = int64_t(1) << 46;  // 64 TiB: half of x86-64 user space
+// Far beyond any model or batch; below these the per-slot and per-region bookkeeping
+// (vectors, one reservation per region) stays small.
+constexpr int64_t kMaxLayers = 4096;
+constexpr int64_t kMaxSlots = int64_t(1) << 16;
+
+// Physical memory of the machine, 0 if unknown.
+int64_t physical_memory_bytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  int64_t bytes = 0;
+  if (pages <= 0 || page <= 0 || __builtin_mul_overflow(int64_t(pages), int64_t(page), &bytes)) return 0;
+  return bytes;
+}
 
 }  // namespace
 
@@ -40,6 +53,31 @@ KVCache::KVCache(const CacheConfig& cfg) : cfg_(cfg) {
   positive(cfg.max_context_len, "max_context_length");
   positive(cfg.page_size, "page_size");
   if (cfg.map_ahead_tokens < 0) throw std::invalid_argument("map_ahead_tokens must be >= 0");
+  if (cfg.elem_size > 8) throw std::invalid_argument("dtype size must be at most 8 bytes, got " + std::to_string(cfg.elem_size));
+  if (cfg.num_layers > kMaxLayers)
+    throw std::invalid_argument("num_layers " + std::to_string(cfg.num_layers) + " above " + std::to_string(kMaxLayers));
+  if (cfg.max_batch_size > kMaxSlots)
+    throw std::invalid_argument("max_batch_size " + std::to_string(cfg.max_batch_size) + " above " +
+                                std::to_string(kMaxSlots));
+  if (cfg.device < -1) throw std::invalid_argument("device must be -1 (CPU) or a CUDA ordinal, got " + std::to_string(cfg.device));
+
+  // Every size and offset the cache ever computes is bounded by these, checked once here:
+  // slot offsets by the virtual total, token offsets by slot_bytes_ (lengths are
+  // validated against max_context_len before use).
+  token_bytes_ = checked_mul(checked_mul(cfg.num_kv_heads, cfg.head_dim, "bytes per token"), cfg.elem_size,
+                             "bytes per token");
+  slot_bytes_ = checked_round_up(checked_mul(cfg.max_context_len, token_bytes_, "bytes per slot (max_context_len x "
+                                                                                 "bytes per token)"),
+                                 cfg.page_size, "bytes per slot");
+  pages_per_slot_ = slot_bytes_ / cfg.page_size;
+  regions_ = 2 * cfg.num_layers;
+  int64_t region_bytes = 0, virt = 0;
+  if (__builtin_mul_overflow(slot_bytes_, cfg.max_batch_size, &region_bytes) ||
+      __builtin_mul_overflow(region_bytes, regions_, &virt) || virt > kMaxVirtualBytes)
+    throw std::invalid_argument("the KV cache would reserve more than 64 TiB of virtual address space (" +
+                                std::to_string(regions_) + " regions x " + std::to_string(cfg.max_batch_size) +
+                                " slots x " + std::to_string(slot_bytes_) +
+                                " bytes): lower max_batch_size or max_context_length");
 
   backend_ = cfg.device < 0 ? make_cpu_backend() : make_cuda_backend(cfg.device);
   const int64_t gran = static_cast<int64_t>(backend_->granularity());
@@ -49,16 +87,7 @@ KVCache::KVCache(const CacheConfig& cfg) : cfg_(cfg) {
                                 std::to_string(gran));
   if (!backend_->is_cuda() && (cfg.page_size < 4096 || cfg.page_size > (2 << 20)))
     throw std::invalid_argument("page_size must be between 4 KiB and 2 MiB on CPU, got " + std::to_string(cfg.page_size));
-
-  token_bytes_ = cfg.num_kv_heads * cfg.head_dim * cfg.elem_size;
-  slot_bytes_ = round_up(cfg.max_context_len * token_bytes_, cfg.page_size);
-  pages_per_slot_ = slot_bytes_ / cfg.page_size;
-  regions_ = 2 * cfg.num_layers;
-  const double virt = double(slot_bytes_) * double(cfg.max_batch_size) * double(regions_);
-  if (virt > double(kMaxVirtualBytes))
-    throw std::invalid_argument("the KV cache would reserve " + std::to_string(int64_t(virt) >> 30) +
-                                " GiB of virtual address space (limit 64 TiB): lower max_batch_size or max_context_length");
-  for (int64_t r = 0; r < regions_; ++r) region_base_.push_back(backend_->reserve(slot_bytes_ * cfg.max_batch_size));
+  for (int64_t r = 0; r < regions_; ++r) region_base_.push_back(backend_->reserve(size_t(region_bytes)));
   slots_.resize(cfg.max_batch_size);
   worker_ = std::thread([this] { worker_loop(); });
 }
@@ -72,6 +101,7 @@ KVCache::~KVCache() {
   if (worker_.joinable()) worker_.join();
 }
 
+// tokens is in [0, max_context_len]: the product is at most slot_bytes_.
 int64_t KVCache::pages_for(int64_t tokens) const {
   return (tokens * token_bytes_ + cfg_.page_size - 1) / cfg_.page_size;
 }
@@ -96,16 +126,21 @@ void KVCache::check_lengths(const std::vector<int64_t>& seq_lens) const {
 int64_t KVCache::reserve_physical_pages(int64_t bytes) {
   std::lock_guard<std::mutex> lk(mu_);
   if (blocks_total_ > 0) throw std::logic_error("reserve_physical_pages was already called for this cache");
-  const int64_t block_bytes = cfg_.page_size * regions_;
+  const int64_t block_bytes = checked_mul(cfg_.page_size, regions_, "block size (page_size x 2 x num_layers)");
   const int64_t blocks = bytes / block_bytes;
   if (blocks <= 0)
     throw std::invalid_argument("a KV budget of " + std::to_string(bytes) + " bytes is less than one block (" +
                                 std::to_string(block_bytes) + " bytes = page_size x 2 x num_layers)");
   if (blocks > INT32_MAX) throw std::invalid_argument("too many pool blocks; use a larger page_size");
-  const int64_t pages = blocks * regions_;
+  const int64_t pages = blocks * regions_;  // <= bytes / page_size
   if (!backend_->is_cuda()) {
+    const int64_t ram = physical_memory_bytes();
+    if (ram > 0 && blocks * block_bytes > ram)
+      throw std::invalid_argument("a KV budget of " + std::to_string(blocks * block_bytes) +
+                                  " bytes exceeds this machine's physical memory (" + std::to_string(ram) + " bytes)");
     // Each mapped page may become its own kernel mapping, plus a PROT_NONE gap after it.
     const int64_t max_maps = read_max_map_count();
+    // Both terms are bounded: pages by the budget check above, the virtual pages by 64 TiB / page_size.
     const int64_t worst = 2 * std::min(pages, pages_per_slot_ * cfg_.max_batch_size * regions_) + regions_;
     if (worst > max_maps / 2)
       throw std::invalid_argument("a pool of " + std::to_string(pages) + " pages of " + std::to_string(cfg_.page_size) +
@@ -310,7 +345,11 @@ void KVCache::step_async(const std::vector<int64_t>& seq_lens) {
   job->generation.resize(cfg_.max_batch_size, 0);
   for (int64_t i = 0; i < cfg_.max_batch_size; ++i) {
     if (seq_lens[i] <= 0) continue;
-    job->target_pages[i] = pages_for(std::min(seq_lens[i] + cfg_.map_ahead_tokens, cfg_.max_context_len));
+    // seq_lens[i] + map_ahead_tokens, capped at max_context_len without overflowing.
+    const int64_t target = cfg_.map_ahead_tokens > cfg_.max_context_len - seq_lens[i]
+                               ? cfg_.max_context_len
+                               : seq_lens[i] + cfg_.map_ahead_tokens;
+    job->target_pages[i] = pages_for(target);
     job->generation[i] = slots_[i].generation;
   }
   job_ = std::move(job);  // a newer job replaces one not yet started

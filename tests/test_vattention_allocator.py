@@ -187,6 +187,16 @@ def test_several_caches_coexist():
     (dict(max_batch_size=-1), "max_batch_size must be positive"),
     (dict(dtype="int8"), "unsupported KV cache dtype"),
     (dict(device="tpu"), "unsupported device"),
+    # Sizes that overflow int64 or are absurd: rejected before anything is reserved.
+    (dict(num_kv_heads=2 ** 12, head_dim=2 ** 10, max_batch_size=1, max_context_len=2 ** 40 + 3, page_size=2 << 20),
+     "overflows int64"),
+    (dict(num_kv_heads=2 ** 62, head_dim=4), "bytes per token overflows"),
+    (dict(max_context_len=2 ** 63 - 1), "overflows int64"),
+    (dict(max_context_len=2 ** 40), "more than 64 TiB"),
+    (dict(num_layers=2 ** 62), "num_layers"),
+    (dict(max_batch_size=2 ** 40), "max_batch_size"),
+    (dict(page_size=-4096), "page_size must be positive"),
+    (dict(map_ahead_tokens=-1), "map_ahead_tokens"),
 ])
 def test_bad_configuration_raises(kwargs, message):
     args = dict(num_layers=2, num_kv_heads=2, head_dim=32, max_batch_size=4, max_context_len=100, page_size=4096)
@@ -214,6 +224,44 @@ def test_bad_calls_raise():
         cache.free_slot(4)
     with pytest.raises(ValueError, match="not in use"):
         cache.free_slot(0)
+
+
+def test_overflowing_config_from_issue_is_rejected_not_mapped():
+    """KVCache(1, 2**12, 2**10, 1, 2**40+3): max_context_len x bytes per token wraps int64 to
+    48 MiB, so the slot reserved 24 pages and step([4]) mapped 32 past it."""
+    with pytest.raises(ValueError, match="overflows int64"):
+        va.KVCache(1, 2 ** 12, 2 ** 10, 1, 2 ** 40 + 3, page_size=2 << 20)
+
+
+def test_bounds_at_the_binding():
+    core = va._C.KVCacheCore
+    with pytest.raises(ValueError, match="device"):
+        core(1, 1, 64, 4, 1, 64, 4096, device=-2)
+    with pytest.raises(ValueError, match="dtype size"):
+        core(1, 1, 64, 16, 1, 64, 4096)
+    with pytest.raises(TypeError):  # does not fit int64
+        core(1, 1, 64, 4, 1, 2 ** 64, 4096)
+    cache = va.KVCache(1, 1, 64, 2, 64, page_size=4096, kv_cache_memory=1 << 20, map_ahead_tokens=2 ** 63 - 1)
+    cache.step_async([64, 1])  # seq_len + map_ahead_tokens saturates at max_context_len
+    cache.wait_async()
+    cache.check_invariants()
+    for bad in (-1, 2, 2 ** 63 - 1, -2 ** 63):
+        with pytest.raises(IndexError):
+            cache.free_slot(bad)
+        with pytest.raises(IndexError):
+            cache.slot_blocks(bad)
+    for lens in ([2 ** 62, 0], [-2 ** 63, 0], [0] * 3, []):
+        with pytest.raises(ValueError):
+            cache.step(lens)
+    for n in (-1, 65, 2 ** 63 - 1):
+        with pytest.raises(ValueError):
+            cache.alloc_slot(n)
+    fresh = va.KVCache(1, 1, 64, 2, 64, page_size=4096)
+    for budget in (-1, 0, 2 ** 62, 2 ** 63 - 1):
+        with pytest.raises(ValueError):
+            fresh.reserve_physical_pages(budget)
+    with pytest.raises(ValueError, match="physical memory"):
+        va.KVCache(8, 1, 64, 2, 64, page_size=2 << 20).reserve_physical_pages(2 ** 50)
 
 
 def test_map_count_limit_is_enforced():
