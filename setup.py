@@ -1,11 +1,42 @@
 """Build the native vAttention extension from csrc/ with pybind11 only.
 
 No libtorch and no CUDA toolkit: the CUDA backend dlopen()s libcuda.so.1 at run time.
+
+Environment variables:
+
+SARATHI_NATIVE_ARCH=1  compile for the building machine's CPU (-march=native). The
+    default is portable (-O3, x86-64 baseline), so a wheel runs on any x86-64 CPU.
+    Measured on an AVX-512 EPYC, the attention kernel was no faster with
+    -march=native (decode is memory bound; prefill within noise).
+
+SARATHI_SANITIZE=1  AddressSanitizer + UndefinedBehaviorSanitizer build, for the fuzz
+    tests. Build it beside the normal extension, not in place:
+
+        SARATHI_SANITIZE=1 .venv/bin/python setup.py build_ext \\
+            --build-lib build/sanitize --build-temp build/sanitize-tmp
+
+    tests/test_native_fuzz.py finds build/sanitize/vattention_ext/_C*.so and runs the
+    same fuzz against it. Python itself is not instrumented, so a process that loads
+    it needs the ASan runtime preloaded, and libstdc++ with it (else ASan's __cxa_throw
+    interceptor is unresolved and the first C++ exception aborts):
+
+        LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \\
+            ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \\
+            .venv/bin/python ...
 """
 import glob
 import os
 
 from setuptools import setup
+
+compile_args = ["-O3", "-fopenmp"]
+link_args = ["-fopenmp", "-ldl", "-lpthread"]
+if os.environ.get("SARATHI_NATIVE_ARCH") == "1":
+    compile_args.append("-march=native")
+if os.environ.get("SARATHI_SANITIZE") == "1":
+    sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+    compile_args = ["-O1", "-g", "-fopenmp"] + sanitize
+    link_args += sanitize
 
 ext_modules = []
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -17,9 +48,10 @@ if sources:
             "vattention_ext._C",
             sources,
             include_dirs=["csrc"],
+            depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),
             cxx_std=17,
-            extra_compile_args=["-O3", "-march=native", "-fopenmp"] if os.environ.get("SARATHI_NATIVE_ARCH", "1") == "1" else ["-O3", "-fopenmp"],
-            extra_link_args=["-fopenmp", "-ldl", "-lpthread"],
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
         )
     )
 
