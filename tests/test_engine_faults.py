@@ -15,6 +15,18 @@ ENGINE_ARGS = dict(kv_cache_memory="32MiB", max_num_seqs=16, max_model_len=256, 
 POISON = 0.777  # a temperature the injected sampler fault picks out
 
 
+def poison_sampler(monkeypatch, error: type) -> None:
+    """Make the engine's sampler raise `error` for any batch holding a POISON-temperature row."""
+    real = llm_engine.sample
+
+    def faulty(logits, rows, generator):
+        if any(r.params.temperature == POISON for r in rows):
+            raise error("injected")
+        return real(logits, rows, generator)
+
+    monkeypatch.setattr(llm_engine, "sample", faulty)
+
+
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
     return LLM(model=str(tiny_model_dir), **ENGINE_ARGS)
@@ -38,14 +50,7 @@ def _run(llm, reqs):
 def test_sampling_fault_fails_only_its_request(llm, monkeypatch):
     good = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     want = _run(llm, [("ref", "Hello there", good)])["ref"].outputs[0].token_ids
-    real = llm_engine.sample
-
-    def faulty(logits, rows, generator):
-        if any(r.params.temperature == POISON for r in rows):
-            raise OverflowError("injected")
-        return real(logits, rows, generator)
-
-    monkeypatch.setattr(llm_engine, "sample", faulty)
+    poison_sampler(monkeypatch, OverflowError)
     done = _run(llm, [("good", "Hello there", good),
                       ("bad", "Hello there", SamplingParams(temperature=POISON, max_tokens=8))])
     assert done["bad"].error and "OverflowError" in done["bad"].error
@@ -132,14 +137,7 @@ def test_request_failed_reaches_async_stream(tiny_model_dir, monkeypatch):
     from sarathi.engine.async_llm_engine import AsyncLLMEngine
 
     engine = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir), **ENGINE_ARGS))
-    real = llm_engine.sample
-
-    def faulty(logits, rows, generator):
-        if any(r.params.temperature == POISON for r in rows):
-            raise ValueError("injected")
-        return real(logits, rows, generator)
-
-    monkeypatch.setattr(llm_engine, "sample", faulty)
+    poison_sampler(monkeypatch, ValueError)
 
     async def main():
         async def consume(rid, params):
