@@ -56,4 +56,23 @@ if sources:
         )
     )
 
+# Weight-only quantized linear kernels (csrc/quant/). The ISA-specific functions carry
+# their own target attributes and are picked at run time, so the portable build has them.
+quant_sources = sorted(glob.glob(os.path.join("csrc", "quant", "*.cpp")))
+if quant_sources:
+    from pybind11.setup_helpers import Pybind11Extension
+
+    ext_modules.append(
+        Pybind11Extension(
+            "sarathi.model_executor.quantization._C",
+            quant_sources + [os.path.join("csrc", "work_pool.cpp")],
+            include_dirs=["csrc", os.path.join("csrc", "quant")],
+            depends=sorted(glob.glob(os.path.join("csrc", "quant", "*.h")))
+            + [os.path.join("csrc", "work_pool.h"), os.path.join("csrc", "checked.h")],
+            cxx_std=17,
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+        )
+    )
+
 setup(ext_modules=ext_modules)

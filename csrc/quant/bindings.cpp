@@ -1,0 +1,62 @@
+// pybind11 module sarathi.model_executor.quantization._C: the quantized linear kernels.
+// Tensors arrive as data pointers plus sizes (kernels.py checks dtypes, shapes and
+// devices; the sizes are checked again here). Native work runs with the GIL released;
+// std::invalid_argument becomes ValueError.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+
+#include "qgemm.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+sqk::Isa isa_arg(const std::string& name) { return name.empty() ? sqk::default_isa() : sqk::parse_isa(name); }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "Weight-only quantized linear kernels (int8 activations x 4/8-bit weight blocks)";
+  m.attr("PANEL") = sqk::kPanel;
+
+  m.def("qlinear",
+        [](uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w, int64_t w_nbytes, int64_t N, int bits,
+           int block, bool has_min, bool half_scales, uintptr_t bias, uintptr_t out, int64_t ldo, int threads,
+           const std::string& isa) {
+          sqk::WeightFormat f;
+          f.bits = bits;
+          f.block = block;
+          f.has_min = has_min;
+          f.half_scales = half_scales;
+          const sqk::Isa which = isa_arg(isa);
+          py::gil_scoped_release nogil;
+          sqk::qlinear(ptr<const float>(x), M, K, ldx, ptr<const uint8_t>(w), w_nbytes, N, f, ptr<const float>(bias),
+                       ptr<float>(out), ldo, threads, which);
+        },
+        py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("w"), py::arg("w_nbytes"), py::arg("N"),
+        py::arg("bits"), py::arg("block"), py::arg("has_min"), py::arg("half_scales"), py::arg("bias"),
+        py::arg("out"), py::arg("ldo"), py::arg("threads"), py::arg("isa") = "");
+
+  m.def("record_bytes", [](int bits, int block, bool has_min, bool half_scales) {
+    sqk::WeightFormat f{bits, block, has_min, half_scales};
+    return f.record();
+  });
+  m.def("kernel_isa", [] { return std::string(sqk::isa_name(sqk::default_isa())); },
+        "The kernel path qlinear uses (SARATHI_QUANT_ISA caps it).");
+  m.def("best_isa", [] { return std::string(sqk::isa_name(sqk::best_isa())); });
+  m.def("available_isas", &sqk::available_isas);
+  m.def("int8_peak_gops",
+        [](const std::string& isa, double seconds) {
+          const sqk::Isa which = isa_arg(isa);
+          py::gil_scoped_release nogil;
+          return sqk::int8_peak_gops(which, seconds);
+        },
+        py::arg("isa") = "", py::arg("seconds") = 0.2);
+}

@@ -1,0 +1,94 @@
+// Weight-only quantized linear layers on the CPU: int8 activations x 4-/8-bit weight
+// blocks with integer dot products (see kernels.py for the Python side and the packed
+// layout's description).
+//
+// Packed weight layout (built by kernels.pack, read by every kernel):
+//   Output columns are grouped into panels of kPanel = 16 (N padded to 16 with zero
+//   columns). The buffer is [panels][K blocks][record]; a record holds one block of B
+//   input elements of one panel, in this order:
+//     q bytes     16 * B * bits / 8 bytes (below)
+//     scales      16 floats (fp32, or fp16 when every scale and min is exactly an fp16)
+//     mins        16 floats of the same type, only when the weight has a min
+//   The B values of a block are split into G = B / 4 groups of 4 consecutive k; a group
+//   is 64 bytes, column j's 4 bytes at j * 4 (the operand layout of vpdpbusd: one
+//   32-bit lane per column, 4 k per lane).
+//   bits = 8: G groups of 64 bytes, each byte q + 128 (offset binary, unsigned).
+//   bits = 4: G / 2 chunks of 64 bytes; chunk h's low nibbles are group h and its high
+//             nibbles group h + G / 2 (q in 0..15).
+//   Padding (k >= K, columns >= N) holds q = 0 (bits 8: byte 128) and zero scale/min.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace sqk {
+
+constexpr int kPanel = 16;
+
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };
+
+const char* isa_name(Isa isa);
+Isa parse_isa(const std::string& name);  // throws std::invalid_argument
+Isa best_isa();                          // what the CPU supports
+Isa default_isa();                       // best_isa(), capped by SARATHI_QUANT_ISA
+std::vector<std::string> available_isas();
+
+struct WeightFormat {
+  int bits = 4;
+  int block = 32;
+  bool has_min = false;
+  bool half_scales = false;
+  int64_t qbytes() const { return int64_t(kPanel) * block * bits / 8; }
+  int64_t scale_bytes() const { return half_scales ? 2 : 4; }
+  int64_t record() const { return qbytes() + kPanel * scale_bytes() * (has_min ? 2 : 1); }
+};
+
+// Everything a kernel needs, sizes validated by qlinear().
+struct Ctx {
+  WeightFormat fmt;
+  const uint8_t* w = nullptr;  // packed weight
+  int64_t N = 0, K = 0, M = 0;
+  int64_t nb = 0;              // K blocks
+  int64_t Kp = 0;              // nb * block: row stride of xq
+  const int8_t* xq = nullptr;  // [M][Kp] quantized activations (zero beyond K)
+  const float* xd = nullptr;   // [M][nb] activation block scales
+  const float* xs = nullptr;   // [M][nb] d * sum(q) per block (for mins)
+  const int32_t* xc = nullptr; // [M][nb] -128 * sum(q) per block (bits 8 offset correction)
+  const float* bias = nullptr; // [N] or null
+  float* y = nullptr;          // [M][ldy]
+  int64_t ldy = 0;
+};
+
+// Activation quantization of rows [m0, m1) of x (row stride ldx) into ctx's buffers.
+using QuantizeFn = void (*)(const float* x, int64_t ldx, const Ctx& c, int64_t m0, int64_t m1);
+// y for all M rows and panels [p0, p1).
+using GemmFn = void (*)(const Ctx& c, int64_t p0, int64_t p1);
+
+struct Kernels {
+  QuantizeFn quantize = nullptr;
+  GemmFn gemm = nullptr;
+  int panels_per_step = 1;  // panels a micro-kernel covers at once (work-split granularity)
+};
+
+Kernels scalar_kernels(const WeightFormat& f);
+Kernels avx2_kernels(const WeightFormat& f);
+Kernels avx512_kernels(const WeightFormat& f);
+
+// Scalar reference quantization of one block (shared definition of the rounding).
+// Returns the scale; writes q[0..n) and q[n..B) = 0; sum = sum of q.
+// A block with a non-finite value gets scale NaN (so its outputs become NaN) and q = 0;
+// a block with max |x| < 2^-96 is flushed to zero.
+float quantize_block_ref(const float* x, int n, int B, int8_t* q, int32_t* sum);
+
+// y = x @ W^T (+ bias). x: [M][K] fp32 with row stride ldx; y: [M][ldy].
+void qlinear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t w_nbytes, int64_t N,
+             const WeightFormat& fmt, const float* bias, float* y, int64_t ldy, int threads, Isa isa);
+
+// A measured int8 dot-product peak estimate for this ISA on one thread (GOP/s, 2 ops per MAC).
+double int8_peak_gops(Isa isa, double seconds);
+double peak_scalar(double seconds);
+double peak_avx2(double seconds);
+double peak_avx512(double seconds);
+
+}  // namespace sqk

@@ -1,0 +1,1 @@
+"""Quantized weights: logical formats and the CPU kernels that multiply by them."""
