@@ -334,7 +334,8 @@ def sanitized_extension():
             return None, ("no sanitizer build: run `SARATHI_SANITIZE=1 .venv/bin/python setup.py build_ext "
                           "--build-lib build/sanitize --build-temp build/sanitize-tmp` (or set SARATHI_FUZZ_SANITIZED_SO)")
         so = found[-1]
-        newest_source = max(os.path.getmtime(p) for p in glob.glob(str(ROOT / "csrc" / "*")))
+        sources = glob.glob(str(ROOT / "csrc" / "*.cpp")) + glob.glob(str(ROOT / "csrc" / "*.h"))
+        newest_source = max(os.path.getmtime(p) for p in sources)
         if os.path.getmtime(so) < newest_source:
             return None, f"the sanitizer build {so} is older than csrc/: rebuild it (see setup.py)"
     try:
