@@ -59,6 +59,9 @@ class EngineConfig:
     dtype: str = flag("auto", "weights and KV dtype; auto: float32 on CPU, bfloat16 on CUDA",
                       choices=("auto", *DTYPES))
     device: str = flag("auto", "auto, cpu or cuda[:N]")
+    quantization: str = flag("auto", "weight format: auto = what the checkpoint is (GGUF blocks, GPTQ / AWQ "
+                             "groups, else float); none = float (exact HF parity); int8 = per-channel int8 "
+                             "at load", choices=("auto", "none", "gguf", "gptq", "awq", "int8"))
     seed: int = flag(0, "seed of the engine's shared sampling generator")
     max_model_len: Optional[int] = flag(None, "context length (default: the model's max_position_embeddings)",
                                         type=int)
@@ -84,8 +87,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
         self.kv_cache_backend = ATTENTION_BACKEND_ALIASES.get(self.kv_cache_backend, self.kv_cache_backend)
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
         if self.kv_cache_backend not in KV_BACKENDS:
             raise ValueError(f"kv_cache_backend must be one of {KV_BACKENDS} "
                              f"(or fa_vattn/fa_paged), got {self.kv_cache_backend!r}")

@@ -309,5 +309,7 @@ class LLMEngine:
         stats["kv_bytes_used"] = int(stats["kv_bytes_total"] * self.kv.usage)
         stats.update(self.counters)
         stats["generation_tokens_total"] = self.outputs.generation_tokens
+        stats["model_info"] = {"quantization": self.runner.quantization, "kernel_isa": self.runner.kernel_isa,
+                               "weight_formats": self.runner.formats}
         stats.update({f"kv_cache_{k}": v for k, v in self.runner.kv_stats().items()})
         return stats

@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
+
+logger = logging.getLogger("sarathi")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -98,6 +101,66 @@ _TENSOR_NAMES = {
 }
 
 
+def gguf_tensor_key(name: str, n_head: int, n_kv: int):
+    """(HF weight name or None to skip, heads whose rope rows llama.cpp permuted or 0)."""
+    if name == "token_embd.weight":
+        return "model.embed_tokens.weight", 0
+    if name == "output_norm.weight":
+        return "model.norm.weight", 0
+    if name == "output.weight":
+        return "lm_head.weight", 0
+    if name.startswith("blk."):
+        _, layer, kind, _ = name.split(".")
+        if kind in _TENSOR_NAMES:
+            heads = n_head if kind == "attn_q" else n_kv if kind == "attn_k" else 0
+            return f"model.layers.{layer}.{_TENSOR_NAMES[kind]}.weight", heads
+    return None, 0
+
+
+def gguf_source(name_or_path: str) -> Optional[Path]:
+    """The GGUF file behind a --model value, if it names one (the embedded model does)."""
+    if name_or_path.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m"):
+        return _embedded_smollm2()
+    path = Path(name_or_path).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
+def iter_gguf_weights(gguf_path: Path):
+    """(HF name, tensor) from a GGUF file without dequantising: quantized matrices come as
+    QuantTensor in their own block format, float tensors (norms) as float32 tensors."""
+    import gguf
+    import torch
+
+    from sarathi.model_executor.quantization.formats import from_gguf, quantize_int8
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    a = "llama."
+    n_head = int(_field(reader, a + "attention.head_count"))
+    n_kv = int(_field(reader, a + "attention.head_count_kv", n_head))
+    for t in reader.tensors:
+        key, heads = gguf_tensor_key(t.name, n_head, n_kv)
+        if key is None:
+            continue
+        shape = [int(d) for d in reversed(t.shape)]
+        kind = t.tensor_type.name
+        if kind in ("F32", "F16", "BF16"):
+            w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type)
+                                                      .astype(np.float32).reshape(shape)))
+            if heads:
+                w = torch.from_numpy(_unpermute_rope(w.numpy(), heads))
+            if w.dim() == 2 and key != "model.embed_tokens.weight":
+                logger.info("GGUF tensor %s is %s: quantized to int8 blocks to sit beside the quantized "
+                            "layers", t.name, kind)
+                yield key, quantize_int8(w, per_channel=False, source=f"gguf {kind}->int8")
+            else:
+                yield key, w
+            continue
+        data = np.asarray(t.data).reshape(shape[0], -1)
+        if heads:
+            data = _unpermute_rope(data, heads)  # whole rows of blocks move with their output
+        yield key, from_gguf(data, kind, shape, f"{gguf_path.name}:{t.name}")
+
+
 def _write_hf_dir(gguf_path: Path, out: Path) -> None:
     import gguf
     import torch
@@ -114,26 +177,13 @@ def _write_hf_dir(gguf_path: Path, out: Path) -> None:
     hidden = int(_field(reader, a + "embedding_length"))
     tensors: Dict[str, torch.Tensor] = {}
     for t in reader.tensors:
+        key, heads = gguf_tensor_key(t.name, n_head, n_kv)
+        if key is None:
+            continue
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         w = w.reshape([int(d) for d in reversed(t.shape)])
-        name = t.name
-        if name == "token_embd.weight":
-            key = "model.embed_tokens.weight"
-        elif name == "output_norm.weight":
-            key = "model.norm.weight"
-        elif name == "output.weight":
-            key = "lm_head.weight"
-        elif name.startswith("blk."):
-            _, layer, kind, _ = name.split(".")
-            if kind not in _TENSOR_NAMES:
-                continue
-            if kind == "attn_q":
-                w = _unpermute_rope(w, n_head)
-            elif kind == "attn_k":
-                w = _unpermute_rope(w, n_kv)
-            key = f"model.layers.{layer}.{_TENSOR_NAMES[kind]}.weight"
-        else:
-            continue
+        if heads:
+            w = _unpermute_rope(w, heads)
         tensors[key] = torch.from_numpy(np.ascontiguousarray(w))
     vocab = tensors["model.embed_tokens.weight"].shape[0]
     config = {
@@ -183,15 +233,95 @@ def load_hf_config(model_dir: Path) -> dict:
     return json.loads((model_dir / "config.json").read_text())
 
 
-def load_model(model_dir: Path, hf_config: dict, dtype, device):
-    """Build our LlamaForCausalLM from an HF-style directory whose config.json is hf_config."""
+QUANTIZATIONS = ("auto", "none", "gguf", "gptq", "awq", "int8")
+
+
+def pick_quantization(requested: str, hf_config: dict, gguf_path: Optional[Path]) -> str:
+    """What --quantization means for this checkpoint ('auto' = what the checkpoint is)."""
+    method = (hf_config.get("quantization_config") or {}).get("quant_method")
+    if method is not None and method not in ("gptq", "awq"):
+        raise ValueError(f"quantization_config.quant_method {method!r} is not supported (gptq and awq are)")
+    if requested == "auto":
+        return "gguf" if gguf_path is not None else (method or "none")
+    if requested == "gguf" and gguf_path is None:
+        raise ValueError("--quantization gguf needs a .gguf model file")
+    if requested in ("gptq", "awq") and method != requested:
+        raise ValueError(f"--quantization {requested}: the checkpoint's quantization_config says "
+                         f"{method or 'nothing (float weights)'}")
+    if method is not None and requested == "int8":
+        raise ValueError(f"the checkpoint is {method}-quantized: use --quantization {method} or none")
+    return requested
+
+
+def iter_quantized_checkpoint(model_dir: Path, hf_config: dict):
+    """(HF name, tensor or QuantTensor) from a GPTQ / AWQ safetensors checkpoint."""
+    from sarathi.model_executor.quantization.formats import from_gptq
+
+    qc = hf_config["quantization_config"]
+    awq = qc["quant_method"] == "awq"
+    bits, group = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
+    # GPTQ "v1" (AutoGPTQ, GPTQModel's default export) stores zero - 1; "gptq_v2" and AWQ the zero.
+    offset = 0 if awq or qc.get("checkpoint_format") == "gptq_v2" else 1
+    pending: Dict[str, Dict[str, "object"]] = {}
+    suffixes = ("qweight", "qzeros", "scales", "g_idx")
+    for name, tensor in iter_safetensors(model_dir):
+        prefix, _, leaf = name.rpartition(".")
+        if leaf not in suffixes:
+            if leaf == "bias" or not name.endswith("_proj.weight"):
+                yield name, tensor
+                continue
+            raise ValueError(f"{model_dir}: {name} is a float weight in a {qc['quant_method']} checkpoint")
+        pending.setdefault(prefix, {})[leaf] = tensor
+    for prefix, parts in pending.items():
+        if "qweight" not in parts:
+            raise ValueError(f"{model_dir}: {prefix} has {sorted(parts)} but no qweight")
+        yield f"{prefix}.weight", from_gptq(parts["qweight"], parts.get("qzeros"), parts.get("scales"),
+                                            parts.get("g_idx"), bits, group, f"{model_dir.name}:{prefix}",
+                                            zero_offset=offset, awq=awq)
+
+
+def _dequantized(weights):
+    """The same weights with every QuantTensor turned into its float [out, in] matrix."""
+    from sarathi.model_executor.quantization.formats import QuantTensor
+
+    for name, w in weights:
+        yield name, (w.dequantize() if isinstance(w, QuantTensor) else w)
+
+
+def load_model(model_dir: Path, hf_config: dict, dtype, device, quantization: str = "none",
+               gguf_path: Optional[Path] = None):
+    """Build our LlamaForCausalLM from an HF-style directory whose config.json is hf_config.
+
+    quantization (already resolved by pick_quantization): none = float weights (a GGUF file
+    through its dequantised cache, a GPTQ / AWQ checkpoint dequantised); gguf / gptq / awq =
+    the checkpoint's own blocks, computed by the quantized kernels; int8 = float weights
+    quantized per output channel at load. Quantized kernels run on CPU; on other devices the
+    weights are dequantised to `dtype` at load (logged)."""
     import torch
 
     from sarathi.model_executor.models.llama import LlamaArgs, LlamaForCausalLM
+    from sarathi.model_executor.quantization.formats import quantize_int8
 
     args = LlamaArgs.from_hf_config(hf_config)
     with torch.device("meta"):
         model = LlamaForCausalLM(args)
     model = model.to_empty(device=device).to(dtype)
-    model.load_weights((k, v.to(dtype)) for k, v in iter_safetensors(model_dir))
+    if quantization == "gguf":
+        weights = iter_gguf_weights(gguf_path)
+    elif quantization in ("gptq", "awq") or (quantization == "none" and "quantization_config" in hf_config):
+        weights = iter_quantized_checkpoint(model_dir, hf_config)
+    else:
+        weights = iter_safetensors(model_dir)
+    on_cpu = torch.device(device).type == "cpu"
+    if quantization == "none" or not on_cpu:
+        if quantization != "none":
+            logger.info("%s weights have no kernel on %s: dequantised to %s at load", quantization, device, dtype)
+        weights = _dequantized(weights)
+    model.load_weights((k, v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in weights)
+    if quantization == "int8" and on_cpu:
+        from sarathi.model_executor.layers.linear import Linear
+
+        for linear in model.modules():   # every matmul, the (tied) LM head included
+            if isinstance(linear, Linear) and linear.qweight is None:
+                linear.quantize([quantize_int8(linear.weight.detach().t())])
     return model.eval()

@@ -5,6 +5,7 @@ sequence and returns the logits rows the engine asked for.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,9 @@ import torch
 
 from sarathi.config import EngineConfig, torch_dtype
 from sarathi.model_executor.kv_cache import KVCacheSpec, StepBatch, kv_backend_class
-from sarathi.model_executor.model_loader import load_hf_config, load_model
+from sarathi.model_executor.model_loader import gguf_source, load_hf_config, load_model, pick_quantization
+
+logger = logging.getLogger("sarathi")
 
 
 def pick_device(name: str) -> torch.device:
@@ -45,7 +48,13 @@ class ModelRunner:
             self.hf_config.get("max_position_embeddings", 2048)
         self.device = pick_device(config.device)
         self.dtype = torch_dtype(config.dtype, self.device.type)
-        self.model = load_model(model_dir, self.hf_config, self.dtype, self.device)
+        gguf_path = gguf_source(config.model)
+        self.quantization = pick_quantization(config.quantization, self.hf_config, gguf_path)
+        self.model = load_model(model_dir, self.hf_config, self.dtype, self.device, self.quantization, gguf_path)
+        self.kernel_isa = self._kernel_isa()
+        self.formats = self.weight_formats()
+        logger.info("model %s: %s weights (%s), %.0f MB, kernels: %s", model_dir.name, self.quantization,
+                    self.formats, self.weight_bytes() / 1e6, self.kernel_isa)
         a = self.model.args
         self.vocab_size = a.vocab_size
         self.scale = 1.0 / math.sqrt(a.head_dim)
@@ -57,6 +66,27 @@ class ModelRunner:
         self._kv = kv_backend_class(config.kv_cache_backend)(self._kv_spec)
         self.needs_block_tables = self._kv.needs_block_tables
         self.kv_bytes_per_token = self._kv_spec.bytes_per_token
+
+    def _kernel_isa(self) -> str:
+        if self.quantization == "none" or self.device.type != "cpu":
+            return "torch"
+        from sarathi.model_executor.quantization.kernels import kernel_isa
+        return kernel_isa()
+
+    def _linears(self):
+        from sarathi.model_executor.layers.linear import Linear
+        return [m for m in self.model.modules() if isinstance(m, Linear)]
+
+    def weight_formats(self) -> str:
+        """The formats of the linear layers' weights, e.g. 'gguf Q4_1, gguf Q8_0'."""
+        names = {m.qweight.source if m.qweight is not None else str(self.dtype).replace("torch.", "")
+                 for m in self._linears()}
+        return ", ".join(sorted(names))
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights a forward pass reads: float parameters plus quantized blocks."""
+        floats = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return floats + sum(m.qweight.nbytes() for m in self._linears() if m.qweight is not None)
 
     def kv_layout(self) -> Tuple[int, int, int]:
         """(num_blocks, block_size, num_slots) for the scheduler's KVManager."""

@@ -46,6 +46,12 @@ class _EngineStatsCollector:
                 g = GaugeMetricFamily(f"sarathi:kv_backend_{name}", f"KV cache backend: {name}")
                 g.add_metric([], float(value))
                 yield g
+        info = stats.get("model_info")
+        if isinstance(info, dict):
+            g = GaugeMetricFamily("sarathi:model_info", "Weight format and kernel ISA of the served model (value 1)",
+                                  labels=sorted(info))
+            g.add_metric([str(info[k]) for k in sorted(info)], 1.0)
+            yield g
         counters = [("prompt_tokens", "Prompt tokens processed", "prompt_tokens_total"),
                     ("generation_tokens", "Tokens generated", "generation_tokens_total"),
                     ("num_preemptions", "Requests preempted (recompute)", "num_preemptions_total")]

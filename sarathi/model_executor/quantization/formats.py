@@ -152,12 +152,18 @@ def from_gguf(data: np.ndarray, kind: str, shape: Sequence[int], name: str) -> Q
     import gguf
 
     n, k = int(shape[0]), int(shape[1])
-    qtype = gguf.GGMLQuantizationType[kind]
-    elems, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        qtype = gguf.GGMLQuantizationType[kind]
+        elems, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    except KeyError:
+        raise ValueError(f"GGUF tensor {name!r} has type {kind}, which is not supported") from None
     if k % elems or data.shape != (n, k // elems * nbytes):
         raise ValueError(f"GGUF tensor {name!r} ({kind}): raw data {data.shape} does not match {n}x{k}")
     if kind not in GGUF_KERNEL_TYPES:
-        w = gguf.quants.dequantize(data, qtype).reshape(n, k).astype(np.float32)
+        try:
+            w = gguf.quants.dequantize(data, qtype).reshape(n, k).astype(np.float32)
+        except (NotImplementedError, ValueError) as e:
+            raise ValueError(f"GGUF tensor {name!r} has type {kind}, which cannot be decoded: {e}") from None
         logger.info("GGUF tensor %s is %s, which has no kernel: re-quantised to int8 blocks of 32", name, kind)
         return quantize_int8(torch.from_numpy(w), block=KERNEL_BLOCK, source=f"gguf {kind}->int8")
     blocks = np.ascontiguousarray(data).reshape(-1, nbytes)
