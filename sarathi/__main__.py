@@ -70,6 +70,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cmd == "serve":
         from sarathi.entrypoints.openai.api_server import main as serve_main
         return serve_main(rest) or 0
+    if cmd == "quantize":
+        from sarathi.quantize.__main__ import main as quantize_main
+        return quantize_main(rest, prog="sarathi quantize")
     print(f"unknown command {cmd!r}: expected generate or serve", file=sys.stderr)
     return 2
 
