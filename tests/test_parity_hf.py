@@ -92,7 +92,8 @@ def test_greedy_parity_smollm2(smollm2_dir):
              tok.apply_chat_template([{"role": "user", "content": "Name three colours."}], tokenize=False,
                                      add_generation_prompt=True)]
     prompts = [tok.encode(t) for t in texts]
-    llm = LLM(model="smollm2-135m-instruct", max_model_len=512, kv_cache_memory="512MiB", chunk_size=16)
+    llm = LLM(model="smollm2-135m-instruct", quantization="none", max_model_len=512, kv_cache_memory="512MiB",
+              chunk_size=16)
     outs = llm.generate(prompt_token_ids=prompts,
                         sampling_params=SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=0))
     for p, out in zip(prompts, outs):
