@@ -72,7 +72,8 @@ def bounds(x, q, scale, mn, block):
     return quant, rounding
 
 
-def check(y, x, wq, q, scale, mn, block, bias=None, exact=False):
+def reference(x, wq, q, scale, mn, block, bias=None, exact=False):
+    """(x @ W.T (+ bias) in float64, the allowed |error| per output)."""
     ref = x.double() @ wq.dequantize().double().T
     if bias is not None:
         ref = ref + bias.double()
@@ -80,10 +81,19 @@ def check(y, x, wq, q, scale, mn, block, bias=None, exact=False):
     tol = rounding + 1e-30 + (0 if exact else quant)
     if bias is not None:
         tol = tol + 2 * EPS32 * ref.abs()
+    return ref, tol
+
+
+def within(y, ref_tol):
+    ref, tol = ref_tol
     err = (y.double() - ref).abs()
     worst = (err / tol).max().item()
     assert worst <= 1.0, f"error {err.max().item():.3g} exceeds bound by x{worst:.3g}"
     return worst
+
+
+def check(y, x, wq, q, scale, mn, block, bias=None, exact=False):
+    return within(y, reference(x, wq, q, scale, mn, block, bias, exact))
 
 
 @pytest.mark.parametrize("bits,has_min,block", FORMATS)
@@ -101,12 +111,13 @@ def test_formats_shapes_isas(bits, has_min, block):
             assert torch.equal(wq.dequantize(), W)
             for M in MS:
                 x = torch.randn(M, K, generator=gen)
+                rt = reference(x, wq, q, scale, mn, block)
                 ys = {}
                 for isa in ISAS:
                     for threads in (1, 2):
                         y = kernels.qlinear(x, wq, num_threads=threads, isa=isa)
                         assert y.shape == (M, N) and y.dtype == torch.float32
-                        check(y, x, wq, q, scale, mn, block)
+                        within(y, rt)
                         ys[isa, threads] = y
                 for isa in ISAS:  # each output is computed by one thread in a fixed order
                     assert torch.equal(ys[isa, 1], ys[isa, 2])
