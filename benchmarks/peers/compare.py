@@ -109,7 +109,10 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--threads", type=int, default=2, help="peers' CPU threads")
     p.add_argument("--gguf", default=None, help="default: the embedded SmolLM2 Q4_1 GGUF")
-    p.add_argument("--sarathi-model", default=None, help="default: the same GGUF (converted once to fp32)")
+    p.add_argument("--sarathi-model", default=None, help="default: the same GGUF, served in its own blocks")
+    p.add_argument("--seed", type=int, default=1000,
+                   help="prompts of concurrency level i use seed + i: fresh prompts at every level, so no "
+                        "server answers from a prompt cache; both servers get the same prompt sets")
     p.add_argument("--sarathi-args", default="", help="extra flags for our server, e.g. '--chunk-size 256'")
     p.add_argument("--llama-server-args", default="", help="extra flags for llama-server, e.g. '--poll 0'")
     p.add_argument("--eos-ids", type=int, nargs="+", default=[0, 2],
@@ -134,8 +137,10 @@ def main() -> None:
             continue
         proc, url = start(system, args, out_dir)
         try:
-            for conc, n in zip(args.concurrency, serial_counts if system == "llama-cpp-python" else counts):
+            for level, (conc, n) in enumerate(zip(args.concurrency,
+                                                  serial_counts if system == "llama-cpp-python" else counts)):
                 argv = ["--base-url", url, "--endpoint", args.endpoint, "--num-prompts", str(n),
+                        "--seed", str(args.seed + level),
                         "--max-concurrency", str(conc), "--random-input-len", str(args.input_len),
                         "--random-output-len", str(args.output_len), "--label", f"{system}-c{conc}",
                         "--result-dir", str(out_dir)]
