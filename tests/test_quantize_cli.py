@@ -1,7 +1,7 @@
-"""`sarathi quantize` (RTN / AWQ / GPTQ) on a tiny random Llama: checkpoint layouts, dequantization
-accuracy, AWQ/GPTQ beating RTN, act-order g_idx, bad inputs, atomic output.
-
-The real-model run (SmolLM2-135M, all 30 layers) is opt-in: SARATHI_QUANT_REAL=1.
+"""`sarathi quantize` (RTN / AWQ / GPTQ) on a tiny random Llama: checkpoint layouts, packing
+against loop transcriptions of AutoGPTQ / AutoAWQ, dequantization accuracy, AWQ/GPTQ beating RTN,
+act-order g_idx, bad inputs, atomic output. On the embedded SmolLM2-135M: RTN (fast, default run);
+AWQ and GPTQ on all 30 layers are opt-in (SARATHI_QUANT_REAL=1, a few minutes on 2 cores).
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 N_LAYERS = 2
 GS = 32
-CALIB_ARGS = ["--num-samples", "8", "--seq-len", "64", "--threads", "1", "--quiet"]
 
 
 # --- fixtures ----------------------------------------------------------------------------------
