@@ -85,10 +85,17 @@ float quantize_block_ref(const float* x, int n, int B, int8_t* q, int32_t* sum);
 void qlinear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t w_nbytes, int64_t N,
              const WeightFormat& fmt, const float* bias, float* y, int64_t ldy, int threads, Isa isa);
 
-// A measured int8 dot-product peak estimate for this ISA on one thread (GOP/s, 2 ops per MAC).
+// A measured int8 multiply-add peak for this ISA on the calling thread (GOP/s, 2 ops per
+// MAC), over its CPU time (so time slices lost to other processes do not count).
 double int8_peak_gops(Isa isa, double seconds);
-double peak_scalar(double seconds);
-double peak_avx2(double seconds);
-double peak_avx512(double seconds);
+
+// The measuring loops: `iters` iterations of independent int8 multiply-add chains; the
+// result depends on all of them. *_ops: operations (2 per MAC) per iteration.
+int32_t peak_loop_scalar(int64_t iters, int32_t seed);
+int32_t peak_loop_avx2(int64_t iters, int32_t seed);
+int32_t peak_loop_avx512(int64_t iters, int32_t seed);
+constexpr double kPeakOpsScalar = 2.0 * 4096;
+constexpr double kPeakOpsAvx2 = 2.0 * 32 * 6;      // 6 x vpmaddubsw (+ vpaddw)
+constexpr double kPeakOpsAvx512 = 2.0 * 64 * 12;   // 12 x vpdpbusd zmm
 
 }  // namespace sqk

@@ -13,7 +13,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -259,18 +258,6 @@ Kernels avx512_kernels(const WeightFormat& f) {
   return f.block == 32 ? pick_min_half<8, 32>(f) : pick_min_half<8, 16>(f);
 }
 
-double peak_avx512(double seconds) {
-  const int64_t chunk = 1 << 16;
-  int64_t iters = 0;
-  volatile int32_t sink = 0;
-  const auto t0 = std::chrono::steady_clock::now();
-  double el = 0;
-  do {
-    sink = sink + peak_loop(chunk, int32_t(iters));
-    iters += chunk;
-    el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  } while (el < seconds);
-  return 2.0 * 64.0 * 12.0 * double(iters) / el / 1e9;
-}
+int32_t peak_loop_avx512(int64_t iters, int32_t seed) { return peak_loop(iters, seed); }
 
 }  // namespace sqk
