@@ -625,19 +625,29 @@ def test_real_smollm2_rtn(smollm2_dir, smollm2_fp_ppl, heldout_windows, tmp_path
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("SARATHI_QUANT_REAL") != "1",
                     reason="AWQ+GPTQ on all 30 SmolLM2 layers take ~4 min on 2 busy cores; set SARATHI_QUANT_REAL=1")
-def test_real_smollm2_awq_gptq_beat_rtn(smollm2_fp_ppl, heldout_windows, tmp_path, capsys):
+def test_real_smollm2_awq_gptq_beat_rtn(smollm2_dir, tmp_path, capsys):
+    """Held-out perplexity on 16 x 256-token windows (measured: fp32 14.3, RTN 19.0, GPTQ 16.7;
+    a handful of 64-token windows is too noisy, and short contexts weigh the first positions,
+    which 256-token calibration windows barely cover)."""
+    from transformers import LlamaForCausalLM
+
     from sarathi.quantize import load_dequantized_model
+    from sarathi.quantize.calib import calibration_windows
 
     (tmp_path / "calib.txt").write_text(_stdlib_text("argparse", "json.decoder", "textwrap", "functools", "typing"),
                                         encoding="utf-8")
-    ppl, lines = {}, {}
+    (tmp_path / "heldout.txt").write_text(_stdlib_text("shutil", "dataclasses"), encoding="utf-8")
+    windows = calibration_windows(tmp_path / "heldout.txt", smollm2_dir, 16, 256, seed=7)
+    fp = LlamaForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+    ppl, lines = {"fp32": _perplexity(fp, windows)}, {}
     for method in ("rtn", "awq", "gptq"):
         argv = ["--model", "smollm2-135m-instruct", "--method", method, "--group-size", "64", "--calib",
                 tmp_path / "calib.txt", "--out", tmp_path / method, "--num-samples", "16", "--seq-len", "256",
                 "--quiet", "--threads", "1"]
         assert _run(argv) == 0
         lines[method] = capsys.readouterr().out.strip().splitlines()[-1]
-        ppl[method] = _perplexity(load_dequantized_model(tmp_path / method), heldout_windows[:4])
+        ppl[method] = _perplexity(load_dequantized_model(tmp_path / method), windows)
     with capsys.disabled():
-        print("\nfp32 perplexity", smollm2_fp_ppl, ppl, *lines.values(), sep="\n")
-    assert ppl["awq"] < ppl["rtn"] and ppl["gptq"] < ppl["rtn"], ppl
+        print("", ppl, *lines.values(), sep="\n")
+    assert ppl["fp32"] < ppl["awq"] < ppl["rtn"] and ppl["fp32"] < ppl["gptq"] < ppl["rtn"], ppl
+    assert ppl["rtn"] < 1.6 * ppl["fp32"], ppl
