@@ -204,6 +204,10 @@ struct Scratch {
     }
     return buf.data();
   }
+  void release() {
+    buf.clear();
+    buf.shrink_to_fit();
+  }
 };
 
 inline size_t align64(int64_t n) { return size_t((n + 63) & ~int64_t(63)); }
@@ -294,6 +298,8 @@ void qlinear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w
   } else {
     pool.run(n_items, threads, gemm_item);
   }
+  // A huge prefill must not pin its activation buffer for the thread's lifetime.
+  if (scratch.buf.size() > (size_t(64) << 20)) scratch.release();
 }
 
 double int8_peak_gops(Isa isa, double seconds) {
