@@ -96,7 +96,8 @@ def main() -> None:
     ap.add_argument("--heldout", default=str(DOCS / "heldout.txt"))
     ap.add_argument("--calib", default=str(DOCS / "train.txt"))
     ap.add_argument("--methods", nargs="*", default=["rtn", "awq", "gptq"])
-    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--group-size", type=int, default=64,
+                    help="SmolLM2's hidden size 576 is not a multiple of 128, so 64 (the next that divides it)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--window-len", type=int, default=256)
     ap.add_argument("--skip-build", action="store_true", help="only variants already quantized")

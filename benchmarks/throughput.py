@@ -140,6 +140,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--kv-cache-backend", default="vattention")
+    ap.add_argument("--quantization", default="none",
+                    help="engine weights (default none: fp32, like the HF baseline); see --quantization")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the 64 requests to run")
     ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--skip-hf", action="store_true")
@@ -148,7 +150,8 @@ def main() -> None:
     ns = ap.parse_args()
     rng = random.Random(0)
     threads = torch.get_num_threads()
-    llm = LLM(model=ns.model, kv_cache_backend=ns.kv_cache_backend, max_model_len=2048, max_num_seqs=64,
+    llm = LLM(model=ns.model, quantization=ns.quantization, kv_cache_backend=ns.kv_cache_backend,
+              max_model_len=2048, max_num_seqs=64,
               kv_cache_memory="4GiB", chunk_size=512)
     args = llm.engine.runner.model.args
     vocab = args.vocab_size
