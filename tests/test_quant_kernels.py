@@ -16,6 +16,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 kernels = pytest.importorskip("sarathi.model_executor.quantization.kernels")
 
@@ -141,6 +143,19 @@ def test_exactly_representable_activations(isa, bits, has_min, block):
         assert torch.equal(x.double(), (ints.view(M, nb, block) * d[:, :, None]).view(M, -1)[:, :K])
         y = kernels.qlinear(x, wq, isa=isa)
         check(y, x, wq, q, scale, mn, block, exact=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(M=st.integers(1, 21), N=st.integers(1, 40), K=st.integers(1, 300), fmt=st.sampled_from(FORMATS),
+       isa=st.sampled_from(ISAS), threads=st.integers(1, 3), half=st.booleans(), seed=st.integers(0, 2**31))
+def test_fuzz_random_shapes(M, N, K, fmt, isa, threads, half, seed):
+    bits, has_min, block = fmt
+    gen = torch.Generator().manual_seed(seed)
+    q, scale, mn = make_weight(N, K, bits, has_min, block, gen, half=half)
+    wq = kernels.pack(q, scale, mn, bits, block)
+    x = torch.randn(M, K, generator=gen) * float(torch.rand(1, generator=gen)) * 10
+    y = kernels.qlinear(x, wq, num_threads=threads, isa=isa)
+    check(y, x, wq, q, scale, mn, block)
 
 
 def test_error_bound_is_tight_enough_to_matter():

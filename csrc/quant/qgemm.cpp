@@ -326,7 +326,7 @@ double int8_peak_gops(Isa isa, double seconds) {
   const double end = cpu_now() + std::max(seconds, 1e-3);
   do {  // best of short runs: a run hit by an interrupt or a frequency dip does not count
     const double t0 = cpu_now();
-    sink = sink + loop(chunk, sink);
+    sink = loop(chunk, sink) & 0xffff;
     const double el = cpu_now() - t0;
     if (el > 0) best = std::max(best, ops * double(chunk) / el / 1e9);
   } while (cpu_now() < end);
@@ -340,14 +340,14 @@ int32_t peak_loop_scalar(int64_t iters, int32_t seed) {
     a[i] = int8_t(i * 7 + seed);
     b[i] = int8_t(i * 13 + 5);
   }
-  int32_t total = 0;
+  uint32_t total = 0;
   for (int64_t r = 0; r < iters; ++r) {
-    int32_t s = 0;
+    int32_t s = 0;  // |s| <= 4096 * 128 * 128 = 2^26: no overflow
     for (int i = 0; i < 4096; ++i) s += int32_t(a[i]) * int32_t(b[i]);
-    total += s;
-    a[r & 4095] = int8_t(s);
+    total += uint32_t(s);
+    a[r & 4095] = int8_t(s & 0x7f);
   }
-  return total;
+  return int32_t(total & 0x7fffffff);
 }
 
 }  // namespace sqk

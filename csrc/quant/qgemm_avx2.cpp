@@ -290,7 +290,10 @@ SQK_AVX2 int32_t peak_loop(int64_t iters, int32_t seed) {
   }
   const __m256i s = _mm256_add_epi16(_mm256_add_epi16(_mm256_add_epi16(c0, c1), _mm256_add_epi16(c2, c3)),
                                      _mm256_add_epi16(c4, c5));
-  return hsum8i(s);
+  uint32_t lanes[8], r = 0;  // the sums wrap: add them unsigned (no signed-overflow UB)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), s);
+  for (uint32_t v : lanes) r += v;
+  return int32_t(r & 0x7fffffff);
 }
 
 }  // namespace

@@ -248,7 +248,10 @@ SQK_AVX512 int32_t peak_loop(int64_t iters, int32_t seed) {
   }
   __m512i s = acc[0];
   for (int i = 1; i < 12; ++i) s = _mm512_add_epi32(s, acc[i]);
-  return _mm512_reduce_add_epi32(s);
+  uint32_t lanes[16], r = 0;  // the sums wrap: add them unsigned (no signed-overflow UB)
+  _mm512_storeu_si512(lanes, s);
+  for (uint32_t v : lanes) r += v;
+  return int32_t(r & 0x7fffffff);
 }
 
 }  // namespace
