@@ -349,7 +349,7 @@ def main() -> None:
     nrow = (panels + cols - 1) // cols
     fig, axes = plt.subplots(nrow, cols, figsize=(5 * cols, 3.8 * nrow), squeeze=False)
     colors = {"fp32": "tab:gray", "ao": "tab:orange", "q4": "tab:blue", "q8": "tab:green"}
-    styles = {T: ls for T, ls in zip(args.threads, ("--", "-", ":", "-."))}
+    styles = {T: ls for T, ls in zip(args.threads, ("-", "--", ":", "-."))}
     for ax, shape in zip(axes.flat, shapes):
         rs = [r for r in rows if r["shape"] == shape]
         for T in args.threads:
@@ -366,19 +366,19 @@ def main() -> None:
         ax.legend(fontsize=6, ncol=2)
     if model:
         ax = axes.flat[len(shapes)]
-        labels, vals, cols_ = [], [], []
-        for T, per_m in model.items():
-            for M, per in per_m.items():
-                for n, v in per.items():
-                    labels.append(f"{n}\nM={M} T={T}")
-                    vals.append(v["step_ms"])
-                    cols_.append(colors[n])
-        ax.bar(range(len(vals)), vals, color=cols_)
-        ax.set_xticks(range(len(vals)))
-        ax.set_xticklabels(labels, fontsize=5)
+        groups = [(T, M) for T, per_m in model.items() for M in per_m]
+        vnames = list(model[groups[0][0]][groups[0][1]])
+        width = 0.8 / len(vnames)
+        for i, n in enumerate(vnames):
+            ax.bar([g + i * width for g in range(len(groups))], [model[T][M][n]["step_ms"] for T, M in groups], width,
+                   color=colors[n], label=n)
+        ax.set_xticks([g + width * (len(vnames) - 1) / 2 for g in range(len(groups))])
+        ax.set_xticklabels([f"M={M}, {T} thr" for T, M in groups], fontsize=8)
         ax.set_yscale("log")
-        ax.set_ylabel("ms per step (all linears)")
+        ax.set_ylabel("ms per step (all linears, median)")
         ax.set_title("whole model: 30 layers + LM head")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=7)
     for ax in list(axes.flat)[panels:]:
         ax.axis("off")
     fig.suptitle(f"SmolLM2-135M linears, {qk.kernel_isa()}; mem read {bw['read_gbs']:.0f} GB/s, int8 peak "
