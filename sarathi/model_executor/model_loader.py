@@ -212,10 +212,8 @@ def _write_hf_dir(gguf_path: Path, out: Path) -> None:
     tok.save_pretrained(str(out))
 
 
-def iter_safetensors(model_dir: Path):
-    """Yield (name, tensor) from model.safetensors or a sharded index. No pickle files."""
-    from safetensors import safe_open
-
+def safetensors_files(model_dir: Path):
+    """The weight files of an HF-style directory: a sharded index's files, or every *.safetensors."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -223,8 +221,15 @@ def iter_safetensors(model_dir: Path):
         files = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{model_dir} has no .safetensors weights (pickle checkpoints are not loaded)")
-    for name in files:
-        with safe_open(str(model_dir / name), framework="pt") as f:
+    return [model_dir / name for name in files]
+
+
+def iter_safetensors(model_dir: Path):
+    """Yield (name, tensor) from model.safetensors or a sharded index. No pickle files."""
+    from safetensors import safe_open
+
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
 

@@ -124,14 +124,12 @@ def validate_options(opts: QuantizeOptions) -> None:
 
 
 def _weight_files(model_dir: Path) -> List[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        names = sorted(p.name for p in model_dir.glob("*.safetensors"))
-    if not names:
-        raise QuantizeError(f"model directory {str(model_dir)!r} has no .safetensors weights")
-    return [model_dir / n for n in names]
+    from sarathi.model_executor.model_loader import safetensors_files
+
+    try:
+        return safetensors_files(model_dir)
+    except ValueError as e:
+        raise QuantizeError(str(e)) from None
 
 
 def inspect_checkpoint(model_dir: Path) -> Tuple[dict, Dict[str, Tuple[int, ...]]]:
