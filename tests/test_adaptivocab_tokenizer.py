@@ -1,6 +1,5 @@
 """PatchTokenizer on SmolLM2's tokenizer, built from Python standard library sources."""
 import json
-import shutil
 
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -9,7 +9,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 from sarathi.engine.engine_client import EngineDead, RequestFailed
 from sarathi.outputs import CompletionOutput, Logprob, RequestOutput

@@ -32,7 +32,6 @@ blocks; else fp32). One contiguous stream per panel; threads split the panels.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional
 
 import torch
