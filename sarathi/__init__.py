@@ -1,10 +1,11 @@
 """sarathi: a Sarathi-style LLM serving engine with a vAttention KV cache and AdaptiVocab support."""
 from sarathi.outputs import CompletionOutput, Logprob, RequestOutput
+from sarathi.lora.request import LoRARequest
 from sarathi.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "LLMEngine", "AsyncLLMEngine", "EngineConfig", "SamplingParams", "RequestOutput",
-           "CompletionOutput", "Logprob", "__version__"]
+           "CompletionOutput", "Logprob", "LoRARequest", "__version__"]
 
 
 def __getattr__(name):

@@ -29,6 +29,36 @@ def parse_bytes(value: Any) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
+def parse_lora_modules(value: Any) -> Dict[str, str]:
+    """--lora-modules: 'name=path' strings (or vLLM's JSON form '{"name": ..., "path": ...}'), or a
+    mapping already -> {name: path}."""
+    if not value:
+        return {}
+    if isinstance(value, dict):
+        items = list(value.items())
+    else:
+        items = []
+        for entry in ([value] if isinstance(value, str) else value):
+            if isinstance(entry, dict) or str(entry).lstrip().startswith("{"):
+                import json
+
+                d = entry if isinstance(entry, dict) else json.loads(entry)
+                if not isinstance(d, dict) or "name" not in d or "path" not in d:
+                    raise ValueError(f"--lora-modules entry {entry!r} needs 'name' and 'path'")
+                items.append((d["name"], d["path"]))
+                continue
+            name, sep, path = str(entry).partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules entry {entry!r} must look like name=path")
+            items.append((name, path))
+    out: Dict[str, str] = {}
+    for name, path in items:
+        if name in out:
+            raise ValueError(f"--lora-modules names adapter {name!r} twice")
+        out[str(name)] = str(path)
+    return out
+
+
 # --dtype names -> torch dtype names (auto: float32 on CPU, bfloat16 on CUDA).
 DTYPES = {"float32": "float32", "float": "float32", "float16": "float16", "half": "float16",
           "bfloat16": "bfloat16"}
@@ -44,9 +74,10 @@ def torch_dtype(name: str, device_type: str):
 
 
 def flag(default: Any, help: str, *aliases: str, type: Optional[Callable] = None,
-         choices: Optional[Sequence[str]] = None) -> Any:
+         choices: Optional[Sequence[str]] = None, nargs: Optional[str] = None) -> Any:
     """A config field that is also a CLI flag: --name-with-dashes plus aliases."""
-    return field(default=default, metadata={"help": help, "aliases": aliases, "type": type, "choices": choices})
+    return field(default=default, metadata={"help": help, "aliases": aliases, "type": type, "choices": choices,
+                                            "nargs": nargs})
 
 
 @dataclass
@@ -82,6 +113,12 @@ class EngineConfig:
                                      "--tensor_parallel_degree")
     num_threads: Optional[int] = flag(None, "torch CPU threads (default: all cores)", type=int)
     async_kv_mapping: bool = flag(True, "vattention: map pages ahead on a background thread")
+    enable_lora: bool = flag(False, "serve LoRA adapters on top of the base model (unmerged, batched together)")
+    lora_modules: Optional[Any] = flag(None, "adapters to serve: name=path (PEFT directories)", nargs="+")
+    max_loras: int = flag(4, "most distinct adapters in one step (more in flight wait in the queue)")
+    max_lora_rank: int = flag(16, "largest adapter rank accepted")
+    max_cpu_loras: Optional[int] = flag(None, "adapters kept loaded in host memory (default: max(max_loras, "
+                                        "number of --lora-modules))", type=int)
     disable_log_stats: bool = True
 
     def __post_init__(self) -> None:
@@ -94,7 +131,13 @@ class EngineConfig:
         if self.kv_cache_backend not in KV_BACKENDS:
             raise ValueError(f"kv_cache_backend must be one of {KV_BACKENDS} "
                              f"(or fa_vattn/fa_paged), got {self.kv_cache_backend!r}")
-        for name in ("max_num_seqs", "chunk_size", "block_size", "kv_cache_memory", "max_n"):
+        self.lora_modules = parse_lora_modules(self.lora_modules)
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        for name in ("max_num_seqs", "chunk_size", "block_size", "kv_cache_memory", "max_n", "max_loras",
+                     "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_logprobs < 0:
@@ -151,7 +194,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             g.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         kind = meta["type"] or (type(f.default) if isinstance(f.default, (int, float)) else str)
-        g.add_argument(*names, dest=f.name, type=kind, choices=meta["choices"], default=None, help=help_text)
+        g.add_argument(*names, dest=f.name, type=kind, choices=meta["choices"], nargs=meta["nargs"], default=None,
+                       help=help_text)
     return parser
 
 

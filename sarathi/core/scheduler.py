@@ -68,8 +68,10 @@ class Scheduler:
     """Shared state and mechanics; subclasses decide the batch."""
 
     def __init__(self, kv: KVManager, max_num_seqs: int, max_model_len: int,
-                 chunk_size: int = 512, max_num_batched_tokens: Optional[int] = None):
+                 chunk_size: int = 512, max_num_batched_tokens: Optional[int] = None,
+                 max_loras: Optional[int] = None):
         self.kv = kv
+        self.max_loras = max_loras  # most distinct LoRA adapters running at once (None: no LoRA)
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.chunk_size = chunk_size
@@ -168,8 +170,15 @@ class Scheduler:
         final = min(seq.final_len, self.kv.num_blocks * self.kv.block_size)
         return self.kv.can_admit(max(final, seq.num_tokens), extra_blocks=growth)
 
+    def _lora_full(self, seq: Sequence) -> bool:
+        """Admitting seq would run more than max_loras distinct adapters at once."""
+        if seq.lora_name is None or self.max_loras is None:
+            return False
+        running = {s.lora_name for s in self.running if s.lora_name is not None}
+        return seq.lora_name not in running and len(running) >= self.max_loras
+
     def _admit(self, seq: Sequence) -> None:
-        self.waiting.popleft()
+        self.waiting.remove(seq)
         self.kv.admit(seq.seq_id, seq.num_tokens)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
@@ -178,8 +187,11 @@ class Scheduler:
         """Admit queued sequences in order while they fit and the token budget lasts (None: no
         budget). chunked: the last one admitted may get a partial prefill chunk; else whole
         prompts only. Returns the budget left."""
-        while self.waiting and self._can_admit(self.waiting[0]):
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if self._lora_full(seq):
+                continue  # waits for a running adapter to finish; others behind it may go
+            if not self._can_admit(seq):
+                break
             n = seq.num_uncomputed_tokens
             if budget is not None:
                 if budget <= 0 or (n > budget and not chunked):
@@ -237,8 +249,9 @@ class OrcaScheduler(Scheduler):
 
 
 def make_scheduler(name: str, kv: KVManager, max_num_seqs: int, max_model_len: int,
-                   chunk_size: int, max_num_batched_tokens: Optional[int]) -> Scheduler:
+                   chunk_size: int, max_num_batched_tokens: Optional[int],
+                   max_loras: Optional[int] = None) -> Scheduler:
     cls = {"sarathi": SarathiScheduler, "vllm": VLLMScheduler, "orca": OrcaScheduler}.get(name)
     if cls is None:
         raise ValueError(f"unknown scheduler {name!r}")
-    return cls(kv, max_num_seqs, max_model_len, chunk_size, max_num_batched_tokens)
+    return cls(kv, max_num_seqs, max_model_len, chunk_size, max_num_batched_tokens, max_loras)

@@ -35,6 +35,7 @@ class Sequence:
     stop_token_ids: FrozenSet[int] = frozenset()   # the request's own stop ids
     eos_token_ids: FrozenSet[int] = frozenset()    # the model's EOS ids (empty with ignore_eos)
     min_tokens: int = 0
+    lora_name: Optional[str] = None  # the LoRA adapter it runs with; the scheduler caps distinct ones per step
     finish_reason: Optional[str] = None
     stop_reason: Any = None
     # Owned by the engine (sampling / detokenisation state), opaque to the scheduler.

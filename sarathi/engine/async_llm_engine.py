@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Callable, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
 from sarathi.config import EngineConfig
 from sarathi.engine.engine_client import EngineDead, EngineLimits, RequestFailed
 from sarathi.engine.llm_engine import LLMEngine
+from sarathi.lora.request import LoRARequest
 from sarathi.outputs import RequestOutput
 from sarathi.sampling_params import SamplingParams
 
@@ -31,8 +32,9 @@ class AsyncLLMEngine:
         self.errored: Optional[BaseException] = None
         self.on_dead: List[Callable[[BaseException], None]] = []   # e.g. the server stops itself
         self._streams: Dict[str, asyncio.Queue] = {}
-        self._new: List[Tuple[str, Optional[str], SamplingParams, List[int], float]] = []
+        self._new: List[Tuple[str, Optional[str], SamplingParams, List[int], float, Optional[LoRARequest]]] = []
         self._aborts: List[str] = []
+        self._calls: List[Tuple[Callable[[], Any], asyncio.Future]] = []  # engine calls run between steps
         self._wakeup: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
         self._stopping = False
@@ -52,7 +54,8 @@ class AsyncLLMEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
 
     async def generate(self, prompt: Optional[str], sampling_params: SamplingParams, request_id: str,
-                       prompt_token_ids: Optional[List[int]] = None) -> AsyncIterator[RequestOutput]:
+                       prompt_token_ids: Optional[List[int]] = None,
+                       lora_request: Optional[LoRARequest] = None) -> AsyncIterator[RequestOutput]:
         """Stream cumulative outputs of one request; raises ValueError on bad input before any output."""
         if self.errored is not None or self._stopping:
             raise EngineDead("the engine is not running (it failed or is shutting down)")
@@ -66,7 +69,7 @@ class AsyncLLMEngine:
         self.limits.check(sampling_params)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
-        self._new.append((request_id, prompt, sampling_params, ids, time.monotonic()))
+        self._new.append((request_id, prompt, sampling_params, ids, time.monotonic(), lora_request))
         self._ensure_loop()
         self._wakeup.set()
         finished = False
@@ -88,6 +91,29 @@ class AsyncLLMEngine:
                 await self.abort(request_id)
             self._streams.pop(request_id, None)
 
+    # ---- LoRA adapters (applied between steps) ----------------------------------
+    def list_loras(self) -> List[str]:
+        return self.engine.list_loras()
+
+    def lora_path(self, name: str) -> Optional[str]:
+        lora = self.engine.runner.lora
+        return None if lora is None else lora.paths.get(name)
+
+    async def add_lora(self, lora_request: LoRARequest) -> None:
+        await self._between_steps(lambda: self.engine.add_lora(lora_request))
+
+    async def remove_lora(self, name: str) -> None:
+        await self._between_steps(lambda: self.engine.remove_lora(name))
+
+    async def _between_steps(self, fn: Callable[[], Any]) -> Any:
+        if self.errored is not None or self._stopping:
+            raise EngineDead("the engine is not running (it failed or is shutting down)")
+        future = asyncio.get_running_loop().create_future()
+        self._calls.append((fn, future))
+        self._ensure_loop()
+        self._wakeup.set()
+        return await future
+
     async def abort(self, request_id: str) -> None:
         """Stop a request; its KV slot is freed before the next step runs."""
         self._aborts.append(request_id)
@@ -97,7 +123,7 @@ class AsyncLLMEngine:
     async def _run_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
-            if not self._new and not self._aborts and not self.engine.has_unfinished_requests():
+            if not self._new and not self._aborts and not self._calls and not self.engine.has_unfinished_requests():
                 self._wakeup.clear()
                 await self._wakeup.wait()
             if self._stopping:
@@ -123,10 +149,17 @@ class AsyncLLMEngine:
             callback(error)
 
     def _apply_pending(self) -> None:
-        new, self._new = self._new, []
-        for rid, prompt, params, ids, arrival in new:
+        calls, self._calls = self._calls, []
+        for fn, future in calls:
             try:
-                self.engine.add_request(rid, prompt, params, prompt_token_ids=ids, arrival_time=arrival)
+                future.set_result(fn())
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                future.set_exception(e)
+        new, self._new = self._new, []
+        for rid, prompt, params, ids, arrival, lora in new:
+            try:
+                self.engine.add_request(rid, prompt, params, prompt_token_ids=ids, arrival_time=arrival,
+                                        lora_request=lora)
             except ValueError as e:
                 q = self._streams.get(rid)
                 if q is not None:
@@ -144,4 +177,7 @@ class AsyncLLMEngine:
             await self._loop_task   # returns after the step in flight (the KV cache is in use until then)
         for q in self._streams.values():
             q.put_nowait(EngineDead("the server is shutting down"))
+        for _, future in self._calls:
+            if not future.done():
+                future.set_exception(EngineDead("the server is shutting down"))
         self.engine.close()

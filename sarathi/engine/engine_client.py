@@ -56,9 +56,20 @@ class EngineClient(Protocol):
     errored: Optional[BaseException]   # set once the engine is dead
 
     def generate(self, prompt: Optional[str], sampling_params: SamplingParams, request_id: str,
-                 prompt_token_ids: Optional[List[int]] = None) -> AsyncIterator[RequestOutput]:
+                 prompt_token_ids: Optional[List[int]] = None,
+                 lora_request: Optional[Any] = None) -> AsyncIterator[RequestOutput]:
         """Stream cumulative outputs of one request. Raises ValueError (InvalidParam) for bad
-        input before any output, RequestFailed if the engine fails the request later."""
+        input before any output, RequestFailed if the engine fails the request later.
+        lora_request (a sarathi.lora.LoRARequest) runs it with that adapter."""
+
+    def list_loras(self) -> List[str]:
+        """Names of the LoRA adapters loaded (empty without --enable-lora)."""
+
+    async def add_lora(self, lora_request: Any) -> None:
+        """Load an adapter (ValueError when it cannot be served)."""
+
+    async def remove_lora(self, name: str) -> None:
+        """Unload an adapter (KeyError: unknown; ValueError: requests still use it)."""
 
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its memory."""

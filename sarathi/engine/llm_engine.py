@@ -16,6 +16,7 @@ from sarathi.core.scheduler import ScheduledSeq, SchedulerOutput, make_scheduler
 from sarathi.core.sequence import Sequence
 from sarathi.engine.engine_client import EngineLimits
 from sarathi.engine.output_processor import OutputProcessor, Request, SeqState
+from sarathi.lora.request import LoRARequest
 from sarathi.model_executor.model_loader import resolve_model_dir
 from sarathi.model_executor.model_runner import ModelRunner, RunSeq
 from sarathi.model_executor.sampler import SampleRequest, SampleResult, prompt_logprobs, sample
@@ -64,7 +65,8 @@ class LLMEngine:
         num_blocks, block_size, num_slots = self.runner.kv_layout()
         self.kv = KVManager(num_blocks, block_size, min(num_slots, config.max_num_seqs))
         self.scheduler = make_scheduler(config.scheduler, self.kv, config.max_num_seqs, self.max_model_len,
-                                        config.chunk_size, config.max_num_batched_tokens)
+                                        config.chunk_size, config.max_num_batched_tokens,
+                                        config.max_loras if config.enable_lora else None)
         self.eos_token_ids = frozenset(self._eos_ids(self.runner.hf_config))
         self.generator = torch.Generator(device=self.runner.device).manual_seed(config.seed)
         self.requests: Dict[str, Request] = {}
@@ -74,6 +76,45 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self._pending_outputs: List[RequestOutput] = []
         self._consecutive_failures = 0
+        for name, path in config.lora_modules.items():
+            self.add_lora(LoRARequest(name, 0, path))
+
+    # ---- LoRA adapters -------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load an adapter under its name (raises ValueError: bad files, rank, targets, name taken)."""
+        if self.runner.lora is None:
+            raise ValueError("LoRA adapters need an engine started with --enable-lora")
+        if not lora_request.lora_path:
+            raise ValueError(f"adapter {lora_request.lora_name!r} has no lora_path to load it from")
+        self.runner.lora.register(lora_request.lora_name, lora_request.lora_path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload an adapter; refused while requests run with it (KeyError: unknown name)."""
+        if self.runner.lora is None or name not in self.runner.lora.paths:
+            raise KeyError(name)
+        busy = sum(1 for r in self.requests.values() if r.lora_name == name)
+        if busy:
+            raise ValueError(f"adapter {name!r} is in use by {busy} request(s); unload it once they finish")
+        self.runner.lora.unregister(name)
+
+    def list_loras(self) -> List[str]:
+        return [] if self.runner.lora is None else self.runner.lora.names()
+
+    def _resolve_lora(self, lora_request: Optional[LoRARequest]) -> Optional[str]:
+        """The adapter name a request runs with; loads it on first sight when it carries a path."""
+        if lora_request is None:
+            return None
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError("lora_request must be a LoRARequest")
+        lora = self.runner.lora
+        if lora is None:
+            raise ValueError("this engine was started without --enable-lora; it serves no adapters")
+        name = lora_request.lora_name
+        if name not in lora.paths:
+            if not lora_request.lora_path:
+                raise ValueError(f"unknown LoRA adapter {name!r}; loaded: {lora.names()}")
+            self.add_lora(lora_request)
+        return name
 
     def _eos_ids(self, hf_config: dict) -> set:
         ids = set()
@@ -105,7 +146,8 @@ class LLMEngine:
         self.limits.check(p)
 
     def add_request(self, request_id: str, prompt: Optional[str], sampling_params: SamplingParams,
-                    prompt_token_ids: Optional[List[int]] = None, arrival_time: Optional[float] = None) -> None:
+                    prompt_token_ids: Optional[List[int]] = None, arrival_time: Optional[float] = None,
+                    lora_request: Optional[LoRARequest] = None) -> None:
         """Queue a request. Raises ValueError for bad input; nothing else is affected."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -114,10 +156,11 @@ class LLMEngine:
         ids = self.encode_prompt(prompt, prompt_token_ids)
         p = sampling_params
         self.check_params(p)
+        lora_name = self._resolve_lora(lora_request)
         room = self.max_model_len - len(ids)
         max_tokens = room if p.max_tokens is None else min(p.max_tokens, room)
         now = arrival_time if arrival_time is not None else time.monotonic()
-        req = Request(request_id, prompt, ids, p, [], RequestMetrics(arrival_time=now))
+        req = Request(request_id, prompt, ids, p, [], RequestMetrics(arrival_time=now), lora_name=lora_name)
         if p.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         for i in range(p.n):
@@ -128,7 +171,7 @@ class LLMEngine:
             seq = Sequence(next(self._seq_counter), request_id, i, list(ids), now, max_tokens,
                            stop_token_ids=frozenset(p.stop_token_ids),
                            eos_token_ids=frozenset() if p.ignore_eos else self.eos_token_ids,
-                           min_tokens=p.min_tokens,
+                           min_tokens=p.min_tokens, lora_name=lora_name,
                            data=SeqState(detok, gen, logprobs=[] if p.logprobs is not None else None))
             req.seqs.append(seq)
         for seq in req.seqs:
@@ -237,7 +280,8 @@ class LLMEngine:
         first_row = 0 if want_plp else n - 1
         last_row = n if (samples or want_plp) else first_row
         table = self.kv.block_table(seq.seq_id) if self.runner.needs_block_tables else None
-        run = RunSeq(self.kv.slot(seq.seq_id), seq.token_ids()[start:start + n], start, (first_row, last_row), table)
+        run = RunSeq(self.kv.slot(seq.seq_id), seq.token_ids()[start:start + n], start, (first_row, last_row), table,
+                     seq.lora_name)
         return SeqPlan(seq, req, run, samples, want_plp)
 
     def _sample(self, plan: List["SeqPlan"], logits: torch.Tensor) -> Dict["SeqPlan", SampleResult]:
@@ -312,4 +356,10 @@ class LLMEngine:
         stats["model_info"] = {"quantization": self.runner.quantization, "kernel_isa": self.runner.kernel_isa,
                                "weight_formats": self.runner.formats}
         stats.update({f"kv_cache_{k}": v for k, v in self.runner.kv_stats().items()})
+        if self.runner.lora is not None:
+            stats["lora"] = {
+                "max_lora": self.runner.lora.max_loras,
+                "running": sorted({s.lora_name for s in self.scheduler.running if s.lora_name}),
+                "waiting": sorted({s.lora_name for s in self.scheduler.waiting if s.lora_name}),
+            }
         return stats

@@ -40,6 +40,7 @@ class Request:
     metrics: RequestMetrics
     prompt_logprobs: Optional[list] = None
     finished: bool = False
+    lora_name: Optional[str] = None
 
 
 def find_stop(text: str, prev_len: int, stops: List[str]):

@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from sarathi.config import EngineConfig
 from sarathi.engine.llm_engine import LLMEngine
+from sarathi.lora.request import LoRARequest
 from sarathi.outputs import RequestOutput
 from sarathi.sampling_params import SamplingParams
 
@@ -27,8 +28,11 @@ class LLM:
     def generate(self, prompts: Union[None, str, Sequence[str]] = None,
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
                  prompt_token_ids: Optional[Sequence[List[int]]] = None,
-                 use_tqdm: bool = False) -> List[RequestOutput]:
-        """One RequestOutput per prompt, in the order given."""
+                 use_tqdm: bool = False,
+                 lora_request: Union[None, LoRARequest, Sequence[Optional[LoRARequest]]] = None
+                 ) -> List[RequestOutput]:
+        """One RequestOutput per prompt, in the order given. lora_request: one adapter for all
+        prompts or one per prompt (None: the base model)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if prompts is None and prompt_token_ids is None:
@@ -41,13 +45,18 @@ class LLM:
         params = [sampling_params] * count if isinstance(sampling_params, SamplingParams) else list(sampling_params)
         if len(params) != count:
             raise ValueError("need one SamplingParams per prompt (or a single one)")
+        loras = [lora_request] * count if lora_request is None or isinstance(lora_request, LoRARequest) \
+            else list(lora_request)
+        if len(loras) != count:
+            raise ValueError("need one lora_request per prompt (or a single one)")
         ids = []
         try:
             for i in range(count):
                 rid = f"offline-{next(self._ids)}"
                 self.engine.add_request(
                     rid, prompts[i] if prompts is not None else None, params[i],
-                    prompt_token_ids=list(prompt_token_ids[i]) if prompt_token_ids is not None else None)
+                    prompt_token_ids=list(prompt_token_ids[i]) if prompt_token_ids is not None else None,
+                    lora_request=loras[i])
                 ids.append(rid)
         except Exception:
             self.engine.abort_request(ids)
@@ -57,14 +66,15 @@ class LLM:
 
     def chat(self, messages: Union[List[Dict[str, str]], List[List[Dict[str, str]]]],
              sampling_params: Optional[SamplingParams] = None, add_generation_prompt: bool = True,
-             use_tqdm: bool = False) -> List[RequestOutput]:
+             use_tqdm: bool = False, lora_request: Optional[LoRARequest] = None) -> List[RequestOutput]:
         """Apply the model's chat template to one conversation (or a list of them) and generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
         prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt)
                    for c in convs]
         token_ids = [list(tok.encode(p, add_special_tokens=False)) for p in prompts]
-        return self.generate(prompts, sampling_params, prompt_token_ids=token_ids, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, prompt_token_ids=token_ids, use_tqdm=use_tqdm,
+                             lora_request=lora_request)
 
     def _run(self, ids: List[str], use_tqdm: bool) -> List[RequestOutput]:
         done: Dict[str, RequestOutput] = {}

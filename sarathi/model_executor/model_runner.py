@@ -35,6 +35,7 @@ class RunSeq:
     context_len: int            # tokens already in the cache
     logits_rows: Tuple[int, int]  # which of this sequence's rows to return logits for: [start, end)
     block_table: Optional[List[int]] = None
+    lora_name: Optional[str] = None   # the LoRA adapter this sequence runs with (None: the base)
 
 
 class ModelRunner:
@@ -66,6 +67,12 @@ class ModelRunner:
         self._kv = kv_backend_class(config.kv_cache_backend)(self._kv_spec)
         self.needs_block_tables = self._kv.needs_block_tables
         self.kv_bytes_per_token = self._kv_spec.bytes_per_token
+        self.lora = None
+        if config.enable_lora:
+            from sarathi.lora.manager import LoRAManager
+
+            max_cpu = config.max_cpu_loras or max(config.max_loras, len(config.lora_modules))
+            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, max_cpu, self.device)
 
     def _kernel_isa(self) -> str:
         if self.quantization == "none" or self.device.type != "cpu":
@@ -105,6 +112,8 @@ class ModelRunner:
             block_tables=[s.block_table for s in seqs] if self.needs_block_tables else None,
             num_prefills=num_prefills, device=self.device)
         step = self._kv.begin_step(batch)
+        if self.lora is not None:
+            self.lora.prepare([s.lora_name for s in seqs], batch.query_lens)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         kv, scale = self._kv, self.scale
 

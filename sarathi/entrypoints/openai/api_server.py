@@ -22,15 +22,17 @@ from typing import Any, Awaitable, Callable, List, Optional
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sarathi.config import EngineConfig, add_engine_args
+from sarathi.lora.request import LoRARequest
 
 from .http_limits import GuardedH11Protocol, RequestLimits
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoRAAdapterRequest,
+                       TokenizeRequest, UnloadLoRAAdapterRequest)
 from .serving_chat import OpenAIServingChat, render_messages
 from .serving_completion import OpenAIServingCompletion
 from .serving_engine import APIError, OpenAIServing, bad_request, internal_error, short
@@ -64,6 +66,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
                    help="seconds a client has to send a request's headers (default: 10)")
     g.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request body may stall before 408 (default: 30)")
+    g.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with --enable-lora)")
     g.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log line")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--access-log", action="store_true", help="also log uvicorn's line per HTTP request")
@@ -162,10 +166,46 @@ async def get_metrics(request: Request):
 async def models(request: Request):
     state = _state(request)
     s = state.ready()
-    return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": int(state.started), "owned_by": "sarathi",
-         "root": str(getattr(state.engine, "model_path", name)), "max_model_len": s.max_model_len}
-        for name in s.served_model_names]}
+    base = [{"id": name, "object": "model", "created": int(state.started), "owned_by": "sarathi",
+             "root": str(getattr(state.engine, "model_path", name)), "parent": None,
+             "max_model_len": s.max_model_len} for name in s.served_model_names]
+    adapters = [{"id": name, "object": "model", "created": int(state.started), "owned_by": "sarathi",
+                 "root": getattr(state.engine, "lora_path", lambda _: None)(name), "parent": s.served_model_names[0],
+                 "max_model_len": s.max_model_len} for name in s.loras()]
+    return {"object": "list", "data": base + adapters}
+
+
+def _runtime_lora(request: Request) -> OpenAIServing:
+    s = _state(request).ready()
+    if not request.app.state.allow_runtime_lora_updating:
+        raise APIError(400, "runtime LoRA updating is disabled; start the server with "
+                            "--allow-runtime-lora-updating", code="lora_updates_disabled")
+    return s
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(req: LoadLoRAAdapterRequest, request: Request):
+    s = _runtime_lora(request)
+    if req.lora_name in s.served_model_names:
+        raise bad_request(f"{req.lora_name!r} is the base model's name", param="lora_name")
+    try:
+        await s.engine.add_lora(LoRARequest(req.lora_name, 0, req.lora_path))
+    except ValueError as e:
+        raise bad_request(str(e), param="lora_path") from None
+    return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(req: UnloadLoRAAdapterRequest, request: Request):
+    s = _runtime_lora(request)
+    try:
+        await s.engine.remove_lora(req.lora_name)
+    except KeyError:
+        raise APIError(404, f"The LoRA adapter `{short(req.lora_name)}` is not loaded.", param="lora_name",
+                       code="model_not_found") from None
+    except ValueError as e:
+        raise bad_request(str(e), param="lora_name") from None
+    return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
 
 @router.post("/v1/completions")
@@ -257,6 +297,7 @@ def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], An
     app = FastAPI(title="sarathi-vattn OpenAI-compatible server", version=version(), lifespan=lifespan)
     app.state.server = state
     app.state.metrics = metrics
+    app.state.allow_runtime_lora_updating = bool(getattr(args, "allow_runtime_lora_updating", False))
     app.include_router(router)
 
     @app.exception_handler(APIError)

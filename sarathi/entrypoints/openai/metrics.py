@@ -6,6 +6,7 @@ finishes, from the timestamps in its `RequestMetrics`.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Dict, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -51,6 +52,12 @@ class _EngineStatsCollector:
             g = GaugeMetricFamily("sarathi:model_info", "Weight format and kernel ISA of the served model (value 1)",
                                   labels=sorted(info))
             g.add_metric([str(info[k]) for k in sorted(info)], 1.0)
+            yield g
+        lora = stats.get("lora")
+        if isinstance(lora, dict):  # vLLM's lora_requests_info: adapters in the labels, value = time
+            g = GaugeMetricFamily("sarathi:lora_requests_info", "Running and waiting LoRA adapters",
+                                  labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+            g.add_metric([",".join(lora["running"]), ",".join(lora["waiting"]), str(lora["max_lora"])], time.time())
             yield g
         counters = [("prompt_tokens", "Prompt tokens processed", "prompt_tokens_total"),
                     ("generation_tokens", "Tokens generated", "generation_tokens_total"),

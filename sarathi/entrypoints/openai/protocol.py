@@ -199,6 +199,16 @@ class TokenizeRequest(OpenAIBase):
     add_generation_prompt: bool = True
 
 
+class LoadLoRAAdapterRequest(OpenAIBase):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(OpenAIBase):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: Optional[int] = None
+
+
 class DetokenizeRequest(OpenAIBase):
     model: Optional[str] = None
     tokens: List[int]

@@ -43,7 +43,7 @@ class OpenAIServingChat:
 
     async def create(self, req: ChatCompletionRequest) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
         s = self.serving
-        model = s.model_name(req.model)
+        model, lora = s.resolve_model(req.model)
         if req.tools:
             raise bad_request("tools are not supported by this server", param="tools")
         if req.response_format and req.response_format.get("type", "text") != "text":
@@ -64,7 +64,7 @@ class OpenAIServingChat:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = s.sampling_params(req, max_tokens, logprobs)
         request_id = random_id("chatcmpl")
-        stream = s.generate(prompt, ids, params, request_id)
+        stream = s.generate(prompt, ids, params, request_id, lora)
         if req.stream:
             return sse(self._stream(req, model, request_id, stream))
         final = None

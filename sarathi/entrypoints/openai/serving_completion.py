@@ -40,7 +40,7 @@ class OpenAIServingCompletion:
 
     async def create(self, req: CompletionRequest) -> Union[CompletionResponse, AsyncIterator[str]]:
         s = self.serving
-        model = s.model_name(req.model)
+        model, lora = s.resolve_model(req.model)
         if req.suffix is not None:
             raise bad_request("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
@@ -57,7 +57,7 @@ class OpenAIServingCompletion:
             params.append(s.sampling_params(req, max_tokens, req.logprobs,
                                             prompt_logprobs=req.logprobs if want_prompt_logprobs else None))
         request_id = random_id("cmpl")
-        streams = [s.generate(text, ids, p, f"{request_id}-{i}")
+        streams = [s.generate(text, ids, p, f"{request_id}-{i}", lora)
                    for i, ((text, ids), p) in enumerate(zip(prompts, params))]
         merged = s.merge(streams)
         if req.stream:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 from sarathi.engine.engine_client import EngineDead, RequestFailed
+from sarathi.lora.request import LoRARequest
 from sarathi.outputs import CompletionOutput, Logprob, RequestOutput
 from sarathi.sampling_params import InvalidParam, SamplingParams
 
@@ -97,11 +98,21 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ checks
 
-    def model_name(self, requested: Optional[str]) -> str:
+    def loras(self) -> List[str]:
+        list_loras = getattr(self.engine, "list_loras", None)
+        return list(list_loras()) if list_loras is not None else []
+
+    def resolve_model(self, requested: Optional[str]) -> Tuple[str, Optional[LoRARequest]]:
+        """The model field -> (name to answer with, the LoRA adapter to run with or None)."""
         if requested is None or requested in self.served_model_names:
-            return requested or self.served_model_names[0]
+            return requested or self.served_model_names[0], None
+        if requested in self.loras():
+            return requested, LoRARequest(requested)
         raise APIError(404, f"The model `{short(requested)}` does not exist; this server serves "
-                            f"{self.served_model_names}.", param="model", code="model_not_found")
+                            f"{self.served_model_names + self.loras()}.", param="model", code="model_not_found")
+
+    def model_name(self, requested: Optional[str]) -> str:
+        return self.resolve_model(requested)[0]
 
     def check_capacity(self) -> None:
         if self.max_queue_len is None:
@@ -176,11 +187,12 @@ class OpenAIServing:
     # ------------------------------------------------------------------ generation
 
     async def generate(self, prompt: Optional[str], prompt_ids: List[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, lora_request: Optional[LoRARequest] = None) -> AsyncIterator[RequestOutput]:
         """engine.generate, plus: abort on early exit (client gone, error), metrics and a log line."""
         finished = False
         try:
-            async for out in self.engine.generate(prompt, params, request_id, prompt_token_ids=prompt_ids):
+            kwargs = {} if lora_request is None else {"lora_request": lora_request}
+            async for out in self.engine.generate(prompt, params, request_id, prompt_token_ids=prompt_ids, **kwargs):
                 if out.finished:
                     finished = True
                     self._record(out)

@@ -68,6 +68,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.qweight: Optional[QuantLinear] = None
+        self.lora = None  # a sarathi.lora.layers.LoRAStack once LoRA is enabled
 
     def quantize(self, parts: List[QuantTensor]) -> None:
         """Store the weight as these quantized parts (stacked along the output) instead of floats."""
@@ -80,7 +81,9 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
-            return self.qweight(x, self.bias)
-        if self.bias is None:
-            return x @ self.weight
-        return torch.addmm(self.bias, x, self.weight)
+            y = self.qweight(x, self.bias)
+        elif self.bias is None:
+            y = x @ self.weight
+        else:
+            y = torch.addmm(self.bias, x, self.weight)
+        return y if self.lora is None else self.lora(x, y)

@@ -1,0 +1,24 @@
+"""`LoRARequest`: which adapter a request runs with (vLLM's spelling)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """lora_name identifies the adapter; lora_path (a PEFT directory) loads it the first time the
+    name is seen. lora_int_id is accepted for vLLM compatibility (names are the identity here)."""
+
+    lora_name: str
+    lora_int_id: int = 0
+    lora_path: Optional[str] = None
+
+    def __post_init__(self):
+        if not isinstance(self.lora_name, str) or not self.lora_name:
+            raise ValueError("lora_name must be a non-empty string")
+
+    # vLLM's older spelling
+    @property
+    def lora_local_path(self) -> Optional[str]:
+        return self.lora_path
