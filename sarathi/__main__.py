@@ -62,7 +62,7 @@ def generate_main(argv: Optional[List[str]] = None) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: sarathi {generate,serve,quantize} [flags]   (each command has --help)")
+        print("usage: sarathi {generate,serve,quantize,lora} [flags]   (each command has --help)")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "generate":
@@ -73,7 +73,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cmd == "quantize":
         from sarathi.quantize.__main__ import main as quantize_main
         return quantize_main(rest, prog="sarathi quantize")
-    print(f"unknown command {cmd!r}: expected generate, serve or quantize", file=sys.stderr)
+    if cmd == "lora":
+        from sarathi.lora.__main__ import main as lora_main
+        return lora_main(rest, prog="sarathi lora")
+    print(f"unknown command {cmd!r}: expected generate, serve, quantize or lora", file=sys.stderr)
     return 2
 
 
