@@ -242,19 +242,24 @@ async def run_load(args, requests: List[BenchRequest], tokenizer) -> Dict[str, A
     conns = httpx.Limits(max_connections=max(args.max_concurrency or len(requests), 1) + 4)
 
     async with httpx.AsyncClient(timeout=timeout, limits=conns) as client:
-        async def one(req: BenchRequest) -> RequestResult:
+        models = getattr(args, "models", None)
+
+        async def one(req: BenchRequest, index: int = 0) -> RequestResult:
             body = build_payload(args, req)
+            if models:  # spread round-robin over several served names (e.g. LoRA adapters)
+                body["model"] = models[index % len(models)]
             if limit is None:
                 return await send_request(client, url, headers, body, req, args.endpoint == "chat", tokenizer)
             async with limit:
                 return await send_request(client, url, headers, body, req, args.endpoint == "chat", tokenizer)
 
         if args.warmup:
-            await one(BenchRequest(requests[0].prompt, requests[0].prompt_len, 4))
+            for i in range(len(models or [None])):
+                await one(BenchRequest(requests[0].prompt, requests[0].prompt_len, 4), i)
         tasks = []
         t0 = time.perf_counter()
         async for i in arrivals(len(requests), args.request_rate, args.burstiness, args.seed):
-            tasks.append(asyncio.create_task(one(requests[i])))
+            tasks.append(asyncio.create_task(one(requests[i], i)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
     return summarize(args, results, duration)
@@ -362,6 +367,8 @@ def save(s: Dict[str, Any], out_dir: Path) -> Path:
 def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name sent in requests (default: first of /v1/models)")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="spread requests round-robin over these model names (e.g. LoRA adapters)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--dataset", choices=["random", "jsonl", "sharegpt"], default="random")

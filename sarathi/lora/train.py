@@ -86,6 +86,15 @@ class Int4Linear(nn.Linear):
         return nn.functional.linear(x, self.dequantize().to(x.dtype), self.bias)
 
 
+def _rss_mb() -> float:
+    """Resident memory now (the kernel's VmRSS), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,7 +193,7 @@ def train(opts: TrainOptions, progress: bool = True) -> dict:
         save_strategy="steps", save_steps=opts.save_steps, save_total_limit=2, seed=opts.seed,
         data_seed=opts.seed, report_to=[], use_cpu=device == "cpu", dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding", disable_tqdm=not progress, remove_unused_columns=False,
-        label_names=["labels"])
+        label_names=["labels"], prediction_loss_only=True)
     start = time.monotonic()
     history: List[dict] = []
 
@@ -211,12 +220,14 @@ def train(opts: TrainOptions, progress: bool = True) -> dict:
             seen = int(state.num_input_tokens_seen or 0)
             if "loss" in logs:
                 logs["tokens_per_s"] = round((seen - self.tokens0) / max(time.monotonic() - self.t0, 1e-9), 1)
+                self.train_rss = max(getattr(self, "train_rss", 0), _rss_mb())
             history.append(dict(logs, step=state.global_step, tokens=seen))
 
+    progress_cb = Progress()
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       data_collator=Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                              else tokenizer.eos_token_id),
-                      callbacks=[Progress()])
+                      callbacks=[progress_cb])
     resume = opts.resume and any(p.name.startswith("checkpoint-") for p in out.iterdir())
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     final_eval = trainer.evaluate()
@@ -226,7 +237,8 @@ def train(opts: TrainOptions, progress: bool = True) -> dict:
         "tokens_seen": int(trainer.state.num_input_tokens_seen or 0), "train_seconds": time.monotonic() - start,
         "train_loss": result.training_loss, "eval_loss": final_eval.get("eval_loss"),
         "eval_perplexity": math.exp(final_eval["eval_loss"]) if "eval_loss" in final_eval else None,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "resumed": resume,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "train_rss_mb": getattr(progress_cb, "train_rss", None), "resumed": resume,
         "history": history,
     }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
