@@ -112,6 +112,10 @@ class EngineConfig:
     tensor_parallel_size: int = flag(1, "tensor parallel degree (only 1)", "--model_tensor_parallel_degree",
                                      "--tensor_parallel_degree")
     num_threads: Optional[int] = flag(None, "torch CPU threads (default: all cores)", type=int)
+    optimal_sampling_target: Optional[str] = flag(None, "a second model (same tokenizer) that requests can name as "
+                                                  "optimal_sampling's target pi_t")
+    optimal_sampling_target_name: Optional[str] = flag(None, "the name requests use for it (default: "
+                                                       "--optimal-sampling-target as given)")
     async_kv_mapping: bool = flag(True, "vattention: map pages ahead on a background thread")
     enable_lora: bool = flag(False, "serve LoRA adapters on top of the base model (unmerged, batched together)")
     lora_modules: Optional[Any] = flag(None, "adapters to serve: name=path (PEFT directories)", nargs="+")

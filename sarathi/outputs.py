@@ -58,6 +58,8 @@ class CompletionOutput:
     logprobs: Optional[SampleLogprobs] = None
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | None while running
     stop_reason: Optional[object] = None  # the stop string or stop token id that ended it
+    # optimal sampling: {"target_model", "alpha_history": [α per token], "diagnostics": [dict per token]}
+    optimal_sampling: Optional[dict] = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

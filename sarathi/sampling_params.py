@@ -18,6 +18,46 @@ class InvalidParam(ValueError):
         self.param = param
 
 
+@dataclass(frozen=True)
+class OptimalSamplingParams:
+    """Sample from q* ∝ π_θ^(1−α) π_t^α (seed 003): `target` names π_t (a model loaded with
+    --optimal-sampling-target, or a LoRA adapter); alpha "auto" solves KL(q‖π_θ) = KL(q‖π_t)
+    at every token, a number in [0, 1] fixes it."""
+
+    target: str
+    alpha: Union[str, float] = "auto"
+    tol: float = 1e-6
+
+    def __post_init__(self):
+        if not isinstance(self.target, str) or not self.target:
+            raise InvalidParam("optimal_sampling", "optimal_sampling needs a target model name")
+        a = self.alpha
+        if not (a == "auto" or (isinstance(a, (int, float)) and not isinstance(a, bool)
+                                and math.isfinite(a) and 0.0 <= a <= 1.0)):
+            raise InvalidParam("optimal_sampling", f"optimal_sampling alpha must be 'auto' or a number in [0, 1], "
+                                                   f"got {a!r}")
+        if not (isinstance(self.tol, (int, float)) and 0 < self.tol < 0.1):
+            raise InvalidParam("optimal_sampling", "optimal_sampling tol must be in (0, 0.1)")
+
+    @property
+    def fixed_alpha(self) -> Optional[float]:
+        return None if self.alpha == "auto" else float(self.alpha)
+
+    @classmethod
+    def from_value(cls, value: Any) -> "OptimalSamplingParams":
+        """From the API's {"target_model", "alpha", "tol"} (or an instance)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise InvalidParam("optimal_sampling", "optimal_sampling must be an object like "
+                                                   '{"target_model": "...", "alpha": "auto"}')
+        unknown = set(value) - {"target_model", "target", "alpha", "tol"}
+        if unknown:
+            raise InvalidParam("optimal_sampling", f"optimal_sampling has unknown keys {sorted(unknown)}")
+        target = value.get("target_model", value.get("target"))
+        return cls(target, value.get("alpha", "auto"), value.get("tol", 1e-6))
+
+
 @dataclass
 class SamplingParams:
     """How to sample the output of one request.
@@ -46,6 +86,7 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    optimal_sampling: Optional[OptimalSamplingParams] = None
     stop_strs: List[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -58,6 +99,8 @@ class SamplingParams:
         else:
             raise InvalidParam("stop", f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.optimal_sampling is not None:
+            self.optimal_sampling = OptimalSamplingParams.from_value(self.optimal_sampling)
         if self.logit_bias:
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
@@ -126,6 +169,15 @@ class SamplingParams:
             bad("logit_bias", "values must be in [-100, 100]")
         if any(s == "" for s in self.stop_strs):
             raise InvalidParam("stop", "stop strings must not be empty")
+        if self.optimal_sampling is not None:
+            # q* is the two models' own distributions mixed: nothing may reshape them.
+            changed = [name for name, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", -1), ("min_p", 0.0),
+                                                  ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                                                  ("repetition_penalty", 1.0))
+                       if getattr(self, name) != default] + (["logit_bias"] if self.logit_bias else [])
+            if changed:
+                raise InvalidParam("optimal_sampling", f"optimal_sampling samples q* of the two models as they are; "
+                                                       f"leave {', '.join(changed)} at their defaults")
 
     @property
     def greedy(self) -> bool:

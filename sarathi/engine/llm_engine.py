@@ -6,7 +6,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Dict, Iterable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -21,9 +21,12 @@ from sarathi.model_executor.model_loader import resolve_model_dir
 from sarathi.model_executor.model_runner import ModelRunner, RunSeq
 from sarathi.model_executor.sampler import SampleRequest, SampleResult, prompt_logprobs, sample
 from sarathi.outputs import RequestMetrics, RequestOutput
-from sarathi.sampling_params import SamplingParams
+from sarathi.sampling_params import InvalidParam, SamplingParams
 from sarathi.transformers_utils.detokenizer import IncrementalDetokenizer
 from sarathi.transformers_utils.tokenizer import get_tokenizer
+
+if TYPE_CHECKING:
+    from sarathi.optimal_sampling.engine import Target
 
 logger = logging.getLogger("sarathi")
 
@@ -78,6 +81,9 @@ class LLMEngine:
         self._consecutive_failures = 0
         for name, path in config.lora_modules.items():
             self.add_lora(LoRARequest(name, 0, path))
+        self.targets: Dict[str, "Target"] = {}   # optimal sampling's pi_t, by the name requests use
+        if config.optimal_sampling_target:
+            self._load_target_model(config)
 
     # ---- LoRA adapters -------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> None:
@@ -92,10 +98,14 @@ class LLMEngine:
         """Unload an adapter; refused while requests run with it (KeyError: unknown name)."""
         if self.runner.lora is None or name not in self.runner.lora.paths:
             raise KeyError(name)
-        busy = sum(1 for r in self.requests.values() if r.lora_name == name)
+        busy = sum(1 for r in self.requests.values() if r.lora_name == name or (
+            r.params.optimal_sampling is not None and r.params.optimal_sampling.target == name))
         if busy:
             raise ValueError(f"adapter {name!r} is in use by {busy} request(s); unload it once they finish")
         self.runner.lora.unregister(name)
+        target = self.targets.pop(name, None)  # its KV as an optimal-sampling target
+        if target is not None:
+            target.close()
 
     def list_loras(self) -> List[str]:
         return [] if self.runner.lora is None else self.runner.lora.names()
@@ -115,6 +125,61 @@ class LLMEngine:
                 raise ValueError(f"unknown LoRA adapter {name!r}; loaded: {lora.names()}")
             self.add_lora(lora_request)
         return name
+
+    # ---- optimal sampling's second model ---------------------------------------
+    def _load_target_model(self, config: EngineConfig) -> None:
+        """Load --optimal-sampling-target with a KV cache that mirrors this engine's slots."""
+        import dataclasses
+
+        from sarathi.model_executor.kv_cache import KVCacheSpec
+        from sarathi.model_executor.model_loader import load_hf_config
+        from sarathi.model_executor.models.llama import LlamaArgs
+        from sarathi.optimal_sampling.engine import ModelTarget, mirror_kv_memory
+
+        name = config.optimal_sampling_target_name or config.optimal_sampling_target
+        target_dir = resolve_model_dir(config.optimal_sampling_target)
+        tok = get_tokenizer(target_dir, config.patch_tokenizer)
+        if tok.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"--optimal-sampling-target {config.optimal_sampling_target!r} has a different "
+                             "tokenizer; q* needs both models over the same vocabulary")
+        args = LlamaArgs.from_hf_config(load_hf_config(target_dir))
+        main = self.runner.kv_spec
+        page = self.runner.page_size()
+        tspec = KVCacheSpec(args.num_layers, args.num_kv_heads, args.head_dim, main.dtype, main.device,
+                            main.max_model_len, main.max_num_seqs, 0, main.block_size, page)
+        memory = mirror_kv_memory(config.kv_cache_backend, main, self.runner.kv_layout(), tspec, page)
+        tconfig = dataclasses.replace(config, model=config.optimal_sampling_target, enable_lora=False,
+                                      lora_modules=None, optimal_sampling_target=None)
+        runner = ModelRunner(tconfig, target_dir, max_model_len=self.max_model_len, kv_memory=memory,
+                             page_size=page)
+        if runner.vocab_size != self.runner.vocab_size:
+            raise ValueError(f"--optimal-sampling-target has {runner.vocab_size} logits, this model "
+                             f"{self.runner.vocab_size}")
+        logger.info("optimal sampling target %r: %s, KV %.0f MB", name, target_dir, memory / 1e6)
+        self.targets[name] = ModelTarget(name, runner)
+
+    def optimal_sampling_targets(self) -> List[str]:
+        """Names a request can give as optimal_sampling's target (models and LoRA adapters)."""
+        from sarathi.optimal_sampling.engine import ModelTarget
+
+        models = [n for n, t in self.targets.items() if isinstance(t, ModelTarget)]
+        return list(dict.fromkeys(models + self.list_loras()))
+
+    def _target(self, name: str) -> "Target":
+        target = self.targets.get(name)
+        if target is None:
+            if self.runner.lora is None or name not in self.runner.lora.paths:
+                raise InvalidParam("optimal_sampling", f"unknown optimal_sampling target {name!r}; targets: "
+                                                       f"{self.optimal_sampling_targets()}")
+            from sarathi.optimal_sampling.engine import AdapterTarget
+
+            target = self.targets[name] = AdapterTarget(self.runner, name)
+        return target
+
+    def _release(self, slot: int) -> None:
+        self.runner.free_slot(slot)
+        for target in self.targets.values():
+            target.free_slot(slot)
 
     def _eos_ids(self, hf_config: dict) -> set:
         ids = set()
@@ -157,6 +222,8 @@ class LLMEngine:
         p = sampling_params
         self.check_params(p)
         lora_name = self._resolve_lora(lora_request)
+        if p.optimal_sampling is not None:
+            self._target(p.optimal_sampling.target)
         room = self.max_model_len - len(ids)
         max_tokens = room if p.max_tokens is None else min(p.max_tokens, room)
         now = arrival_time if arrival_time is not None else time.monotonic()
@@ -172,7 +239,9 @@ class LLMEngine:
                            stop_token_ids=frozenset(p.stop_token_ids),
                            eos_token_ids=frozenset() if p.ignore_eos else self.eos_token_ids,
                            min_tokens=p.min_tokens, lora_name=lora_name,
-                           data=SeqState(detok, gen, logprobs=[] if p.logprobs is not None else None))
+                           data=SeqState(detok, gen, logprobs=[] if p.logprobs is not None else None,
+                                         alpha_history=[] if p.optimal_sampling else None,
+                                         diagnostics=[] if p.optimal_sampling else None))
             req.seqs.append(seq)
         for seq in req.seqs:
             self.scheduler.add(seq)
@@ -201,7 +270,7 @@ class LLMEngine:
     def _free(self, seq: Sequence) -> None:
         slot = self.scheduler.finish(seq)
         if slot is not None:
-            self.runner.free_slot(slot)
+            self._release(slot)
 
     # ---- one step ------------------------------------------------------------
     def step(self) -> List[RequestOutput]:
@@ -213,7 +282,7 @@ class LLMEngine:
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule()
         for slot in sched.freed_slots:
-            self.runner.free_slot(slot)
+            self._release(slot)
         for seq in sched.preempted:
             self.requests[seq.request_id].metrics.num_preemptions += 1
         if sched.is_empty:
@@ -247,7 +316,8 @@ class LLMEngine:
         """Build the runner's input, execute, sample, hand the tokens on."""
         plan = [self._plan_seq(item, now) for item in sched.scheduled]
         logits = self.runner.execute([p.run for p in plan], len(sched.prefills))
-        sampled = self._sample(plan, logits)
+        target_rows = self._run_targets(plan, len(sched.prefills))
+        sampled = self._sample(plan, logits, target_rows)
         self.scheduler.postprocess(sched, [(p.seq, res.token_id) for p, res in sampled.items()])
         now = time.monotonic()
         touched: Dict[str, Request] = {}
@@ -284,10 +354,32 @@ class LLMEngine:
                      seq.lora_name)
         return SeqPlan(seq, req, run, samples, want_plp)
 
-    def _sample(self, plan: List["SeqPlan"], logits: torch.Tensor) -> Dict["SeqPlan", SampleResult]:
-        """Prompt logprobs from each sequence's rows, then one token per sampling sequence."""
+    def _run_targets(self, plan: List["SeqPlan"], num_prefills: int) -> Dict["SeqPlan", torch.Tensor]:
+        """pi_t's forward for the sequences that sample from q* (every chunk, so its KV keeps up);
+        returns the logits row each sampling one needs."""
+        groups: Dict[str, List[Tuple[int, SeqPlan]]] = {}
+        for i, p in enumerate(plan):
+            os_params = p.req.params.optimal_sampling
+            if os_params is not None:
+                groups.setdefault(os_params.target, []).append((i, p))
+        rows: Dict[SeqPlan, torch.Tensor] = {}
+        for name, members in groups.items():
+            logits = self._target(name).execute([p.run for _, p in members],
+                                                sum(1 for i, _ in members if i < num_prefills))
+            offset = 0
+            for _, p in members:
+                offset += p.run.logits_rows[1] - p.run.logits_rows[0]
+                if p.samples:
+                    rows[p] = logits[offset - 1]
+        return rows
+
+    def _sample(self, plan: List["SeqPlan"], logits: torch.Tensor,
+                target_rows: Optional[Dict["SeqPlan", torch.Tensor]] = None) -> Dict["SeqPlan", SampleResult]:
+        """Prompt logprobs from each sequence's rows, then one token per sampling sequence
+        (from q* for the sequences in target_rows)."""
         rows: List[Tuple[SeqPlan, SampleRequest]] = []
         row_index: List[int] = []
+        optimal: List[Tuple[SeqPlan, int]] = []
         offset = 0
         for p in plan:
             count = p.run.logits_rows[1] - p.run.logits_rows[0]
@@ -298,25 +390,50 @@ class LLMEngine:
                 lps = prompt_logprobs(block, prompt[start + 1:start + 1 + npos], p.req.params.prompt_logprobs)
                 self.outputs.add_prompt_logprobs(p.req, lps)
             offset += count
-            if p.samples:
+            if p.samples and target_rows and p in target_rows:
+                optimal.append((p, offset - 1))
+            elif p.samples:
                 seq = p.seq
                 rows.append((p, SampleRequest(p.req.params, seq.prompt_token_ids, seq.output_token_ids,
                                               seq.data.generator, tuple(seq.blocked_token_ids))))
                 row_index.append(offset - 1)
+        out: Dict[SeqPlan, SampleResult] = self._sample_optimal(optimal, logits, target_rows) if optimal else {}
         if not rows:
-            return {}
+            return out
         picked = logits if len(row_index) == logits.shape[0] else logits[row_index]
         try:
             results = sample(picked, [r for _, r in rows], self.generator)
-            return {p: res for (p, _), res in zip(rows, results)}
+            out.update({p: res for (p, _), res in zip(rows, results)})
+            return out
         except Exception:  # noqa: BLE001 - find the rows at fault, fail their requests, keep the rest
             logger.exception("batched sampling failed; sampling row by row")
-        out: Dict[SeqPlan, SampleResult] = {}
         for i, (p, r) in enumerate(rows):
             try:
                 out[p] = sample(picked[i:i + 1], [r], self.generator)[0]
             except Exception as e:  # noqa: BLE001
                 self.fail_request(p.req.request_id, f"sampling failed for this request: {type(e).__name__}: {e}")
+        return out
+
+    def _sample_optimal(self, optimal: List[Tuple["SeqPlan", int]], logits: torch.Tensor,
+                        target_rows: Dict["SeqPlan", torch.Tensor]) -> Dict["SeqPlan", SampleResult]:
+        """One token per sequence from q* over the full vocabulary; α and diagnostics recorded."""
+        from sarathi.optimal_sampling.engine import OptimalRow, sample_rows
+
+        out: Dict[SeqPlan, SampleResult] = {}
+        try:
+            rows = [OptimalRow(logits[i], target_rows[p], p.req.params.optimal_sampling.fixed_alpha,
+                               p.req.params.optimal_sampling.tol, p.seq.data.generator,
+                               tuple(p.seq.blocked_token_ids), p.req.params.logprobs) for p, i in optimal]
+            results = sample_rows(rows, self.generator)
+        except Exception as e:  # noqa: BLE001 - fail these requests, keep the rest of the batch
+            logger.exception("optimal sampling failed")
+            for p, _ in optimal:
+                self.fail_request(p.req.request_id, f"optimal sampling failed: {type(e).__name__}: {e}")
+            return out
+        for (p, _), (res, alpha, diag) in zip(optimal, results):
+            p.seq.data.alpha_history.append(alpha)
+            p.seq.data.diagnostics.append(diag)
+            out[p] = res
         return out
 
     def fail_request(self, request_id: str, message: str) -> None:
@@ -337,6 +454,8 @@ class LLMEngine:
     def close(self) -> None:
         """Release the KV cache now; the engine cannot run afterwards."""
         self.runner.close()
+        for target in self.targets.values():
+            target.close()
 
     # ---- stats ---------------------------------------------------------------
     def get_stats(self) -> Dict[str, float]:

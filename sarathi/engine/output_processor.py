@@ -28,6 +28,8 @@ class SeqState:
     text: str = ""
     logprobs: Optional[list] = None
     cumulative_logprob: float = 0.0
+    alpha_history: Optional[list] = None   # optimal sampling: α and diagnostics of each token
+    diagnostics: Optional[list] = None
 
 
 @dataclass
@@ -120,7 +122,10 @@ class OutputProcessor:
                 index=seq.index, text=visible_text(seq, req.params), token_ids=list(seq.output_token_ids),
                 cumulative_logprob=st.cumulative_logprob,
                 logprobs=list(st.logprobs) if st.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                optimal_sampling=None if st.alpha_history is None else {
+                    "target_model": req.params.optimal_sampling.target, "alpha_history": list(st.alpha_history),
+                    "diagnostics": list(st.diagnostics)}))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
                              list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
                              outs, req.finished, req.metrics)

@@ -41,7 +41,9 @@ class RunSeq:
 class ModelRunner:
     """The model, its KV backend and the device; `execute` runs one step."""
 
-    def __init__(self, config: EngineConfig, model_dir: Path, max_model_len: Optional[int] = None):
+    def __init__(self, config: EngineConfig, model_dir: Path, max_model_len: Optional[int] = None,
+                 kv_memory: Optional[int] = None, page_size: Optional[int] = None):
+        """kv_memory / page_size override the config's (a second model sized to mirror the first)."""
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.hf_config = load_hf_config(model_dir)
@@ -62,8 +64,9 @@ class ModelRunner:
         self._kv_spec = KVCacheSpec(
             num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, dtype=self.dtype,
             device=self.device, max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
-            kv_cache_memory=config.kv_cache_memory, block_size=config.block_size, page_size=config.page_size,
-            async_mapping=config.async_kv_mapping)
+            kv_cache_memory=kv_memory or config.kv_cache_memory, block_size=config.block_size,
+            page_size=page_size or config.page_size, async_mapping=config.async_kv_mapping)
+        self.kv_backend_name = config.kv_cache_backend
         self._kv = kv_backend_class(config.kv_cache_backend)(self._kv_spec)
         self.needs_block_tables = self._kv.needs_block_tables
         self.kv_bytes_per_token = self._kv_spec.bytes_per_token
@@ -95,6 +98,19 @@ class ModelRunner:
         floats = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return floats + sum(m.qweight.nbytes() for m in self._linears() if m.qweight is not None)
 
+    @property
+    def kv_spec(self) -> KVCacheSpec:
+        return self._kv_spec
+
+    @property
+    def kv_backend(self):
+        return self._kv
+
+    def page_size(self) -> Optional[int]:
+        """The vattention backend's page bytes (None for the others)."""
+        stats = self._kv.stats()
+        return stats.get("kv_page_size")
+
     def kv_layout(self) -> Tuple[int, int, int]:
         """(num_blocks, block_size, num_slots) for the scheduler's KVManager."""
         return type(self._kv).layout(self._kv_spec)
@@ -103,19 +119,21 @@ class ModelRunner:
         return self._kv.stats()
 
     @torch.inference_mode()
-    def execute(self, seqs: List[RunSeq], num_prefills: int) -> torch.Tensor:
-        """Run the step; returns float32 logits for the requested rows, in order."""
+    def execute(self, seqs: List[RunSeq], num_prefills: int, kv=None) -> torch.Tensor:
+        """Run the step; returns float32 logits for the requested rows, in order. kv: another
+        KV backend of the same geometry to read and write instead of this runner's own."""
         ids = [t for s in seqs for t in s.token_ids]
         batch = StepBatch(
             slots=[s.slot for s in seqs], context_lens=[s.context_len for s in seqs],
             query_lens=[len(s.token_ids) for s in seqs],
             block_tables=[s.block_table for s in seqs] if self.needs_block_tables else None,
             num_prefills=num_prefills, device=self.device)
-        step = self._kv.begin_step(batch)
+        kv = self._kv if kv is None else kv
+        step = kv.begin_step(batch)
         if self.lora is not None:
             self.lora.prepare([s.lora_name for s in seqs], batch.query_lens)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        kv, scale = self._kv, self.scale
+        scale = self.scale
 
         def attend(layer, q, k, v):
             return kv.attend(layer, q, k, v, step, scale)

@@ -61,29 +61,48 @@ def _support(logp_theta: torch.Tensor, logp_t: torch.Tensor) -> Tuple[bool, bool
     return bool(both.any()), bool(torch.equal(logp_theta, logp_t))
 
 
+def _gaps(mix_base: torch.Tensor, d: torch.Tensor, support: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Δ(α) per row on the open interval: q_α lives on the common support."""
+    mix = torch.where(support, mix_base + alpha[:, None] * d, torch.full_like(d, NEG_INF))
+    q = torch.softmax(mix, dim=-1)
+    return (q * d).sum(-1)
+
+
+def solve_alpha(logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float = 1e-6,
+                max_iter: int = 100) -> torch.Tensor:
+    """α* of every row of [B, V] log-probabilities (float64 [B]): bisection on all rows at once.
+
+    Rows with identical distributions or disjoint supports get 1/2; a row whose Δ keeps one
+    sign on (0, 1) gets the nearer end."""
+    lt = _log_normalize(logp_theta.double())
+    lh = _log_normalize(logp_t.double())
+    support = torch.isfinite(lt) & torch.isfinite(lh)
+    d = torch.where(support, lh - lt, torch.zeros_like(lt))
+    base = torch.where(support, lt, torch.zeros_like(lt))
+    rows = lt.shape[0]
+    alpha = torch.full((rows,), 0.5, dtype=torch.float64, device=lt.device)
+    special = ~support.any(-1) | (lt == lh).all(-1)
+    eps = min(tol, 1e-9)
+    at_lo = _gaps(base, d, support, torch.full_like(alpha, eps)) >= 0
+    at_hi = _gaps(base, d, support, torch.full_like(alpha, 1 - eps)) <= 0
+    lo, hi = torch.zeros_like(alpha), torch.ones_like(alpha)
+    for _ in range(max_iter):
+        if float((hi - lo).max()) < tol:
+            break
+        mid = 0.5 * (lo + hi)
+        below = _gaps(base, d, support, mid) < 0
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    alpha = 0.5 * (lo + hi)
+    alpha = torch.where(at_lo, torch.zeros_like(alpha), alpha)
+    alpha = torch.where(at_hi & ~at_lo, torch.ones_like(alpha), alpha)
+    return torch.where(special, torch.full_like(alpha, 0.5), alpha)
+
+
 def solve_kl_symmetry(logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float = 1e-6,
                       max_iter: int = 100) -> float:
     """α* in [0, 1] with KL(q_α‖π_θ) = KL(q_α‖π_t), to within tol in α (bisection)."""
-    logp_theta, logp_t = _log_normalize(logp_theta.double()), _log_normalize(logp_t.double())
-    overlap, identical = _support(logp_theta, logp_t)
-    if identical or not overlap:
-        return 0.5
-    lo, hi = 0.0, 1.0
-    # Endpoints: on the open interval q lives on the common support; evaluate just inside.
-    eps = min(tol, 1e-9)
-    if delta(logp_theta, logp_t, eps) >= 0.0:
-        return 0.0
-    if delta(logp_theta, logp_t, 1.0 - eps) <= 0.0:
-        return 1.0
-    for _ in range(max_iter):
-        mid = 0.5 * (lo + hi)
-        if delta(logp_theta, logp_t, mid) < 0.0:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < tol:
-            break
-    return 0.5 * (lo + hi)
+    return float(solve_alpha(logp_theta.reshape(1, -1), logp_t.reshape(1, -1), tol, max_iter)[0])
 
 
 def q_star(logp_theta: torch.Tensor, logp_t: torch.Tensor, alpha: float) -> torch.Tensor:
