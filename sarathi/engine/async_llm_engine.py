@@ -95,6 +95,11 @@ class AsyncLLMEngine:
     def list_loras(self) -> List[str]:
         return self.engine.list_loras()
 
+    def optimal_sampling_models(self) -> List[str]:
+        """Second models loaded as optimal sampling targets (adapters are listed as adapters)."""
+        loras = set(self.engine.list_loras())
+        return [n for n in self.engine.optimal_sampling_targets() if n not in loras]
+
     def lora_path(self, name: str) -> Optional[str]:
         lora = self.engine.runner.lora
         return None if lora is None else lora.paths.get(name)

@@ -137,6 +137,8 @@ class LLMEngine:
         from sarathi.optimal_sampling.engine import ModelTarget, mirror_kv_memory
 
         name = config.optimal_sampling_target_name or config.optimal_sampling_target
+        if name == self.model_name or name in self.list_loras():
+            raise ValueError(f"--optimal-sampling-target-name {name!r} is already the name of a served model")
         target_dir = resolve_model_dir(config.optimal_sampling_target)
         tok = get_tokenizer(target_dir, config.patch_tokenizer)
         if tok.get_vocab() != self.tokenizer.get_vocab():

@@ -172,7 +172,10 @@ async def models(request: Request):
     adapters = [{"id": name, "object": "model", "created": int(state.started), "owned_by": "sarathi",
                  "root": getattr(state.engine, "lora_path", lambda _: None)(name), "parent": s.served_model_names[0],
                  "max_model_len": s.max_model_len} for name in s.loras()]
-    return {"object": "list", "data": base + adapters}
+    targets = [{"id": name, "object": "model", "created": int(state.started), "owned_by": "sarathi", "root": name,
+                "parent": None, "max_model_len": s.max_model_len, "optimal_sampling_target": True}
+               for name in getattr(state.engine, "optimal_sampling_models", list)()]
+    return {"object": "list", "data": base + adapters + targets}
 
 
 def _runtime_lora(request: Request) -> OpenAIServing:

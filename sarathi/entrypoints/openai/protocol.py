@@ -58,6 +58,8 @@ class SamplingFields(OpenAIBase):
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     stop_token_ids: Optional[List[int]] = None
+    # extension: sample from q* of this model and a target (two-model optimal sampling)
+    optimal_sampling: Optional[Dict[str, Any]] = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     min_tokens: int = 0
@@ -92,6 +94,8 @@ class CompletionLogprobs(BaseModel):
 
 
 class CompletionChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")  # extension fields (optimal_sampling)
+
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
@@ -146,6 +150,8 @@ class ChatResponseMessage(BaseModel):
 
 
 class ChatChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")  # extension fields (optimal_sampling)
+
     index: int
     message: ChatResponseMessage
     logprobs: Optional[ChatLogprobs] = None
@@ -168,6 +174,8 @@ class DeltaMessage(BaseModel):
 
 
 class ChatChunkChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")  # extension fields (optimal_sampling)
+
     index: int
     delta: DeltaMessage
     logprobs: Optional[ChatLogprobs] = None

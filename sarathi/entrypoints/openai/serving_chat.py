@@ -10,8 +10,8 @@ from sarathi.outputs import RequestOutput
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatResponseMessage, ChatTokenLogprob,
                        DeltaMessage, TopLogprob)
-from .serving_engine import (ChoiceCursor, OpenAIServing, bad_request, check_text, random_id, sse, stop_reason,
-                             usage_of)
+from .serving_engine import (ChoiceCursor, OpenAIServing, bad_request, check_text, optimal_sampling_fields,
+                             random_id, sse, stop_reason, usage_of)
 
 
 async def render_messages(serving: OpenAIServing, messages: List[ChatMessage],
@@ -72,7 +72,7 @@ class OpenAIServingChat:
             final = out
         choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
                               logprobs=self._logprobs(c.token_ids, c.logprobs, req) if req.logprobs else None,
-                              finish_reason=c.finish_reason, stop_reason=stop_reason(c))
+                              finish_reason=c.finish_reason, stop_reason=stop_reason(c), **optimal_sampling_fields(c))
                    for c in sorted(final.outputs, key=lambda c: c.index)]
         return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of([final]))
 
@@ -114,7 +114,8 @@ class OpenAIServingChat:
                 delta, new_ids, first = new
                 lp = self._logprobs(new_ids, (c.logprobs or [])[first:], req) if req.logprobs else None
                 yield chunk(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=delta), logprobs=lp,
-                                            finish_reason=c.finish_reason, stop_reason=stop_reason(c)))
+                                            finish_reason=c.finish_reason, stop_reason=stop_reason(c),
+                                            **optimal_sampling_fields(c, first, len(new_ids))))
         if req.stream_options is not None and req.stream_options.include_usage:
             body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
                                        usage=usage_of([final]))

@@ -8,7 +8,8 @@ from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple, Union
 from sarathi.outputs import CompletionOutput, PromptLogprobs, RequestOutput, SampleLogprobs
 
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from .serving_engine import ChoiceCursor, OpenAIServing, bad_request, random_id, sse, stop_reason, usage_of
+from .serving_engine import (ChoiceCursor, OpenAIServing, bad_request, optimal_sampling_fields, random_id, sse,
+                             stop_reason, usage_of)
 
 Prompt = Tuple[str, List[int]]  # (text, token ids)
 
@@ -82,7 +83,7 @@ class OpenAIServingCompletion:
                 offset = self._add_logprobs(logprobs, out.prompt_token_ids, out.prompt_logprobs, req.logprobs, 0)
             self._add_logprobs(logprobs, c.token_ids, c.logprobs, req.logprobs, offset)
         return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=c.finish_reason,
-                                stop_reason=stop_reason(c))
+                                stop_reason=stop_reason(c), **optimal_sampling_fields(c))
 
     def _add_logprobs(self, into: CompletionLogprobs, token_ids: Sequence[int],
                       steps: Optional[Union[SampleLogprobs, PromptLogprobs]], num_top: int, offset: int) -> int:
@@ -137,7 +138,8 @@ class OpenAIServingCompletion:
                                        cursor.text_offset)
                 cursor.text_offset += len(delta)
                 yield chunk(CompletionChoice(index=index, text=delta, logprobs=lp, finish_reason=c.finish_reason,
-                                             stop_reason=stop_reason(c)))
+                                             stop_reason=stop_reason(c),
+                                             **optimal_sampling_fields(c, first, len(new_ids))))
         if req.stream_options is not None and req.stream_options.include_usage:
             usage = usage_of([finals.get(i) for i in range(len(prompts))])
             body = CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=usage)

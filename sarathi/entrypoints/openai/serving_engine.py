@@ -108,6 +108,9 @@ class OpenAIServing:
             return requested or self.served_model_names[0], None
         if requested in self.loras():
             return requested, LoRARequest(requested)
+        if requested in getattr(self.engine, "optimal_sampling_models", list)():
+            raise bad_request(f"`{short(requested)}` is loaded only as an optimal_sampling target; name it in "
+                              f"optimal_sampling.target_model", param="model")
         raise APIError(404, f"The model `{short(requested)}` does not exist; this server serves "
                             f"{self.served_model_names + self.loras()}.", param="model", code="model_not_found")
 
@@ -288,6 +291,17 @@ class OpenAIServing:
             if isinstance(piece, str) and piece and all(ch in byte_decoder for ch in piece):
                 return [byte_decoder[ch] for ch in piece]
         return list(text.encode("utf-8"))
+
+
+def optimal_sampling_fields(c: CompletionOutput, first: int = 0, count: Optional[int] = None) -> Dict[str, Any]:
+    """The choice's `optimal_sampling` extension (α and diagnostics of tokens [first, first + count))."""
+    info = c.optimal_sampling
+    if info is None:
+        return {}
+    end = None if count is None else first + count
+    return {"optimal_sampling": {"target_model": info["target_model"],
+                                 "alpha_history": info["alpha_history"][first:end],
+                                 "diagnostics": info["diagnostics"][first:end]}}
 
 
 @dataclass
