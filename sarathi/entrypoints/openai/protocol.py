@@ -84,6 +84,8 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
+    # vLLM extension: logprobs name tokens "token_id:<id>" (exact, for clients that work in ids)
+    return_tokens_as_token_ids: Optional[bool] = None
 
 
 class CompletionLogprobs(BaseModel):

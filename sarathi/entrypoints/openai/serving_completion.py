@@ -80,20 +80,24 @@ class OpenAIServingCompletion:
             logprobs = CompletionLogprobs()
             offset = 0
             if req.echo:
-                offset = self._add_logprobs(logprobs, out.prompt_token_ids, out.prompt_logprobs, req.logprobs, 0)
-            self._add_logprobs(logprobs, c.token_ids, c.logprobs, req.logprobs, offset)
+                offset = self._add_logprobs(logprobs, out.prompt_token_ids, out.prompt_logprobs, req.logprobs, 0,
+                                            bool(req.return_tokens_as_token_ids))
+            self._add_logprobs(logprobs, c.token_ids, c.logprobs, req.logprobs, offset,
+                               bool(req.return_tokens_as_token_ids))
         return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=c.finish_reason,
                                 stop_reason=stop_reason(c), **optimal_sampling_fields(c))
 
     def _add_logprobs(self, into: CompletionLogprobs, token_ids: Sequence[int],
-                      steps: Optional[Union[SampleLogprobs, PromptLogprobs]], num_top: int, offset: int) -> int:
-        """Append tokens / token_logprobs / top_logprobs / text_offset; returns the next offset."""
+                      steps: Optional[Union[SampleLogprobs, PromptLogprobs]], num_top: int, offset: int,
+                      as_ids: bool = False) -> int:
+        """Append tokens / token_logprobs / top_logprobs / text_offset; returns the next offset.
+        as_ids: name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)."""
         s = self.serving
         steps = steps or [None] * len(token_ids)
         for tid, step in zip(token_ids, steps):
             chosen = step.get(tid) if step else None
             token = s.token_text(tid, chosen)
-            into.tokens.append(token)
+            into.tokens.append(f"token_id:{tid}" if as_ids else token)
             into.text_offset.append(offset)
             offset += len(token)
             if step is None:
@@ -104,7 +108,8 @@ class OpenAIServingCompletion:
             top = sorted(step.items(), key=lambda kv: -kv[1].logprob)[:num_top]
             if chosen is not None and tid not in dict(top):
                 top.append((tid, chosen))
-            into.top_logprobs.append({s.token_text(t, lp): lp.logprob for t, lp in top})
+            into.top_logprobs.append({(f"token_id:{t}" if as_ids else s.token_text(t, lp)): lp.logprob
+                                      for t, lp in top})
         return offset
 
     async def _stream(self, req: CompletionRequest, model: str, request_id: str, prompts: List[Prompt],
@@ -135,7 +140,7 @@ class OpenAIServingCompletion:
                 if req.logprobs is not None:
                     lp = CompletionLogprobs()
                     self._add_logprobs(lp, new_ids, (c.logprobs or [])[first:] or None, req.logprobs,
-                                       cursor.text_offset)
+                                       cursor.text_offset, bool(req.return_tokens_as_token_ids))
                 cursor.text_offset += len(delta)
                 yield chunk(CompletionChoice(index=index, text=delta, logprobs=lp, finish_reason=c.finish_reason,
                                              stop_reason=stop_reason(c),
@@ -151,7 +156,8 @@ class OpenAIServingCompletion:
         lp = None
         if req.logprobs is not None:
             lp = CompletionLogprobs()
-            cursor.text_offset = self._add_logprobs(lp, out.prompt_token_ids, out.prompt_logprobs, req.logprobs, 0)
+            cursor.text_offset = self._add_logprobs(lp, out.prompt_token_ids, out.prompt_logprobs, req.logprobs, 0,
+                                                bool(req.return_tokens_as_token_ids))
         else:
             cursor.text_offset = len(prompt_text)
         return CompletionChoice(index=index, text=prompt_text, logprobs=lp)
