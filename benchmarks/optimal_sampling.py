@@ -143,10 +143,12 @@ def main() -> None:
         ns_theta = argparse.Namespace(gguf=None, sarathi_model=args.model, port=args.port, sarathi_args=flags)
         ns_t = argparse.Namespace(gguf=None, sarathi_model=args.model, port=args.port + 1,
                                   sarathi_args=f"{flags} --enable-lora --max-lora-rank 64 --lora-modules ft={args.adapter}")
-        out_dir = Path(args.result_dir)
-        theta, theta_url = compare.start("sarathi", ns_theta, out_dir)
+        logs = REPO / ".cache" / "optimal-sampling-logs"
+        for side in ("theta", "t"):
+            (logs / side).mkdir(parents=True, exist_ok=True)
+        theta, theta_url = compare.start("sarathi", ns_theta, logs / "theta")
         try:
-            t, t_url = compare.start("sarathi", ns_t, out_dir)
+            t, t_url = compare.start("sarathi", ns_t, logs / "t")
             try:
                 result["coordinator"].append(coordinator(theta_url, t_url, tok, prompts[:args.batch1_prompts],
                                                          args.max_tokens, 1, args.top_k))

@@ -123,3 +123,33 @@ def test_top_k_merge_fill_rule_and_error():
         errors.append(abs(solve_kl_symmetry(m.logp_theta, m.logp_t, tol=1e-9) - exact))
     assert errors[-1] < 1e-6           # k = V: exact
     assert max(errors[:3]) < 0.05      # the fill rule keeps alpha close; the benchmark tabulates it
+
+
+@pytest.mark.slow
+def test_top_k_error_on_real_smollm2_logits(smollm2_dir, tmp_path):
+    """pi_theta = SmolLM2, pi_t = SmolLM2 + a LoRA adapter: the coordinator's top-k alpha approaches the
+    exact full-vocabulary alpha as k grows (k = 10, 50, 100, 200)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_testutil import make_adapter, peft_model
+    from sarathi.optimal_sampling.kl import solve_alpha
+
+    adapter = make_adapter(smollm2_dir, tmp_path / "ad", seed=0, r=8, alpha=64)
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    ids = torch.tensor([tok.encode("import os\nimport sys\n\ndef main(argv):\n    \"\"\"Parse the arguments and")])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+        lt = torch.log_softmax(base(ids).logits[0].double(), -1)
+        lh = torch.log_softmax(peft_model(smollm2_dir, adapter)(ids).logits[0].double(), -1)
+    exact = solve_alpha(lt, lh, tol=1e-9)
+    assert (exact > 0).any() and (exact < 1).all()
+    mean_err = {}
+    for k in (10, 50, 100, 200):
+        errs = []
+        for i in range(lt.shape[0]):
+            top = lambda lp: {int(j): float(lp[j]) for j in torch.topk(lp, k).indices}  # noqa: E731
+            m = merge_top_k(top(lt[i]), top(lh[i]), lt.shape[-1])
+            errs.append(abs(solve_kl_symmetry(m.logp_theta, m.logp_t, tol=1e-9) - float(exact[i])))
+        mean_err[k] = sum(errs) / len(errs)
+    assert mean_err[200] <= mean_err[10]
+    assert mean_err[200] < 0.05
