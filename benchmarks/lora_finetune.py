@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-chunks", type=int, default=12, help="held-out pieces for the Trainer's eval loss")
+    p.add_argument("--eval-steps", type=int, default=100)
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--window-len", type=int, default=256)
     p.add_argument("--work-dir", default=str(REPO / ".cache" / "lora-finetune"))
@@ -82,7 +84,7 @@ def main() -> None:
     random.Random(0).shuffle(train)
     write_jsonl(work / "train.jsonl", train)
     heldout = (data_dir / "heldout.txt").read_text(encoding="utf-8")
-    write_jsonl(work / "eval.jsonl", chunks(heldout, 1500)[:24])
+    write_jsonl(work / "eval.jsonl", chunks(heldout, 1500)[:args.eval_chunks])
 
     runs = {}
     for variant in args.variants:
@@ -91,7 +93,7 @@ def main() -> None:
                "--eval-data", str(work / "eval.jsonl"), "--out", str(out), "--base-quantization", variant,
                "--time-budget", str(args.budget_min), "--max-length", str(args.max_length),
                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--r", str(args.r),
-               "--lora-alpha", str(2 * args.r), "--eval-steps", "100", "--save-steps", "100000",
+               "--lora-alpha", str(2 * args.r), "--eval-steps", str(args.eval_steps), "--save-steps", "100000",
                "--logging-steps", "10", "--threads", str(args.threads), "--no-resume"]
         print("$", " ".join(cmd), flush=True)
         t0 = time.perf_counter()

@@ -211,8 +211,7 @@ def train(opts: TrainOptions, progress: bool = True) -> dict:
             over_budget = opts.time_budget is not None and time.monotonic() - start > opts.time_budget * 60
             if over_budget or (opts.stop_after_steps is not None and self.steps >= opts.stop_after_steps):
                 control.should_training_stop = True
-                control.should_save = True
-                control.should_evaluate = True
+                control.should_save = True   # the final evaluation follows train()
 
         def on_log(self, args_, state, control, logs=None, **kw):
             if logs is None:
