@@ -28,13 +28,14 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def generate_main(argv: Optional[List[str]] = None) -> int:
-    from sarathi import LLM, SamplingParams
+    from sarathi import LLM, LoRARequest, SamplingParams
 
     p = argparse.ArgumentParser(prog="python -m sarathi generate",
                                 description="Generate text offline with the engine.")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     p.add_argument("--chat", action="store_true", help="treat each prompt as a user message (chat template)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of plain text")
+    p.add_argument("--lora", default=None, help="run with this LoRA adapter (one of --lora-modules)")
     add_engine_args(p)
     _sampling_args(p)
     ns = p.parse_args(argv)
@@ -42,10 +43,11 @@ def generate_main(argv: Optional[List[str]] = None) -> int:
         config = EngineConfig.from_cli_args(ns)
         params = SamplingParams.from_request(vars(ns), seed=ns.sample_seed)
         llm = LLM(**{f: getattr(config, f) for f in config.__dataclass_fields__})
+        lora = LoRARequest(ns.lora) if ns.lora else None
         if ns.chat:
-            outs = [llm.chat([{"role": "user", "content": text}], params)[0] for text in ns.prompt]
+            outs = [llm.chat([{"role": "user", "content": text}], params, lora_request=lora)[0] for text in ns.prompt]
         else:
-            outs = llm.generate(ns.prompt, params)
+            outs = llm.generate(ns.prompt, params, lora_request=lora)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

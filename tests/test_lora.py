@@ -247,3 +247,16 @@ def test_unknown_adapter_and_lora_disabled(llm, tiny_model_dir):
         LLM(model=str(tiny_model_dir), lora_modules=["a=/x"])
     with pytest.raises(ValueError, match="name=path"):
         LLM(model=str(tiny_model_dir), enable_lora=True, lora_modules=["justapath"])
+
+
+def test_generate_cli_with_an_adapter(llm, tiny_model_dir, adapters, capsys):
+    from sarathi.__main__ import generate_main
+
+    rc = generate_main(["--model", str(tiny_model_dir), "--quantization", "none", "--enable-lora", "--lora-modules",
+                        f"a1={adapters['a1']}", "--lora", "a1", "--prompt", "Hello there", "--max-tokens", "6",
+                        "--temperature", "0", "--ignore-eos", "--json"])
+    assert rc == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
+    want = llm.generate(["Hello there"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                        lora_request=LoRARequest("a1"))[0].outputs[0].token_ids
+    assert got == want
