@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--eval-steps", type=int, default=100)
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--window-len", type=int, default=256)
+    p.add_argument("--skip-train", action="store_true", help="score the adapters a previous run left in --work-dir")
     p.add_argument("--work-dir", default=str(REPO / ".cache" / "lora-finetune"))
     p.add_argument("--result-dir", default=str(HERE / "results"))
     args = p.parse_args()
@@ -95,11 +96,12 @@ def main() -> None:
                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--r", str(args.r),
                "--lora-alpha", str(2 * args.r), "--eval-steps", str(args.eval_steps), "--save-steps", "100000",
                "--logging-steps", "10", "--threads", str(args.threads), "--no-resume"]
-        print("$", " ".join(cmd), flush=True)
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=REPO)
+        if not args.skip_train:
+            print("$", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, cwd=REPO)
         summary = json.loads((out / "train_summary.json").read_text())
-        runs[variant] = {"adapter": str(out), "wall_seconds": time.perf_counter() - t0,
+        runs[variant] = {"adapter": str(out), "wall_seconds": None if args.skip_train else time.perf_counter() - t0,
                          **{k: summary[k] for k in ("global_step", "tokens_seen", "train_seconds", "train_loss",
                                                     "eval_loss", "peak_rss_mb", "train_rss_mb", "trainable_params")},
                          "tokens_per_s": summary["tokens_seen"] / summary["train_seconds"],
@@ -118,7 +120,8 @@ def main() -> None:
     for v, r in runs.items():
         label = {"none": "float32 (LoRA)", "nf4": "NF4 (QLoRA, bitsandbytes)", "int4": "int4 groups (QLoRA)"}[v]
         print(f"| {label} | {r['global_step']} | {r['tokens_seen']} | {r['tokens_per_s']:.0f} | "
-              f"{r['train_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {before:.4f} -> {r['bits_per_byte']:.4f} |")
+              f"{r['train_rss_mb'] or float('nan'):.0f} | {r['peak_rss_mb']:.0f} | {before:.4f} -> "
+              f"{r['bits_per_byte']:.4f} |")
     result = {"args": vars(args), "bits_per_byte_before": before, "runs": runs, "time": time.time()}
     res_dir = Path(args.result_dir)
     res_dir.mkdir(parents=True, exist_ok=True)
