@@ -1,0 +1,380 @@
+"""Data-parallel engine replicas on Ray behind one `EngineClient`.
+
+    --data-parallel-size N --distributed-executor-backend ray [--ray-address auto|HOST:PORT|ray://HOST:PORT]
+
+Each replica is a Ray actor (`EngineReplica`) holding a whole `AsyncLLMEngine`: its own KV cache,
+`--num-threads` torch threads and as many CPUs declared to Ray, so Ray places the actors. The server
+process keeps the tokenizer and a `Router`; `RayDataParallelClient.generate` validates a request,
+routes it and streams the replica's outputs back through a Ray streaming generator (an async actor
+method that yields). A replica that dies is restarted by Ray (`max_restarts`); its requests that
+had streamed nothing yet are retried once on another replica, the others end with `ReplicaFailed`
+(the server answers 503), and the router skips the replica until a health probe finds it again.
+
+Objects crossing the actor boundary (EngineConfig, SamplingParams, RequestOutput) go through Ray's
+own serializer, inside the cluster only; nothing from a client is deserialised.
+
+Loopback: a local instance (no --ray-address) and a loopback --ray-address set Ray's
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported; with it Ray keeps 127.0.0.1 as the node
+address instead of replacing it with the machine's routable one, so every Ray process binds and
+dials 127.0.0.1. A cluster on several machines is joined with its real address and this is not set.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, replace
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional
+
+from sarathi.config import EngineConfig
+from sarathi.engine.engine_client import EngineDead, EngineLimits, ReplicaFailed, RequestFailed
+from sarathi.engine.router import NoReplicaAvailable, Router, prefix_block_hashes
+from sarathi.outputs import RequestOutput
+from sarathi.sampling_params import InvalidParam, SamplingParams
+
+logger = logging.getLogger("sarathi")
+
+INSTALL_HINT = "--distributed-executor-backend ray needs Ray: pip install -e '.[ray]' (or pip install ray)"
+READY_TIMEOUT_S = 600.0        # replicas load their model in parallel; bounded all the same
+HEALTH_INTERVAL_S = 0.5        # how often the monitor probes each replica
+ALL_DOWN_FATAL_S = 300.0       # no replica for this long: the server reports the engine dead
+LOCAL_OBJECT_STORE_BYTES = 200 << 20   # outputs are small; Ray's default is 30 % of RAM
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def import_ray(address: Optional[str]):
+    """Import Ray, loopback-only unless joining a cluster by a non-loopback address."""
+    if address is None or _is_loopback(address):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray
+    except ImportError:
+        raise ValueError(INSTALL_HINT) from None
+    return ray
+
+
+def connect(config: EngineConfig, num_cpus_needed: int) -> bool:
+    """ray.init as --ray-address says; True when this process started (and so owns) the instance."""
+    ray = import_ray(config.ray_address)
+    owns = False
+    if not ray.is_initialized():
+        if config.ray_address is None:
+            cpus = os.cpu_count() or 1
+            if num_cpus_needed > cpus:
+                raise ValueError(f"{config.data_parallel_size} replicas need {num_cpus_needed} CPUs "
+                                 f"(--num-threads per replica); this machine has {cpus}")
+            ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, namespace="sarathi")
+            owns = True
+        else:
+            local = _is_loopback(config.ray_address)
+            ray.init(address=config.ray_address, namespace="sarathi",
+                     **({"_node_ip_address": "127.0.0.1"} if local else {}))
+    available = ray.cluster_resources().get("CPU", 0)
+    if num_cpus_needed > available:
+        if owns:
+            ray.shutdown()
+        raise ValueError(f"{config.data_parallel_size} replicas need {num_cpus_needed} CPUs; "
+                         f"the Ray cluster has {available:g}")
+    return owns
+
+
+class EngineReplica:
+    """One Ray actor: an AsyncLLMEngine and the methods the client calls on it."""
+
+    def __init__(self, config: EngineConfig, index: int):
+        from sarathi.engine.async_llm_engine import AsyncLLMEngine
+
+        self.index = index
+        self.engine = AsyncLLMEngine(config)
+        self.engine.on_dead.append(self._engine_died)
+        self.aborted_total = 0
+
+    def info(self) -> Dict[str, Any]:
+        import torch
+
+        return {"pid": os.getpid(), "model_name": self.engine.model_name, "limits": asdict(self.engine.limits),
+                "num_threads": torch.get_num_threads(), "index": self.index}
+
+    def get_stats(self) -> Dict[str, Any]:
+        stats = self.engine.get_stats()
+        stats.update(pid=os.getpid(), aborted_total=self.aborted_total)
+        return stats
+
+    async def generate(self, request_id: str, prompt: Optional[str], params: SamplingParams,
+                       prompt_token_ids: List[int]):
+        """Stream RequestOutputs; an error is yielded as {"error": kind, "message", "param"}."""
+        completed = False
+        try:
+            async for out in self.engine.generate(prompt, params, request_id, prompt_token_ids=prompt_token_ids):
+                completed = out.finished and any(c.finish_reason != "abort" for c in out.outputs)
+                yield out
+        except InvalidParam as e:
+            completed = True
+            yield {"error": "invalid", "message": str(e), "param": e.param}
+        except ValueError as e:
+            completed = True
+            yield {"error": "invalid", "message": str(e), "param": "prompt"}
+        except RequestFailed as e:
+            completed = True
+            yield {"error": "failed", "message": str(e)}
+        except EngineDead as e:
+            completed = True
+            yield {"error": "dead", "message": str(e)}
+        finally:
+            if not completed:   # aborted by the client (abort call or task cancellation)
+                self.aborted_total += 1
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    def _engine_died(self, error: BaseException) -> None:
+        # The engine gave up (repeated forward failures): end the process so that Ray restarts it,
+        # after the open streams have been handed their error.
+        logger.error("replica %d: engine died (%r); exiting so that Ray restarts it", self.index, error)
+        asyncio.get_running_loop().call_later(0.5, os._exit, 1)
+
+
+class RayDataParallelClient:
+    """An `EngineClient` over `data_parallel_size` EngineReplica actors."""
+
+    def __init__(self, config: EngineConfig):
+        from sarathi.model_executor.model_loader import resolve_model_dir
+        from sarathi.transformers_utils.tokenizer import get_tokenizer
+
+        n = config.data_parallel_size
+        threads = config.num_threads or max(1, (os.cpu_count() or 1) // n)
+        self._owns_ray = connect(config, n * threads)
+        import ray
+
+        self._ray = ray
+        self.model_path = resolve_model_dir(config.model)
+        self.tokenizer = get_tokenizer(self.model_path, config.patch_tokenizer)
+        replica_config = replace(config, data_parallel_size=1, distributed_executor_backend="uni",
+                                 num_threads=threads)
+        actor = ray.remote(num_cpus=threads, max_restarts=config.ray_max_restarts, max_task_retries=0,
+                           scheduling_strategy="SPREAD")(EngineReplica)
+        self.replicas = [actor.remote(replica_config, i) for i in range(n)]
+        try:
+            infos = ray.get([r.info.remote() for r in self.replicas], timeout=READY_TIMEOUT_S)
+        except BaseException:
+            self._release()
+            raise
+        self.model_name = infos[0]["model_name"]
+        self.limits = EngineLimits(**infos[0]["limits"])
+        self.num_threads = threads
+        self.block_size = config.block_size
+        self.router = Router(n, prefix_affinity=config.routing == "prefix-affinity",
+                             max_imbalance=config.routing_max_imbalance)
+        self.errored: Optional[BaseException] = None
+        self.on_dead: List[Callable[[BaseException], None]] = []
+        self.replica_of: Dict[str, int] = {}          # request id -> replica index, while in flight
+        self.pids = [info["pid"] for info in infos]
+        self.restarts = [0] * n
+        self.retries_total = 0
+        self.failed_total = 0
+        self._stats: List[Dict[str, Any]] = [{} for _ in range(n)]
+        self._stopping = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name="ray-replica-monitor", daemon=True)
+        self._monitor.start()
+        logger.info("%d engine replicas on Ray (%d threads each, pids %s, routing %s)", n, threads, self.pids,
+                    config.routing)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.limits.max_model_len
+
+    # ------------------------------------------------------------------ requests
+
+    async def generate(self, prompt: Optional[str], sampling_params: SamplingParams, request_id: str,
+                       prompt_token_ids: Optional[List[int]] = None) -> AsyncIterator[RequestOutput]:
+        """Route, then stream the replica's outputs; retried once elsewhere if it dies before any output."""
+        if self.errored is not None or self._stopping.is_set():
+            raise EngineDead("the engine is not running (no replica came back, or shutting down)")
+        if request_id in self.replica_of:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = await self._encode(prompt, prompt_token_ids)
+        self.limits.check(sampling_params)
+        hashes = prefix_block_hashes(ids, self.block_size) if self.router.prefix_affinity else []
+        tried: set = set()
+        while True:
+            try:
+                replica = self.router.choose(hashes, exclude=tried)
+            except NoReplicaAvailable as e:
+                self.failed_total += 1
+                raise ReplicaFailed(str(e)) from None
+            tried.add(replica.index)
+            self.replica_of[request_id] = replica.index
+            actor = self.replicas[replica.index]
+            stream = actor.generate.remote(request_id, prompt, sampling_params, ids)
+            streamed = done = False
+            try:
+                async for ref in stream:
+                    item = await ref
+                    if isinstance(item, dict):
+                        done = True
+                        raise _replica_error(item)
+                    streamed = True
+                    done = item.finished
+                    yield item
+                    if done:
+                        return
+                done = True
+                raise RequestFailed("the replica ended the stream before the request finished")
+            except self._ray.exceptions.RayError as e:
+                done = True
+                self._replica_down(replica.index, e)
+                if streamed or len(tried) > 1:
+                    self.failed_total += 1
+                    raise ReplicaFailed(f"engine replica {replica.index} failed during the request "
+                                        f"({type(e).__name__}); it is being restarted, retry the request") from None
+                self.retries_total += 1
+                logger.warning("request %s: replica %d failed before any output; retrying on another replica",
+                               request_id, replica.index)
+            finally:
+                self.router.finished(replica)
+                self.replica_of.pop(request_id, None)
+                if not done:   # the consumer went away: stop the request on the replica
+                    self._abort_on(actor, request_id, stream)
+
+    def _abort_on(self, actor, request_id: str, stream) -> None:
+        try:
+            actor.abort.remote(request_id)
+            self._ray.cancel(stream)
+        except Exception:  # noqa: BLE001 - a dead replica has nothing left to abort
+            logger.debug("abort of %s on a replica failed", request_id, exc_info=True)
+
+    async def abort(self, request_id: str) -> None:
+        index = self.replica_of.get(request_id)
+        if index is not None:
+            self.replicas[index].abort.remote(request_id)
+
+    async def _encode(self, prompt: Optional[str], prompt_token_ids: Optional[List[int]]) -> List[int]:
+        """The checks LLMEngine.encode_prompt makes, here so bad input never reaches a replica."""
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise ValueError("prompt must be a string (or pass prompt_token_ids)")
+            if prompt == "":
+                raise ValueError("prompt must not be empty")
+            prompt_token_ids = list(await asyncio.to_thread(self.tokenizer.encode, prompt))
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.limits.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(prompt_token_ids) >= self.limits.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the context is "
+                             f"{self.limits.max_model_len} and output needs room")
+        return list(prompt_token_ids)
+
+    # ------------------------------------------------------------------ health and stats
+
+    def _replica_down(self, index: int, error: BaseException) -> None:
+        if self.router.replicas[index].up:
+            logger.error("engine replica %d is down (%s); Ray restarts it", index, type(error).__name__)
+        self.router.set_up(index, False)
+
+    def _watch(self) -> None:
+        """Probe every replica's stats; a replica answering from a new pid was restarted."""
+        ray = self._ray
+        probes: List[Any] = [None] * len(self.replicas)
+        all_down_since: Optional[float] = None
+        while not self._stopping.wait(HEALTH_INTERVAL_S):
+            for i, actor in enumerate(self.replicas):
+                if probes[i] is None:
+                    probes[i] = actor.get_stats.remote()
+            ready, _ = ray.wait([p for p in probes if p is not None], num_returns=len(probes), timeout=2.0)
+            for i, probe in enumerate(probes):
+                if probe not in ready:
+                    continue     # busy or restarting: keep waiting on the same probe
+                probes[i] = None
+                try:
+                    stats = ray.get(probe)
+                except ray.exceptions.RayError as e:
+                    self._replica_down(i, e)
+                    continue
+                if stats["pid"] != self.pids[i]:
+                    self.restarts[i] += 1
+                    logger.warning("engine replica %d is back (pid %d -> %d)", i, self.pids[i], stats["pid"])
+                    self.pids[i] = stats["pid"]
+                if not self.router.replicas[i].up:
+                    self.router.set_up(i, True)
+                self._stats[i] = stats
+            if any(r.up for r in self.router.replicas):
+                all_down_since = None
+            elif all_down_since is None:
+                all_down_since = time.monotonic()
+            elif time.monotonic() - all_down_since > ALL_DOWN_FATAL_S and self.errored is None:
+                self.errored = EngineDead(f"no engine replica came back within {ALL_DOWN_FATAL_S:.0f}s")
+                for callback in self.on_dead:
+                    callback(self.errored)
+
+    def health(self) -> Dict[str, Any]:
+        """/health: ok (every replica up), degraded (some down) or down (none)."""
+        replicas = [{"replica": r.index, "up": r.up, "pid": self.pids[r.index], "restarts": self.restarts[r.index],
+                     "outstanding_requests": r.outstanding} for r in self.router.replicas]
+        up = sum(r["up"] for r in replicas)
+        status = "ok" if up == len(replicas) else "degraded" if up else "down"
+        return {"status": status, "replicas": replicas}
+
+    def get_stats(self) -> Dict[str, Any]:
+        """Totals over the replicas (same keys as one engine) plus `replicas`: each one's gauges."""
+        per: List[Dict[str, float]] = []
+        for r in self.router.replicas:
+            s = {k: float(v) for k, v in self._stats[r.index].items() if isinstance(v, (int, float))}
+            s.update(up=float(r.up), outstanding_requests=float(r.outstanding), routed_total=float(r.routed_total),
+                     restarts_total=float(self.restarts[r.index]))
+            per.append(s)
+        totals: Dict[str, Any] = {}
+        for s in per:
+            for key, value in s.items():
+                if key not in _NOT_ADDITIVE:
+                    totals[key] = totals.get(key, 0.0) + value
+        if totals.get("kv_bytes_total"):
+            totals["kv_usage"] = totals.get("kv_bytes_used", 0.0) / totals["kv_bytes_total"]
+        # requests routed but not yet running anywhere count as waiting (for --max-queue-len)
+        totals["num_waiting_requests"] = max(totals.get("num_waiting_requests", 0.0),
+                                             totals["outstanding_requests"] - totals.get("num_running", 0.0))
+        info = next((s["model_info"] for s in self._stats if isinstance(s.get("model_info"), dict)), None)
+        if info is not None:
+            totals["model_info"] = info
+        totals.update(replicas=per, router_retries_total=self.retries_total, router_failed_total=self.failed_total,
+                      router_affinity_hits_total=self.router.affinity_hits,
+                      router_imbalance_fallbacks_total=self.router.imbalance_fallbacks)
+        return totals
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def shutdown(self) -> None:
+        """Stop probing, end the replicas (their open streams fail), leave a shared Ray running."""
+        self._stopping.set()
+        await asyncio.to_thread(self._monitor.join, 10)
+        await asyncio.to_thread(self._release)
+
+    def _release(self) -> None:
+        for actor in self.replicas:
+            try:
+                self._ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        if self._owns_ray:
+            self._ray.shutdown()
+
+
+# Gauges that do not add up over replicas (a ratio, a size, an identity).
+_NOT_ADDITIVE = {"kv_usage", "kv_block_tokens", "pid", "kv_cache_kv_page_size"}
+
+
+def _replica_error(item: Dict[str, Any]) -> Exception:
+    kind, message = item.get("error"), item.get("message", "")
+    if kind == "invalid":
+        return InvalidParam(item.get("param") or "prompt", message)
+    if kind == "dead":
+        return ReplicaFailed(f"an engine replica failed: {message}")
+    return RequestFailed(message)
