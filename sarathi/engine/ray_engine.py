@@ -179,7 +179,7 @@ class RayDataParallelClient:
         self.restarts = [0] * n
         self.retries_total = 0
         self.failed_total = 0
-        self._stats: List[Dict[str, Any]] = [{} for _ in range(n)]
+        self._stats: List[Dict[str, Any]] = ray.get([r.get_stats.remote() for r in self.replicas], timeout=60)
         self._stopping = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="ray-replica-monitor", daemon=True)
         self._monitor.start()
