@@ -5,8 +5,9 @@
 Each replica is a Ray actor (`EngineReplica`) holding a whole `AsyncLLMEngine`: its own KV cache,
 `--num-threads` torch threads and as many CPUs declared to Ray, so Ray places the actors. The server
 process keeps the tokenizer and a `Router`; `RayDataParallelClient.generate` validates a request,
-routes it and streams the replica's outputs back through a Ray streaming generator (an async actor
-method that yields). A replica that dies is restarted by Ray (`max_restarts`); its requests that
+routes it and adds it to the replica. Outputs come back through one Ray streaming generator per
+replica (an async actor method yielding each step's outputs as one list), which a pump task in the
+server hands out to the requests' queues. A replica that dies is restarted by Ray (`max_restarts`); its requests that
 had streamed nothing yet are retried once on another replica, the others end with `ReplicaFailed`
 (the server answers 503), and the router skips the replica until a health probe finds it again.
 
@@ -86,7 +87,11 @@ def connect(config: EngineConfig, num_cpus_needed: int) -> bool:
 
 
 class EngineReplica:
-    """One Ray actor: an AsyncLLMEngine and the methods the client calls on it."""
+    """One Ray actor: an AsyncLLMEngine, requests in through `add`, outputs out through `outputs`.
+
+    All of a replica's outputs leave through one stream, a list per item with everything produced
+    since the previous item (about one engine step's outputs), not one Ray stream per request:
+    a Ray item costs the same whether it carries one output or sixty (see the README)."""
 
     def __init__(self, config: EngineConfig, index: int):
         from sarathi.engine.async_llm_engine import AsyncLLMEngine
@@ -95,6 +100,10 @@ class EngineReplica:
         self.engine = AsyncLLMEngine(config)
         self.engine.on_dead.append(self._engine_died)
         self.aborted_total = 0
+        self._pending: List[Any] = []            # outputs and error markers not yet streamed
+        self._ready: Optional[asyncio.Event] = None
+        self._consumer: Optional[object] = None  # the newest outputs() call; older ones stop
+        self._tasks: set = set()
 
     def info(self) -> Dict[str, Any]:
         import torch
@@ -107,32 +116,57 @@ class EngineReplica:
         stats.update(pid=os.getpid(), aborted_total=self.aborted_total)
         return stats
 
-    async def generate(self, request_id: str, prompt: Optional[str], params: SamplingParams,
-                       prompt_token_ids: List[int]):
-        """Stream RequestOutputs; an error is yielded as {"error": kind, "message", "param"}."""
+    async def add(self, request_id: str, prompt: Optional[str], params: SamplingParams,
+                  prompt_token_ids: List[int]) -> None:
+        """Start a request; its outputs (or an error marker) go to the output stream."""
+        task = asyncio.get_running_loop().create_task(self._run(request_id, prompt, params, prompt_token_ids))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    async def outputs(self):
+        """The replica's output stream (one consumer: a newer call ends the older one)."""
+        me = self._consumer = object()
+        ready = self._event()
+        while self._consumer is me:
+            if not self._pending:
+                ready.clear()
+                await ready.wait()
+                continue
+            batch, self._pending = self._pending, []
+            yield batch
+
+    def _event(self) -> asyncio.Event:
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        return self._ready
+
+    def _emit(self, item: Any) -> None:
+        self._pending.append(item)
+        self._event().set()
+
+    async def _run(self, request_id: str, prompt: Optional[str], params: SamplingParams,
+                   prompt_token_ids: List[int]) -> None:
         completed = False
         try:
             async for out in self.engine.generate(prompt, params, request_id, prompt_token_ids=prompt_token_ids):
                 completed = out.finished and any(c.finish_reason != "abort" for c in out.outputs)
-                yield out
+                self._emit(out)
         except InvalidParam as e:
             completed = True
-            yield {"error": "invalid", "message": str(e), "param": e.param}
+            self._emit({"request_id": request_id, "error": "invalid", "message": str(e), "param": e.param})
         except ValueError as e:
             completed = True
-            yield {"error": "invalid", "message": str(e), "param": "prompt"}
-        except RequestFailed as e:
+            self._emit({"request_id": request_id, "error": "invalid", "message": str(e), "param": "prompt"})
+        except (RequestFailed, EngineDead) as e:
             completed = True
-            yield {"error": "failed", "message": str(e)}
-        except EngineDead as e:
-            completed = True
-            yield {"error": "dead", "message": str(e)}
+            kind = "dead" if isinstance(e, EngineDead) else "failed"
+            self._emit({"request_id": request_id, "error": kind, "message": str(e)})
         finally:
-            if not completed:   # aborted by the client (abort call or task cancellation)
+            if not completed:   # aborted (the client went away)
                 self.aborted_total += 1
-
-    async def abort(self, request_id: str) -> None:
-        await self.engine.abort(request_id)
 
     def _engine_died(self, error: BaseException) -> None:
         # The engine gave up (repeated forward failures): end the process so that Ray restarts it,
@@ -175,6 +209,9 @@ class RayDataParallelClient:
         self.errored: Optional[BaseException] = None
         self.on_dead: List[Callable[[BaseException], None]] = []
         self.replica_of: Dict[str, int] = {}          # request id -> replica index, while in flight
+        self._streams: Dict[str, asyncio.Queue] = {}  # request id -> its outputs, filled by the pumps
+        self._members: List[set] = [set() for _ in range(n)]   # request ids on each replica
+        self._pumps: List[Optional[asyncio.Task]] = [None] * n  # one output reader per replica
         self.pids = [info["pid"] for info in infos]
         self.restarts = [0] * n
         self.retries_total = 0
@@ -197,63 +234,96 @@ class RayDataParallelClient:
         """Route, then stream the replica's outputs; retried once elsewhere if it dies before any output."""
         if self.errored is not None or self._stopping.is_set():
             raise EngineDead("the engine is not running (no replica came back, or shutting down)")
-        if request_id in self.replica_of:
+        if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = await self._encode(prompt, prompt_token_ids)
         self.limits.check(sampling_params)
         hashes = prefix_block_hashes(ids, self.block_size) if self.router.prefix_affinity else []
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
         tried: set = set()
-        while True:
-            try:
-                replica = self.router.choose(hashes, exclude=tried)
-            except NoReplicaAvailable as e:
-                self.failed_total += 1
-                raise ReplicaFailed(str(e)) from None
-            tried.add(replica.index)
-            self.replica_of[request_id] = replica.index
-            actor = self.replicas[replica.index]
-            stream = actor.generate.remote(request_id, prompt, sampling_params, ids)
-            streamed = done = False
-            try:
-                async for ref in stream:
-                    item = await ref
-                    if isinstance(item, dict):
-                        done = True
-                        raise _replica_error(item)
-                    streamed = True
-                    done = item.finished
-                    yield item
-                    if done:
-                        return
-                done = True
-                raise RequestFailed("the replica ended the stream before the request finished")
-            except self._ray.exceptions.RayError as e:
-                done = True
-                self._replica_down(replica.index, e)
-                if streamed or len(tried) > 1:
-                    self.failed_total += 1
-                    raise ReplicaFailed(f"engine replica {replica.index} failed during the request "
-                                        f"({type(e).__name__}); it is being restarted, retry the request") from None
-                self.retries_total += 1
-                logger.warning("request %s: replica %d failed before any output; retrying on another replica",
-                               request_id, replica.index)
-            finally:
-                self.router.finished(replica)
-                self.replica_of.pop(request_id, None)
-                if not done:   # the consumer went away: stop the request on the replica
-                    self._abort_on(actor, request_id, stream)
-
-    def _abort_on(self, actor, request_id: str, stream) -> None:
         try:
-            actor.abort.remote(request_id)
+            while True:
+                try:
+                    replica = self.router.choose(hashes, exclude=tried)
+                except NoReplicaAvailable as e:
+                    self.failed_total += 1
+                    raise ReplicaFailed(str(e)) from None
+                i = replica.index
+                tried.add(i)
+                self.replica_of[request_id] = i
+                self._members[i].add(request_id)
+                self._ensure_pump(i)
+                streamed = done = False
+                try:
+                    await self.replicas[i].add.remote(request_id, prompt, sampling_params, ids)
+                    while True:
+                        item = await queue.get()
+                        if isinstance(item, BaseException):   # the pump lost the replica
+                            raise item
+                        if isinstance(item, dict):
+                            done = True
+                            raise _replica_error(item)
+                        streamed, done = True, item.finished
+                        yield item
+                        if done:
+                            return
+                except self._ray.exceptions.RayError as e:
+                    done = True
+                    self._replica_down(i, e)
+                    if streamed or len(tried) > 1:
+                        self.failed_total += 1
+                        raise ReplicaFailed(f"engine replica {i} failed during the request ({type(e).__name__}); "
+                                            f"it is being restarted, retry the request") from None
+                    self.retries_total += 1
+                    logger.warning("request %s: replica %d failed before any output; retrying on another replica",
+                                   request_id, i)
+                finally:
+                    self.router.finished(replica)
+                    self._members[i].discard(request_id)
+                    if not done:   # the consumer went away: stop the request on the replica
+                        self._abort_on(i, request_id)
+        finally:
+            self._streams.pop(request_id, None)
+            self.replica_of.pop(request_id, None)
+
+    def _ensure_pump(self, index: int) -> None:
+        task = self._pumps[index]
+        if task is None or task.done():
+            self._pumps[index] = asyncio.get_running_loop().create_task(self._pump(index))
+
+    async def _pump(self, index: int) -> None:
+        """Hand a replica's output batches to the requests' queues; if it dies, tell its requests."""
+        stream = self.replicas[index].outputs.remote()
+        try:
+            async for ref in stream:
+                for item in await ref:
+                    rid = item["request_id"] if isinstance(item, dict) else item.request_id
+                    queue = self._streams.get(rid)
+                    if queue is not None:
+                        queue.put_nowait(item)
+            lost: BaseException = RequestFailed(f"replica {index}'s output stream ended")
+        except self._ray.exceptions.RayError as e:
+            self._replica_down(index, e)
+            lost = e
+        except asyncio.CancelledError:
             self._ray.cancel(stream)
+            raise
+        for rid in list(self._members[index]):
+            queue = self._streams.get(rid)
+            if queue is not None:
+                queue.put_nowait(lost)
+
+    def _abort_on(self, index: int, request_id: str) -> None:
+        try:
+            self.replicas[index].abort.remote(request_id)
         except Exception:  # noqa: BLE001 - a dead replica has nothing left to abort
-            logger.debug("abort of %s on a replica failed", request_id, exc_info=True)
+            logger.debug("abort of %s on replica %d failed", request_id, index, exc_info=True)
 
     async def abort(self, request_id: str) -> None:
         index = self.replica_of.get(request_id)
         if index is not None:
-            self.replicas[index].abort.remote(request_id)
+            self._abort_on(index, request_id)
 
     async def _encode(self, prompt: Optional[str], prompt_token_ids: Optional[List[int]]) -> List[int]:
         """The checks LLMEngine.encode_prompt makes, here so bad input never reaches a replica."""
@@ -354,6 +424,9 @@ class RayDataParallelClient:
     async def shutdown(self) -> None:
         """Stop probing, end the replicas (their open streams fail), leave a shared Ray running."""
         self._stopping.set()
+        for task in self._pumps:
+            if task is not None and not task.done():
+                task.cancel()
         await asyncio.to_thread(self._monitor.join, 10)
         await asyncio.to_thread(self._release)
 
