@@ -133,10 +133,10 @@ def sample_output(num_tokens: int):
 class Echo:
     """Yields ready-made outputs: the Ray streaming path with no compute behind it."""
 
-    async def stream(self, count: int, num_tokens: int):
-        out = sample_output(num_tokens)
-        for _ in range(count):
-            yield out
+    async def stream(self, count: int, num_tokens: int, per_item: int):
+        batch = [sample_output(num_tokens) for _ in range(per_item)]
+        for _ in range(count // per_item):
+            yield batch
 
 
 def hop_overhead(args, ray) -> Dict[str, Any]:
@@ -145,25 +145,28 @@ def hop_overhead(args, ray) -> Dict[str, Any]:
     from sarathi.engine.async_llm_engine import AsyncLLMEngine
     from sarathi.engine.ray_engine import EngineReplica
 
-    count, num_tokens = 2000, 64
+    count, num_tokens = 2048, 64
     echo = ray.remote(num_cpus=1)(Echo).remote()
     local = Echo()
 
-    async def through_actor() -> float:
+    async def through_actor(per_item: int) -> float:
         t = time.perf_counter()
-        async for ref in echo.stream.remote(count, num_tokens):
+        async for ref in echo.stream.remote(count, num_tokens, per_item):
             await ref
         return (time.perf_counter() - t) / count
 
-    async def in_process() -> float:
+    async def in_process(per_item: int) -> float:
         t = time.perf_counter()
-        async for _ in local.stream(count, num_tokens):
+        async for _ in local.stream(count, num_tokens, per_item):
             pass
         return (time.perf_counter() - t) / count
 
-    asyncio.run(through_actor())   # warm
-    actor_s = min(asyncio.run(through_actor()) for _ in range(3))
-    local_s = min(asyncio.run(in_process()) for _ in range(3))
+    asyncio.run(through_actor(1))   # warm
+    echo_ms = {}
+    for per_item in (1, 16):      # one output per Ray item (a stream per request) vs a step's 16 outputs
+        actor_s = min(asyncio.run(through_actor(per_item)) for _ in range(3))
+        local_s = min(asyncio.run(in_process(per_item)) for _ in range(3))
+        echo_ms[per_item] = {"actor_ms_per_output": 1e3 * actor_s, "in_process_ms_per_output": 1e3 * local_s}
     ray.kill(echo)
 
     # one stream, engine in this process vs the same engine behind an actor (1 thread each, alternated)
@@ -182,9 +185,14 @@ def hop_overhead(args, ray) -> Dict[str, Any]:
 
     async def itl_actor(rid: str) -> float:
         times = []
-        async for ref in replica.generate.remote(rid, None, params, prompt_ids):
-            await ref
-            times.append(time.perf_counter())
+        stream = replica.outputs.remote()
+        await replica.add.remote(rid, None, params, prompt_ids)
+        async for ref in stream:
+            for out in await ref:
+                times.append(time.perf_counter())
+            if out.finished:
+                break
+        ray.cancel(stream)
         return statistics.median(b - a for a, b in zip(times[1:], times[2:]))
 
     local_itl, actor_itl = [], []
@@ -199,12 +207,21 @@ def hop_overhead(args, ray) -> Dict[str, Any]:
 
     asyncio.run(rounds())
     ray.kill(replica)
-    return {"echo_items": count, "echo_tokens_per_item": num_tokens,
-            "echo_actor_ms_per_item": 1e3 * actor_s, "echo_in_process_ms_per_item": 1e3 * local_s,
-            "hop_ms_per_item": 1e3 * (actor_s - local_s),
+    return {"echo_outputs": count, "echo_tokens_per_output": num_tokens, "echo_ms": echo_ms,
+            "hop_ms_per_output_unbatched": echo_ms[1]["actor_ms_per_output"] - echo_ms[1]["in_process_ms_per_output"],
+            "hop_ms_per_output_batched16": echo_ms[16]["actor_ms_per_output"] - echo_ms[16]["in_process_ms_per_output"],
             "single_stream_itl_in_process_ms": [1e3 * x for x in local_itl],
             "single_stream_itl_actor_ms": [1e3 * x for x in actor_itl],
             "single_stream_itl_delta_ms": 1e3 * (statistics.median(actor_itl) - statistics.median(local_itl))}
+
+
+def mean_run(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Numeric fields averaged over rounds."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)):
+            out[key] = statistics.fmean(r[key] for r in runs)
+    return out
 
 
 def project(runs: Dict[str, Dict[str, Any]], hop: Dict[str, Any]) -> Dict[str, Any]:
@@ -221,7 +238,7 @@ def project(runs: Dict[str, Dict[str, Any]], hop: Dict[str, Any]) -> Dict[str, A
                      "served_tok_s": min(demand, router_tok_s)})
     return {"per_replica_tok_s": per_replica, "router_cpu_ms_per_token": 1e3 * cpu_per_token,
             "router_capacity_tok_s": router_tok_s, "machines_until_router_saturates": router_tok_s / per_replica,
-            "ray_hop_ms_per_item": hop["hop_ms_per_item"], "rows": rows}
+            "ray_hop_ms_per_output_batched16": hop["hop_ms_per_output_batched16"], "rows": rows}
 
 
 def main() -> None:
@@ -233,6 +250,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--itl-tokens", type=int, default=64)
     p.add_argument("--itl-rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="times each server configuration is measured")
     p.add_argument("--skip-serving", action="store_true", help="only the Ray hop measurements")
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -243,8 +261,10 @@ def main() -> None:
         "ray-1x1": [*ray_flags, "--data-parallel-size", "1", "--num-threads", "1"],
         "ray-2x1": [*ray_flags, "--data-parallel-size", "2", "--num-threads", "1"],
     }
-    runs = {} if args.skip_serving else {label: serve_and_measure(label, flags, args)
-                                         for label, flags in configs.items()}
+    rounds: List[Dict[str, Dict[str, Any]]] = []
+    for _ in range(0 if args.skip_serving else args.rounds):   # configs alternate: load drifts hit them alike
+        rounds.append({label: serve_and_measure(label, flags, args) for label, flags in configs.items()})
+    runs = {label: mean_run([r[label] for r in rounds]) for label in configs} if rounds else {}
 
     import ray
 
@@ -256,16 +276,18 @@ def main() -> None:
     finally:
         ray.shutdown()
     result = {"workload": vars(args), "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
-              "runs": runs, "hop": hop, "projection": project(runs, hop) if runs else None}
+              "runs": runs, "rounds": rounds, "hop": hop, "projection": project(runs, hop) if runs else None}
     out = RESULTS / ("ray_scaleout-hop.json" if args.skip_serving else "ray_scaleout.json")
     out.write_text(json.dumps(result, indent=1))
-    print(f"\n{'config':<10}{'out tok/s':>11}{'req/s':>8}{'TTFT p50 ms':>13}{'TPOT p50 ms':>13}"
+    print(f"\n{'config':<14}{'out tok/s':>11}{'req/s':>8}{'TTFT p50 ms':>13}{'TPOT p50 ms':>13}"
           f"{'server CPU ms/tok':>19}{'Ray sys CPU s':>15}")
-    for label, r in runs.items():
-        print(f"{label:<10}{r['output_tok_s']:>11.1f}{r['request_s']:>8.2f}{r['ttft_median_ms']:>13.1f}"
+    for label, r in [(f"{k} r{i + 1}", v) for i, rnd in enumerate(rounds) for k, v in rnd.items()] + \
+            [(f"{k} mean", v) for k, v in runs.items()]:
+        print(f"{label:<14}{r['output_tok_s']:>11.1f}{r['request_s']:>8.2f}{r['ttft_median_ms']:>13.1f}"
               f"{r['tpot_median_ms']:>13.1f}{r['server_cpu_ms_per_token']:>19.3f}{r['ray_system_cpu_s']:>15.2f}")
-    print(f"\nRay hop per streamed item (64-token RequestOutput): {hop['echo_actor_ms_per_item']:.3f} ms via an actor "
-          f"vs {hop['echo_in_process_ms_per_item']:.4f} ms in-process")
+    for per_item, e in hop["echo_ms"].items():
+        print(f"\nRay hop, {per_item} output(s) of 64 tokens per Ray item: {e['actor_ms_per_output']:.4f} ms per output "
+              f"via an actor vs {e['in_process_ms_per_output']:.5f} ms in-process")
     print(f"single stream ITL, medians of rounds: in-process {hop['single_stream_itl_in_process_ms']} ms, "
           f"actor {hop['single_stream_itl_actor_ms']} ms")
     pr = result["projection"]

@@ -171,6 +171,8 @@ class EngineConfig:
         if self.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
             raise ValueError("--distributed-executor-backend ray needs Ray: pip install -e '.[ray]' "
                              "(or pip install ray)")
+        if self.ray_max_restarts < -1:
+            raise ValueError(f"ray_max_restarts must be >= -1 (-1: forever), got {self.ray_max_restarts}")
         if self.routing_max_imbalance < 0:
             raise ValueError(f"routing_max_imbalance must be >= 0, got {self.routing_max_imbalance}")
         if self.dtype != "auto" and self.dtype not in DTYPES:

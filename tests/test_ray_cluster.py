@@ -6,7 +6,6 @@ they (and the server) hold must be on 127.0.0.1. Every wait is bounded.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import secrets
@@ -25,7 +24,7 @@ import pytest
 pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
-from server_harness import REPO, ServerProcess, free_port, metric, sse_events  # noqa: E402
+from server_harness import REPO, ServerProcess, assert_loopback_only, free_port, metric, sse_events  # noqa: E402
 
 MODEL = "tiny"
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}   # Ray keeps 127.0.0.1 as the node address
@@ -165,30 +164,12 @@ def test_disconnect_aborts_on_the_replica(server):
     assert metric(text, "sarathi:num_requests_running") == 0
 
 
-def _loopback(addr) -> bool:
-    ip = ipaddress.ip_address(addr.ip)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
-
-
 def test_no_ray_or_server_socket_leaves_loopback(server, cluster):
     _, temp, _ = cluster
     server_procs = [psutil.Process(server.proc.pid)] + psutil.Process(server.proc.pid).children(recursive=True)
     procs = ray_processes(temp) + server_procs
     assert len(procs) >= 6   # gcs, raylet, agents, two replicas, the server
-    dialled = 0
-    for p in procs:
-        try:
-            conns = p.net_connections(kind="inet")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        for c in conns:
-            assert _loopback(c.laddr), (p.pid, p.name(), c)
-            if c.raddr:
-                assert _loopback(c.raddr), (p.pid, p.name(), c)
-                dialled += 1
-    assert dialled > 0
+    assert assert_loopback_only(procs) > 0
 
 
 def test_killed_replica_gives_503_or_retries_and_health_degrades_then_recovers(server):

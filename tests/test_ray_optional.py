@@ -20,6 +20,22 @@ def test_config_without_ray_names_the_extra(monkeypatch):
         EngineConfig(data_parallel_size=2)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--data-parallel-size", "0"], "data_parallel_size must be >= 1"),
+    (["--data-parallel-size", "2"], "needs --distributed-executor-backend ray"),
+    (["--distributed-executor-backend", "mp"], "invalid choice"),
+    (["--routing", "random"], "invalid choice"),
+    (["--routing-max-imbalance", "-1"], "routing_max_imbalance must be >= 0"),
+    (["--ray-max-restarts", "-2"], "ray_max_restarts must be >= -1"),
+])
+def test_bad_scale_out_flags_are_refused(flags, message, capsys):
+    from sarathi.entrypoints.openai.api_server import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_server_flag_without_ray_exits_with_the_hint():
     code = ("import sys; sys.modules['ray'] = None; from sarathi.entrypoints.openai.api_server import main; "
             "main(['--data-parallel-size', '2', '--distributed-executor-backend', 'ray'])")

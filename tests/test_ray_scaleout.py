@@ -7,7 +7,6 @@ because it kills a replica. Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import shutil
 import signal
@@ -174,29 +173,12 @@ def test_prefix_affinity_falls_back_beyond_the_imbalance_bound():
     assert router.choose(hashes).index != first.index       # a down replica is never chosen
 
 
-def _loopback(addr) -> bool:
-    ip = ipaddress.ip_address(addr.ip)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
-
-
 def test_every_ray_socket_is_loopback(client):
     import psutil
 
-    procs = [psutil.Process()] + psutil.Process().children(recursive=True)
-    checked = 0
-    for p in procs:
-        try:
-            conns = p.net_connections(kind="inet")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        for c in conns:
-            assert _loopback(c.laddr), (p.name(), c)
-            if c.raddr:
-                assert _loopback(c.raddr), (p.name(), c)
-                checked += 1
-    assert checked > 0
+    from server_harness import assert_loopback_only
+
+    assert assert_loopback_only([psutil.Process()] + psutil.Process().children(recursive=True)) > 0
 
 
 def test_killed_replica_fails_or_retries_its_requests_then_comes_back(client):

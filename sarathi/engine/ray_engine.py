@@ -236,13 +236,13 @@ class RayDataParallelClient:
             raise EngineDead("the engine is not running (no replica came back, or shutting down)")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        ids = await self._encode(prompt, prompt_token_ids)
-        self.limits.check(sampling_params)
-        hashes = prefix_block_hashes(ids, self.block_size) if self.router.prefix_affinity else []
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
-        tried: set = set()
         try:
+            ids = await self._encode(prompt, prompt_token_ids)
+            self.limits.check(sampling_params)
+            hashes = prefix_block_hashes(ids, self.block_size) if self.router.prefix_affinity else []
+            tried: set = set()
             while True:
                 try:
                     replica = self.router.choose(hashes, exclude=tried)
