@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -275,6 +276,7 @@ def main() -> None:
         hop = hop_overhead(args, ray)
     finally:
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
     result = {"workload": vars(args), "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
               "runs": runs, "rounds": rounds, "hop": hop, "projection": project(runs, hop) if runs else None}
     out = RESULTS / ("ray_scaleout-hop.json" if args.skip_serving else "ray_scaleout.json")
