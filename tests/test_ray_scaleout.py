@@ -173,6 +173,51 @@ def test_prefix_affinity_falls_back_beyond_the_imbalance_bound():
     assert router.choose(hashes).index != first.index       # a down replica is never chosen
 
 
+def test_lora_adapters_serve_and_update_on_every_replica(ray_local, tiny_model_dir, tmp_path):
+    pytest.importorskip("peft")
+    from lora_testutil import make_adapter
+
+    from sarathi.lora.request import LoRARequest
+
+    a = make_adapter(tiny_model_dir, tmp_path / "a", seed=1)
+    b = make_adapter(tiny_model_dir, tmp_path / "b", seed=2, r=4, targets=["q_proj", "v_proj"])
+    c = make_client(tiny_model_dir, quantization="none", enable_lora=True, lora_modules=[f"a={a}"])
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        outs = run(many_lora(c, PROMPTS[:4], params, LoRARequest("a")))
+        assert min(routed(c)) >= 1, routed(c)
+        single = LLM(model=str(tiny_model_dir), quantization="none", enable_lora=True, lora_modules=[f"a={a}"],
+                     **ENGINE_ARGS)
+        want = single.generate(PROMPTS[:4], params, lora_request=LoRARequest("a"))
+        base = single.generate(PROMPTS[:4], params)
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in want]
+        assert [o.outputs[0].token_ids for o in want] != [o.outputs[0].token_ids for o in base]
+        # runtime load / unload reach both replicas
+        run(c.add_lora(LoRARequest("b", 0, str(b))))
+        assert c.list_loras() == ["a", "b"]
+        assert all(set(ray.get(r.loras.remote(), timeout=30)) == {"a", "b"} for r in c.replicas)
+        run(c.remove_lora("b"))
+        assert all(set(ray.get(r.loras.remote(), timeout=30)) == {"a"} for r in c.replicas)
+        with pytest.raises(KeyError):
+            run(c.remove_lora("b"))
+        with pytest.raises(ValueError):
+            run(c.add_lora(LoRARequest("bad", 0, str(tmp_path / "missing"))))
+        assert c.list_loras() == ["a"]
+        assert all(set(ray.get(r.loras.remote(), timeout=30)) == {"a"} for r in c.replicas)
+    finally:
+        run(c.shutdown())
+
+
+async def many_lora(client, prompts, params, lora):
+    async def one(i, p):
+        final = None
+        async for out in client.generate(p, params, f"lora-{i}", lora_request=lora):
+            final = out
+        return final
+
+    return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+
 def test_every_ray_socket_is_loopback(client):
     import psutil
 

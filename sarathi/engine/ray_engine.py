@@ -27,11 +27,12 @@ import os
 import threading
 import time
 from dataclasses import asdict, replace
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
 from sarathi.config import EngineConfig
 from sarathi.engine.engine_client import EngineDead, EngineLimits, ReplicaFailed, RequestFailed
 from sarathi.engine.router import NoReplicaAvailable, Router, prefix_block_hashes
+from sarathi.lora.request import LoRARequest
 from sarathi.outputs import RequestOutput
 from sarathi.sampling_params import InvalidParam, SamplingParams
 
@@ -109,7 +110,26 @@ class EngineReplica:
         import torch
 
         return {"pid": os.getpid(), "model_name": self.engine.model_name, "limits": asdict(self.engine.limits),
-                "num_threads": torch.get_num_threads(), "index": self.index}
+                "num_threads": torch.get_num_threads(), "index": self.index, "loras": self.loras()}
+
+    def loras(self) -> Dict[str, Optional[str]]:
+        """Adapter name -> its path, as loaded in this replica."""
+        return {name: self.engine.lora_path(name) for name in self.engine.list_loras()}
+
+    async def add_lora(self, lora_request: LoRARequest) -> Optional[Tuple[str, str]]:
+        """None when loaded, else (exception type name, message): the client raises it again."""
+        try:
+            await self.engine.add_lora(lora_request)
+        except (ValueError, KeyError) as e:
+            return type(e).__name__, str(e)
+        return None
+
+    async def remove_lora(self, name: str) -> Optional[Tuple[str, str]]:
+        try:
+            await self.engine.remove_lora(name)
+        except (ValueError, KeyError) as e:
+            return type(e).__name__, str(e)
+        return None
 
     def get_stats(self) -> Dict[str, Any]:
         stats = self.engine.get_stats()
@@ -117,9 +137,10 @@ class EngineReplica:
         return stats
 
     async def add(self, request_id: str, prompt: Optional[str], params: SamplingParams,
-                  prompt_token_ids: List[int]) -> None:
+                  prompt_token_ids: List[int], lora_request: Optional[LoRARequest] = None) -> None:
         """Start a request; its outputs (or an error marker) go to the output stream."""
-        task = asyncio.get_running_loop().create_task(self._run(request_id, prompt, params, prompt_token_ids))
+        task = asyncio.get_running_loop().create_task(
+            self._run(request_id, prompt, params, prompt_token_ids, lora_request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -148,10 +169,11 @@ class EngineReplica:
         self._event().set()
 
     async def _run(self, request_id: str, prompt: Optional[str], params: SamplingParams,
-                   prompt_token_ids: List[int]) -> None:
+                   prompt_token_ids: List[int], lora_request: Optional[LoRARequest]) -> None:
         completed = False
         try:
-            async for out in self.engine.generate(prompt, params, request_id, prompt_token_ids=prompt_token_ids):
+            async for out in self.engine.generate(prompt, params, request_id, prompt_token_ids=prompt_token_ids,
+                                                  lora_request=lora_request):
                 completed = out.finished and any(c.finish_reason != "abort" for c in out.outputs)
                 self._emit(out)
         except InvalidParam as e:
@@ -212,6 +234,7 @@ class RayDataParallelClient:
         self._streams: Dict[str, asyncio.Queue] = {}  # request id -> its outputs, filled by the pumps
         self._members: List[set] = [set() for _ in range(n)]   # request ids on each replica
         self._pumps: List[Optional[asyncio.Task]] = [None] * n  # one output reader per replica
+        self._loras: Dict[str, Optional[str]] = dict(infos[0]["loras"])   # what every replica should serve
         self.pids = [info["pid"] for info in infos]
         self.restarts = [0] * n
         self.retries_total = 0
@@ -230,7 +253,8 @@ class RayDataParallelClient:
     # ------------------------------------------------------------------ requests
 
     async def generate(self, prompt: Optional[str], sampling_params: SamplingParams, request_id: str,
-                       prompt_token_ids: Optional[List[int]] = None) -> AsyncIterator[RequestOutput]:
+                       prompt_token_ids: Optional[List[int]] = None,
+                       lora_request: Optional[LoRARequest] = None) -> AsyncIterator[RequestOutput]:
         """Route, then stream the replica's outputs; retried once elsewhere if it dies before any output."""
         if self.errored is not None or self._stopping.is_set():
             raise EngineDead("the engine is not running (no replica came back, or shutting down)")
@@ -256,7 +280,7 @@ class RayDataParallelClient:
                 self._ensure_pump(i)
                 streamed = done = False
                 try:
-                    await self.replicas[i].add.remote(request_id, prompt, sampling_params, ids)
+                    await self.replicas[i].add.remote(request_id, prompt, sampling_params, ids, lora_request)
                     while True:
                         item = await queue.get()
                         if isinstance(item, BaseException):   # the pump lost the replica
@@ -325,6 +349,53 @@ class RayDataParallelClient:
         if index is not None:
             self._abort_on(index, request_id)
 
+    # ------------------------------------------------------------------ LoRA adapters (on every replica)
+
+    def list_loras(self) -> List[str]:
+        return list(self._loras)
+
+    def lora_path(self, name: str) -> Optional[str]:
+        return self._loras.get(name)
+
+    async def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load on every live replica; if one refuses, unload it from the others again."""
+        done = await self._on_live_replicas("add_lora", lora_request)
+        failed = [(i, err) for i, err in done if err is not None]
+        if failed:
+            await self._on_replicas([i for i, err in done if err is None], "remove_lora", lora_request.lora_name)
+            raise _lora_error(failed[0][1])
+        self._loras[lora_request.lora_name] = lora_request.lora_path
+
+    async def remove_lora(self, name: str) -> None:
+        """Unload from every live replica; if one refuses (in use), load it back on the others."""
+        if name not in self._loras:
+            raise KeyError(name)
+        done = await self._on_live_replicas("remove_lora", name)
+        failed = [(i, err) for i, err in done if err is not None]
+        if failed:
+            await self._on_replicas([i for i, err in done if err is None], "add_lora",
+                                    LoRARequest(name, 0, self._loras[name]))
+            raise _lora_error(failed[0][1])
+        del self._loras[name]
+
+    async def _on_live_replicas(self, method: str, arg: Any) -> List[Tuple[int, Any]]:
+        return await self._on_replicas([r.index for r in self.router.replicas if r.up], method, arg)
+
+    async def _on_replicas(self, indices: List[int], method: str, arg: Any) -> List[Tuple[int, Any]]:
+        refs = [getattr(self.replicas[i], method).remote(arg) for i in indices]
+        return list(zip(indices, await asyncio.gather(*refs)))
+
+    def _reconcile_loras(self, index: int) -> None:
+        """A restarted replica loaded --lora-modules again: bring it to the adapters served now."""
+        ray, actor = self._ray, self.replicas[index]
+        have = ray.get(actor.loras.remote(), timeout=60)
+        calls = [actor.remove_lora.remote(name) for name in have if name not in self._loras]
+        calls += [actor.add_lora.remote(LoRARequest(name, 0, path)) for name, path in list(self._loras.items())
+                  if name not in have]
+        for err in ray.get(calls, timeout=300):
+            if err is not None:
+                logger.error("replica %d: adapters after its restart: %s", index, err[1])
+
     async def _encode(self, prompt: Optional[str], prompt_token_ids: Optional[List[int]]) -> List[int]:
         """The checks LLMEngine.encode_prompt makes, here so bad input never reaches a replica."""
         if prompt_token_ids is None:
@@ -373,6 +444,11 @@ class RayDataParallelClient:
                     self.restarts[i] += 1
                     logger.warning("engine replica %d is back (pid %d -> %d)", i, self.pids[i], stats["pid"])
                     self.pids[i] = stats["pid"]
+                    try:
+                        self._reconcile_loras(i)
+                    except (ray.exceptions.RayError, TimeoutError) as e:
+                        self._replica_down(i, e)
+                        continue
                 if not self.router.replicas[i].up:
                     self.router.set_up(i, True)
                 self._stats[i] = stats
@@ -414,6 +490,11 @@ class RayDataParallelClient:
         info = next((s["model_info"] for s in self._stats if isinstance(s.get("model_info"), dict)), None)
         if info is not None:
             totals["model_info"] = info
+        loras = [s["lora"] for s in self._stats if isinstance(s.get("lora"), dict)]
+        if loras:
+            totals["lora"] = {"running": sorted({n for x in loras for n in x["running"]}),
+                              "waiting": sorted({n for x in loras for n in x["waiting"]}),
+                              "max_lora": loras[0]["max_lora"]}
         totals.update(replicas=per, router_retries_total=self.retries_total, router_failed_total=self.failed_total,
                       router_affinity_hits_total=self.router.affinity_hits,
                       router_imbalance_fallbacks_total=self.router.imbalance_fallbacks)
@@ -442,6 +523,11 @@ class RayDataParallelClient:
 
 # Gauges that do not add up over replicas (a ratio, a size, an identity).
 _NOT_ADDITIVE = {"kv_usage", "kv_block_tokens", "pid", "kv_cache_kv_page_size"}
+
+
+def _lora_error(err: Tuple[str, str]) -> Exception:
+    kind, message = err
+    return KeyError(message) if kind == "KeyError" else ValueError(message)
 
 
 def _replica_error(item: Dict[str, Any]) -> Exception:
