@@ -41,3 +41,11 @@ def test_server_flag_without_ray_exits_with_the_hint():
             "main(['--data-parallel-size', '2', '--distributed-executor-backend', 'ray'])")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and HINT in done.stderr, done.stderr
+
+
+def test_offline_engine_refuses_the_ray_backend():
+    pytest.importorskip("ray")
+    from sarathi import LLM
+
+    with pytest.raises(ValueError, match="served by the OpenAI server"):
+        LLM(distributed_executor_backend="ray", data_parallel_size=2)

@@ -260,8 +260,7 @@ class RayDataParallelClient:
             raise EngineDead("the engine is not running (no replica came back, or shutting down)")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
+        self._streams[request_id] = asyncio.Queue()
         try:
             ids = await self._encode(prompt, prompt_token_ids)
             self.limits.check(sampling_params)
@@ -275,6 +274,7 @@ class RayDataParallelClient:
                     raise ReplicaFailed(str(e)) from None
                 i = replica.index
                 tried.add(i)
+                queue = self._streams[request_id] = asyncio.Queue()   # nothing left from a failed attempt
                 self.replica_of[request_id] = i
                 self._members[i].add(request_id)
                 self._ensure_pump(i)
