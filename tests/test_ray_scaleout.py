@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # before Ray is imported: stay on 127.0.0.1
-ray = pytest.importorskip("ray")
+ray = pytest.importorskip("ray")   # on 127.0.0.1 only: conftest.py sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 
 from sarathi import LLM, SamplingParams  # noqa: E402
 from sarathi.config import EngineConfig  # noqa: E402

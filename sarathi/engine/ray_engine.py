@@ -52,12 +52,16 @@ def _is_loopback(address: str) -> bool:
 
 def import_ray(address: Optional[str]):
     """Import Ray, loopback-only unless joining a cluster by a non-loopback address."""
-    if address is None or _is_loopback(address):
+    loopback = address is None or _is_loopback(address)
+    if loopback:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
         raise ValueError(INSTALL_HINT) from None
+    if loopback and getattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False):
+        logger.warning("Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set: its processes may "
+                       "use this machine's routable address instead of 127.0.0.1; set it in the environment")
     return ray
 
 
