@@ -18,13 +18,14 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # loopback only (see sarathi/engine/ray_engine.py)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -103,6 +104,8 @@ def serve_and_measure(label: str, server_flags: List[str], args) -> Dict[str, An
         summary = asyncio.run(serving.run_load(ns, requests, tokenizer))
         c1 = (cpu_seconds([server]), cpu_seconds(replicas), cpu_seconds(system))
         serving.print_table(summary)
+        time.sleep(1.0)   # replica counters are polled every 0.5 s
+        metrics = httpx.get(base + "/metrics", timeout=30).text
     finally:
         proc.terminate()
         try:
@@ -117,7 +120,17 @@ def serve_and_measure(label: str, server_flags: List[str], args) -> Dict[str, An
             "duration_s": summary["duration_s"], "output_tokens": tokens,
             "ttft_median_ms": summary["ttft_ms"]["median"], "tpot_median_ms": summary["tpot_ms"]["median"],
             "server_cpu_s": server_cpu, "replica_cpu_s": replica_cpu, "ray_system_cpu_s": system_cpu,
-            "server_cpu_ms_per_token": 1e3 * server_cpu / max(tokens, 1)}
+            "server_cpu_ms_per_token": 1e3 * server_cpu / max(tokens, 1),
+            "outputs_per_ray_item": _ratio(metrics, "sarathi:replica_stream_outputs_total",
+                                           "sarathi:replica_stream_items_total")}
+
+
+def _ratio(metrics: str, numerator: str, denominator: str) -> Optional[float]:
+    """Sum of a labelled counter over replicas divided by another's (None without replicas)."""
+    def total(name: str) -> float:
+        return sum(float(m) for m in re.findall(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", metrics, re.M))
+
+    return total(numerator) / total(denominator) if total(denominator) else None
 
 
 # ----------------------------------------------------------------------------- the Ray hop
@@ -282,11 +295,13 @@ def main() -> None:
     out = RESULTS / ("ray_scaleout-hop.json" if args.skip_serving else "ray_scaleout.json")
     out.write_text(json.dumps(result, indent=1))
     print(f"\n{'config':<14}{'out tok/s':>11}{'req/s':>8}{'TTFT p50 ms':>13}{'TPOT p50 ms':>13}"
-          f"{'server CPU ms/tok':>19}{'Ray sys CPU s':>15}")
+          f"{'server CPU ms/tok':>19}{'replica CPU ms/tok':>20}{'Ray sys CPU s':>15}{'outputs/item':>14}")
     for label, r in [(f"{k} r{i + 1}", v) for i, rnd in enumerate(rounds) for k, v in rnd.items()] + \
             [(f"{k} mean", v) for k, v in runs.items()]:
         print(f"{label:<14}{r['output_tok_s']:>11.1f}{r['request_s']:>8.2f}{r['ttft_median_ms']:>13.1f}"
-              f"{r['tpot_median_ms']:>13.1f}{r['server_cpu_ms_per_token']:>19.3f}{r['ray_system_cpu_s']:>15.2f}")
+              f"{r['tpot_median_ms']:>13.1f}{r['server_cpu_ms_per_token']:>19.3f}"
+              f"{1e3 * r['replica_cpu_s'] / max(r['output_tokens'], 1):>20.3f}{r['ray_system_cpu_s']:>15.2f}"
+              f"{r['outputs_per_ray_item'] or 0:>14.1f}")
     for per_item, e in hop["echo_ms"].items():
         print(f"\nRay hop, {per_item} output(s) of 64 tokens per Ray item: {e['actor_ms_per_output']:.4f} ms per output "
               f"via an actor vs {e['in_process_ms_per_output']:.5f} ms in-process")

@@ -138,6 +138,9 @@ def test_streamed_greedy_answers_agree_across_replicas_and_metrics_have_replica_
     assert metric(text, "sarathi:generation_tokens_total") == per_replica >= 48
     assert all(labelled(text, "sarathi:replica_requests_routed_total", i) >= 1 for i in (0, 1))
     assert all(labelled(text, "sarathi:replica_up", i) == 1 for i in (0, 1))
+    for i in (0, 1):   # each Ray item carries at least one output
+        assert labelled(text, "sarathi:replica_stream_outputs_total", i) >= \
+            labelled(text, "sarathi:replica_stream_items_total", i) >= 1
 
 
 def test_disconnect_aborts_on_the_replica(server):

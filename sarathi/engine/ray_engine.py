@@ -105,6 +105,8 @@ class EngineReplica:
         self.engine = AsyncLLMEngine(config)
         self.engine.on_dead.append(self._engine_died)
         self.aborted_total = 0
+        self.stream_items_total = 0      # Ray items sent by outputs(), and the outputs they carried
+        self.stream_outputs_total = 0
         self._pending: List[Any] = []            # outputs and error markers not yet streamed
         self._ready: Optional[asyncio.Event] = None
         self._consumer: Optional[object] = None  # the newest outputs() call; older ones stop
@@ -137,7 +139,8 @@ class EngineReplica:
 
     def get_stats(self) -> Dict[str, Any]:
         stats = self.engine.get_stats()
-        stats.update(pid=os.getpid(), aborted_total=self.aborted_total)
+        stats.update(pid=os.getpid(), aborted_total=self.aborted_total, stream_items_total=self.stream_items_total,
+                     stream_outputs_total=self.stream_outputs_total)
         return stats
 
     async def add(self, request_id: str, prompt: Optional[str], params: SamplingParams,
@@ -161,6 +164,8 @@ class EngineReplica:
                 await ready.wait()
                 continue
             batch, self._pending = self._pending, []
+            self.stream_items_total += 1
+            self.stream_outputs_total += len(batch)
             yield batch
 
     def _event(self) -> asyncio.Event:

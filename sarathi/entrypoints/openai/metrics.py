@@ -93,6 +93,8 @@ _REPLICA_COUNTERS = [
     ("replica_restarts", "Times the replica came back from a new process", "restarts_total"),
     ("replica_requests_aborted", "Requests the replica stopped on an abort (client gone)", "aborted_total"),
     ("replica_generation_tokens", "Tokens the replica generated (since its last restart)", "generation_tokens_total"),
+    ("replica_stream_items", "Ray items the replica streamed (each carries a step's outputs)", "stream_items_total"),
+    ("replica_stream_outputs", "Request outputs the replica streamed", "stream_outputs_total"),
 ]
 
 
