@@ -207,6 +207,33 @@ def test_lora_adapters_serve_and_update_on_every_replica(ray_local, tiny_model_d
         run(c.shutdown())
 
 
+def test_optimal_sampling_gives_the_same_text_and_alphas_on_either_replica(ray_local, tiny_model_dir, smollm2_dir,
+                                                                             tmp_path):
+    from conftest import make_tiny_llama
+
+    from sarathi.sampling_params import InvalidParam
+
+    target = make_tiny_llama(tmp_path / "target", smollm2_dir, seed=1)
+    kw = dict(quantization="none", optimal_sampling_target=str(target), optimal_sampling_target_name="tiny-t")
+    c = make_client(tiny_model_dir, **kw)
+    try:
+        assert c.optimal_sampling_models() == ["tiny-t"]
+        params = SamplingParams(max_tokens=6, seed=3, ignore_eos=True,
+                                optimal_sampling={"target_model": "tiny-t", "alpha": "auto"})
+        outs = run(many(c, ["The quick brown fox"] * 4, params, "os"))
+        assert min(routed(c)) >= 1, routed(c)
+        want = LLM(model=str(tiny_model_dir), **kw, **ENGINE_ARGS).generate(["The quick brown fox"], params)[0]
+        for o in outs:
+            assert o.outputs[0].token_ids == want.outputs[0].token_ids
+            assert o.outputs[0].optimal_sampling["alpha_history"] == want.outputs[0].optimal_sampling["alpha_history"]
+        bad = SamplingParams(max_tokens=2, optimal_sampling={"target_model": "nope"})
+        with pytest.raises(InvalidParam, match="unknown optimal_sampling target") as e:
+            run(collect(c, "hi", bad, "os-bad"))
+        assert e.value.param == "optimal_sampling"
+    finally:
+        run(c.shutdown())
+
+
 async def many_lora(client, prompts, params, lora):
     async def one(i, p):
         final = None

@@ -116,7 +116,8 @@ class EngineReplica:
         import torch
 
         return {"pid": os.getpid(), "model_name": self.engine.model_name, "limits": asdict(self.engine.limits),
-                "num_threads": torch.get_num_threads(), "index": self.index, "loras": self.loras()}
+                "num_threads": torch.get_num_threads(), "index": self.index, "loras": self.loras(),
+                "optimal_sampling_models": self.engine.optimal_sampling_models()}
 
     def loras(self) -> Dict[str, Optional[str]]:
         """Adapter name -> its path, as loaded in this replica."""
@@ -244,6 +245,7 @@ class RayDataParallelClient:
         self._members: List[set] = [set() for _ in range(n)]   # request ids on each replica
         self._pumps: List[Optional[asyncio.Task]] = [None] * n  # one output reader per replica
         self._loras: Dict[str, Optional[str]] = dict(infos[0]["loras"])   # what every replica should serve
+        self._optimal_sampling_models: List[str] = infos[0]["optimal_sampling_models"]
         self.pids = [info["pid"] for info in infos]
         self.restarts = [0] * n
         self.retries_total = 0
@@ -362,6 +364,10 @@ class RayDataParallelClient:
 
     def list_loras(self) -> List[str]:
         return list(self._loras)
+
+    def optimal_sampling_models(self) -> List[str]:
+        """Second models every replica loaded as optimal sampling targets (--optimal-sampling-target)."""
+        return list(self._optimal_sampling_models)
 
     def lora_path(self, name: str) -> Optional[str]:
         return self._loras.get(name)
