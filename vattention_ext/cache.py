@@ -156,6 +156,7 @@ class KVCache:
         st["device"] = "cpu" if self.device_index < 0 else f"cuda:{self.device_index}"
         if self.device_index < 0:
             st["rss_bytes_mapped"] = resident_bytes(self.region_ranges())
+            st["pss_bytes_mapped"] = resident_bytes(self.region_ranges(), "Pss")
         return st
 
     def region_ranges(self) -> list[tuple[int, int]]:

@@ -352,10 +352,8 @@ class KVManager:
         self._cached[block].handle = handle
 
     def uncache(self, block: int) -> None:
-        """Forget a cached block (e.g. the backend could not retain it)."""
+        """Forget a cached block (its handle, if any, is released)."""
         if block in self._cached:
-            e = self._cached[block]
-            e.handle = None
             self._uncache(block)
             if self._ref[block] == 0:
                 del self._evictable[block]

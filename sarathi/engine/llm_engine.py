@@ -8,6 +8,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -34,6 +35,15 @@ logger = logging.getLogger("sarathi")
 
 # A forward pass that fails this many times in a row means the engine itself is broken.
 MAX_CONSECUTIVE_FAILURES = 3
+
+
+def cache_namespace(model_dir, quantization: str, dtype: str, tokenizer) -> bytes:
+    """The root of every prefix-cache block identity: what, besides the tokens, decides the
+    KV (the model's weights, format and dtype; the tokenizer's vocabulary, which an
+    AdaptiVocab PatchTokenizer changes)."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    parts = [str(Path(model_dir).resolve()), quantization, dtype, hashlib.sha256(vocab).hexdigest()]
+    return "\0".join(parts).encode()
 
 
 @dataclass(eq=False)
@@ -193,12 +203,7 @@ class LLMEngine:
             target.free_slot(slot)
 
     def _cache_namespace(self) -> bytes:
-        """The root of every block identity: what, besides the tokens, decides the KV (the
-        model's weights and dtype, the tokenizer's vocabulary, e.g. an AdaptiVocab patch)."""
-        vocab = sorted(self.tokenizer.get_vocab().items())
-        parts = [str(self.model_dir.resolve()), self.runner.quantization, str(self.runner.dtype),
-                 str(self.config.patch_tokenizer), hashlib.sha256(json.dumps(vocab).encode()).hexdigest()]
-        return "\0".join(parts).encode()
+        return cache_namespace(self.model_dir, self.runner.quantization, str(self.runner.dtype), self.tokenizer)
 
     def _eos_ids(self, hf_config: dict) -> set:
         ids = set()
