@@ -9,7 +9,7 @@ exactly like reading past the end of an allocation. Kernels only read [slot, :le
 from __future__ import annotations
 
 from . import _C
-from .kernel_memory import resident_bytes
+from .kernel_memory import smaps_totals
 from .page_size import default_page_size
 
 DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -155,8 +155,8 @@ class KVCache:
         st["tokens_per_page"] = self.tokens_per_page
         st["device"] = "cpu" if self.device_index < 0 else f"cuda:{self.device_index}"
         if self.device_index < 0:
-            st["rss_bytes_mapped"] = resident_bytes(self.region_ranges())
-            st["pss_bytes_mapped"] = resident_bytes(self.region_ranges(), "Pss")
+            mem = smaps_totals(self.region_ranges())
+            st["rss_bytes_mapped"], st["pss_bytes_mapped"] = mem["Rss"], mem["Pss"]
         return st
 
     def region_ranges(self) -> list[tuple[int, int]]:

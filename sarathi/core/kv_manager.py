@@ -348,8 +348,15 @@ class KVManager:
             self._by_hash[e.hash] = e.block
         self._children.setdefault(e.parent, {})[e.block] = None
 
-    def set_handle(self, block: int, handle: int) -> None:
-        self._cached[block].handle = handle
+    def set_handle(self, block: int, handle: int) -> bool:
+        """Record the backend's handle of a newly cached block. False: the block was evicted
+        meanwhile (a preempted sequence's block, taken in the same schedule), so the caller
+        releases the handle at once."""
+        e = self._cached.get(block)
+        if e is None or e.handle is not None:
+            return False
+        e.handle = handle
+        return True
 
     def uncache(self, block: int) -> None:
         """Forget a cached block (its handle, if any, is released)."""

@@ -315,7 +315,8 @@ class LLMEngine:
                 logger.exception("could not retain a prefix-cache block")
                 self.kv.uncache(block)
                 continue
-            self.kv.set_handle(block, handle)
+            if not self.kv.set_handle(block, handle):
+                self.runner.release_blocks([handle])
 
     def _apply_prefix_cache(self, sched: SchedulerOutput) -> None:
         """Before the step runs: let go of evicted blocks, then map (or copy) every hit."""

@@ -155,9 +155,13 @@ class VAttentionBackend(KVBackend):
             "kv_blocks_pinned": st["blocks_pinned"],
             "kv_block_mappings_shared": st["block_mappings_shared"],
         }
-        # Committed = what the kernel reports resident in our mappings (CPU); on CUDA the
-        # driver committed every pool page at cuMemCreate.
-        out["kv_bytes_committed"] = st.get("rss_bytes_mapped", st["pool_resident_bytes"])
+        # Committed = the pool's physical pages as the kernel counts them (memfd blocks, each
+        # page once however many slots map it, as prefix sharing does); on CUDA the driver
+        # committed every pool page at cuMemCreate. Rss of our mappings counts a shared page
+        # once per mapping.
+        out["kv_bytes_committed"] = st["pool_resident_bytes"]
+        if "rss_bytes_mapped" in st:
+            out["kv_bytes_rss_mapped"] = st["rss_bytes_mapped"]
         return out
 
     def close(self) -> None:
