@@ -262,8 +262,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if args.ban_token_id is None:
         args.ban_token_id = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    log_dir = RESULTS / "prefix_caching_logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = RESULTS   # server-*.log there is git-ignored
     systems = {
         "sarathi (prefix caching)": ["--enable-prefix-caching"],
         "sarathi (no caching)": ["--no-enable-prefix-caching"],
@@ -308,7 +307,8 @@ def main() -> None:
 
 def run_system(name: str, cmd: List[str], port: int, log_dir: Path, args, tokenizer, n8: bool) -> Dict:
     print(f"== {name}: {' '.join(cmd)}", flush=True)
-    server = Server(name, cmd, port, log_dir / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".log"))
+    slug = name.replace(" ", "-").replace("(", "").replace(")", "")
+    server = Server(name, cmd, port, log_dir / f"server-prefix-{slug}.log")
     try:
         asyncio.run(_send_all(server.url, args, ["warm up " * 8], 4, 1))   # first-request costs out of the way
         out = {"shared": shared_prompt(server, args, tokenizer)}
