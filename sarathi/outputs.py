@@ -75,5 +75,5 @@ class RequestOutput:
     outputs: List[CompletionOutput]
     finished: bool
     metrics: Optional[RequestMetrics] = None
-    error: Optional[str] = None
-    num_cached_tokens: int = 0    # prompt tokens whose KV came from the prefix cache (vLLM's name)   # set when the engine failed this request (it is finished, as aborted)
+    error: Optional[str] = None   # set when the engine failed this request (it is finished, as aborted)
+    num_cached_tokens: int = 0    # prompt tokens whose KV came from the prefix cache (vLLM's name)
