@@ -137,6 +137,10 @@ class PeakSampler:
         self._stop.set()
         self._thread.join()
 
+    def figures(self) -> Dict[str, int]:
+        return {"kv_committed_peak_bytes": self.kv_peak, "kv_used_peak_bytes": self.used_peak,
+                "rss_peak_bytes": self.rss_peak}
+
 
 # ----------------------------------------------------------------------------- workloads
 
@@ -163,8 +167,8 @@ async def _send_all(url: str, args, prompts: List[str], max_tokens: int, concurr
         async def one(p: str):
             req = serving.BenchRequest(p, 0, max_tokens)
             async with limit:
-                return await serving.send_request(client, url + "/v1/completions", {}, serving.build_payload(cargs, req),
-                                                  req, False, None)
+                body = serving.build_payload(cargs, req)
+                return await serving.send_request(client, url + "/v1/completions", {}, body, req, False, None)
         return await asyncio.gather(*(one(p) for p in prompts))
 
 
@@ -184,8 +188,7 @@ def shared_prompt(server: Server, args, tokenizer) -> Dict:
     out_tokens = sum(r.output_len for r in ok)
     return {"requests": len(ok), "median_ttft_ms": 1e3 * statistics.median(r.ttft for r in ok),
             "p90_ttft_ms": 1e3 * sorted(r.ttft for r in ok)[int(0.9 * len(ok))],
-            "output_tok_s": out_tokens / wall, "wall_s": wall, "kv_committed_peak_bytes": peak.kv_peak, "kv_used_peak_bytes": peak.used_peak,
-            "rss_peak_bytes": peak.rss_peak}
+            "output_tok_s": out_tokens / wall, "wall_s": wall, **peak.figures()}
 
 
 def multi_turn(server: Server, args, tokenizer) -> Dict:
@@ -206,8 +209,7 @@ def multi_turn(server: Server, args, tokenizer) -> Dict:
             convs = [p + " " + text_of(tokenizer, random.Random(turn * 100 + i), args.chat_output_len)
                      for i, p in enumerate(prompts)]
     med = [1e3 * statistics.median(t) for t in ttft]
-    return {"median_ttft_ms_by_turn": med, "turn_last_over_first": med[-1] / med[0],
-            "kv_committed_peak_bytes": peak.kv_peak, "kv_used_peak_bytes": peak.used_peak, "rss_peak_bytes": peak.rss_peak}
+    return {"median_ttft_ms_by_turn": med, "turn_last_over_first": med[-1] / med[0], **peak.figures()}
 
 
 def n_samples(server: Server, args, tokenizer) -> Dict:
@@ -223,8 +225,7 @@ def n_samples(server: Server, args, tokenizer) -> Dict:
     r.raise_for_status()
     usage = r.json()["usage"]
     return {"wall_s": wall, "choices": len(r.json()["choices"]), "prompt_tokens": usage["prompt_tokens"],
-            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
-            "kv_committed_peak_bytes": peak.kv_peak, "kv_used_peak_bytes": peak.used_peak, "rss_peak_bytes": peak.rss_peak}
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0), **peak.figures()}
 
 
 # ----------------------------------------------------------------------------- main
@@ -274,6 +275,7 @@ def main() -> None:
                str(port), "--model", args.model, "--served-model-name", args.model_name, *flags,
                *args.sarathi_args.split()]
         runs[name] = run_system(name, cmd, port, log_dir, args, tokenizer, n8=True)
+        Path(args.out).write_text(json.dumps({"runs": runs, "partial": True}, indent=2))  # survives a later stop
     if args.llama_server and Path(args.llama_server).exists():
         gguf = gguf_source(args.model)
         if gguf is None:
@@ -287,22 +289,30 @@ def main() -> None:
         runs["llama-server"] = run_system("llama-server", cmd, port, log_dir, args, tokenizer, n8=False)
     else:
         print(f"llama-server not run (no binary at {args.llama_server!r})")
-    on, off = runs["sarathi (prefix caching)"], runs["sarathi (no caching)"]
-    summary = {
-        "shared_ttft_speedup": off["shared"]["median_ttft_ms"] / on["shared"]["median_ttft_ms"],
-        "shared_throughput_ratio": on["shared"]["output_tok_s"] / off["shared"]["output_tok_s"],
-        "shared_kv_committed_ratio": off["shared"]["kv_committed_peak_bytes"] / max(1, on["shared"]["kv_committed_peak_bytes"]),
-        "n8_time_ratio": off["n8"]["wall_s"] / on["n8"]["wall_s"],
-        "n8_kv_committed_ratio": off["n8"]["kv_committed_peak_bytes"] / max(1, on["n8"]["kv_committed_peak_bytes"]),
-        "shared_kv_used_ratio": off["shared"]["kv_used_peak_bytes"] / max(1, on["shared"]["kv_used_peak_bytes"]),
-        "n8_kv_used_ratio": off["n8"]["kv_used_peak_bytes"] / max(1, on["n8"]["kv_used_peak_bytes"]),
-    }
+    summary = summarize(runs)
     result = {"config": {k: v for k, v in vars(args).items() if k != "ban_token_id"}, "runs": runs,
               "summary": summary, "machine": {"cpus": os.cpu_count()}}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(markdown(runs))
     print(json.dumps(summary, indent=2))
     plot(runs, Path(args.out).with_suffix(".png"))
+
+
+def summarize(runs: Dict[str, Dict]) -> Dict[str, float]:
+    """With / without caching ratios from the same run."""
+    on, off = runs["sarathi (prefix caching)"], runs["sarathi (no caching)"]
+
+    def ratio(workload: str, key: str, better_low: bool = True) -> float:
+        a, b = off[workload][key], on[workload][key]
+        return (a / max(b, 1e-9)) if better_low else (b / max(a, 1e-9))
+
+    return {"shared_ttft_speedup": ratio("shared", "median_ttft_ms"),
+            "shared_throughput_ratio": ratio("shared", "output_tok_s", better_low=False),
+            "shared_kv_committed_ratio": ratio("shared", "kv_committed_peak_bytes"),
+            "shared_kv_used_ratio": ratio("shared", "kv_used_peak_bytes"),
+            "n8_time_ratio": ratio("n8", "wall_s"),
+            "n8_kv_committed_ratio": ratio("n8", "kv_committed_peak_bytes"),
+            "n8_kv_used_ratio": ratio("n8", "kv_used_peak_bytes")}
 
 
 def run_system(name: str, cmd: List[str], port: int, log_dir: Path, args, tokenizer, n8: bool) -> Dict:
@@ -325,18 +335,20 @@ def run_system(name: str, cmd: List[str], port: int, log_dir: Path, args, tokeni
 
 
 def markdown(runs: Dict[str, Dict]) -> str:
-    mib = lambda b: f"{b / 2**20:.0f}" if b else "-"  # noqa: E731
+    def mib(b):
+        return f"{b / 2**20:.0f}" if b else "-"
+
     lines = ["| system | shared: median TTFT ms | shared: output tok/s | shared: KV committed / held by requests MiB "
-             "| shared: peak RSS MiB | chat: TTFT turn 1 / turn 5 ms | n=8: s | n=8: KV committed / held MiB |",
+             "| shared: peak RSS MiB | chat: median TTFT turn 1 / last ms | n=8: s | n=8: KV committed / held MiB |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         s, c, n = r["shared"], r["chat"], r.get("n8")
-        lines.append(f"| {name} | {s['median_ttft_ms']:.0f} | {s['output_tok_s']:.1f} | {mib(s['kv_committed_peak_bytes'])} / {mib(s['kv_used_peak_bytes'])} "
-                     f"| {mib(s['rss_peak_bytes'])} | {c['median_ttft_ms_by_turn'][0]:.0f} / "
-                     f"{c['median_ttft_ms_by_turn'][-1]:.0f} | {n['wall_s']:.1f} | {mib(n['kv_committed_peak_bytes'])} / {mib(n['kv_used_peak_bytes'])} |"
-                     if n else
-                     f"| {name} | {s['median_ttft_ms']:.0f} | {s['output_tok_s']:.1f} | - | {mib(s['rss_peak_bytes'])} "
-                     f"| {c['median_ttft_ms_by_turn'][0]:.0f} / {c['median_ttft_ms_by_turn'][-1]:.0f} | - | - |")
+        cells = [name, f"{s['median_ttft_ms']:.0f}", f"{s['output_tok_s']:.1f}",
+                 f"{mib(s.get('kv_committed_peak_bytes'))} / {mib(s.get('kv_used_peak_bytes'))}", mib(s["rss_peak_bytes"]),
+                 f"{c['median_ttft_ms_by_turn'][0]:.0f} / {c['median_ttft_ms_by_turn'][-1]:.0f}",
+                 f"{n['wall_s']:.1f}" if n else "-",
+                 f"{mib(n['kv_committed_peak_bytes'])} / {mib(n.get('kv_used_peak_bytes'))}" if n else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
