@@ -67,6 +67,12 @@ def test_adapters_never_share_cached_prefixes(llm):
                            lora_request=LoRARequest(name) if name else None)[0]
         cached.setdefault(name, []).append(out.num_cached_tokens)
     assert cached == {None: [0, 399], "a1": [0, 399], "a2": [0]}
+    # Unloading an adapter forgets what its weights computed: the same name loaded again starts cold.
+    path = llm.engine.runner.lora.paths["a2"]
+    llm.engine.remove_lora("a2")
+    llm.engine.add_lora(LoRARequest("a2", 2, path))
+    out = llm.generate(prompt_token_ids=[ids], sampling_params=greedy(), lora_request=LoRARequest("a2"))[0]
+    assert out.num_cached_tokens == 0
 
 
 def test_mixed_batch_equals_each_alone(llm):

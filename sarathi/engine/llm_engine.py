@@ -252,8 +252,10 @@ class LLMEngine:
         max_tokens = room if p.max_tokens is None else min(p.max_tokens, room)
         now = arrival_time if arrival_time is not None else time.monotonic()
         req = Request(request_id, prompt, ids, p, [], RequestMetrics(arrival_time=now), lora_name=lora_name)
-        # Prefix caching: an adapter changes the KV, so its name salts every block identity too.
-        salt = f"{lora_name or ''}\0{p.cache_salt or ''}"
+        # Prefix caching: an adapter changes the KV, so it salts every block identity too (with the
+        # generation of its weights in memory: KV of an evicted or unloaded load is never reused).
+        adapter = "" if lora_name is None else f"{lora_name}#{self.runner.lora.generation.get(lora_name, 0)}"
+        salt = f"{adapter}\0{p.cache_salt or ''}"
         if p.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         for i in range(p.n):
