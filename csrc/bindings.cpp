@@ -70,6 +70,10 @@ PYBIND11_MODULE(_C, m) {
       .def("region_ptrs", &KVCache::region_ptrs)
       .def("slot_blocks", &KVCache::slot_blocks, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       .def("slot_active", &KVCache::slot_active, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
+      .def("share_prefix", &KVCache::share_prefix, py::arg("slot"), py::arg("blocks"), py::arg("copy_src") = -1,
+           py::call_guard<py::gil_scoped_release>())
+      .def("pin", &KVCache::pin, py::arg("slot"), py::arg("page"), py::call_guard<py::gil_scoped_release>())
+      .def("unpin", &KVCache::unpin, py::arg("block"), py::call_guard<py::gil_scoped_release>())
       .def("check_invariants", &KVCache::check_invariants, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("pages_per_slot", &KVCache::pages_per_slot)
       .def_property_readonly("slot_bytes", &KVCache::slot_bytes)

@@ -96,6 +96,22 @@ class CpuBackend : public MemoryBackend {
       throw SystemError(errno_text("fallocate(PUNCH_HOLE) returning a pool page"));
   }
 
+  void copy_page(size_t src, size_t dst) override {
+    // Through the memfd: the source need not be mapped anywhere.
+    std::vector<char> buf(page_size_);
+    const off_t from = static_cast<off_t>(src * page_size_), to = static_cast<off_t>(dst * page_size_);
+    for (size_t done = 0; done < page_size_;) {
+      const ssize_t n = pread(pool_->fd(), buf.data() + done, page_size_ - done, from + off_t(done));
+      if (n <= 0) throw SystemError(errno_text("pread of a pool page"));
+      done += size_t(n);
+    }
+    for (size_t done = 0; done < page_size_;) {
+      const ssize_t n = pwrite(pool_->fd(), buf.data() + done, page_size_ - done, to + off_t(done));
+      if (n <= 0) throw SystemError(errno_text("pwrite of a pool page"));
+      done += size_t(n);
+    }
+  }
+
   size_t pool_resident_bytes() const override {
     if (!pool_) return 0;
     struct stat st;

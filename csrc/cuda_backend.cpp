@@ -197,6 +197,10 @@ class CudaBackend : public MemoryBackend {
 
   void discard(size_t) override {}
 
+  void copy_page(size_t, size_t) override {
+    throw CudaError("copying a KV page (prefix caching's copy on write) is not implemented on CUDA yet");
+  }
+
   // cuMemCreate commits device memory at creation: the whole pool is resident.
   size_t pool_resident_bytes() const override { return pages_.size() * page_size_; }
   bool is_cuda() const override { return true; }

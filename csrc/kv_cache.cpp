@@ -151,6 +151,8 @@ int64_t KVCache::reserve_physical_pages(int64_t bytes) {
   backend_->create_pool(static_cast<size_t>(pages), static_cast<size_t>(cfg_.page_size));
   blocks_total_ = blocks;
   free_blocks_.reserve(blocks);
+  refs_.assign(blocks, 0);
+  pins_.assign(blocks, 0);
   for (int64_t b = blocks - 1; b >= 0; --b) free_blocks_.push_back(static_cast<int32_t>(b));
   return pages;
 }
@@ -190,7 +192,9 @@ void KVCache::free_slot(int64_t slot) {
   s.active = false;
   s.required = 0;
   s.generation++;
-  if (!deferred_) release_slot_pages_locked(lk, slot);
+  bool shared = false;
+  for (int32_t b : s.blocks) shared = shared || refs_[b] > 1;
+  if (!deferred_ || shared) release_slot_pages_locked(lk, slot);
 }
 
 void KVCache::wait_not_pending_locked(Lock& lk, int64_t slot) {
@@ -227,6 +231,7 @@ void KVCache::map_block_locked(int64_t slot, int32_t block) {
     throw;
   }
   s.blocks.push_back(block);
+  refs_[block]++;
 }
 
 void KVCache::unmap_last_locked(int64_t slot, bool discard) {
@@ -235,6 +240,7 @@ void KVCache::unmap_last_locked(int64_t slot, bool discard) {
   const int32_t block = s.blocks.back();
   for (int64_t r = 0; r < regions_; ++r) backend_->unmap(region_base_[r] + offset);
   s.blocks.pop_back();
+  if (--refs_[block] > 0) return;  // still mapped elsewhere or pinned
   free_blocks_.push_back(block);
   if (discard)
     for (int64_t r = 0; r < regions_; ++r) backend_->discard(size_t(block) * regions_ + r);
@@ -389,6 +395,7 @@ void KVCache::worker_loop() {
         async_blocks_mapped_ += error.empty();
         if (error.empty()) {
           slots_[i].blocks.push_back(b);
+          refs_[b]++;
         } else {
           free_blocks_.push_back(b);
           worker_error_ = error;
@@ -424,8 +431,13 @@ int64_t KVCache::num_free_blocks() {
 CacheStats KVCache::stats() {
   std::lock_guard<std::mutex> lk(mu_);
   const int64_t free = free_blocks_.size(), reclaimable = reclaimable_locked();
-  int64_t active = 0;
-  for (const Slot& s : slots_) active += s.active;
+  int64_t active = 0, shared = 0, pinned = 0;
+  std::vector<int32_t> held(blocks_total_, 0);
+  for (const Slot& s : slots_) {
+    active += s.active;
+    for (int32_t b : s.blocks) shared += held[b]++ > 0;
+  }
+  for (int32_t p : pins_) pinned += p > 0;
   return {
       {"page_size", cfg_.page_size},
       {"pages_total", blocks_total_ * regions_},
@@ -440,6 +452,9 @@ CacheStats KVCache::stats() {
       {"physical_bytes_pool", blocks_total_ * regions_ * cfg_.page_size},
       {"pool_resident_bytes", int64_t(backend_->pool_resident_bytes())},
       {"slots_active", active},
+      // Prefix sharing: blocks the caller's cache pins, and mappings beyond one per block in use.
+      {"blocks_pinned", pinned},
+      {"block_mappings_shared", shared},
       {"slot_bytes", slot_bytes_},
       {"bytes_per_token_per_layer", token_bytes_},
       // Blocks mapped and time spent mapping them on the calling thread (step, step_async)
@@ -465,24 +480,100 @@ bool KVCache::slot_active(int64_t slot) {
   return slots_[slot].active;
 }
 
+void KVCache::share_prefix(int64_t slot, const std::vector<int64_t>& blocks, int64_t copy_src) {
+  Lock lk(mu_);
+  rethrow_worker_error_locked();
+  check_slot(slot);
+  if (blocks_total_ == 0) throw std::logic_error("no physical pages: call reserve_physical_pages first");
+  auto check_pinned = [&](int64_t b) {
+    if (b < 0 || b >= blocks_total_)
+      throw std::out_of_range("block " + std::to_string(b) + " out of range [0, " + std::to_string(blocks_total_) + ")");
+    if (pins_[b] == 0) throw std::invalid_argument("block " + std::to_string(b) + " is not pinned: pin it before sharing");
+  };
+  for (int64_t b : blocks) check_pinned(b);
+  if (copy_src >= 0) check_pinned(copy_src);
+  if (int64_t(blocks.size()) + (copy_src >= 0) > pages_per_slot_)
+    throw std::invalid_argument("a shared prefix of " + std::to_string(blocks.size()) + " pages overflows the slot");
+  wait_not_pending_locked(lk, slot);
+  Slot& s = slots_[slot];
+  if (s.active) throw std::invalid_argument("slot " + std::to_string(slot) + " is in use: a shared prefix starts a sequence");
+  release_slot_pages_locked(lk, slot);  // pages a previous sequence left mapped (deferred reclamation)
+  s.active = true;
+  s.required = 0;
+  s.generation++;  // a map-ahead job for the slot's previous sequence is stale now
+  for (int64_t b : blocks) {
+    map_regions(slot, int64_t(s.blocks.size()), int32_t(b));
+    s.blocks.push_back(int32_t(b));
+    refs_[b]++;
+    s.required = s.blocks.size();
+  }
+  if (copy_src < 0) return;
+  const int32_t fresh = take_block_locked(lk, slot);
+  try {
+    for (int64_t r = 0; r < regions_; ++r) backend_->copy_page(size_t(copy_src) * regions_ + r, size_t(fresh) * regions_ + r);
+  } catch (...) {
+    free_blocks_.push_back(fresh);
+    throw;
+  }
+  map_block_locked(slot, fresh);
+  s.required = s.blocks.size();
+}
+
+int64_t KVCache::pin(int64_t slot, int64_t page) {
+  std::lock_guard<std::mutex> lk(mu_);
+  check_slot(slot);
+  Slot& s = slots_[slot];
+  if (!s.active || page < 0 || page >= s.required)
+    throw std::invalid_argument("page " + std::to_string(page) + " of slot " + std::to_string(slot) +
+                                " holds no live tokens; only those can be pinned");
+  const int32_t b = s.blocks[page];
+  refs_[b]++;
+  pins_[b]++;
+  return b;
+}
+
+void KVCache::unpin(int64_t block) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (block < 0 || block >= blocks_total_ || pins_[block] == 0)
+    throw std::invalid_argument("block " + std::to_string(block) + " is not pinned");
+  pins_[block]--;
+  if (--refs_[block] > 0) return;
+  free_blocks_.push_back(int32_t(block));
+  for (int64_t r = 0; r < regions_; ++r) backend_->discard(size_t(block) * regions_ + r);
+}
+
 void KVCache::check_invariants() {
   Lock lk(mu_);
   wait_not_pending_locked(lk, -1);
-  std::vector<int> seen(blocks_total_, 0);
-  auto mark = [&](int32_t b, const std::string& where) {
+  std::vector<int> held(blocks_total_, 0), in_free(blocks_total_, 0);
+  auto valid = [&](int32_t b, const std::string& where) {
     if (b < 0 || b >= blocks_total_) throw std::logic_error("invalid block id " + std::to_string(b) + " in " + where);
-    if (seen[b]++) throw std::logic_error("block " + std::to_string(b) + " is owned twice (again in " + where + ")");
   };
-  for (int32_t b : free_blocks_) mark(b, "the free list");
+  for (int32_t b : free_blocks_) {
+    valid(b, "the free list");
+    if (in_free[b]++) throw std::logic_error("block " + std::to_string(b) + " is in the free list twice");
+  }
   for (int64_t i = 0; i < cfg_.max_batch_size; ++i) {
     const Slot& s = slots_[i];
-    for (int32_t b : s.blocks) mark(b, "slot " + std::to_string(i));
     if (int64_t(s.blocks.size()) > pages_per_slot_) throw std::logic_error("slot " + std::to_string(i) + " overflows");
     if (s.active && int64_t(s.blocks.size()) < s.required)
       throw std::logic_error("active slot " + std::to_string(i) + " lacks pages for its live tokens");
+    for (size_t p = 0; p < s.blocks.size(); ++p) {
+      const int32_t b = s.blocks[p];
+      valid(b, "slot " + std::to_string(i));
+      held[b]++;
+      if ((!s.active || int64_t(p) >= s.required) && refs_[b] != 1)
+        throw std::logic_error("block " + std::to_string(b) + " is shared or pinned but sits at a reclaimable page of slot " +
+                               std::to_string(i));
+    }
   }
-  for (int64_t b = 0; b < blocks_total_; ++b)
-    if (!seen[b]) throw std::logic_error("block " + std::to_string(b) + " was lost");
+  for (int64_t b = 0; b < blocks_total_; ++b) {
+    if (refs_[b] != held[b] + pins_[b])
+      throw std::logic_error("block " + std::to_string(b) + " counts " + std::to_string(refs_[b]) + " references but has " +
+                             std::to_string(held[b]) + " mappings and " + std::to_string(pins_[b]) + " pins");
+    if ((refs_[b] == 0) != bool(in_free[b]))
+      throw std::logic_error("block " + std::to_string(b) + (refs_[b] ? " is held and free" : " was lost"));
+  }
 }
 
 }  // namespace vattn

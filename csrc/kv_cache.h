@@ -4,6 +4,13 @@
 // Allocation unit: a "block" = one page at the same offset in every K and V region
 // (2 * num_layers pages), so a block holds tokens_per_page tokens of one sequence
 // in all layers. The pool is a LIFO free list of blocks.
+//
+// Prefix sharing: a block may be mapped into several slots at once (the same physical
+// pages at the same offset of each slot's range) and retained ("pinned") by the
+// caller's prefix cache while no slot maps it. A block's reference count is its
+// mappings plus its pins; it is free exactly when the count is 0. Shared or pinned
+// blocks only sit at a slot's live pages: freeing a slot that maps one unmaps all of
+// the slot's pages at once, so deferred reclamation only ever keeps private pages.
 #pragma once
 #include <condition_variable>
 #include <cstdint>
@@ -59,7 +66,16 @@ class KVCache {
   std::vector<uintptr_t> region_ptrs() const;  // all K regions, then all V regions
   std::vector<int64_t> slot_blocks(int64_t slot);  // pool blocks mapped into a slot, in order
   bool slot_active(int64_t slot);
-  // Every block is either free or mapped in exactly one slot; raises if not.
+  // Start a sequence in a free slot with `blocks` (pinned) mapped at its first pages,
+  // then, if copy_src >= 0, a private copy of pinned block copy_src at the next page
+  // (copy on write: the sequence will write into that page).
+  void share_prefix(int64_t slot, const std::vector<int64_t>& blocks, int64_t copy_src);
+  // Pin the block at live page `page` of an active slot; returns the block.
+  int64_t pin(int64_t slot, int64_t page);
+  // Drop a pin; the block is freed (and its memory returned) when nothing else holds it.
+  void unpin(int64_t block);
+  // Every block's count equals its mappings plus pins; free blocks have none; shared and
+  // pinned blocks sit only at live pages of active slots. Raises if not.
   void check_invariants();
 
   const CacheConfig& config() const { return cfg_; }
@@ -108,6 +124,8 @@ class KVCache {
   std::mutex mu_;  // guards everything below and every map/unmap
   std::vector<Slot> slots_;
   std::vector<int32_t> free_blocks_;  // LIFO
+  std::vector<int32_t> refs_;         // per block: mappings + pins
+  std::vector<int32_t> pins_;         // per block: pins by the prefix cache
   bool deferred_ = true;
   std::string worker_error_;
   int64_t sync_blocks_mapped_ = 0, sync_map_ns_ = 0, async_blocks_mapped_ = 0, async_map_ns_ = 0;

@@ -24,6 +24,8 @@ class MemoryBackend {
   // The pool page's contents are no longer needed: give its memory back to the OS
   // (CPU: punch a hole in the memfd; CUDA: nothing, pages are committed at creation).
   virtual void discard(size_t page) = 0;
+  // Copy the contents of pool page `src` into pool page `dst`.
+  virtual void copy_page(size_t src, size_t dst) = 0;
   // Bytes of the pool the kernel/driver has physically committed (CPU: memfd blocks).
   virtual size_t pool_resident_bytes() const = 0;
   virtual bool is_cuda() const = 0;

@@ -137,6 +137,8 @@ class EngineConfig:
     max_lora_rank: int = flag(16, "largest adapter rank accepted")
     max_cpu_loras: Optional[int] = flag(None, "adapters kept loaded in host memory (default: max(max_loras, "
                                         "number of --lora-modules))", type=int)
+    enable_prefix_caching: bool = flag(True, "reuse the KV of prompt prefixes other requests computed "
+                                       "(vattention on CPU and paged backends)")
     disable_log_stats: bool = True
 
     def __post_init__(self) -> None:

@@ -27,6 +27,7 @@ class RequestMetrics:
     finished_time: Optional[float] = None
     token_times: List[float] = field(default_factory=list)
     num_preemptions: int = 0
+    num_cached_tokens: int = 0    # prompt tokens whose KV came from the prefix cache
 
     @property
     def ttft(self) -> Optional[float]:
@@ -75,3 +76,4 @@ class RequestOutput:
     finished: bool
     metrics: Optional[RequestMetrics] = None
     error: Optional[str] = None   # set when the engine failed this request (it is finished, as aborted)
+    num_cached_tokens: int = 0    # prompt tokens whose KV came from the prefix cache (vLLM's name)

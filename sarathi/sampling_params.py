@@ -87,6 +87,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     optimal_sampling: Optional[OptimalSamplingParams] = None
+    # Prefix caching: requests share cached KV only with requests of the same salt (tenants).
+    cache_salt: Optional[str] = None
     stop_strs: List[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -167,6 +169,9 @@ class SamplingParams:
             bad("stop_token_ids", "must be non-negative integers")
         if self.logit_bias and any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
             bad("logit_bias", "values must be in [-100, 100]")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt
+                                            or len(self.cache_salt) > 256):
+            bad("cache_salt", "must be a non-empty string of at most 256 characters")
         if any(s == "" for s in self.stop_strs):
             raise InvalidParam("stop", "stop strings must not be empty")
         if self.optimal_sampling is not None:

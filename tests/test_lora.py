@@ -58,6 +58,23 @@ def test_adapter_changes_the_output(llm):
     assert base != run_alone(llm, PROMPTS[0], LoRARequest("a1"))[0]
 
 
+def test_adapters_never_share_cached_prefixes(llm):
+    """The adapter is part of every prefix-cache block identity: same tokens, other adapter, no hit."""
+    ids = list(range(1000, 1400))
+    cached = {}
+    for name in (None, "a1", "a2", "a1", None):
+        out = llm.generate(prompt_token_ids=[ids], sampling_params=greedy(),
+                           lora_request=LoRARequest(name) if name else None)[0]
+        cached.setdefault(name, []).append(out.num_cached_tokens)
+    assert cached == {None: [0, 399], "a1": [0, 399], "a2": [0]}
+    # Unloading an adapter forgets what its weights computed: the same name loaded again starts cold.
+    path = llm.engine.runner.lora.paths["a2"]
+    llm.engine.remove_lora("a2")
+    llm.engine.add_lora(LoRARequest("a2", 2, path))
+    out = llm.generate(prompt_token_ids=[ids], sampling_params=greedy(), lora_request=LoRARequest("a2"))[0]
+    assert out.num_cached_tokens == 0
+
+
 def test_mixed_batch_equals_each_alone(llm):
     """One step holds rows of the base and three adapters; each equals its request run alone."""
     loras = [None, LoRARequest("a1"), LoRARequest("a2"), LoRARequest("a3")]

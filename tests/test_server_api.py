@@ -366,3 +366,36 @@ def test_serving_benchmark_measures_the_server(server, tiny_model_dir, tmp_path)
             "2", "--endpoint", "chat", "--label", "j", "--result-dir", str(tmp_path), "--no-warmup"]
     s = serving.run(serving.add_args(argparse.ArgumentParser()).parse_args(argv), tokenizer)
     assert s["completed"] == 2 and s["total_output_tokens"] == 128 + 3
+
+
+def test_prefix_cache_over_http(server, client):
+    """cached_tokens in usage, the /metrics counters, cache_salt and POST /reset_prefix_cache."""
+    url = server.base_url
+    prompt = "Prefix caching over HTTP: the quick brown fox jumps over the lazy dog. " * 12
+
+    def cached(**extra):
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, **extra}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        return usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]
+
+    before = httpx.get(url + "/metrics").text
+    assert httpx.post(url + "/reset_prefix_cache", timeout=60).status_code == 200
+    n, first = cached()
+    _, again = cached()
+    assert first == 0 and again == n - 1          # everything but the last prompt token
+    assert cached(cache_salt="tenant-b")[1] == 0  # another tenant shares nothing
+    after = httpx.get(url + "/metrics").text
+    assert metric(after, "sarathi:prefix_cache_queries_total") - metric(before, "sarathi:prefix_cache_queries_total") \
+        == 3 * n
+    assert metric(after, "sarathi:prefix_cache_hits_total") - metric(before, "sarathi:prefix_cache_hits_total") == n - 1
+    r = httpx.post(url + "/reset_prefix_cache", timeout=60)
+    assert r.status_code == 200 and r.json()["blocks_forgotten"] > 0
+    assert cached()[1] == 0
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=2)
+    chat2 = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=2)
+    assert chat.usage.prompt_tokens_details.cached_tokens < chat.usage.prompt_tokens - 1  # (the template's head may be cached)
+    assert chat2.usage.prompt_tokens_details.cached_tokens == chat2.usage.prompt_tokens - 1
+    bad = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "cache_salt": ""}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt"

@@ -9,7 +9,7 @@ exactly like reading past the end of an allocation. Kernels only read [slot, :le
 from __future__ import annotations
 
 from . import _C
-from .kernel_memory import resident_bytes
+from .kernel_memory import smaps_totals
 from .page_size import default_page_size
 
 DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -128,8 +128,23 @@ class KVCache:
     def slot_blocks(self, slot: int) -> list[int]:
         return self.core.slot_blocks(int(slot))
 
+    def share_prefix(self, slot: int, blocks, copy_src: int = -1) -> None:
+        """Start a sequence in free slot `slot` with pinned `blocks` mapped at its first pages
+        (the same physical pages other slots map), then a private copy of pinned block
+        `copy_src` at the next page (copy on write), if one is given."""
+        self.core.share_prefix(int(slot), [int(b) for b in blocks], int(copy_src))
+
+    def pin(self, slot: int, page: int) -> int:
+        """Keep the block at a live page of an active slot after the slot lets go; returns it."""
+        return self.core.pin(int(slot), int(page))
+
+    def unpin(self, block: int) -> None:
+        """Drop a pin; the block is freed once no slot maps it."""
+        self.core.unpin(int(block))
+
     def check_invariants(self) -> None:
-        """Raise RuntimeError unless every pool block is free or in exactly one slot."""
+        """Raise RuntimeError unless every block's reference count is its mappings plus
+        pins, free blocks have none, and shared blocks sit only at live pages."""
         self.core.check_invariants()
 
     # -- memory figures --------------------------------------------------------
@@ -140,7 +155,8 @@ class KVCache:
         st["tokens_per_page"] = self.tokens_per_page
         st["device"] = "cpu" if self.device_index < 0 else f"cuda:{self.device_index}"
         if self.device_index < 0:
-            st["rss_bytes_mapped"] = resident_bytes(self.region_ranges())
+            mem = smaps_totals(self.region_ranges())
+            st["rss_bytes_mapped"], st["pss_bytes_mapped"] = mem["Rss"], mem["Pss"]
         return st
 
     def region_ranges(self) -> list[tuple[int, int]]:

@@ -6,11 +6,14 @@ import ctypes
 import os
 
 
-def resident_bytes(ranges: list[tuple[int, int]]) -> int:
-    """Sum of the kernel's Rss over every mapping that overlaps one of `ranges`
-    ((start, end) address pairs, end exclusive). Our reservations are whole mappings;
-    for a torch tensor the mapping that holds it may also hold an allocator header."""
-    total = 0
+def smaps_totals(ranges: list[tuple[int, int]], fields=("Rss", "Pss")) -> dict:
+    """Sums of /proc/self/smaps fields (bytes) over every mapping that overlaps one of
+    `ranges` ((start, end) address pairs, end exclusive). Our reservations are whole
+    mappings; for a torch tensor the mapping that holds it may also hold an allocator
+    header. A page mapped at n places counts fully in each one's Rss and 1/n in each
+    one's Pss (smaps rounds each mapping's Pss down to whole KiB)."""
+    totals = dict.fromkeys(fields, 0)
+    keys = {f + ":": f for f in fields}
     inside = False
     with open("/proc/self/smaps") as f:
         for line in f:
@@ -18,9 +21,14 @@ def resident_bytes(ranges: list[tuple[int, int]]) -> int:
             if "-" in head and ":" not in head:
                 lo, hi = (int(x, 16) for x in head.split("-"))
                 inside = any(lo < b and hi > a for a, b in ranges)
-            elif inside and line.startswith("Rss:"):
-                total += int(line.split()[1]) * 1024
-    return total
+            elif inside and head in keys:
+                totals[keys[head]] += int(line.split()[1]) * 1024
+    return totals
+
+
+def resident_bytes(ranges: list[tuple[int, int]]) -> int:
+    """The kernel's Rss over the mappings overlapping `ranges` (see smaps_totals)."""
+    return smaps_totals(ranges, ("Rss",))["Rss"]
 
 
 def mapping_count() -> int:

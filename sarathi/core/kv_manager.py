@@ -1,34 +1,127 @@
-"""Torch-free accounting of KV memory for the scheduler.
+"""Torch-free accounting of KV memory for the scheduler, with automatic prefix caching.
 
-Memory is counted in blocks of `block_size` tokens (a paged block; for vAttention
-one page in every layer's K and V region; for the contiguous backend a whole slot).
-Every running sequence also holds one slot.
+Memory is counted in blocks (a paged block; for vAttention one page in every layer's K
+and V region; for the contiguous backend a whole slot). A block spans `page_bytes` bytes
+of each layer's K (and V) where one token takes `token_bytes`: paged blocks hold
+`block_size` whole tokens (page_bytes = block_size, token_bytes = 1), a vAttention page
+need not end on a token boundary. Every running sequence also holds one slot.
+
+Prefix caching (vLLM's design, on our blocks): a block whose tokens are all computed
+gets an identity, the SHA-256 of its parent's identity and the ids of every token with
+bytes in it; the root of the chain is the cache's namespace (model, tokenizer) plus the
+sequence's salt (tenant, adapter). A global table maps identities to blocks; blocks
+carry reference counts (how many sequences' tables hold them). A cached block that no
+sequence holds is free memory kept on an LRU list and evicted only when a block is
+needed, oldest first and, among blocks freed together, the tail of the longer prefix
+first, so caching never costs a preemption. A new sequence starts with the longest
+chain of cached blocks it matches (shared, counted once), plus possibly the block after
+them, partially matched: that one is copied (copy on write) because the sequence will
+write into it. The backend makes sharing real (same physical page mapped in several
+slots, or several block tables naming one block); this file only decides.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+
+@dataclass
+class CachedBlock:
+    block: int
+    index: int                 # position of the block in its sequences
+    parent: bytes              # identity of the chain before it (a root for index 0)
+    tokens: Tuple[int, ...]    # tokens with computed bytes here (the whole span once full)
+    hash: Optional[bytes] = None   # set once the block is full
+    handle: Optional[int] = None   # the backend's id for the block's memory (vattention: pool block)
+
+
+@dataclass
+class PrefixHit:
+    """What a waiting sequence would reuse if admitted now."""
+
+    num_cached_tokens: int = 0
+    shared: List[int] = field(default_factory=list)   # blocks aliased at the head of its table
+    copy_src: Optional[int] = None                    # cached block copied into table[len(shared)]
+    num_evictable: int = 0     # of shared + copy_src, blocks that today count as free
+
+    @property
+    def blocks_reused(self) -> int:
+        return len(self.shared)
+
+
+@dataclass
+class PrefixShare:
+    """The backend's part of an admission with a hit: alias `handles` at the slot's first
+    pages, then copy `copy_src` (a handle) into the block at `dst_index` of the table."""
+
+    slot: int
+    handles: List[int]
+    copy_src: Optional[int]
+    dst_index: int
+    table: List[int]
+
+
+def _digest(parent: bytes, tokens: Sequence[int]) -> bytes:
+    return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
 
 
 class KVManager:
-    def __init__(self, num_blocks: int, block_size: int, num_slots: int, watermark: float = 0.01):
+    def __init__(self, num_blocks: int, block_size: int, num_slots: int, watermark: float = 0.01,
+                 page_bytes: Optional[int] = None, token_bytes: int = 1, enable_prefix_caching: bool = False,
+                 namespace: bytes = b""):
         if num_blocks < 1 or block_size < 1 or num_slots < 1:
             raise ValueError(f"KV layout needs at least one block and slot, got num_blocks={num_blocks}, "
                              f"block_size={block_size}, num_slots={num_slots}")
         self.num_blocks = num_blocks
-        self.block_size = block_size
+        self.block_size = block_size          # whole tokens per block (for growth headroom)
+        self.page_bytes = page_bytes if page_bytes is not None else block_size * token_bytes
+        self.token_bytes = token_bytes
+        if self.page_bytes < self.token_bytes * block_size:
+            raise ValueError(f"a block of {self.page_bytes} bytes cannot hold {block_size} tokens")
         self.num_slots = num_slots
+        self.enable_prefix_caching = enable_prefix_caching
+        self.namespace = namespace
         self.watermark_blocks = max(1, int(watermark * num_blocks)) if num_blocks > 1 else 0
         self._free_blocks: List[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives 0 first
         self._free_slots: List[int] = list(range(num_slots - 1, -1, -1))
         self._tables: Dict[int, List[int]] = {}
         self._slots: Dict[int, int] = {}
+        self._ref: List[int] = [0] * num_blocks
+        self._evictable: "OrderedDict[int, None]" = OrderedDict()  # cached, unreferenced; first = next victim
+        self._cached: Dict[int, CachedBlock] = {}
+        self._by_hash: Dict[bytes, int] = {}
+        self._children: Dict[bytes, Dict[int, None]] = {}        # parent identity -> cached blocks after it
+        self._chains: Dict[int, Tuple[bytes, List[bytes]]] = {}  # seq -> (root, identities of its full blocks)
+        self._copy_refs: List[int] = []       # copy sources held until the backend has copied them
+        self._released: List[int] = []        # handles the cache no longer holds (backend unpins)
+        self.num_queried_tokens = 0
+        self.num_hit_tokens = 0
 
+    # ---- geometry ------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return -(-num_tokens * self.token_bytes // self.page_bytes)
 
+    def span(self, index: int) -> Tuple[int, int]:
+        """Tokens with bytes in block `index`: [first, end)."""
+        p, t = self.page_bytes, self.token_bytes
+        return index * p // t, -(-(index + 1) * p // t)
+
+    def whole_tokens_before(self, num_blocks: int) -> int:
+        """Tokens whose bytes all lie in the first num_blocks blocks."""
+        return num_blocks * self.page_bytes // self.token_bytes
+
+    # ---- counts --------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_blocks)
+        """Free blocks, counting cached blocks no sequence holds (they are evicted on demand)."""
+        return len(self._free_blocks) + len(self._evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
 
     @property
     def num_free_slots(self) -> int:
@@ -42,20 +135,30 @@ class KVManager:
         """Could a sequence of num_tokens ever be held (it is alone in the cache)?"""
         return self.blocks_for(num_tokens) <= self.num_blocks
 
-    def can_admit(self, num_tokens: int, extra_blocks: int = 0) -> bool:
+    def can_admit(self, num_tokens: int, extra_blocks: int = 0, hit: Optional[PrefixHit] = None) -> bool:
         """A free slot and room for num_tokens, keeping the watermark plus extra_blocks free."""
         need = self.blocks_for(num_tokens) + self.watermark_blocks + extra_blocks
+        if hit is not None:
+            need += hit.num_evictable - len(hit.shared)
         return bool(self._free_slots) and need <= self.num_free_blocks
 
-    def admit(self, seq_id: int, num_tokens: int) -> int:
-        """Take a slot and blocks for num_tokens; returns the slot."""
+    # ---- sequences -----------------------------------------------------------
+    def admit(self, seq_id: int, num_tokens: int, hit: Optional[PrefixHit] = None) -> int:
+        """Take a slot and blocks for num_tokens (the hit's blocks first); returns the slot."""
         if seq_id in self._slots:
             raise ValueError(f"sequence {seq_id} already holds slot {self._slots[seq_id]}")
-        if not self._free_slots or self.blocks_for(num_tokens) > self.num_free_blocks:
+        hit = hit or PrefixHit()
+        need = self.blocks_for(num_tokens) - len(hit.shared) + hit.num_evictable
+        if not self._free_slots or need > self.num_free_blocks:
             raise RuntimeError(f"no room to admit sequence {seq_id} ({num_tokens} tokens)")
         slot = self._free_slots.pop()
         self._slots[seq_id] = slot
-        self._tables[seq_id] = []
+        for b in hit.shared:
+            self._take_ref(b)
+        if hit.copy_src is not None:
+            self._take_ref(hit.copy_src)
+            self._copy_refs.append(hit.copy_src)
+        self._tables[seq_id] = list(hit.shared)
         self.grow(seq_id, num_tokens)
         return slot
 
@@ -68,14 +171,23 @@ class KVManager:
         if need > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks growing sequence {seq_id} to {num_tokens} tokens")
         for _ in range(need):
-            table.append(self._free_blocks.pop())
+            b = self._allocate()
+            self._ref[b] = 1
+            table.append(b)
 
     def free(self, seq_id: int) -> int:
-        """Give back a sequence's blocks and slot; returns the slot."""
-        self._free_blocks.extend(reversed(self._tables.pop(seq_id)))
+        """Drop a sequence's references and its slot (cached blocks stay, evictable); returns the slot."""
+        # Tail first: among blocks freed together, the longer prefix's tail is evicted first.
+        for b in reversed(self._tables.pop(seq_id)):
+            self._drop_ref(b)
+        self._chains.pop(seq_id, None)
         slot = self._slots.pop(seq_id)
         self._free_slots.append(slot)
         return slot
+
+    def forget(self, seq_id: int) -> None:
+        """A sequence left the scheduler: forget its cached chain of identities."""
+        self._chains.pop(seq_id, None)
 
     def slot(self, seq_id: int) -> int:
         return self._slots[seq_id]
@@ -88,3 +200,209 @@ class KVManager:
 
     def holds(self, seq_id: int) -> bool:
         return seq_id in self._slots
+
+    # ---- block pool ----------------------------------------------------------
+    def _allocate(self) -> int:
+        if self._free_blocks:
+            return self._free_blocks.pop()
+        b, _ = self._evictable.popitem(last=False)
+        self._uncache(b)
+        return b
+
+    def _take_ref(self, b: int) -> None:
+        if self._ref[b] == 0:
+            del self._evictable[b]
+        self._ref[b] += 1
+
+    def _drop_ref(self, b: int) -> None:
+        self._ref[b] -= 1
+        if self._ref[b] == 0:
+            if b in self._cached:
+                self._evictable[b] = None
+            else:
+                self._free_blocks.append(b)
+
+    def _uncache(self, b: int) -> None:
+        e = self._cached.pop(b)
+        if e.hash is not None and self._by_hash.get(e.hash) == b:
+            del self._by_hash[e.hash]
+        siblings = self._children.get(e.parent)
+        if siblings is not None:
+            siblings.pop(b, None)
+            if not siblings:
+                del self._children[e.parent]
+        if e.handle is not None:
+            self._released.append(e.handle)
+
+    # ---- prefix caching --------------------------------------------------------
+    def root(self, salt: str) -> bytes:
+        return _digest(hashlib.sha256(self.namespace + b"\0" + salt.encode()).digest(), ())
+
+    def _chain(self, seq_id: int, tokens: Sequence[int], salt: str) -> List[bytes]:
+        """Identities of every full block of tokens (extended incrementally, per sequence)."""
+        root, chain = self._chains.get(seq_id) or (self.root(salt), [])
+        self._chains[seq_id] = (root, chain)
+        while True:
+            first, end = self.span(len(chain))
+            if end > len(tokens):
+                return chain
+            chain.append(_digest(chain[-1] if chain else root, tokens[first:end]))
+
+    def match(self, seq_id: int, tokens: Sequence[int], salt: str = "") -> PrefixHit:
+        """The longest cached prefix of tokens, leaving at least the last token to compute."""
+        if not self.enable_prefix_caching or len(tokens) < 2:
+            return PrefixHit()
+        chain = self._chain(seq_id, tokens, salt)
+        matched: List[int] = []
+        for h in chain:
+            b = self._by_hash.get(h)
+            if b is None:
+                break
+            matched.append(b)
+        k = len(matched)
+        cached = self.whole_tokens_before(k)
+        # The next block may match partly: any cached block after the same parent.
+        parent = chain[k - 1] if k else self._chains[seq_id][0]
+        first, _ = self.span(k)
+        best, best_len = None, 0
+        for b in self._children.get(parent, ()):
+            e = self._cached[b]
+            n = 0
+            for x, y in zip(e.tokens, tokens[first:]):
+                if x != y:
+                    break
+                n += 1
+            if n > best_len:
+                best, best_len = b, n
+        if best is not None:
+            cached = max(cached, min(first + best_len, self.whole_tokens_before(k + 1)))
+            matched.append(best)
+        cached = min(cached, len(tokens) - 1)
+        if cached <= 0:
+            return PrefixHit()
+        write_block = cached * self.token_bytes // self.page_bytes   # where the next token's bytes start
+        shared = matched[:write_block]
+        copy_src = matched[write_block] if write_block < len(matched) else None
+        evictable = sum(1 for b in shared if self._ref[b] == 0)
+        if copy_src is not None and self._ref[copy_src] == 0:
+            evictable += 1
+        return PrefixHit(cached, shared, copy_src, evictable)
+
+    def count_query(self, num_tokens: int, hit: PrefixHit) -> None:
+        """vLLM's counters: tokens looked up and tokens found, once per admission."""
+        if self.enable_prefix_caching:
+            self.num_queried_tokens += num_tokens
+            self.num_hit_tokens += hit.num_cached_tokens
+
+    def share_of(self, seq_id: int, hit: PrefixHit) -> PrefixShare:
+        """The backend's instructions for an admitted sequence's hit."""
+        return PrefixShare(self._slots[seq_id], [self._cached[b].handle for b in hit.shared],
+                           None if hit.copy_src is None else self._cached[hit.copy_src].handle,
+                           len(hit.shared), self._tables[seq_id])
+
+    def copies_done(self) -> None:
+        """The backend copied every pending copy-on-write source: drop their temporary holds."""
+        refs, self._copy_refs = self._copy_refs, []
+        for b in refs:
+            self._drop_ref(b)
+
+    def cache_blocks(self, seq_id: int, tokens: Sequence[int], num_computed: int, salt: str = "",
+                     partial: bool = False) -> List[Tuple[int, int]]:
+        """Register the sequence's computed full blocks (and, with partial, the computed head
+        of the block after them). Returns (index, block) of blocks newly cached: the backend
+        must retain them and `set_handle` the result."""
+        if not self.enable_prefix_caching or seq_id not in self._tables:
+            return []
+        table = self._tables[seq_id]
+        chain = self._chain(seq_id, tokens[:num_computed], salt)
+        root = self._chains[seq_id][0]
+        new: List[Tuple[int, int]] = []
+        full = 0
+        while full < len(chain) and self.span(full)[1] <= num_computed and full < len(table):
+            b, h = table[full], chain[full]
+            parent = chain[full - 1] if full else root
+            e = self._cached.get(b)
+            if e is None and h not in self._by_hash:
+                self._register(CachedBlock(b, full, parent, tuple(tokens[slice(*self.span(full))]), h))
+                new.append((full, b))
+            elif e is not None and e.hash is None and h not in self._by_hash:  # a partial entry filled up
+                e.hash, e.tokens = h, tuple(tokens[slice(*self.span(full))])
+                self._by_hash[h] = b
+            full += 1
+        if partial and full < len(table):
+            first, _ = self.span(full)
+            if num_computed > first:
+                b, parent = table[full], chain[full - 1] if full else root
+                e = self._cached.get(b)
+                head = tuple(tokens[first:num_computed])
+                if e is None:
+                    self._register(CachedBlock(b, full, parent, head))
+                    new.append((full, b))
+                elif e.hash is None and e.parent == parent and len(head) > len(e.tokens):
+                    e.tokens = head
+        return new
+
+    def _register(self, e: CachedBlock) -> None:
+        self._cached[e.block] = e
+        if e.hash is not None:
+            self._by_hash[e.hash] = e.block
+        self._children.setdefault(e.parent, {})[e.block] = None
+
+    def set_handle(self, block: int, handle: int) -> bool:
+        """Record the backend's handle of a newly cached block. False: the block was evicted
+        meanwhile (a preempted sequence's block, taken in the same schedule), so the caller
+        releases the handle at once."""
+        e = self._cached.get(block)
+        if e is None or e.handle is not None:
+            return False
+        e.handle = handle
+        return True
+
+    def uncache(self, block: int) -> None:
+        """Forget a cached block (its handle, if any, is released)."""
+        if block in self._cached:
+            self._uncache(block)
+            if self._ref[block] == 0:
+                del self._evictable[block]
+                self._free_blocks.append(block)
+
+    def take_released(self) -> List[int]:
+        """Handles of blocks the cache stopped holding since the last call."""
+        out, self._released = self._released, []
+        return out
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block (held ones stay in their tables, uncached); returns how many."""
+        n = len(self._cached)
+        for b in list(self._cached):
+            self.uncache(b)
+        self._chains.clear()
+        return n
+
+    # ---- checks ---------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Raise AssertionError unless every block is free, evictable or referenced exactly
+        as the tables say, and the cache's indexes agree with each other."""
+        refs = [0] * self.num_blocks
+        for table in self._tables.values():
+            for b in table:
+                refs[b] += 1
+        for b in self._copy_refs:
+            refs[b] += 1
+        assert refs == self._ref, "reference counts disagree with the block tables"
+        free = set(self._free_blocks)
+        assert len(free) == len(self._free_blocks), "a block is free twice"
+        assert not free & set(self._evictable), "a block is both free and evictable"
+        for b in range(self.num_blocks):
+            where = (b in free) + (b in self._evictable) + (refs[b] > 0)
+            assert where == 1, f"block {b} is free={b in free} evictable={b in self._evictable} refs={refs[b]}"
+            assert (b in self._evictable) <= (b in self._cached), f"evictable block {b} is not cached"
+            assert not (b in free and b in self._cached), f"free block {b} is still cached"
+        for h, b in self._by_hash.items():
+            assert self._cached[b].hash == h, f"hash table points block {b} at the wrong identity"
+        for parent, blocks in self._children.items():
+            for b in blocks:
+                assert self._cached[b].parent == parent, f"block {b} listed under the wrong parent"
+        for b, e in self._cached.items():
+            assert b in self._children.get(e.parent, {}), f"cached block {b} missing from its parent's list"
+        assert len(self._slots) + len(self._free_slots) == self.num_slots, "a slot was lost"

@@ -7,6 +7,11 @@ first, then decodes. `vllm`: whole prompts in prefill-only steps whenever any ca
 admitted, otherwise a decode-only step (decodes stall behind prefills). `orca`:
 whole prompts mixed with decodes, no token budget.
 
+Prefix caching (when the KVManager has it on): a new sequence starts with the KV of the
+longest cached prefix of its tokens, counted as computed, so the token budget goes to
+the rest; samples 2..n of a request wait until sample 1 has computed the prompt, then
+share its pages instead of computing the prompt again.
+
 Memory pressure: recompute preemption of the newest running sequence. Admission
 keeps headroom: a new request must leave room for every running sequence to grow by
 one more block, and a request that was preempted comes back only when it can run to
@@ -20,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, List, Optional, Tuple
 
-from sarathi.core.kv_manager import KVManager
+from sarathi.core.kv_manager import KVManager, PrefixHit, PrefixShare
 from sarathi.core.sequence import Sequence, SequenceStatus
 
 
@@ -41,6 +46,7 @@ class SchedulerOutput:
     decodes: List[ScheduledSeq] = field(default_factory=list)
     preempted: List[Sequence] = field(default_factory=list)
     freed_slots: List[int] = field(default_factory=list)
+    shares: List[PrefixShare] = field(default_factory=list)  # prefix hits the backend must map or copy
 
     @property
     def scheduled(self) -> List[ScheduledSeq]:
@@ -100,11 +106,25 @@ class Scheduler:
         slot = None
         if seq in self.running:
             self.running.remove(seq)
-            slot = self.kv.free(seq.seq_id)
+            slot = self._release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.kv.forget(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
         return slot
+
+    def cache_computed(self, seq: Sequence, partial: bool = False) -> None:
+        """Offer the running sequence's computed blocks to the prefix cache. Newly cached
+        ones go to seq.newly_cached as (slot, page index, block): the engine has the
+        backend retain them before the slot is freed."""
+        slot = self.kv.slot(seq.seq_id)
+        new = self.kv.cache_blocks(seq.seq_id, seq.token_ids(), seq.num_computed_tokens, seq.cache_salt, partial)
+        seq.newly_cached.extend((slot, i, b) for i, b in new)
+
+    def _release(self, seq: Sequence) -> int:
+        """Free a sequence's KV, first caching the computed head of its last block."""
+        self.cache_computed(seq, partial=True)
+        return self.kv.free(seq.seq_id)
 
     def postprocess(self, out: SchedulerOutput, sampled: List[Tuple[Sequence, int]]) -> None:
         """After the model ran `out`: advance every scheduled sequence, append the sampled
@@ -131,7 +151,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Recompute preemption: drop the KV, start over later from the head of the queue."""
         self.running.remove(seq)
-        out.freed_slots.append(self.kv.free(seq.seq_id))
+        out.freed_slots.append(self._release(seq))
         out._drop(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
@@ -154,21 +174,21 @@ class Scheduler:
                 self.kv.grow(seq.seq_id, seq.num_tokens)
                 out.decodes.append(ScheduledSeq(seq, 1))
 
-    def _can_admit(self, seq: Sequence) -> bool:
+    def _can_admit(self, seq: Sequence, hit: PrefixHit) -> bool:
         if len(self.running) >= self.max_num_seqs:
             return False
         if not self.running:
-            return self.kv.can_admit(seq.num_tokens)
+            return self.kv.can_admit(seq.num_tokens, hit=hit)
         if seq.num_preemptions == 0:
             # Leave room for every running sequence to grow by one more block.
             growth = sum(self.kv.blocks_for(s.num_tokens + self.kv.block_size) - self.kv.blocks_held(s.seq_id)
                          for s in self.running)
-            return self.kv.can_admit(seq.num_tokens, extra_blocks=max(growth, 0))
+            return self.kv.can_admit(seq.num_tokens, extra_blocks=max(growth, 0), hit=hit)
         # A restarted sequence returns only when it and everything running can finish.
         growth = sum(max(self.kv.blocks_for(s.final_len) - self.kv.blocks_held(s.seq_id), 0)
                      for s in self.running)
         final = min(seq.final_len, self.kv.num_blocks * self.kv.block_size)
-        return self.kv.can_admit(max(final, seq.num_tokens), extra_blocks=growth)
+        return self.kv.can_admit(max(final, seq.num_tokens), extra_blocks=growth, hit=hit)
 
     def _lora_full(self, seq: Sequence) -> bool:
         """Admitting seq would run more than max_loras distinct adapters at once."""
@@ -177,28 +197,42 @@ class Scheduler:
         running = {s.lora_name for s in self.running if s.lora_name is not None}
         return seq.lora_name not in running and len(running) >= self.max_loras
 
-    def _admit(self, seq: Sequence) -> None:
+    def _admit(self, seq: Sequence, hit: PrefixHit, out: SchedulerOutput) -> None:
         self.waiting.remove(seq)
-        self.kv.admit(seq.seq_id, seq.num_tokens)
+        self.kv.admit(seq.seq_id, seq.num_tokens, hit)
+        self.kv.count_query(seq.num_tokens, hit)
+        seq.num_computed_tokens = hit.num_cached_tokens
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = hit.num_cached_tokens
+        if hit.num_cached_tokens:
+            out.shares.append(self.kv.share_of(seq.seq_id, hit))
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
+
+    @staticmethod
+    def _waits_for_leader(seq: Sequence) -> bool:
+        """A later sample of a request waits until the first has computed the shared prompt."""
+        lead = seq.prefix_leader
+        return (lead is not None and not lead.is_finished
+                and lead.num_computed_tokens < len(lead.prompt_token_ids))
 
     def _admit_waiting(self, out: SchedulerOutput, budget: Optional[int] = None, chunked: bool = False) -> int:
         """Admit queued sequences in order while they fit and the token budget lasts (None: no
         budget). chunked: the last one admitted may get a partial prefill chunk; else whole
         prompts only. Returns the budget left."""
         for seq in list(self.waiting):
-            if self._lora_full(seq):
-                continue  # waits for a running adapter to finish; others behind it may go
-            if not self._can_admit(seq):
+            if self._lora_full(seq) or self._waits_for_leader(seq):
+                continue  # waits for a running adapter to finish (or its first sample); others may go
+            hit = self.kv.match(seq.seq_id, seq.token_ids(), seq.cache_salt) if seq.cache_lookup else PrefixHit()
+            if not self._can_admit(seq, hit):
                 break
-            n = seq.num_uncomputed_tokens
+            n = seq.num_tokens - hit.num_cached_tokens
             if budget is not None:
                 if budget <= 0 or (n > budget and not chunked):
                     break
                 n = min(n, budget)
                 budget -= n
-            self._admit(seq)
+            self._admit(seq, hit, out)
             out.prefills.append(ScheduledSeq(seq, n))
         return budget
 

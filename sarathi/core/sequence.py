@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, FrozenSet, List, Optional
+from typing import Any, FrozenSet, List, Optional, Tuple
 
 
 class SequenceStatus(enum.Enum):
@@ -38,6 +38,14 @@ class Sequence:
     lora_name: Optional[str] = None  # the LoRA adapter it runs with; the scheduler caps distinct ones per step
     finish_reason: Optional[str] = None
     stop_reason: Any = None
+    # Prefix caching: the salt starts the chain of block identities (tenants, adapters and
+    # anything else that changes the KV never share); a later sample of a request waits for
+    # its leader to compute the prompt, then shares its pages.
+    cache_salt: str = ""
+    cache_lookup: bool = True                 # False: compute everything (prompt logprobs need it)
+    prefix_leader: Optional["Sequence"] = None
+    num_cached_tokens: Optional[int] = None   # prompt tokens found in the cache at first admission
+    newly_cached: List[Tuple[int, int, int]] = field(default_factory=list)  # (slot, page, block) to retain
     # Owned by the engine (sampling / detokenisation state), opaque to the scheduler.
     data: Any = None
 

@@ -110,6 +110,10 @@ class AsyncLLMEngine:
     async def remove_lora(self, name: str) -> None:
         await self._between_steps(lambda: self.engine.remove_lora(name))
 
+    async def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix block, between two steps; returns how many."""
+        return await self._between_steps(self.engine.reset_prefix_cache)
+
     async def _between_steps(self, fn: Callable[[], Any]) -> Any:
         if self.errored is not None or self._stopping:
             raise EngineDead("the engine is not running (it failed or is shutting down)")

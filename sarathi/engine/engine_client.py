@@ -81,5 +81,8 @@ class EngineClient(Protocol):
     def get_stats(self) -> Dict[str, float]:
         """Gauges and counters for /metrics (num_waiting_requests among them)."""
 
+    async def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix block (requests in flight keep theirs); returns how many."""
+
     async def shutdown(self) -> None:
         """Stop the loop, fail what is in flight, release memory."""

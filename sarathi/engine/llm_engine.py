@@ -1,11 +1,14 @@
 """The engine: requests in, one scheduled model step at a time, outputs out."""
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -32,6 +35,15 @@ logger = logging.getLogger("sarathi")
 
 # A forward pass that fails this many times in a row means the engine itself is broken.
 MAX_CONSECUTIVE_FAILURES = 3
+
+
+def cache_namespace(model_dir, quantization: str, dtype: str, tokenizer) -> bytes:
+    """The root of every prefix-cache block identity: what, besides the tokens, decides the
+    KV (the model's weights, format and dtype; the tokenizer's vocabulary, which an
+    AdaptiVocab PatchTokenizer changes)."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    parts = [str(Path(model_dir).resolve()), quantization, dtype, hashlib.sha256(vocab).hexdigest()]
+    return "\0".join(parts).encode()
 
 
 @dataclass(eq=False)
@@ -69,7 +81,14 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.limits = EngineLimits(self.max_model_len, self.runner.vocab_size, config.max_logprobs, config.max_n)
         num_blocks, block_size, num_slots = self.runner.kv_layout()
-        self.kv = KVManager(num_blocks, block_size, min(num_slots, config.max_num_seqs))
+        page_bytes, token_bytes = self.runner.kv_block_bytes()
+        self.prefix_caching = config.enable_prefix_caching and self.runner.supports_prefix_caching
+        if config.enable_prefix_caching and not self.prefix_caching:
+            logger.info("prefix caching is off: the %s KV backend on %s cannot share blocks",
+                        config.kv_cache_backend, self.runner.device)
+        self.kv = KVManager(num_blocks, block_size, min(num_slots, config.max_num_seqs), page_bytes=page_bytes,
+                            token_bytes=token_bytes, enable_prefix_caching=self.prefix_caching,
+                            namespace=self._cache_namespace())
         self.scheduler = make_scheduler(config.scheduler, self.kv, config.max_num_seqs, self.max_model_len,
                                         config.chunk_size, config.max_num_batched_tokens,
                                         config.max_loras if config.enable_lora else None)
@@ -186,6 +205,9 @@ class LLMEngine:
         for target in self.targets.values():
             target.free_slot(slot)
 
+    def _cache_namespace(self) -> bytes:
+        return cache_namespace(self.model_dir, self.runner.quantization, str(self.runner.dtype), self.tokenizer)
+
     def _eos_ids(self, hf_config: dict) -> set:
         ids = set()
         for value in (getattr(self.tokenizer, "eos_token_id", None), hf_config.get("eos_token_id")):
@@ -233,6 +255,10 @@ class LLMEngine:
         max_tokens = room if p.max_tokens is None else min(p.max_tokens, room)
         now = arrival_time if arrival_time is not None else time.monotonic()
         req = Request(request_id, prompt, ids, p, [], RequestMetrics(arrival_time=now), lora_name=lora_name)
+        # Prefix caching: an adapter changes the KV, so it salts every block identity too (with the
+        # generation of its weights in memory: KV of an evicted or unloaded load is never reused).
+        adapter = "" if lora_name is None else f"{lora_name}#{self.runner.lora.generation.get(lora_name, 0)}"
+        salt = f"{adapter}\0{p.cache_salt or ''}"
         if p.prompt_logprobs is not None:
             req.prompt_logprobs = [None]
         for i in range(p.n):
@@ -243,10 +269,15 @@ class LLMEngine:
             seq = Sequence(next(self._seq_counter), request_id, i, list(ids), now, max_tokens,
                            stop_token_ids=frozenset(p.stop_token_ids),
                            eos_token_ids=frozenset() if p.ignore_eos else self.eos_token_ids,
-                           min_tokens=p.min_tokens, lora_name=lora_name,
+                           min_tokens=p.min_tokens, lora_name=lora_name, cache_salt=salt,
                            data=SeqState(detok, gen, logprobs=[] if p.logprobs is not None else None,
                                          alpha_history=[] if p.optimal_sampling else None,
                                          diagnostics=[] if p.optimal_sampling else None))
+            # Prompt logprobs need every prompt position computed, and optimal sampling's target
+            # model mirrors this KV without the cache: such requests never hit.
+            seq.cache_lookup = p.prompt_logprobs is None and p.optimal_sampling is None
+            if self.prefix_caching and req.seqs:
+                seq.prefix_leader = req.seqs[0]   # later samples share the first one's prompt pages
             req.seqs.append(seq)
         for seq in req.seqs:
             self.scheduler.add(seq)
@@ -274,8 +305,40 @@ class LLMEngine:
 
     def _free(self, seq: Sequence) -> None:
         slot = self.scheduler.finish(seq)
+        self._retain_cached(seq)  # before its slot goes: the pages to retain are still there
         if slot is not None:
             self._release(slot)
+
+    # ---- prefix caching ---------------------------------------------------------
+    def _retain_cached(self, seq: Sequence) -> None:
+        """The backend keeps the blocks the prefix cache just took from this sequence."""
+        new, seq.newly_cached = seq.newly_cached, []
+        for slot, page, block in new:
+            try:
+                handle = self.runner.retain_block(slot, page, block)
+            except Exception:  # noqa: BLE001 - the block just is not cached
+                logger.exception("could not retain a prefix-cache block")
+                self.kv.uncache(block)
+                continue
+            if not self.kv.set_handle(block, handle):
+                self.runner.release_blocks([handle])
+
+    def _apply_prefix_cache(self, sched: SchedulerOutput) -> None:
+        """Before the step runs: let go of evicted blocks, then map (or copy) every hit."""
+        try:
+            released = self.kv.take_released()
+            if released:
+                self.runner.release_blocks(released)
+            for share in sched.shares:
+                self.runner.share_prefix(share.slot, share.table, share.handles, share.copy_src)
+        finally:
+            self.kv.copies_done()
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block (requests in flight keep theirs); returns how many."""
+        n = self.kv.reset_prefix_cache()
+        self.runner.release_blocks(self.kv.take_released())
+        return n
 
     # ---- one step ------------------------------------------------------------
     def step(self) -> List[RequestOutput]:
@@ -286,10 +349,11 @@ class LLMEngine:
         on, unless forward passes keep failing (MAX_CONSECUTIVE_FAILURES): then it raises."""
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule()
+        for seq in sched.preempted:
+            self._retain_cached(seq)
+            self.requests[seq.request_id].metrics.num_preemptions += 1
         for slot in sched.freed_slots:
             self._release(slot)
-        for seq in sched.preempted:
-            self.requests[seq.request_id].metrics.num_preemptions += 1
         if sched.is_empty:
             return outputs
         start = time.monotonic()
@@ -319,11 +383,21 @@ class LLMEngine:
 
     def _run(self, sched: SchedulerOutput, now: float) -> List[Request]:
         """Build the runner's input, execute, sample, hand the tokens on."""
+        self._apply_prefix_cache(sched)
         plan = [self._plan_seq(item, now) for item in sched.scheduled]
         logits = self.runner.execute([p.run for p in plan], len(sched.prefills))
         target_rows = self._run_targets(plan, len(sched.prefills))
         sampled = self._sample(plan, logits, target_rows)
         self.scheduler.postprocess(sched, [(p.seq, res.token_id) for p, res in sampled.items()])
+        if self.prefix_caching:
+            for item in sched.scheduled:
+                seq = item.seq
+                if not seq.is_finished and self.kv.holds(seq.seq_id):
+                    # The head of the last block too once the prompt is done: n > 1 samples copy it.
+                    prompt_done = seq.num_computed_tokens - item.num_scheduled_tokens < len(seq.prompt_token_ids) \
+                        <= seq.num_computed_tokens
+                    self.scheduler.cache_computed(seq, partial=prompt_done)
+                    self._retain_cached(seq)
         now = time.monotonic()
         touched: Dict[str, Request] = {}
         for p in plan:
@@ -348,6 +422,8 @@ class LLMEngine:
         req = self.requests[seq.request_id]
         if req.metrics.first_scheduled_time is None:
             req.metrics.first_scheduled_time = now
+        if seq.index == 0 and seq.num_cached_tokens is not None:
+            req.metrics.num_cached_tokens = seq.num_cached_tokens
         start = seq.num_computed_tokens
         samples = item.samples and seq.max_tokens > 0  # max_tokens 0: scoring the prompt only
         want_plp = (req.prompt_logprobs is not None and seq.index == 0 and seq.num_preemptions == 0
@@ -476,6 +552,9 @@ class LLMEngine:
         }
         stats["kv_bytes_used"] = int(stats["kv_bytes_total"] * self.kv.usage)
         stats.update(self.counters)
+        stats["prefix_cache_queries"] = self.kv.num_queried_tokens
+        stats["prefix_cache_hits"] = self.kv.num_hit_tokens
+        stats["prefix_cache_blocks"] = self.kv.num_cached_blocks
         stats["generation_tokens_total"] = self.outputs.generation_tokens
         stats["model_info"] = {"quantization": self.runner.quantization, "kernel_isa": self.runner.kernel_isa,
                                "weight_formats": self.runner.formats}

@@ -128,4 +128,4 @@ class OutputProcessor:
                     "diagnostics": list(st.diagnostics)}))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
                              list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
-                             outs, req.finished, req.metrics)
+                             outs, req.finished, req.metrics, num_cached_tokens=req.metrics.num_cached_tokens)

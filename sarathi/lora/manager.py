@@ -44,6 +44,9 @@ class LoRAManager:
                                                         device)
             self.stacks.append(stacks)
         self.paths: Dict[str, str] = {}                       # every registered adapter
+        # Bumped whenever an adapter's weights leave host memory (evicted, unloaded): the prefix
+        # cache salts blocks with it, so KV computed by an earlier load is never reused.
+        self.generation: Dict[str, int] = {}
         self._loaded: "OrderedDict[str, LoRAAdapter]" = OrderedDict()  # host-memory LRU
         self.slots: List[Optional[str]] = [None] * max_loras
         self._last_use = [0] * max_loras
@@ -66,6 +69,7 @@ class LoRAManager:
             raise KeyError(name)
         del self.paths[name]
         self._loaded.pop(name, None)
+        self.generation[name] = self.generation.get(name, 0) + 1
         for i, held in enumerate(self.slots):
             if held == name:
                 self.slots[i] = None
@@ -77,7 +81,8 @@ class LoRAManager:
         self._loaded[adapter.name] = adapter
         self._loaded.move_to_end(adapter.name)
         while len(self._loaded) > self.max_cpu_loras:
-            self._loaded.popitem(last=False)
+            evicted, _ = self._loaded.popitem(last=False)
+            self.generation[evicted] = self.generation.get(evicted, 0) + 1
 
     def _adapter(self, name: str) -> LoRAAdapter:
         adapter = self._loaded.get(name)

@@ -115,6 +115,23 @@ class ModelRunner:
         """(num_blocks, block_size, num_slots) for the scheduler's KVManager."""
         return type(self._kv).layout(self._kv_spec)
 
+    def kv_block_bytes(self) -> Tuple[int, int]:
+        """(bytes per block, bytes per token) in one layer: how tokens fall into blocks."""
+        return type(self._kv).block_bytes(self._kv_spec)
+
+    @property
+    def supports_prefix_caching(self) -> bool:
+        return self._kv.supports_prefix_caching
+
+    def retain_block(self, slot: int, page: int, block: int) -> int:
+        return self._kv.retain(slot, page, block)
+
+    def release_blocks(self, handles: List[int]) -> None:
+        self._kv.release(handles)
+
+    def share_prefix(self, slot: int, table: List[int], handles: List[int], copy_src: Optional[int]) -> None:
+        self._kv.share_prefix(slot, table, handles, copy_src)
+
     def kv_stats(self) -> Dict[str, int]:
         return self._kv.stats()
 

@@ -231,6 +231,17 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     return await _respond(request, state.chat.create(req), req.stream)
 
 
+@router.post("/reset_prefix_cache")
+async def reset_prefix_cache(request: Request):
+    """vLLM's endpoint: forget every cached prefix (requests in flight keep their KV)."""
+    s = _state(request).ready()
+    reset = getattr(s.engine, "reset_prefix_cache", None)
+    if reset is None:
+        raise APIError(501, "this engine has no prefix cache", type="not_implemented")
+    blocks = await reset()
+    return {"reset": True, "blocks_forgotten": blocks}
+
+
 @router.post("/tokenize")
 async def tokenize(req: TokenizeRequest, request: Request):
     s = _state(request).ready()

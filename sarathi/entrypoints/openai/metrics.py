@@ -61,7 +61,9 @@ class _EngineStatsCollector:
             yield g
         counters = [("prompt_tokens", "Prompt tokens processed", "prompt_tokens_total"),
                     ("generation_tokens", "Tokens generated", "generation_tokens_total"),
-                    ("num_preemptions", "Requests preempted (recompute)", "num_preemptions_total")]
+                    ("num_preemptions", "Requests preempted (recompute)", "num_preemptions_total"),
+                    ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", "prefix_cache_queries"),
+                    ("prefix_cache_hits", "Prompt tokens found in the prefix cache", "prefix_cache_hits")]
         counters += _ROUTER_COUNTERS
         for name, doc, key in counters:
             if key in stats:

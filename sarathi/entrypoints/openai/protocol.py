@@ -32,10 +32,15 @@ class StreamOptions(OpenAIBase):
     include_usage: bool = False
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0        # prompt tokens whose KV came from the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
 class SamplingFields(OpenAIBase):
@@ -65,6 +70,7 @@ class SamplingFields(OpenAIBase):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    cache_salt: Optional[str] = None   # vLLM: only requests with the same salt share cached prefixes
 
     @field_validator("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                      "repetition_penalty", "min_tokens", "include_stop_str_in_output", "ignore_eos",

@@ -17,7 +17,7 @@ from sarathi.outputs import CompletionOutput, Logprob, RequestOutput
 from sarathi.sampling_params import InvalidParam, SamplingParams
 
 from .metrics import ServerMetrics
-from .protocol import SamplingFields, UsageInfo
+from .protocol import PromptTokensDetails, SamplingFields, UsageInfo
 
 logger = logging.getLogger("sarathi.entrypoints.openai")
 
@@ -69,7 +69,9 @@ def usage_of(finals: Sequence[Optional[RequestOutput]]) -> UsageInfo:
     """Prompt tokens once per prompt, completion tokens over every choice."""
     prompt = sum(len(o.prompt_token_ids) for o in finals if o is not None)
     completion = sum(len(c.token_ids) for o in finals if o is not None for c in o.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = sum(o.num_cached_tokens for o in finals if o is not None)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 class OpenAIServing:
@@ -239,6 +241,7 @@ class OpenAIServing:
         m = out.metrics
         ms = lambda v: f"{1e3 * v:.1f}ms" if v is not None else "-"  # noqa: E731
         line = (f"request {out.request_id}: prompt_tokens={len(out.prompt_token_ids)} "
+                f"cached_tokens={out.num_cached_tokens} "
                 f"output_tokens={sum(len(c.token_ids) for c in out.outputs)} "
                 f"ttft={ms(m.ttft if m else None)} e2e={ms(m.e2e_latency if m else None)} "
                 f"finish_reason={','.join(str(c.finish_reason) for c in out.outputs)}")

@@ -84,6 +84,28 @@ class KVBackend:
         """(num_blocks, block_size_tokens, num_slots) that the scheduler's KVManager counts."""
         raise NotImplementedError
 
+    @classmethod
+    def block_bytes(cls, spec: KVCacheSpec) -> Tuple[int, int]:
+        """(bytes of one block, bytes of one token) in one layer's K: how tokens fall into
+        blocks. Default: block_size whole tokens per block."""
+        return cls.layout(spec)[1], 1
+
+    # Prefix caching: blocks shared by several sequences. `retain` keeps the block at a
+    # computed page of a slot for the cache and returns the backend's handle for it;
+    # `release` lets handles go; `share_prefix` starts a sequence on cached blocks.
+    supports_prefix_caching = False
+
+    def retain(self, slot: int, page: int, block: int) -> int:
+        raise NotImplementedError
+
+    def release(self, handles: List[int]) -> None:
+        raise NotImplementedError
+
+    def share_prefix(self, slot: int, table: List[int], handles: List[int], copy_src: Optional[int]) -> None:
+        """Give the sequence in `slot` (block table `table`) the cached blocks `handles` as its
+        first pages and a copy of `copy_src` as the next one."""
+        raise NotImplementedError
+
     def begin_step(self, batch: StepBatch):
         """Make room for the step; returns the state `attend` needs in every layer."""
         raise NotImplementedError

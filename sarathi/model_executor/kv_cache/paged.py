@@ -51,6 +51,23 @@ class PagedBackend(KVBackend):
         self.v = torch.zeros(shape, dtype=spec.dtype, device=spec.device)
         self._scratch = None
 
+    # Prefix caching as vLLM does it: block tables name shared blocks; a handle is the block.
+    supports_prefix_caching = True
+
+    def retain(self, slot: int, page: int, block: int) -> int:
+        return block
+
+    def release(self, handles) -> None:
+        pass
+
+    def share_prefix(self, slot, table, handles, copy_src) -> None:
+        if copy_src is None:
+            return
+        bs = self.block_size
+        dst, src = table[len(handles)] * bs, copy_src * bs
+        for cache in (self.k, self.v):   # every layer at once: [layers, rows, Hkv, D]
+            cache[:, dst:dst + bs] = cache[:, src:src + bs]
+
     def begin_step(self, batch: StepBatch) -> PagedStep:
         if batch.block_tables is None:
             raise ValueError("the paged KV backend needs block tables in the step batch")

@@ -53,6 +53,10 @@ class VAttentionBackend(KVBackend):
                              f"({page * 2 * spec.num_layers} bytes = page {page} x 2 x {spec.num_layers} layers)")
         return num_blocks, tokens_per_page, spec.max_num_seqs
 
+    @classmethod
+    def block_bytes(cls, spec: KVCacheSpec) -> Tuple[int, int]:
+        return _page_size(spec), spec.num_kv_heads * spec.head_dim * spec.elem_size
+
     def __init__(self, spec: KVCacheSpec):
         super().__init__(spec)
         import vattention_ext
@@ -117,6 +121,23 @@ class VAttentionBackend(KVBackend):
         out = self._flash(q.unsqueeze(1), kc, vc, cache_seqlens=seqlens, cache_batch_idx=idx, softmax_scale=scale)
         return out.squeeze(1)
 
+    # Prefix caching: the same physical pages mapped at the same offsets of several slots;
+    # a handle is the pool block the cache pins. Copy on write needs a page copy, which
+    # only the CPU backend has so far.
+    @property
+    def supports_prefix_caching(self) -> bool:
+        return self.spec.device.type == "cpu"
+
+    def retain(self, slot: int, page: int, block: int) -> int:
+        return self.cache.pin(slot, page)
+
+    def release(self, handles) -> None:
+        for h in handles:
+            self.cache.unpin(h)
+
+    def share_prefix(self, slot, table, handles, copy_src) -> None:
+        self.cache.share_prefix(slot, handles, -1 if copy_src is None else copy_src)
+
     def free_slot(self, slot: int) -> None:
         # The scheduler may free a slot this cache never saw (aborted before its first step).
         if self.cache.slot_active(slot):
@@ -131,10 +152,16 @@ class VAttentionBackend(KVBackend):
             "kv_bytes_free": (st["pages_free"] + st["pages_reclaimable"]) * page,
             "kv_bytes_reserved_virtual": st["virtual_bytes_reserved"],
             "kv_page_size": page,
+            "kv_blocks_pinned": st["blocks_pinned"],
+            "kv_block_mappings_shared": st["block_mappings_shared"],
         }
-        # Committed = what the kernel reports resident in our mappings (CPU); on CUDA the
-        # driver committed every pool page at cuMemCreate.
-        out["kv_bytes_committed"] = st.get("rss_bytes_mapped", st["pool_resident_bytes"])
+        # Committed = the pool's physical pages as the kernel counts them (memfd blocks, each
+        # page once however many slots map it, as prefix sharing does); on CUDA the driver
+        # committed every pool page at cuMemCreate. Rss of our mappings counts a shared page
+        # once per mapping.
+        out["kv_bytes_committed"] = st["pool_resident_bytes"]
+        if "rss_bytes_mapped" in st:
+            out["kv_bytes_rss_mapped"] = st["rss_bytes_mapped"]
         return out
 
     def close(self) -> None:
