@@ -276,7 +276,7 @@ class LLMEngine:
             # Prompt logprobs need every prompt position computed, and optimal sampling's target
             # model mirrors this KV without the cache: such requests never hit.
             seq.cache_lookup = p.prompt_logprobs is None and p.optimal_sampling is None
-            if self.prefix_caching and req.seqs:
+            if self.prefix_caching and req.seqs and seq.cache_lookup:
                 seq.prefix_leader = req.seqs[0]   # later samples share the first one's prompt pages
             req.seqs.append(seq)
         for seq in req.seqs:
