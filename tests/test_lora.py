@@ -228,29 +228,25 @@ def test_rank_above_max_is_refused(tiny_model_dir, adapters):
     assert "rank 16" in msg and "--max-lora-rank 8" in msg
 
 
-def test_targets_the_model_lacks_are_refused(tiny_model_dir, tmp_path):
+def _write_adapter(path, tensors, **config):
+    """A hand-made adapter directory: adapter_config.json + these tensors."""
     from safetensors.torch import save_file
 
-    bad = tmp_path / "lmhead"
-    bad.mkdir()
-    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                         "target_modules": ["lm_head"]}))
-    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64),
-               "base_model.model.lm_head.lora_B.weight": torch.zeros(49152, 4)}, str(bad / "adapter_model.safetensors"))
-    assert "unsupported target" in _engine_error(tiny_model_dir, bad)
-    other = tmp_path / "deep"
-    other.mkdir()
-    (other / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
-    save_file({"base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64),
-               "base_model.model.model.layers.5.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)},
-              str(other / "adapter_model.safetensors"))
-    assert "layer 5" in _engine_error(tiny_model_dir, other)
-    shapes = tmp_path / "shape"
-    shapes.mkdir()
-    (shapes / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32),
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)},
-              str(shapes / "adapter_model.safetensors"))
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, **config}))
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return path
+
+
+def test_targets_the_model_lacks_are_refused(tiny_model_dir, tmp_path):
+    q = "base_model.model.model.layers.{}.self_attn.q_proj.lora_{}.weight"
+    lm_head = _write_adapter(tmp_path / "lmhead", {"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64),
+                                                   "base_model.model.lm_head.lora_B.weight": torch.zeros(49152, 4)},
+                             target_modules=["lm_head"])
+    assert "unsupported target" in _engine_error(tiny_model_dir, lm_head)
+    deep = _write_adapter(tmp_path / "deep", {q.format(5, "A"): torch.zeros(4, 64), q.format(5, "B"): torch.zeros(64, 4)})
+    assert "layer 5" in _engine_error(tiny_model_dir, deep)
+    shapes = _write_adapter(tmp_path / "shape", {q.format(0, "A"): torch.zeros(4, 32), q.format(0, "B"): torch.zeros(64, 4)})
     assert "A [r, 64]" in _engine_error(tiny_model_dir, shapes)
 
 
