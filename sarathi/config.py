@@ -114,8 +114,9 @@ class EngineConfig:
                                     type=parse_bytes)
     tensor_parallel_size: int = flag(1, "tensor parallel degree (only 1)", "--model_tensor_parallel_degree",
                                      "--tensor_parallel_degree")
-    num_threads: Optional[int] = flag(None, "torch CPU threads (default: all cores; with --data-parallel-size N, "
-                                      "the cores divided by N), per replica", type=int)
+    num_threads: Optional[int] = flag(None, "CPU threads of the native kernels and torch (default: all cores; with "
+                                      "--data-parallel-size N, the cores divided by N), per replica; when every "
+                                      "linear layer is quantized, torch's own ops get one", type=int)
     data_parallel_size: int = flag(1, "engine replicas behind one server (needs --distributed-executor-backend ray)")
     distributed_executor_backend: str = flag("uni", "uni: one engine in this process; ray: replicas as Ray actors",
                                              choices=EXECUTOR_BACKENDS)

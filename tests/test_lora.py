@@ -132,10 +132,60 @@ def test_lora_on_a_quantized_linear():
     batch.set_rows(torch.tensor(rows))
     y = lin(x)
     torch.testing.assert_close(y, base + lora_reference(x, rows, lin.lora), rtol=1e-4, atol=1e-4)
-    lin.lora.grouped = False  # the gather (BGMV) path agrees too
+    lin.lora.native = False  # torch's grouped matmuls (SGMV) agree
+    torch.testing.assert_close(lin(x), y, rtol=1e-5, atol=1e-5)
+    lin.lora.grouped = False  # and the gather (BGMV) path
     torch.testing.assert_close(lin(x), y, rtol=1e-5, atol=1e-5)
     batch.set_rows(torch.full((7,), -1))
     torch.testing.assert_close(lin(x), base)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_sgmv_matches_row_by_row(isa, threads):
+    """The native kernel: odd sizes (column tails under 8, rank 5, parts of 11 and 5 columns),
+    rows strided in a wider buffer, base rows untouched, every ISA and thread count."""
+    from sarathi.lora.layers import LoRABatch, LoRAStack, lora_reference
+    from sarathi.model_executor.quantization.kernels import available_isas, lora_sgmv
+
+    if isa not in available_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    torch.manual_seed(1)
+    for in_f, parts, slots, rank, rows in [(13, [("a", 0, 11), ("b", 11, 5)], 3, 5, 9),
+                                           (64, [("q", 0, 64), ("k", 64, 32), ("v", 96, 32)], 4, 8, 37)]:
+        batch = LoRABatch(slots)
+        stack = LoRAStack(in_f, parts, slots, rank, batch, torch.device("cpu"))
+        for s in range(slots):
+            stack.set_slot(s, {n: (torch.randn(rank, in_f), torch.randn(w, rank)) for n, _, w in parts})
+        row_slots = torch.randint(-1, slots, (rows,))
+        row_slots[0] = -1
+        batch.set_rows(row_slots)
+        x = torch.randn(rows, in_f + 7)[:, 3:3 + in_f]  # row stride > in_features
+        y0 = torch.randn(rows, sum(w for *_, w in parts))
+        want = y0 + lora_reference(x, row_slots.tolist(), stack)
+        got = lora_sgmv(x, stack.A, stack.B, batch.perm, batch.segs, stack.part_cols, rank, y0.clone(),
+                        num_threads=threads, isa=isa)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        assert torch.equal(got[0], y0[0])
+
+
+def test_native_sgmv_refuses_bad_indices():
+    from sarathi.model_executor.quantization.kernels import lora_sgmv
+
+    A, B = torch.zeros(2, 8, 4), torch.zeros(2, 4, 6)
+    x, y = torch.zeros(3, 8), torch.zeros(3, 6)
+    parts = torch.tensor([[0, 6]])
+    ok = dict(rows=torch.tensor([0, 2]), segs=torch.tensor([[1, 0, 2]]), parts=parts)
+    lora_sgmv(x, A, B, rank=4, y=y, **ok)
+    for bad, msg in [(dict(ok, rows=torch.tensor([0, 3])), "row index"),
+                     (dict(ok, segs=torch.tensor([[2, 0, 2]])), "segment"),
+                     (dict(ok, segs=torch.tensor([[0, 1, 5]])), "segment"),
+                     (dict(ok, parts=torch.tensor([[2, 6]])), "part"),
+                     (dict(ok, rows=torch.tensor([0, 2], dtype=torch.int32)), "int64")]:
+        with pytest.raises(ValueError, match=msg):
+            lora_sgmv(x, A, B, rank=4, y=y, **bad)
+    with pytest.raises(ValueError, match="float32"):
+        lora_sgmv(x.double(), A, B, rank=4, y=y, **ok)
 
 
 def test_adapter_on_quantized_engine(tiny_model_dir, adapters):

@@ -76,6 +76,27 @@ def test_tiny_int8_greedy_close_to_float(tiny_model_dir):
     assert sum(a == b for a, b in zip(top_q, top_f)) / len(top_f) >= 0.9
 
 
+def test_threads_split_between_native_kernels_and_torch(tiny_model_dir):
+    """A model whose linears all run on the native kernels gives them --num-threads and torch's
+    own ops one thread; a float model keeps torch's threads (fresh processes: both are global)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from sarathi import LLM\n"
+            "from vattention_ext.threads import native_threads\n"
+            "llm = LLM(model=sys.argv[1], quantization=sys.argv[2], num_threads=2, max_model_len=128, "
+            "max_num_seqs=2, kv_cache_memory='16MiB')\n"
+            "print(torch.get_num_threads(), native_threads(), llm.engine.runner.torch_threads)\n")
+    got = {}
+    for q in ("int8", "none"):
+        out = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir), q], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got[q] = out.stdout.split()[-3:]
+    assert got == {"int8": ["1", "2", "1"], "none": ["2", "2", "2"]}
+
+
 def test_bad_quantization_choices(tiny_model_dir):
     with pytest.raises(ValueError, match="needs a .gguf"):
         LLM(model=str(tiny_model_dir), quantization="gguf", **ARGS)

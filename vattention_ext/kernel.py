@@ -13,6 +13,7 @@ import operator
 import torch
 
 from . import _C
+from .threads import native_threads
 
 # The one torch dtype -> kernel element type table.
 KERNEL_DTYPES = {torch.float32: _C.DType.F32, torch.bfloat16: _C.DType.BF16}
@@ -49,7 +50,7 @@ class AttentionPlan:
     every cache passed to run() must have its shape, strides and dtype. Sequence i lives
     in slot slots[i], has context_lens[i] tokens cached before this step and
     query_lens[i] >= 1 new tokens (prefill chunks first, then decodes). num_threads:
-    default torch.get_num_threads(). Raises ValueError on an inconsistent batch.
+    default vattention_ext.threads.native_threads(). Raises ValueError on an inconsistent batch.
     """
 
     __slots__ = ("_core", "dtype", "cache_shape", "cache_strides", "num_tokens", "_kv_shape", "_head_dim")
@@ -58,7 +59,7 @@ class AttentionPlan:
         _check_cache(k_cache, "k_cache")
         n, L, hkv, d = k_cache.shape
         s0, s1, s2, _ = k_cache.stride()
-        threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+        threads = native_threads() if num_threads is None else int(num_threads)
         self._core = _C.AttentionPlan(n, L, hkv, d, s0, s1, s2, KERNEL_DTYPES[k_cache.dtype],
                                       _int_list(slots, "slots"), _int_list(context_lens, "context_lens"),
                                       _int_list(query_lens, "query_lens"), threads)
@@ -118,7 +119,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slo
               out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal GQA attention for a batch of prefill chunks and decodes: one AttentionPlan,
     run once (see AttentionPlan for the arguments). Returns out [T, Hq, D] (same dtype
-    as q). fp32 and bf16 on CPU. Uses torch.get_num_threads() threads."""
+    as q). fp32 and bf16 on CPU. Uses native_threads() threads."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"q must be [tokens, heads, head_dim], got shape {tuple(getattr(q, 'shape', ()))}")
     if q.dtype not in KERNEL_DTYPES:

@@ -85,6 +85,15 @@ float quantize_block_ref(const float* x, int n, int B, int8_t* q, int32_t* sum);
 void qlinear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t w_nbytes, int64_t N,
              const WeightFormat& fmt, const float* bias, float* y, int64_t ldy, int threads, Isa isa);
 
+// Many LoRA adapters at once (lora.cpp): for each segment (slot, begin, end) of segs
+// [nseg][3], the rows rows[begin:end) of x ([T][in], row stride ldx) get
+// y[row, col_p : col_p + width_p] += (x[row] @ A[slot])[p*R : p*R+R] @ B[slot][p*R : p*R+R, col_p : ...]
+// for every part p of parts [P][2] = (col_p, width_p). A: [S][in][W], B: [S][W][out] fp32;
+// y: [T][ldy]. A row may appear in only one segment, once (items write y rows in parallel).
+void lora_sgmv(const float* x, int64_t ldx, int64_t in, const float* A, const float* B, int64_t S, int64_t W,
+               int64_t out, const int64_t* rows, int64_t n, int64_t T, const int64_t* segs, int64_t nseg,
+               const int64_t* parts, int64_t P, int64_t R, float* y, int64_t ldy, int threads, Isa isa);
+
 // A measured int8 multiply-add peak for this ISA on the calling thread (GOP/s, 2 ops per
 // MAC), over its CPU time (so time slices lost to other processes do not count).
 double int8_peak_gops(Isa isa, double seconds);

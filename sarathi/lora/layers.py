@@ -1,7 +1,7 @@
 """Many adapters in one forward pass: each Linear carries every loaded adapter's A and B in
-stacked slots, and one step's rows are multiplied by their own adapter's pair in two grouped
-matmuls (Punica's SGMV: rows gathered by slot, one GEMM per group inside one call), not a
-Python loop over adapters or rows.
+stacked slots, and one step's rows are multiplied by their own adapter's pair in one native
+call (Punica's SGMV: rows grouped by slot, csrc/quant/lora.cpp), not a Python loop over
+adapters or rows. Off the CPU (or without the native module) two grouped matmuls do it.
 
 For the fused layers (q/k/v, gate/up) a slot holds one rank-R block per part: A's columns
 [i R, (i + 1) R) and B's rows [i R, (i + 1) R) belong to part i, and B writes only to that
@@ -19,15 +19,23 @@ FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",)
                "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
 
+try:
+    from sarathi.model_executor.quantization.kernels import lora_sgmv
+except ImportError:  # the native module is not built: grouped matmuls only
+    lora_sgmv = None
+
+
 class LoRABatch:
-    """Which rows of the current step use which slot: rows sorted by slot (`perm`), and the
-    end offset of each slot's group (`offs`), as grouped_mm takes them. Shared by every layer."""
+    """Which rows of the current step use which slot: rows sorted by slot (`perm`), the end
+    offset of each slot's group (`offs`, as grouped_mm takes them) and the non-empty groups
+    as (slot, begin, end) rows of `segs` (the native kernel's). Shared by every layer."""
 
     def __init__(self, num_slots: int):
         self.num_slots = num_slots
         self.perm: Optional[torch.Tensor] = None
         self.offs: Optional[torch.Tensor] = None
         self.row_slots: Optional[torch.Tensor] = None
+        self.segs: Optional[torch.Tensor] = None
 
     def set_rows(self, row_slots: torch.Tensor) -> None:
         """row_slots [T] long: the slot of each row, -1 for the base model."""
@@ -40,10 +48,13 @@ class LoRABatch:
         self.perm = rows[order]
         self.row_slots = slots[order]
         counts = torch.bincount(self.row_slots, minlength=self.num_slots)
-        self.offs = torch.cumsum(counts, 0).to(torch.int32)
+        ends = torch.cumsum(counts, 0)
+        self.offs = ends.to(torch.int32)
+        used = torch.nonzero(counts).flatten()
+        self.segs = torch.stack([used, ends[used] - counts[used], ends[used]], 1).contiguous()
 
     def clear(self) -> None:
-        self.perm = self.offs = self.row_slots = None
+        self.perm = self.offs = self.row_slots = self.segs = None
 
 
 class LoRAStack(torch.nn.Module):
@@ -59,7 +70,10 @@ class LoRAStack(torch.nn.Module):
         self.register_buffer("A", torch.zeros(num_slots, in_features, width, device=device), persistent=False)
         self.register_buffer("B", torch.zeros(num_slots, width, out_features, device=device), persistent=False)
         self.batch = batch
-        # grouped_mm wants 16-byte aligned strides (float32: multiples of 4) and runs here on CPU.
+        self.part_cols = torch.tensor([[col, w] for _, col, w in self.parts], dtype=torch.int64)
+        self.native = lora_sgmv is not None and device.type == "cpu"
+        # Else torch's grouped_mm, which wants 16-byte aligned strides (float32: multiples of 4)
+        # and runs here on CPU; else a gather and bmm.
         self.grouped = (hasattr(F, "grouped_mm") and device.type == "cpu"
                         and in_features % 4 == 0 and out_features % 4 == 0 and width % 4 == 0)
 
@@ -80,6 +94,9 @@ class LoRAStack(torch.nn.Module):
         b = self.batch
         if b.perm is None:
             return y
+        if self.native and y.dtype is torch.float32:
+            return lora_sgmv(x if x.dtype is torch.float32 else x.float(), self.A, self.B, b.perm, b.segs,
+                             self.part_cols, self.rank, y)
         xs = x.index_select(0, b.perm).float()
         if self.grouped:
             delta = F.grouped_mm(F.grouped_mm(xs, self.A, offs=b.offs), self.B, offs=b.offs)
