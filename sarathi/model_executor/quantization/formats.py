@@ -238,7 +238,11 @@ def from_gptq(qweight, qzeros, scales, g_idx, bits: int, group_size: int, name: 
     scale = s[blocks].t().contiguous()                                       # [N, K/32]
     minus = (-(zero * s))[blocks].t().contiguous()
     act_order = not torch.equal(perm, torch.arange(k))
-    return QuantTensor(q[perm].t().contiguous(), scale, minus, 4 if bits == 4 else 8, KERNEL_BLOCK,
+    qt = q[perm].t().contiguous()
+    if bits == 8:  # unsigned 0..255 -> the kernel's signed int8: (q - 128) s + (min + 128 s)
+        qt = (qt.to(torch.int16) - 128).to(torch.int8)
+        minus = minus + 128 * scale
+    return QuantTensor(qt, scale, minus, 4 if bits == 4 else 8, KERNEL_BLOCK,
                        f"{'awq' if awq else 'gptq'} {bits}-bit g{group_size}" + (" act-order" if act_order else ""),
                        perm if act_order else None)
 
