@@ -385,8 +385,7 @@ class LLMEngine:
         """Build the runner's input, execute, sample, hand the tokens on."""
         self._apply_prefix_cache(sched)
         plan = [self._plan_seq(item, now) for item in sched.scheduled]
-        logits = self.runner.execute([p.run for p in plan], len(sched.prefills))
-        target_rows = self._run_targets(plan, len(sched.prefills))
+        logits, target_rows = self._forward(plan, len(sched.prefills))
         sampled = self._sample(plan, logits, target_rows)
         self.scheduler.postprocess(sched, [(p.seq, res.token_id) for p, res in sampled.items()])
         if self.prefix_caching:
@@ -435,24 +434,41 @@ class LLMEngine:
                      seq.lora_name)
         return SeqPlan(seq, req, run, samples, want_plp)
 
-    def _run_targets(self, plan: List["SeqPlan"], num_prefills: int) -> Dict["SeqPlan", torch.Tensor]:
-        """pi_t's forward for the sequences that sample from q* (every chunk, so its KV keeps up);
-        returns the logits row each sampling one needs."""
+    def _forward(self, plan: List["SeqPlan"], num_prefills: int
+                 ) -> Tuple[torch.Tensor, Dict["SeqPlan", torch.Tensor]]:
+        """The model's logits rows for the plan, and pi_t's row for each sequence that samples
+        from q*. pi_t runs every chunk of those sequences (so its KV keeps up): a LoRA target
+        in the same forward as the model (its rows beside the model's, its own KV), another
+        model in a forward of its own."""
         groups: Dict[str, List[Tuple[int, SeqPlan]]] = {}
         for i, p in enumerate(plan):
             os_params = p.req.params.optimal_sampling
             if os_params is not None:
                 groups.setdefault(os_params.target, []).append((i, p))
-        rows: Dict[SeqPlan, torch.Tensor] = {}
+        fused, separate = [], []
         for name, members in groups.items():
-            logits = self._target(name).execute([p.run for _, p in members],
-                                                sum(1 for i, _ in members if i < num_prefills))
-            offset = 0
+            target = self._target(name)
+            (fused if target.runner is self.runner else separate).append((target, members))
+        extra = [target.group([p.run for _, p in members], sum(1 for i, _ in members if i < num_prefills))
+                 for target, members in fused]
+        logits = self.runner.execute([p.run for p in plan], num_prefills, extra=extra)
+        n_main = sum(p.run.logits_rows[1] - p.run.logits_rows[0] for p in plan)
+        main, offset = logits[:n_main], n_main
+        rows: Dict[SeqPlan, torch.Tensor] = {}
+
+        def take(members, block, offset):
             for _, p in members:
                 offset += p.run.logits_rows[1] - p.run.logits_rows[0]
                 if p.samples:
-                    rows[p] = logits[offset - 1]
-        return rows
+                    rows[p] = block[offset - 1]
+            return offset
+
+        for _, members in fused:
+            offset = take(members, logits, offset)
+        for target, members in separate:
+            block = target.execute([p.run for _, p in members], sum(1 for i, _ in members if i < num_prefills))
+            take(members, block, 0)
+        return main, rows
 
     def _sample(self, plan: List["SeqPlan"], logits: torch.Tensor,
                 target_rows: Optional[Dict["SeqPlan", torch.Tensor]] = None) -> Dict["SeqPlan", SampleResult]:

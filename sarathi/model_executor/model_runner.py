@@ -9,7 +9,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -157,30 +157,52 @@ class ModelRunner:
         return self._kv.stats()
 
     @torch.inference_mode()
-    def execute(self, seqs: List[RunSeq], num_prefills: int, kv=None) -> torch.Tensor:
+    def execute(self, seqs: List[RunSeq], num_prefills: int, kv=None,
+                extra: Sequence[Tuple[List[RunSeq], int, object]] = ()) -> torch.Tensor:
         """Run the step; returns float32 logits for the requested rows, in order. kv: another
-        KV backend of the same geometry to read and write instead of this runner's own."""
-        ids = [t for s in seqs for t in s.token_ids]
-        batch = StepBatch(
-            slots=[s.slot for s in seqs], context_lens=[s.context_len for s in seqs],
-            query_lens=[len(s.token_ids) for s in seqs],
-            block_tables=[s.block_table for s in seqs] if self.needs_block_tables else None,
-            num_prefills=num_prefills, device=self.device)
-        kv = self._kv if kv is None else kv
-        step = kv.begin_step(batch)
+        KV backend of the same geometry to read and write instead of this runner's own.
+
+        extra: more groups (seqs, num_prefills, kv backend) run in the same forward: every
+        linear layer multiplies all groups' rows at once (the weights are read once) and each
+        group attends over its own KV. Their logits rows follow the first group's, in order."""
+        groups = [(seqs, num_prefills, self._kv if kv is None else kv), *extra]
+        ids: List[int] = []
+        positions, spans, lora_names, query_lens = [], [], [], []
+        start = 0
+        for g_seqs, g_prefills, g_kv in groups:
+            batch = StepBatch(
+                slots=[s.slot for s in g_seqs], context_lens=[s.context_len for s in g_seqs],
+                query_lens=[len(s.token_ids) for s in g_seqs],
+                block_tables=[s.block_table for s in g_seqs] if self.needs_block_tables else None,
+                num_prefills=g_prefills, device=self.device)
+            n = sum(batch.query_lens)
+            spans.append((start, start + n, g_kv, g_kv.begin_step(batch)))
+            start += n
+            ids.extend(t for s in g_seqs for t in s.token_ids)
+            positions.append(batch.positions())
+            lora_names.extend(s.lora_name for s in g_seqs)
+            query_lens.extend(batch.query_lens)
         if self.lora is not None:
-            self.lora.prepare([s.lora_name for s in seqs], batch.query_lens)
+            self.lora.prepare(lora_names, query_lens)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         scale = self.scale
 
-        def attend(layer, q, k, v):
-            return kv.attend(layer, q, k, v, step, scale)
+        if len(spans) == 1:
+            _, _, one_kv, one_step = spans[0]
 
-        hidden = self.model(input_ids, batch.positions(), attend)
+            def attend(layer, q, k, v):
+                return one_kv.attend(layer, q, k, v, one_step, scale)
+        else:
+            def attend(layer, q, k, v):
+                return torch.cat([g_kv.attend(layer, q[a:b], k[a:b], v[a:b], step, scale)
+                                  for a, b, g_kv, step in spans])
+
+        hidden = self.model(input_ids, positions[0] if len(positions) == 1 else torch.cat(positions), attend)
         rows, start = [], 0
-        for s in seqs:
-            rows.extend(range(start + s.logits_rows[0], start + s.logits_rows[1]))
-            start += len(s.token_ids)
+        for g_seqs, _, _ in groups:
+            for s in g_seqs:
+                rows.extend(range(start + s.logits_rows[0], start + s.logits_rows[1]))
+                start += len(s.token_ids)
         if not rows:
             return torch.empty(0, self.vocab_size)
         return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])

@@ -40,16 +40,21 @@ class Target:
 
 
 class AdapterTarget(Target):
-    """π_t = the served model plus a LoRA adapter: the same weights, its own KV."""
+    """π_t = the served model plus a LoRA adapter: the same weights (its rows run in the
+    model's forward, beside π_θ's), its own KV."""
 
     def __init__(self, runner: ModelRunner, adapter: str):
         self.name, self.runner, self.adapter = adapter, runner, adapter
         spec = runner.kv_spec
         self.kv = kv_backend_class(runner.kv_backend_name)(spec)  # same geometry, same budget
 
+    def group(self, seqs: List[RunSeq], num_prefills: int):
+        """The rows to run beside the model's in one forward (ModelRunner.execute's extra)."""
+        return [dataclasses.replace(s, lora_name=self.adapter) for s in seqs], num_prefills, self.kv
+
     def execute(self, seqs: List[RunSeq], num_prefills: int) -> torch.Tensor:
-        rows = [dataclasses.replace(s, lora_name=self.adapter) for s in seqs]
-        return self.runner.execute(rows, num_prefills, kv=self.kv)
+        rows, _, kv = self.group(seqs, num_prefills)
+        return self.runner.execute(rows, num_prefills, kv=kv)
 
 
 class ModelTarget(Target):
