@@ -112,8 +112,9 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batch1-prompts", type=int, default=4, help="prompts run one at a time (batch 1)")
-    p.add_argument("--coordinator-prompts", type=int, default=8,
-                   help="prompts for the coordinator at the large batch (each token re-sends the context)")
+    p.add_argument("--uncached-batch", type=int, default=8,
+                   help="batch (and prompts) of the coordinator run compared with and without prefix caching "
+                        "(without it every token re-prefills the whole context)")
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--ks", type=int, nargs="+", default=[10, 50, 100, 200])
     p.add_argument("--positions", type=int, default=256)
@@ -139,34 +140,48 @@ def main() -> None:
     llm.engine.close()
     del llm
     if not args.skip_coordinator:
-        flags = f"--max-logprobs {max(args.ks + [args.top_k])} --max-model-len 512 {args.server_args}"
-        ns_theta = argparse.Namespace(gguf=None, sarathi_model=args.model, port=args.port, sarathi_args=flags)
-        ns_t = argparse.Namespace(gguf=None, sarathi_model=args.model, port=args.port + 1,
-                                  sarathi_args=f"{flags} --enable-lora --max-lora-rank 64 --lora-modules ft={args.adapter}")
-        logs = REPO / ".cache" / "optimal-sampling-logs"
-        for side in ("theta", "t"):
-            (logs / side).mkdir(parents=True, exist_ok=True)
-        theta, theta_url = compare.start("sarathi", ns_theta, logs / "theta")
-        try:
-            t, t_url = compare.start("sarathi", ns_t, logs / "t")
+        # The same two servers with prefix caching on (the default) and off: every coordinator
+        # token resends the whole context, which caching makes a one-token prefill.
+        for caching in ("on", "off"):
+            flags = (f"--max-logprobs {max(args.ks + [args.top_k])} --max-model-len 512 {args.server_args}"
+                     + ("" if caching == "on" else " --no-enable-prefix-caching"))
+            ns_theta = argparse.Namespace(gguf=None, sarathi_model=args.model, port=args.port, sarathi_args=flags)
+            ns_t = argparse.Namespace(gguf=None, sarathi_model=args.model, port=args.port + 1,
+                                      sarathi_args=f"{flags} --enable-lora --max-lora-rank 64 --lora-modules ft={args.adapter}")
+            logs = REPO / ".cache" / "optimal-sampling-logs"
+            for side in ("theta", "t"):
+                (logs / side).mkdir(parents=True, exist_ok=True)
+            levels = [(1, args.batch1_prompts), (args.uncached_batch, args.uncached_batch)]
+            if caching == "on":
+                levels.append((args.prompts, args.prompts))
+            theta, theta_url = compare.start("sarathi", ns_theta, logs / "theta")
             try:
-                result["coordinator"].append(coordinator(theta_url, t_url, tok, prompts[:args.batch1_prompts],
-                                                         args.max_tokens, 1, args.top_k))
-                n = args.coordinator_prompts
-                result["coordinator"].append(coordinator(theta_url, t_url, tok, prompts[:n], args.max_tokens, n,
-                                                         args.top_k))
+                t, t_url = compare.start("sarathi", ns_t, logs / "t")
+                try:
+                    for batch, n in levels:
+                        r = coordinator(theta_url, t_url, tok, prompts[:n], args.max_tokens, batch, args.top_k)
+                        r["prefix_caching"] = caching
+                        result["coordinator"].append(r)
+                        print(json.dumps(r), flush=True)
+                finally:
+                    compare.stop(t)
             finally:
-                compare.stop(t)
-        finally:
-            compare.stop(theta)
+                compare.stop(theta)
     rows, exact = top_k_table(args.model, args.adapter, prompts[:8], args.ks, args.positions)
     result["top_k"], result["exact"] = rows, exact
 
-    print("\n| form | batch | prompts x tokens | tokens/s |\n|---|---|---|---|")
+    print("\n| form | server prefix caching | batch | prompts x tokens | tokens/s |\n|---|---|---|---|---|")
     for form in ("in_engine", "coordinator"):
         for r in result[form]:
-            print(f"| {form.replace('_', '-')} | {r['batch']} | {r['prompts']} x {args.max_tokens} | "
-                  f"{r['tokens_per_s']:.1f} |")
+            print(f"| {form.replace('_', '-')} | {r.get('prefix_caching', '-')} | {r['batch']} | "
+                  f"{r['prompts']} x {args.max_tokens} | {r['tokens_per_s']:.1f} |")
+    speed = {}
+    for r in result["in_engine"]:
+        same = [c for c in result["coordinator"] if c["batch"] == r["batch"] and c.get("prefix_caching") == "on"]
+        if same:
+            speed[str(r["batch"])] = r["tokens_per_s"] / same[0]["tokens_per_s"]
+            print(f"batch {r['batch']}: in-engine / coordinator (caching on) = {speed[str(r['batch'])]:.1f}x")
+    result["in_engine_over_coordinator"] = speed
     print("\n| k | covered mass | mean abs alpha error | KL-symmetry error | ESS ratio |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['k']} | {r['covered_mass_mean']:.4f} | {r['alpha_abs_error_mean']:.2e} | "
