@@ -1,6 +1,6 @@
 """The C++ attention kernel against torch SDPA: decode-only, prefill-only and mixed
-batches, GQA ratios 1/3/4, lengths 1, 15, 16, 17, 1000 and 4097 (fp32: max abs error
-<= 1e-4), on plain tensors and on a vAttention cache; AttentionPlan rejecting bad input."""
+batches, GQA ratios 1/3/4 (and 5/16/48 on the multi-row prefill path), lengths 1, 15, 16, 17,
+1000 and 4097 (fp32: max abs error <= 1e-4), on plain tensors and on a vAttention cache; AttentionPlan rejecting bad input."""
 import pytest
 import torch
 
@@ -68,6 +68,23 @@ def test_mixed_batch_with_new_kv_stored(ratio):
         assert torch.equal(kc[s, c:c + n], k_new[start:start + n])
         assert torch.equal(vc[s, c:c + n], v_new[start:start + n])
         start += n
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("ratio", [1, 3, 5, 16, 48])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_row_prefill_path(d, ratio, dtype):
+    """Head sizes 64 / 128 take prefill rows several at a time (keys transposed once per block,
+    causal limits per row, padded query vectors): chunks of 2, 5, 16, 17 and 300 rows, from
+    scratch and after 130 cached keys (a key block boundary inside the chunk), and a decode."""
+    hkv = 2
+    kc, vc = caches(6, 520, hkv, d, dtype=dtype, seed=6)
+    slots, ctx, qlens = [0, 1, 2, 3, 4, 5], [0, 130, 7, 130, 0, 200], [2, 5, 16, 17, 300, 1]
+    q = torch.randn(sum(qlens), hkv * ratio, d).to(dtype)
+    out = attention(q, kc, vc, slots, ctx, qlens, d ** -0.5)
+    ref = attention_reference(q.float(), kc.float(), vc.float(), slots, ctx, qlens, d ** -0.5)
+    err = (out.float() - ref).abs().max().item()
+    assert err <= (1e-4 if dtype == torch.float32 else 2e-2), err
 
 
 def test_odd_head_dim_runtime_path():
