@@ -19,7 +19,7 @@ import torch
 from sarathi.model_executor.kv_cache import KVCacheSpec, kv_backend_class
 from sarathi.model_executor.model_runner import ModelRunner, RunSeq
 from sarathi.model_executor.sampler import SampleResult
-from sarathi.optimal_sampling.kl import diagnostics, solve_alpha
+from sarathi.optimal_sampling.kl import diagnostics_rows, solve_alpha
 
 logger = logging.getLogger("sarathi")
 
@@ -122,6 +122,7 @@ def sample_rows(rows: Sequence[OptimalRow], shared: torch.Generator) -> List[Tup
         for i, a in zip(auto, solved):
             alphas[i] = a
     out = []
+    diags = diagnostics_rows(lt, lh, alphas)
     for i, r in enumerate(rows):
         a = alphas[i]
         # At the ends q* is exactly one model's distribution, computed as the plain sampler does.
@@ -138,5 +139,5 @@ def sample_rows(rows: Sequence[OptimalRow], shared: torch.Generator) -> List[Tup
             if r.logprobs:
                 vals, ids = logq.topk(r.logprobs)
                 top = list(zip(ids.tolist(), vals.tolist()))
-        out.append((SampleResult(token, lp, rank, top), a, diagnostics(lt[i], lh[i], a)))
+        out.append((SampleResult(token, lp, rank, top), a, diags[i]))
     return out
