@@ -20,6 +20,7 @@ from sarathi.model_executor.kv_cache import KVCacheSpec, kv_backend_class
 from sarathi.model_executor.model_runner import ModelRunner, RunSeq
 from sarathi.model_executor.sampler import SampleResult
 from sarathi.optimal_sampling.kl import diagnostics_rows, solve_alpha
+from vattention_ext.threads import native_threads
 
 logger = logging.getLogger("sarathi")
 
@@ -107,7 +108,21 @@ class OptimalRow:
 
 
 def sample_rows(rows: Sequence[OptimalRow], shared: torch.Generator) -> List[Tuple[SampleResult, float, Dict]]:
-    """Draw one token from q* per row: (result with log q* values, α used, diagnostics)."""
+    """Draw one token from q* per row: (result with log q* values, α used, diagnostics).
+
+    The math is whole-vocabulary float64 passes over all rows: torch gets the native kernels'
+    threads for it (an engine of quantized linears otherwise gives torch's ops one)."""
+    before, want = torch.get_num_threads(), native_threads()
+    if want > before:
+        torch.set_num_threads(want)
+    try:
+        return _sample_rows(rows, shared)
+    finally:
+        if want > before:
+            torch.set_num_threads(before)
+
+
+def _sample_rows(rows: Sequence[OptimalRow], shared: torch.Generator) -> List[Tuple[SampleResult, float, Dict]]:
     theta = torch.stack([r.logits_theta for r in rows]).float()
     target = torch.stack([r.logits_t for r in rows]).float()
     for i, r in enumerate(rows):
