@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--data-dir", default=str(HERE / "data" / "python-docs"))
     p.add_argument("--budget-min", type=float, default=30.0, help="training minutes per variant")
-    p.add_argument("--variants", nargs="+", default=["none", "nf4"], help="--base-quantization values")
+    p.add_argument("--variants", nargs="+", default=["none", "nf4", "int4"], help="--base-quantization values")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)

@@ -144,7 +144,8 @@ def test_lora_on_a_quantized_linear():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_native_sgmv_matches_row_by_row(isa, threads):
     """The native kernel: odd sizes (column tails under 8, rank 5, parts of 11 and 5 columns),
-    rows strided in a wider buffer, base rows untouched, every ISA and thread count."""
+    adapters of lower rank than the stack's (and of none), rows strided in a wider buffer, base
+    rows untouched, every ISA and thread count."""
     from sarathi.lora.layers import LoRABatch, LoRAStack, lora_reference
     from sarathi.model_executor.quantization.kernels import available_isas, lora_sgmv
 
@@ -155,17 +156,20 @@ def test_native_sgmv_matches_row_by_row(isa, threads):
                                            (64, [("q", 0, 64), ("k", 64, 32), ("v", 96, 32)], 4, 8, 37)]:
         batch = LoRABatch(slots)
         stack = LoRAStack(in_f, parts, slots, rank, batch, torch.device("cpu"))
-        for s in range(slots):
-            stack.set_slot(s, {n: (torch.randn(rank, in_f), torch.randn(w, rank)) for n, _, w in parts})
+        for s in range(slots):  # ranks below the stack's (slot 1 has none: an adapter without this layer)
+            r = 0 if s == 1 else max(1, rank - 2 * s)
+            stack.set_slot(s, {n: (torch.randn(r, in_f), torch.randn(w, r)) for n, _, w in parts} if r else {})
+        assert stack.slot_ranks.tolist()[:2] == [rank, 0]
         row_slots = torch.randint(-1, slots, (rows,))
         row_slots[0] = -1
         batch.set_rows(row_slots)
         x = torch.randn(rows, in_f + 7)[:, 3:3 + in_f]  # row stride > in_features
         y0 = torch.randn(rows, sum(w for *_, w in parts))
         want = y0 + lora_reference(x, row_slots.tolist(), stack)
-        got = lora_sgmv(x, stack.A, stack.B, batch.perm, batch.segs, stack.part_cols, rank, y0.clone(),
-                        num_threads=threads, isa=isa)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        for ranks in (stack.slot_ranks, None):  # skipping the zero columns, or multiplying them
+            got = lora_sgmv(x, stack.A, stack.B, batch.perm, batch.segs, stack.part_cols, rank, y0.clone(),
+                            slot_ranks=ranks, num_threads=threads, isa=isa)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
         assert torch.equal(got[0], y0[0])
 
 
@@ -181,7 +185,9 @@ def test_native_sgmv_refuses_bad_indices():
                      (dict(ok, segs=torch.tensor([[2, 0, 2]])), "segment"),
                      (dict(ok, segs=torch.tensor([[0, 1, 5]])), "segment"),
                      (dict(ok, parts=torch.tensor([[2, 6]])), "part"),
-                     (dict(ok, rows=torch.tensor([0, 2], dtype=torch.int32)), "int64")]:
+                     (dict(ok, rows=torch.tensor([0, 2], dtype=torch.int32)), "int64"),
+                     (dict(ok, slot_ranks=torch.tensor([4, 5])), "rank outside"),
+                     (dict(ok, slot_ranks=torch.tensor([4])), "one rank per slot")]:
         with pytest.raises(ValueError, match=msg):
             lora_sgmv(x, A, B, rank=4, y=y, **bad)
     with pytest.raises(ValueError, match="float32"):

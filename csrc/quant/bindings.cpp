@@ -47,16 +47,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("lora_sgmv",
         [](uintptr_t x, int64_t ldx, int64_t in, uintptr_t A, uintptr_t B, int64_t S, int64_t W, int64_t out,
            uintptr_t rows, int64_t n, int64_t T, uintptr_t segs, int64_t nseg, uintptr_t parts, int64_t P,
-           int64_t R, uintptr_t y, int64_t ldy, int threads, const std::string& isa) {
+           int64_t R, uintptr_t ranks, uintptr_t y, int64_t ldy, int threads, const std::string& isa) {
           const sqk::Isa which = isa_arg(isa);
           py::gil_scoped_release nogil;
           sqk::lora_sgmv(ptr<const float>(x), ldx, in, ptr<const float>(A), ptr<const float>(B), S, W, out,
                          ptr<const int64_t>(rows), n, T, ptr<const int64_t>(segs), nseg, ptr<const int64_t>(parts),
-                         P, R, ptr<float>(y), ldy, threads, which);
+                         P, R, ptr<const int64_t>(ranks), ptr<float>(y), ldy, threads, which);
         },
         py::arg("x"), py::arg("ldx"), py::arg("in_features"), py::arg("A"), py::arg("B"), py::arg("S"),
         py::arg("W"), py::arg("out_features"), py::arg("rows"), py::arg("n"), py::arg("T"), py::arg("segs"),
-        py::arg("nseg"), py::arg("parts"), py::arg("P"), py::arg("R"), py::arg("y"), py::arg("ldy"),
+        py::arg("nseg"), py::arg("parts"), py::arg("P"), py::arg("R"), py::arg("ranks"), py::arg("y"), py::arg("ldy"),
         py::arg("threads"), py::arg("isa") = "");
 
   m.def("record_bytes", [](int bits, int block, bool has_min, bool half_scales) {

@@ -91,7 +91,8 @@ struct Item {
 
 void lora_sgmv(const float* x, int64_t ldx, int64_t in, const float* A, const float* B, int64_t S, int64_t W,
                int64_t out, const int64_t* rows, int64_t n, int64_t T, const int64_t* segs, int64_t nseg,
-               const int64_t* parts, int64_t P, int64_t R, float* y, int64_t ldy, int threads, Isa isa) {
+               const int64_t* parts, int64_t P, int64_t R, const int64_t* ranks, float* y, int64_t ldy, int threads,
+               Isa isa) {
   if (in <= 0 || W <= 0 || out <= 0 || S <= 0 || R <= 0 || P <= 0 || P * R > W)
     throw std::invalid_argument("lora_sgmv: bad sizes");
   if (ldx < in || ldy < out) throw std::invalid_argument("lora_sgmv: row stride below the row length");
@@ -105,6 +106,8 @@ void lora_sgmv(const float* x, int64_t ldx, int64_t in, const float* A, const fl
     const int64_t slot = segs[3 * s], b = segs[3 * s + 1], e = segs[3 * s + 2];
     if (slot < 0 || slot >= S || b < 0 || b > e || e > n)
       throw std::invalid_argument("lora_sgmv: segment " + std::to_string(s) + " is out of range");
+    if (ranks && (ranks[slot] < 0 || ranks[slot] > R))
+      throw std::invalid_argument("lora_sgmv: slot " + std::to_string(slot) + " has a rank outside [0, R]");
     for (int64_t r = b; r < e; r += kRows) items.push_back({slot, r, std::min(e, r + kRows)});
   }
   if (items.empty()) return;
@@ -121,7 +124,20 @@ void lora_sgmv(const float* x, int64_t ldx, int64_t in, const float* A, const fl
       xr[r] = x + rows[it.begin + r] * ldx;
       hr[r] = scratch.data() + r * W;
     }
-    block(mr, xr, in, A + it.slot * in * W, W, W, hr);  // h = x @ A[slot]
+    // A slot's adapter may have a lower rank r than the stack's R: only each part's first r
+    // columns of A (rows of B) are non-zero, so only those are multiplied.
+    const int64_t r = ranks ? ranks[it.slot] : R;
+    if (r == 0) return;
+    const float* As = A + it.slot * in * W;
+    if (r == R) {
+      block(mr, xr, in, As, W, W, hr);  // h = x @ A[slot]
+    } else {
+      for (int64_t p = 0; p < P; ++p) {
+        float* hp[kRows];
+        for (int q = 0; q < mr; ++q) hp[q] = hr[q] + p * R;
+        block(mr, xr, in, As + p * R, W, r, hp);
+      }
+    }
     const float* Bs = B + it.slot * W * out;
     for (int64_t p = 0; p < P; ++p) {
       const int64_t col = parts[2 * p], width = parts[2 * p + 1];
@@ -131,7 +147,7 @@ void lora_sgmv(const float* x, int64_t ldx, int64_t in, const float* A, const fl
         hp[r] = hr[r] + p * R;
         yr[r] = y + rows[it.begin + r] * ldy + col;
       }
-      block(mr, hp, R, Bs + p * R * out + col, out, width, yr);  // y[:, part] += h_p @ B_p
+      block(mr, hp, r, Bs + p * R * out + col, out, width, yr);  // y[:, part] += h_p @ B_p
     }
   };
   const int64_t n_items = int64_t(items.size());

@@ -90,9 +90,12 @@ void qlinear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w
 // y[row, col_p : col_p + width_p] += (x[row] @ A[slot])[p*R : p*R+R] @ B[slot][p*R : p*R+R, col_p : ...]
 // for every part p of parts [P][2] = (col_p, width_p). A: [S][in][W], B: [S][W][out] fp32;
 // y: [T][ldy]. A row may appear in only one segment, once (items write y rows in parallel).
+// ranks [S] (or null: all R): a slot's adapter rank r <= R; columns r.. of each part's block
+// are zero and skipped.
 void lora_sgmv(const float* x, int64_t ldx, int64_t in, const float* A, const float* B, int64_t S, int64_t W,
                int64_t out, const int64_t* rows, int64_t n, int64_t T, const int64_t* segs, int64_t nseg,
-               const int64_t* parts, int64_t P, int64_t R, float* y, int64_t ldy, int threads, Isa isa);
+               const int64_t* parts, int64_t P, int64_t R, const int64_t* ranks, float* y, int64_t ldy,
+               int threads, Isa isa);
 
 // A measured int8 multiply-add peak for this ISA on the calling thread (GOP/s, 2 ops per
 // MAC), over its CPU time (so time slices lost to other processes do not count).

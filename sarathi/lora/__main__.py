@@ -25,6 +25,9 @@ def build_parser(prog: str = "python -m sarathi.lora") -> argparse.ArgumentParse
     t.add_argument("--base-quantization", default="none", choices=("none", "nf4", "int4"),
                    help="frozen base format: nf4 = bitsandbytes NF4 (QLoRA), int4 = 4-bit groups dequantised "
                         "per layer")
+    t.add_argument("--gradient-checkpointing", default="auto", choices=("auto", "on", "off"),
+                   help="recompute activations in the backward (less memory, ~1/3 more compute); auto: on for a "
+                        "4-bit base, as the QLoRA recipe does")
     t.add_argument("--max-length", type=int, default=512, help="tokens per training example (longer texts are "
                    "cut into windows)")
     t.add_argument("--batch-size", type=int, default=4)

@@ -71,6 +71,7 @@ class LoRAStack(torch.nn.Module):
         self.register_buffer("B", torch.zeros(num_slots, width, out_features, device=device), persistent=False)
         self.batch = batch
         self.part_cols = torch.tensor([[col, w] for _, col, w in self.parts], dtype=torch.int64)
+        self.slot_ranks = torch.zeros(num_slots, dtype=torch.int64)  # each slot's adapter rank (<= rank)
         self.native = lora_sgmv is not None and device.type == "cpu"
         # Else torch's grouped_mm, which wants 16-byte aligned strides (float32: multiples of 4)
         # and runs here on CPU; else a gather and bmm.
@@ -81,6 +82,8 @@ class LoRAStack(torch.nn.Module):
         """weights: hf module name -> (A [r, in], B [out, r] scaled); missing parts stay zero."""
         self.A[slot].zero_()
         self.B[slot].zero_()
+        self.slot_ranks[slot] = max((weights[name][0].shape[0] for name, _, _ in self.parts if name in weights),
+                                    default=0)
         for i, (name, col, width) in enumerate(self.parts):
             if name not in weights:
                 continue
@@ -96,7 +99,7 @@ class LoRAStack(torch.nn.Module):
             return y
         if self.native and y.dtype is torch.float32:
             return lora_sgmv(x if x.dtype is torch.float32 else x.float(), self.A, self.B, b.perm, b.segs,
-                             self.part_cols, self.rank, y)
+                             self.part_cols, self.rank, y, slot_ranks=self.slot_ranks)
         xs = x.index_select(0, b.perm).float()
         if self.grouped:
             delta = F.grouped_mm(F.grouped_mm(xs, self.A, offs=b.offs), self.B, offs=b.offs)

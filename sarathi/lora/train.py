@@ -53,6 +53,9 @@ class TrainOptions:
     device: str = "auto"
     resume: bool = True
     threads: Optional[int] = None
+    # Recompute each layer's activations in the backward instead of keeping them: the QLoRA
+    # recipe (peft's prepare_model_for_kbit_training turns it on). auto: on for a 4-bit base.
+    gradient_checkpointing: str = "auto"
 
 
 class Int4Linear(nn.Linear):
@@ -128,6 +131,8 @@ def load_base(opts: TrainOptions, model_dir: Path):
 def _check(opts: TrainOptions) -> None:
     if opts.base_quantization not in BASE_QUANTIZATIONS:
         raise ValueError(f"--base-quantization must be one of {', '.join(BASE_QUANTIZATIONS)}")
+    if opts.gradient_checkpointing not in ("auto", "on", "off"):
+        raise ValueError("--gradient-checkpointing must be auto, on or off")
     bad = [m for m in opts.target_modules if m not in LLAMA_LINEARS]
     if bad:
         raise ValueError(f"--target-modules {bad}: the model's linear layers are {', '.join(LLAMA_LINEARS)}")
@@ -155,6 +160,12 @@ def _datasets(opts: TrainOptions, tokenizer):
     train = encode_examples(train_rows, tokenizer, opts.max_length, opts.data)
     evals = encode_examples(eval_rows, tokenizer, opts.max_length, opts.eval_data or opts.data)
     return train, evals
+
+
+def _checkpointing(opts: TrainOptions) -> bool:
+    if opts.gradient_checkpointing == "auto":
+        return opts.base_quantization != "none"
+    return opts.gradient_checkpointing == "on"
 
 
 def train(opts: TrainOptions, progress: bool = True) -> dict:
@@ -193,7 +204,8 @@ def train(opts: TrainOptions, progress: bool = True) -> dict:
         save_strategy="steps", save_steps=opts.save_steps, save_total_limit=2, seed=opts.seed,
         data_seed=opts.seed, report_to=[], use_cpu=device == "cpu", dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding", disable_tqdm=not progress, remove_unused_columns=False,
-        label_names=["labels"], prediction_loss_only=True)
+        label_names=["labels"], prediction_loss_only=True, gradient_checkpointing=_checkpointing(opts),
+        gradient_checkpointing_kwargs={"use_reentrant": False})
     start = time.monotonic()
     history: List[dict] = []
 
