@@ -162,10 +162,13 @@ def _datasets(opts: TrainOptions, tokenizer):
     return train, evals
 
 
-def _checkpointing(opts: TrainOptions) -> bool:
-    if opts.gradient_checkpointing == "auto":
-        return opts.base_quantization != "none"
-    return opts.gradient_checkpointing == "on"
+def _checkpointing_args(opts: TrainOptions, args_cls) -> dict:
+    """TrainingArguments for activation (gradient) checkpointing, under this transformers' name."""
+    on = opts.base_quantization != "none" if opts.gradient_checkpointing == "auto" else \
+        opts.gradient_checkpointing == "on"
+    name = "activation_checkpointing" if "activation_checkpointing" in args_cls.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    return {name: on, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def train(opts: TrainOptions, progress: bool = True) -> dict:
@@ -204,8 +207,7 @@ def train(opts: TrainOptions, progress: bool = True) -> dict:
         save_strategy="steps", save_steps=opts.save_steps, save_total_limit=2, seed=opts.seed,
         data_seed=opts.seed, report_to=[], use_cpu=device == "cpu", dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding", disable_tqdm=not progress, remove_unused_columns=False,
-        label_names=["labels"], prediction_loss_only=True, gradient_checkpointing=_checkpointing(opts),
-        gradient_checkpointing_kwargs={"use_reentrant": False})
+        label_names=["labels"], prediction_loss_only=True, **_checkpointing_args(opts, TrainingArguments))
     start = time.monotonic()
     history: List[dict] = []
 
