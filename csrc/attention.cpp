@@ -113,141 +113,6 @@ inline __attribute__((always_inline)) void attend_row_body(
   }
 }
 
-// Several consecutive query rows of one sequence (R rows x G heads = NQ query vectors,
-// NQ a multiple of kPair) at once, for prefill chunks: each block of keys is transposed
-// once (kt [D][kKeyBlock]) and scored against every query vector with the keys along the
-// vector lanes, and each V row is loaded once for a pair of query vectors, so K and V are
-// read once per R rows instead of once per row. Row r (0-based in the group) sees keys
-// [0, n0 + r): causal. q: [NQ][D] fp32, pre-scaled; on return acc [NQ][D] holds the
-// unnormalised output and l [NQ] the softmax sums. DC: 64 or 128 (D fixed at compile time).
-constexpr int64_t kPair = 2;
-
-// 8 floats as a GCC vector: one ymm register where the function targets AVX2, two xmm in
-// the portable build.
-typedef float v8f __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
-inline __attribute__((always_inline)) v8f load8(const float* p) {
-  v8f r;
-  std::memcpy(&r, p, sizeof r);
-  return r;
-}
-inline __attribute__((always_inline)) v8f load8(const uint16_t* p) {  // bf16 -> fp32
-  v8h h;
-  std::memcpy(&h, p, sizeof h);
-  const v8u w = __builtin_convertvector(h, v8u) << 16;
-  v8f r;
-  std::memcpy(&r, &w, sizeof r);
-  return r;
-}
-inline __attribute__((always_inline)) void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
-constexpr int64_t kMaxRowGroup = 64;  // query vectors per group (R * G, padded): the transposed keys serve them all
-
-template <typename T, int DC>
-inline __attribute__((always_inline)) void attend_rows_body(const float* q, int64_t NQ, int64_t G, int64_t rows,
-                                                            int64_t n0, const T* k, const T* v, int64_t stride_token,
-                                                            float* kt, float* P, float* acc, float* l) {
-  constexpr int64_t D = DC;
-  constexpr int64_t KB = kKeyBlock;
-  float m[kMaxRowGroup];
-  for (int64_t i = 0; i < NQ; ++i) {
-    m[i] = -INFINITY;
-    l[i] = 0.0f;
-  }
-  std::fill(acc, acc + NQ * D, 0.0f);
-  const int64_t n_max = n0 + rows - 1;  // padding vectors (i >= rows * G) act as the last row
-  for (int64_t start = 0; start < n_max; start += KB) {
-    const int64_t nb = std::min(KB, n_max - start);
-    for (int64_t j = 0; j < nb; ++j) {
-      const T* kj = k + (start + j) * stride_token;
-      for (int64_t d = 0; d < D; ++d) kt[d * KB + j] = load(kj, d);
-    }
-    // Scores: P[i][j] = q_i . k_j, two query vectors per pass over kt (keys along the lanes).
-    for (int64_t i = 0; i < NQ; i += kPair) {
-      const float* q0 = q + i * D;
-      const float* q1 = q0 + D;
-      for (int64_t j0 = 0; j0 < nb; j0 += 32) {
-        v8f a0[4] = {}, a1[4] = {};
-        for (int64_t d = 0; d < D; ++d) {
-          const float* kr = kt + d * KB + j0;
-          const v8f x0 = v8f{} + q0[d], x1 = v8f{} + q1[d];
-#pragma GCC unroll 4
-          for (int u = 0; u < 4; ++u) {
-            const v8f kv = load8(kr + 8 * u);
-            a0[u] += x0 * kv;
-            a1[u] += x1 * kv;
-          }
-        }
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; ++u) {
-          store8(P + i * KB + j0 + 8 * u, a0[u]);
-          store8(P + (i + 1) * KB + j0 + 8 * u, a1[u]);
-        }
-      }
-    }
-    // Online softmax per query vector over its own causal limit; masked keys get p = 0.
-    for (int64_t i = 0; i < NQ; ++i) {
-      float* s = P + i * KB;
-      const int64_t valid = std::min(nb, std::max<int64_t>(0, n0 + std::min(i / G, rows - 1) - start));
-      if (valid == 0) {
-        std::fill(s, s + nb, 0.0f);
-        continue;
-      }
-      float mb = m[i];
-      for (int64_t j = 0; j < valid; ++j) mb = std::max(mb, s[j]);
-      const float corr = exp_nonpositive(m[i] - mb);
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < valid; ++j) {
-        s[j] = exp_nonpositive(s[j] - mb);
-        sum += s[j];
-      }
-      for (int64_t j = valid; j < nb; ++j) s[j] = 0.0f;
-      l[i] = l[i] * corr + sum;
-      m[i] = mb;
-      float* ai = acc + i * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) ai[d] *= corr;
-    }
-    // acc += P V: a pair of query vectors and 32 dims per pass, the V row loaded once for both.
-    for (int64_t i = 0; i < NQ; i += kPair) {
-      const float* p0 = P + i * KB;
-      const float* p1 = p0 + KB;
-      for (int64_t d0 = 0; d0 < D; d0 += 32) {
-        float* c0 = acc + i * D + d0;
-        float* c1 = c0 + D;
-        v8f a0[4], a1[4];
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; ++u) {
-          a0[u] = load8(c0 + 8 * u);
-          a1[u] = load8(c1 + 8 * u);
-        }
-        for (int64_t j = 0; j < nb; ++j) {
-          const T* vj = v + (start + j) * stride_token + d0;
-          const v8f w0 = v8f{} + p0[j], w1 = v8f{} + p1[j];
-#pragma GCC unroll 4
-          for (int u = 0; u < 4; ++u) {
-            const v8f x = load8(vj + 8 * u);
-            a0[u] += w0 * x;
-            a1[u] += w1 * x;
-          }
-        }
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; ++u) {
-          store8(c0 + 8 * u, a0[u]);
-          store8(c1 + 8 * u, a1[u]);
-        }
-      }
-    }
-  }
-}
-
-template <typename T, int DC>
-void attend_rows(const float* q, int64_t NQ, int64_t G, int64_t rows, int64_t n0, const T* k, const T* v,
-                 int64_t stride_token, float* kt, float* P, float* acc, float* l) {
-  attend_rows_body<T, DC>(q, NQ, G, rows, n0, k, v, stride_token, kt, P, acc, l);
-}
-
 template <typename T, int DC>
 void attend_row(const float* q, const T* k, const T* v, int64_t stride_token, int64_t n_keys, int64_t G,
                 int64_t D_runtime, float* scores, float* acc, float* out) {
@@ -269,34 +134,8 @@ __attribute__((target("avx2,fma"))) void attend_row_avx2(const float* q, const T
 #define VATTN_DISPATCH_AVX2 0
 #endif
 
-#if VATTN_DISPATCH_AVX2
-template <typename T, int DC>
-__attribute__((target("avx2,fma"))) void attend_rows_avx2(const float* q, int64_t NQ, int64_t G, int64_t rows,
-                                                          int64_t n0, const T* k, const T* v, int64_t stride_token,
-                                                          float* kt, float* P, float* acc, float* l) {
-  attend_rows_body<T, DC>(q, NQ, G, rows, n0, k, v, stride_token, kt, P, acc, l);
-}
-#endif
-
 template <typename T>
 using RowFn = void (*)(const float*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, float*, float*, float*);
-template <typename T>
-using RowsFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const T*, const T*, int64_t, float*, float*,
-                        float*, float*);
-
-// The multi-row kernel for head_dim 64 / 128 (null otherwise: rows go one at a time).
-template <typename T>
-RowsFn<T> rows_kernel(int64_t head_dim) {
-#if VATTN_DISPATCH_AVX2
-  static const bool avx2 = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  if (avx2)
-    return head_dim == 64 ? &attend_rows_avx2<T, 64> : head_dim == 128 ? &attend_rows_avx2<T, 128> : nullptr;
-#endif
-  return head_dim == 64 ? &attend_rows<T, 64> : head_dim == 128 ? &attend_rows<T, 128> : nullptr;
-}
 
 template <typename T>
 RowFn<T> row_kernel(int64_t head_dim) {
@@ -413,19 +252,10 @@ void AttentionPlan::run_typed(const T* q, const T* kn, const T* vn, T* out, T* k
     });
   }
 
-  // Prefill rows go R at a time through the multi-row kernel (R * G query vectors, padded
-  // to a pair, at most kMaxRowGroup); decodes and other head sizes one row at a time.
-  const RowsFn<T> attend_rows_fn = rows_kernel<T>(D);
-  const int64_t R = std::max<int64_t>(1, std::min<int64_t>(kQueryBlock, kMaxRowGroup / G));
-  const int64_t NQmax = (R * G + kPair - 1) / kPair * kPair;
-  const bool multi = attend_rows_fn != nullptr && NQmax <= kMaxRowGroup;
-
   // Work items: (sequence, KV head, block of query rows).
   pool.run(item_start[nseq], threads, [&](int64_t it) {
     thread_local std::vector<float> buf;
-    const size_t row_floats = size_t(G * kKeyBlock + 3 * G * D);
-    const size_t multi_floats = multi ? size_t(D * kKeyBlock + NQmax * kKeyBlock + 2 * NQmax * D + NQmax) : 0;
-    buf.resize(row_floats + multi_floats);
+    buf.resize(G * kKeyBlock + 3 * G * D);
     float* scores = buf.data();
     float* acc = scores + G * kKeyBlock;
     float* qrow = acc + G * D;
@@ -437,33 +267,7 @@ void AttentionPlan::run_typed(const T* q, const T* kn, const T* vn, T* out, T* k
     const T* k = kc + slots_[i] * c.stride_slot + h * c.stride_head;
     const T* v = vc + slots_[i] * c.stride_slot + h * c.stride_head;
     const int64_t r_end = std::min(qlen, (qb + 1) * kQueryBlock);
-    int64_t r = qb * kQueryBlock;
-    if (multi) {
-      float* kt = buf.data() + row_floats;
-      float* P = kt + D * kKeyBlock;
-      float* qm = P + NQmax * kKeyBlock;
-      float* am = qm + NQmax * D;
-      float* lm = am + NQmax * D;
-      for (; r_end - r >= 2; r += R) {
-        const int64_t rows = std::min(R, r_end - r);
-        const int64_t nq = rows * G, NQ = (nq + kPair - 1) / kPair * kPair;
-        for (int64_t rr = 0; rr < rows; ++rr) {
-          const T* qt = q + ((token_start[i] + r + rr) * Hq + h * G) * D;
-          for (int64_t e = 0; e < G * D; ++e) qm[rr * G * D + e] = load(qt, e) * scale;
-        }
-        std::fill(qm + nq * D, qm + NQ * D, 0.0f);  // padding vector: scored, never written out
-        attend_rows_fn(qm, NQ, G, rows, ctx + r + 1, k, v, c.stride_token, kt, P, am, lm);
-        for (int64_t rr = 0; rr < rows; ++rr) {
-          T* ot = out + ((token_start[i] + r + rr) * Hq + h * G) * D;
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t e0 = (rr * G + g) * D;
-            const float inv = 1.0f / lm[rr * G + g];
-            for (int64_t d = 0; d < D; ++d) store(ot, g * D + d, am[e0 + d] * inv);
-          }
-        }
-      }
-    }
-    for (; r < r_end; ++r) {
+    for (int64_t r = qb * kQueryBlock; r < r_end; ++r) {
       const int64_t t = token_start[i] + r;
       const T* qt = q + (t * Hq + h * G) * D;
       for (int64_t e = 0; e < G * D; ++e) qrow[e] = load(qt, e) * scale;

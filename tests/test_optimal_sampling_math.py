@@ -108,7 +108,7 @@ def test_diagnostics_balance_at_alpha_star():
 
 
 def test_batched_diagnostics_equal_row_by_row():
-    """The engine's batched diagnostics and the Newton solver agree with the one-row forms:
+    """The engine's batched diagnostics and the batched solver agree with the one-row forms:
     random rows, α at 0, 1, α* and in between, tokens one side rules out (−inf), disjoint supports."""
     from sarathi.optimal_sampling.kl import diagnostics_rows
 
