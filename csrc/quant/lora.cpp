@@ -115,19 +115,19 @@ void lora_sgmv(const float* x, int64_t ldx, int64_t in, const float* A, const fl
 
   auto run_item = [&](int64_t i) {
     const Item& it = items[size_t(i)];
+    // A slot's adapter may have a lower rank r than the stack's R: only each part's first r
+    // columns of A (rows of B) are non-zero, so only those are multiplied.
+    const int64_t r = ranks ? ranks[it.slot] : R;
+    if (r == 0) return;
     const int mr = int(it.end - it.begin);
     thread_local std::vector<float> scratch;
     scratch.assign(size_t(kRows * W), 0.0f);
     const float* xr[kRows];
     float* hr[kRows];
-    for (int r = 0; r < mr; ++r) {
-      xr[r] = x + rows[it.begin + r] * ldx;
-      hr[r] = scratch.data() + r * W;
+    for (int q = 0; q < mr; ++q) {
+      xr[q] = x + rows[it.begin + q] * ldx;
+      hr[q] = scratch.data() + q * W;
     }
-    // A slot's adapter may have a lower rank r than the stack's R: only each part's first r
-    // columns of A (rows of B) are non-zero, so only those are multiplied.
-    const int64_t r = ranks ? ranks[it.slot] : R;
-    if (r == 0) return;
     const float* As = A + it.slot * in * W;
     if (r == R) {
       block(mr, xr, in, As, W, W, hr);  // h = x @ A[slot]
@@ -143,9 +143,9 @@ void lora_sgmv(const float* x, int64_t ldx, int64_t in, const float* A, const fl
       const int64_t col = parts[2 * p], width = parts[2 * p + 1];
       const float* hp[kRows];
       float* yr[kRows];
-      for (int r = 0; r < mr; ++r) {
-        hp[r] = hr[r] + p * R;
-        yr[r] = y + rows[it.begin + r] * ldy + col;
+      for (int q = 0; q < mr; ++q) {
+        hp[q] = hr[q] + p * R;
+        yr[q] = y + rows[it.begin + q] * ldy + col;
       }
       block(mr, hp, r, Bs + p * R * out + col, out, width, yr);  // y[:, part] += h_p @ B_p
     }

@@ -26,12 +26,11 @@ logger = logging.getLogger("sarathi")
 
 
 class Target:
-    """π_t for the sequences that name it: runs their rows, owns their KV in π_t."""
+    """π_t for the sequences that name it: owns their KV in π_t. A target on the engine's own
+    runner (AdapterTarget) gives `group`, rows for the model's forward; another model
+    (ModelTarget) runs them itself with `execute`."""
 
     name: str
-
-    def execute(self, seqs: List[RunSeq], num_prefills: int) -> torch.Tensor:
-        raise NotImplementedError
 
     def free_slot(self, slot: int) -> None:
         self.kv.free_slot(slot)
@@ -52,10 +51,6 @@ class AdapterTarget(Target):
     def group(self, seqs: List[RunSeq], num_prefills: int):
         """The rows to run beside the model's in one forward (ModelRunner.execute's extra)."""
         return [dataclasses.replace(s, lora_name=self.adapter) for s in seqs], num_prefills, self.kv
-
-    def execute(self, seqs: List[RunSeq], num_prefills: int) -> torch.Tensor:
-        rows, _, kv = self.group(seqs, num_prefills)
-        return self.runner.execute(rows, num_prefills, kv=kv)
 
 
 class ModelTarget(Target):
