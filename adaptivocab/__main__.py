@@ -1,4 +1,4 @@
-"""python -m adaptivocab {build,patch-model,finetune,evaluate} ..."""
+"""python -m adaptivocab {build,patch-model,teacher-targets,finetune,evaluate} ..."""
 from __future__ import annotations
 
 import argparse
@@ -68,9 +68,32 @@ def _finetune(args) -> None:
     cfg = FinetuneConfig(
         train=[p.strip() for p in args.train.split(",") if p.strip()], seq_len=args.seq_len, batch_size=args.batch_size,
         lr=args.lr, max_tokens=args.max_tokens, max_minutes=args.max_minutes, eval_every=args.eval_every,
-        eval_bytes=args.eval_bytes, save_every=args.save_every, seed=args.seed, bf16=args.bf16, threads=args.threads)
+        eval_bytes=args.eval_bytes, save_every=args.save_every, seed=args.seed, bf16=args.bf16, threads=args.threads,
+        teacher_targets=args.teacher_targets, teacher_weight=args.teacher_weight)
     out = finetune(args.model, args.corpus, args.out, cfg, eval_corpus=args.eval_corpus, overwrite=args.overwrite)
     print(f"fine-tuned model -> {out}")
+
+
+def _teacher_targets(args) -> None:
+    from adaptivocab.teacher import TeacherConfig, make_targets
+
+    cfg = TeacherConfig(top_k=args.top_k, expand_per_position=args.expand, min_mass=args.min_mass, bf16=args.bf16)
+    stats = make_targets(args.model, args.corpus, args.out, cfg, seq_len=args.seq_len, seed=args.seed,
+                         max_blocks=args.max_blocks, max_minutes=args.max_minutes, base=args.base, threads=args.threads)
+    print(f"teacher targets: {stats['computed']} new blocks ({stats['tokens']} positions) in {stats['minutes']:.1f} min, "
+          f"{stats['cached_blocks']} cached in all; mean uncovered mass {stats.get('mean_uncovered', 0):.4f}, "
+          f"mean mass outside top-{args.top_k} {stats.get('mean_rest', 0):.4f} -> {args.out}")
+
+
+def weight(text: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
 
 
 def _evaluate(args) -> None:
@@ -121,8 +144,30 @@ def main(argv=None) -> None:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
     f.add_argument("--threads", type=positive_int, default=None)
+    f.add_argument("--teacher-targets", default=None,
+                   help="directory made by teacher-targets: train on its blocks with the base model's targets")
+    f.add_argument("--teacher-weight", type=weight, default=0.5,
+                   help="loss = (1 - w) * next-token CE + w * CE to the teacher targets")
     f.add_argument("--overwrite", action="store_true", help="replace an earlier output of this tool at --out")
     f.set_defaults(func=_finetune)
+
+    t = sub.add_parser("teacher-targets",
+                       help="the base model's next-token distributions in patched tokens, for distillation")
+    t.add_argument("--model", required=True, help="patched model directory (its base is the teacher)")
+    t.add_argument("--base", default=None, help="teacher model (default: the base the patched model names)")
+    t.add_argument("--corpus", required=True, nargs="+", help="the fine-tuning corpus")
+    t.add_argument("--out", required=True, help="cache directory (extended if it exists with the same settings)")
+    t.add_argument("--seq-len", type=positive_int, default=256, help="as the fine-tune's --seq-len")
+    t.add_argument("--seed", type=int, default=0, help="as the fine-tune's --seed: blocks go in its order")
+    t.add_argument("--max-blocks", type=positive_int, default=1000, help="blocks to cover, from the start of the order")
+    t.add_argument("--max-minutes", type=positive_float, default=30.0)
+    t.add_argument("--top-k", type=positive_int, default=32, help="patched tokens stored per position")
+    t.add_argument("--expand", type=float, default=4.0,
+                   help="off-text n-gram prefixes evaluated per position (average over a block)")
+    t.add_argument("--min-mass", type=float, default=1e-3, help="prefixes below this probability are not evaluated")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast for the teacher passes")
+    t.add_argument("--threads", type=positive_int, default=None)
+    t.set_defaults(func=_teacher_targets)
 
     e = sub.add_parser("evaluate", help="tokens/byte, bits/byte, n-token share and engine bytes/s")
     e.add_argument("--base", required=True)

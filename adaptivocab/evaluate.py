@@ -196,8 +196,11 @@ def _speed(base_dir, base_tok, patched_dir, label, patch_tok, texts, max_tokens,
             if isinstance(tok, PatchTokenizer):
                 entry["ngram_share"] = sum(tok.is_ngram(t) for ids in token_ids for t in ids) / max(1, n_tokens)
                 # What the tokenizer would spend on the same text: the room the model leaves unused.
-                reencoded = sum(len(tok.encode(t, add_special_tokens=False)) for t in texts_out)
-                entry["bytes_per_token_reencoded"] = n_bytes / max(1, reencoded)
+                reencoded = [tok.encode(t, add_special_tokens=False) for t in texts_out]
+                n_reencoded = sum(len(ids) for ids in reencoded)
+                entry["bytes_per_token_reencoded"] = n_bytes / max(1, n_reencoded)
+                entry["ngram_share_reencoded"] = sum(tok.is_ngram(t) for ids in reencoded for t in ids) / max(1, n_reencoded)
+                entry["ngram_share_vs_reencoded"] = entry["ngram_share"] / max(1e-12, entry["ngram_share_reencoded"])
             per_c[str(c)] = entry
         result["models"][name] = per_c
     base_m, patched_m = result["models"]["base"], result["models"][label]
@@ -219,12 +222,13 @@ def _print_table(r: dict) -> None:
         print(f"\ngeneration ({s['backend']}, c requests together x {s['max_tokens']} tokens each, greedy, "
               f"fastest of {s['rounds']} alternating rounds)")
         print(f"{'model':<24}{'conc.':>6}{'bytes/s':>10}{'tokens/s':>10}{'bytes/token':>12}{'n-token share':>15}"
-              f"{'re-encoded b/t':>16}")
+              f"{'re-encoded b/t':>16}{'share re-enc.':>15}")
         for name, per_c in s["models"].items():
             for c, e in per_c.items():
                 share, reenc = e.get("ngram_share"), e.get("bytes_per_token_reencoded")
                 print(f"{name:<24}{c:>6}{e['bytes_per_s']:>10.1f}{e['tokens_per_s']:>10.2f}{e['bytes_per_token']:>12.2f}"
-                      f"{'' if share is None else f'{share:.1%}':>15}{'' if reenc is None else f'{reenc:.2f}':>16}")
+                      f"{'' if share is None else f'{share:.1%}':>15}{'' if reenc is None else f'{reenc:.2f}':>16}"
+                      f"{'' if share is None else format(e['ngram_share_reencoded'], '.1%'):>15}")
         for c, x in s["speedup_bytes_per_s"].items():
             print(f"concurrency {c}: bytes/s {x:.2f}x = bytes/token {s['ratio_bytes_per_token'][c]:.2f}x "
                   f"* tokens/s {s['ratio_tokens_per_s'][c]:.2f}x (patched / base)")

@@ -1,5 +1,9 @@
 """Light fine-tuning of a patched model on CPU: embeddings, LM head, first and last layers.
 
+With teacher targets (adaptivocab.teacher), half of each batch comes from the blocks whose
+targets were computed, and the loss is (1 - w) * next-token cross-entropy over the batch
+plus w * cross-entropy to the base model's full next-token distribution on those blocks.
+
 The corpus is encoded with the patched tokenizer and cut into blocks of `seq_len` tokens,
 visited in a seeded random order. Only the chosen parts train (the rest is frozen, but
 gradients still flow through it down to the first layer and the embeddings). Training
@@ -28,6 +32,7 @@ from adaptivocab.metrics import bits_per_byte, heldout_sample
 from adaptivocab.outdir import check_output_dir, is_our_output, staged_output_dir, write_marker
 from adaptivocab.patch_model import write_model_files
 from adaptivocab.patch_tokenizer import PatchTokenizer, is_patch_tokenizer_dir
+from adaptivocab.teacher import open_targets, teacher_loss
 
 TRAINABLE_PARTS = ("embeddings", "lm_head", "first_layer", "last_layer", "norm", "all")
 
@@ -47,6 +52,8 @@ class FinetuneConfig:
     seed: int = 0
     bf16: bool = False
     threads: Optional[int] = None
+    teacher_targets: Optional[str] = None   # a teacher-targets directory: train on its blocks, with its targets
+    teacher_weight: float = 0.5             # loss = (1 - w) * one-hot CE + w * CE to the teacher's targets
 
     def __post_init__(self):
         check_train_parts(self.train)
@@ -56,6 +63,8 @@ class FinetuneConfig:
         if not (self.lr > 0 and self.max_minutes > 0 and self.warmup_steps >= 0):
             raise ValueError(f"lr and max_minutes must be > 0 and warmup_steps >= 0, got {self.lr}, "
                              f"{self.max_minutes}, {self.warmup_steps}")
+        if not 0.0 <= self.teacher_weight <= 1.0:
+            raise ValueError(f"teacher_weight must be in [0, 1], got {self.teacher_weight}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
@@ -178,6 +187,14 @@ def finetune(model_dir: Union[str, Path], corpus: Sequence[Union[str, Path]], ou
     tokens_per_step = cfg.batch_size * cfg.seq_len
     total_steps = max(1, cfg.max_tokens // tokens_per_step)
     order = np.random.default_rng(cfg.seed).permutation(len(blocks))
+    teacher, n_teacher = None, 0
+    if cfg.teacher_targets:
+        # Half of each batch (rounded up) cycles through the blocks that have teacher targets,
+        # the rest goes through the corpus as without a teacher.
+        teacher = open_targets(cfg.teacher_targets, tok, blocks)
+        pool = np.array(teacher.blocks(), dtype=np.int64)
+        pool = pool[np.random.default_rng(cfg.seed + 1).permutation(len(pool))]
+        n_teacher = (cfg.batch_size + 1) // 2
 
     state = {"step": 0, "tokens_seen": 0, "minutes": 0.0, "curve": [], "config": asdict(cfg),
              "trainable_params": int(sum(p.numel() for p in params)), "corpus_tokens": int(blocks.size)}
@@ -201,11 +218,20 @@ def finetune(model_dir: Union[str, Path], corpus: Sequence[Union[str, Path]], ou
     bar = tqdm(total=total_steps, initial=state["step"], desc="fine-tuning", unit="step")
     step = state["step"]
     while step < total_steps and (time.perf_counter() - start) / 60 < cfg.max_minutes:
-        idx = order[(np.arange(cfg.batch_size) + step * cfg.batch_size) % len(blocks)]
+        n_corpus = cfg.batch_size - n_teacher
+        idx = order[(np.arange(n_corpus) + step * n_corpus) % len(order)]
+        if teacher is not None:
+            idx = np.concatenate([pool[(np.arange(n_teacher) + step * n_teacher) % len(pool)], idx])
         batch = torch.from_numpy(blocks[idx])
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = model(input_ids=batch, labels=batch).loss
+            logits = model(input_ids=batch).logits[:, :-1]
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss = ce
+        if teacher is not None:
+            t = [teacher.load(int(b)) for b in idx[:n_teacher]]
+            kd = teacher_loss(logits[:n_teacher], *(torch.stack([x[k] for x in t]) for k in ("idx", "prob", "rest")))
+            loss = (1 - cfg.teacher_weight) * ce + cfg.teacher_weight * kd
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
@@ -216,11 +242,13 @@ def finetune(model_dir: Union[str, Path], corpus: Sequence[Union[str, Path]], ou
         state["step"], state["tokens_seen"] = step, state["tokens_seen"] + batch.numel()
         state["minutes"] = (time.perf_counter() - start) / 60
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{batch.numel() / (time.perf_counter() - t0):.0f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", ce=f"{ce.item():.3f}", **({"kd": f"{kd.item():.3f}"} if teacher is not None else {}),
+                        tok_s=f"{batch.numel() / (time.perf_counter() - t0):.0f}")
         if eval_text is not None and step % cfg.eval_every == 0:
             bpb = bits_per_byte(model, tok, eval_text)
             state["curve"].append({"step": step, "tokens": state["tokens_seen"], "minutes": state["minutes"],
-                                   "bits_per_byte": bpb, "loss": loss.item()})
+                                   "bits_per_byte": bpb, "loss": loss.item(), "ce": ce.item(),
+                                   **({"teacher_ce": kd.item()} if teacher is not None else {})})
             bar.write(f"step {step}: {state['tokens_seen']} tokens, {state['minutes']:.1f} min, held-out bits/byte {bpb:.4f}")
         if step % cfg.save_every == 0:
             _save_checkpoint(ckpt, model, names, opt, state)

@@ -144,6 +144,7 @@ class RequestResult:
     error: str = ""
     prompt_len: int = 0
     output_len: int = 0
+    output_bytes: int = 0    # UTF-8 bytes of the streamed text (compares tokenizers: bytes/s)
     ttft: float = 0.0
     e2e: float = 0.0
     itl: List[float] = field(default_factory=list)   # gaps between content chunks
@@ -209,6 +210,7 @@ async def send_request(client: httpx.AsyncClient, url: str, headers: Dict[str, s
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         res.error = f"{type(e).__name__}: {e}"
         return res
+    res.output_bytes = len("".join(text).encode("utf-8"))
     if usage and usage.get("completion_tokens"):
         res.output_len = int(usage["completion_tokens"])
         res.prompt_len = int(usage.get("prompt_tokens") or res.prompt_len)
@@ -305,6 +307,8 @@ def summarize(args, results: List[RequestResult], duration: float) -> Dict[str, 
         "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
         "request_throughput": len(ok) / duration,
         "output_throughput": out_tokens / duration,
+        "total_output_bytes": sum(r.output_bytes for r in ok),
+        "output_byte_throughput": sum(r.output_bytes for r in ok) / duration,
         "total_token_throughput": (in_tokens + out_tokens) / duration,
         "ttft_ms": _stats([r.ttft for r in ok]),
         "tpot_ms": _stats([r.tpot for r in ok if r.tpot is not None]),
@@ -312,7 +316,8 @@ def summarize(args, results: List[RequestResult], duration: float) -> Dict[str, 
         "e2e_ms": _stats([r.e2e for r in ok]),
         "goodput_slos_ms": slos,
         "goodput": (sum(meets(r) for r in ok) / duration) if slos else None,
-        "per_request": [{"prompt_len": r.prompt_len, "output_len": r.output_len, "ttft": r.ttft,
+        "per_request": [{"prompt_len": r.prompt_len, "output_len": r.output_len, "output_bytes": r.output_bytes,
+                         "ttft": r.ttft,
                          "tpot": r.tpot, "e2e": r.e2e} for r in results],
     }
     return summary
@@ -324,6 +329,7 @@ def print_table(s: Dict[str, Any]) -> None:
             ("Total input tokens", s["total_input_tokens"]), ("Total output tokens", s["total_output_tokens"]),
             ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
             ("Output token throughput (tok/s)", f"{s['output_throughput']:.2f}"),
+            ("Output byte throughput (bytes/s)", f"{s['output_byte_throughput']:.2f}"),
             ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}")]
     if s["goodput"] is not None:
         rows.append((f"Goodput (req/s) {s['goodput_slos_ms']}", f"{s['goodput']:.2f}"))

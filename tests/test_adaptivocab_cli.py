@@ -321,3 +321,31 @@ def test_corrupt_model_directory_files_are_named(env, tmp_path, capsys, name, co
     args[args.index("--model") + 1] = str(model)
     assert_clean_error(*run(args, capsys), message, str(model / name))
     assert not (tmp_path / "out").exists()
+
+
+def test_teacher_targets_and_distillation_bad_input(env, tmp_path, capsys):
+    """teacher-targets / finetune --teacher-targets: each bad input is one error line, nothing half-written."""
+    t = ["teacher-targets", "--corpus", env["corpus"], "--seq-len", 16, "--max-blocks", 2]
+    code, err = run([*t, "--model", env["base"], "--out", tmp_path / "a"], capsys)
+    assert_clean_error(code, err, "not a patched model directory")
+    foreign = user_dir(tmp_path / "mine")
+    before = snapshot(foreign)
+    code, err = run([*t, "--model", env["patched"], "--out", foreign], capsys)
+    assert_clean_error(code, err, "not empty")
+    assert snapshot(foreign) == before
+    code, err = run([*t, "--model", env["patched"], "--out", tmp_path / "b", "--expand", "-1"], capsys)
+    assert_clean_error(code, err, "expand_per_position")
+    code, err = run([*t, "--model", env["patched"], "--out", tmp_path / "t"], capsys)
+    assert code in (0, None), err
+    ft = ["finetune", "--model", env["patched"], "--corpus", env["corpus"], "--seq-len", 16, "--batch-size", 2,
+          "--max-tokens", 64, "--train", "lm_head"]
+    code, err = run([*ft, "--teacher-targets", tmp_path / "nothing", "--out", tmp_path / "ft1"], capsys)
+    assert_clean_error(code, err, "holds no teacher targets")
+    code, err = run([*ft[:6], 32, *ft[7:], "--teacher-targets", tmp_path / "t", "--out", tmp_path / "ft2"], capsys)
+    assert_clean_error(code, err, "seq_len")
+    code, err = run([*ft, "--teacher-targets", tmp_path / "t", "--teacher-weight", "1.5", "--out", tmp_path / "ft3"],
+                    capsys)
+    assert code == 2 and "must be in [0, 1]" in err
+    code, err = run([*ft, "--teacher-targets", tmp_path / "t", "--out", tmp_path / "ft4"], capsys)
+    assert code in (0, None), err
+    assert not (tmp_path / "ft1").exists() and not (tmp_path / "ft2").exists()

@@ -32,7 +32,13 @@ def read_calibration_text(path) -> str:
 
 
 def load_token_encoder(model_dir: Path) -> Callable[[List[str]], List[List[int]]]:
-    """A batch encoder (no special tokens) from the model's tokenizer.json, else AutoTokenizer."""
+    """A batch encoder (no special tokens): the model's AdaptiVocab patch tokenizer when it has one
+    (the model reads patched ids), else its tokenizer.json, else AutoTokenizer."""
+    from sarathi.transformers_utils.tokenizer import load_patch_tokenizer
+
+    patch = load_patch_tokenizer(Path(model_dir))
+    if patch is not None:
+        return patch.encode_many
     tj = Path(model_dir) / "tokenizer.json"
     if tj.is_file():
         from tokenizers import Tokenizer

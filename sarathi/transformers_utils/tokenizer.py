@@ -6,16 +6,23 @@ from pathlib import Path
 from typing import Optional
 
 
+def load_patch_tokenizer(model_dir: Path):
+    """The PatchTokenizer of a patched model directory, or None when it is not one."""
+    try:
+        import adaptivocab
+    except ImportError:
+        return None
+    if not adaptivocab.is_patch_tokenizer_dir(model_dir):
+        return None
+    return adaptivocab.PatchTokenizer.from_pretrained(str(model_dir))
+
+
 def get_tokenizer(model_dir: Path, patch_tokenizer: Optional[str] = None):
     if patch_tokenizer is None:
-        try:
-            import adaptivocab
-        except ImportError:
-            adaptivocab = None
-        if adaptivocab is not None and hasattr(adaptivocab, "is_patch_tokenizer_dir") \
-                and adaptivocab.is_patch_tokenizer_dir(model_dir):
-            patch_tokenizer = str(model_dir)
-    if patch_tokenizer is not None:
+        patched = load_patch_tokenizer(Path(model_dir))
+        if patched is not None:
+            return patched
+    else:
         path = Path(patch_tokenizer).expanduser()
         if not path.is_dir():
             raise ValueError(f"patch tokenizer directory {patch_tokenizer!r} does not exist")
