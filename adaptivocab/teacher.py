@@ -97,14 +97,8 @@ class NgramTrie:
         self.max_depth = int(self.depth.max()) if n > 1 else 0
 
 
-def patched_distribution(trie: NgramTrie, root_probs: np.ndarray, cond: Dict[int, np.ndarray]) -> Tuple[np.ndarray, float]:
-    """(target over patched ids, uncovered mass) at one position.
-
-    `root_probs` is the base's next-token distribution (removed ids already zero);
-    `cond[u]` gives, for an evaluated prefix node u, the base's probabilities of u's trie
-    children's last tokens after the context followed by u.
-    """
-    target = root_probs.astype(np.float64, copy=True)
+def _prefix_masses(trie: NgramTrie, root_probs: np.ndarray, cond: Dict[int, np.ndarray]):
+    """(P(prefix) of each evaluated node, and its children's conditional probabilities), root included."""
     mass = {0: 1.0}
     child_p = {0: root_probs[trie.child_tokens[0]].astype(np.float64)}
     for u in sorted(cond, key=lambda v: trie.depth[v]):
@@ -113,6 +107,18 @@ def patched_distribution(trie: NgramTrie, root_probs: np.ndarray, cond: Dict[int
             raise ValueError(f"prefix node {u} was evaluated but its parent {parent} was not")
         mass[u] = mass[parent] * child_p[parent][trie.child_index[u]]
         child_p[u] = cond[u]
+    return mass, child_p
+
+
+def patched_distribution(trie: NgramTrie, root_probs: np.ndarray, cond: Dict[int, np.ndarray]) -> Tuple[np.ndarray, float]:
+    """(target over patched ids, uncovered mass) at one position.
+
+    `root_probs` is the base's next-token distribution (removed ids already zero);
+    `cond[u]` gives, for an evaluated prefix node u, the base's probabilities of u's trie
+    children's last tokens after the context followed by u.
+    """
+    target = root_probs.astype(np.float64, copy=True)
+    mass, child_p = _prefix_masses(trie, root_probs, cond)
     uncovered = 0.0
     evaluated = np.fromiter(cond, dtype=np.int64, count=len(cond))
     for u, m in mass.items():
@@ -190,11 +196,7 @@ def block_targets(model, tok: PatchTokenizer, trie: NgramTrie, block: Sequence[i
             break
         cands = []   # (mass, position, node)
         for j in positions:
-            mass = {0: 1.0}
-            child_p = {0: root[j][trie.child_tokens[0]]}
-            for u in sorted(cond[j], key=lambda v: trie.depth[v]):
-                mass[u] = mass[int(trie.parent[u])] * child_p[int(trie.parent[u])][trie.child_index[u]]
-                child_p[u] = cond[j][u]
+            mass, child_p = _prefix_masses(trie, root[j], cond[j])
             for u, m in mass.items():
                 kids = trie.children[u]
                 cm = m * child_p[u]
