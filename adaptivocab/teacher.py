@@ -17,8 +17,10 @@ these come free from one forward pass over the block. Off the text, prefixes are
 evaluated best first by probability mass, in rounds (a round's prefixes extend the last
 round's), each round one forward pass of new tokens over the block's KV cache with a
 tree attention mask. Prefixes left unevaluated (mass below `min_mass`, or beyond the
-budget) keep their mass on the shorter token; that mass is recorded per position as
-`uncovered`, a bound on the total-variation error of the target. Removed base tokens
+budget) leave the split of their mass unknown: that mass (recorded per position as
+`uncovered`) and the probabilities of the tokens it could go to (the prefix's holder, the
+shorter token the text would end on, and every n-token below the prefix) go unlisted, into
+the `rest` outcome, so the targets are exact, only coarser there. Removed base tokens
 (their ids now name n-tokens) get no mass: each conditional is renormalised without them.
 
 Targets are stored sparse: the `top_k` most likely patched tokens of each position, with
@@ -95,6 +97,17 @@ class NgramTrie:
             self.child_index[c] = np.arange(len(c))
         self.has_children = np.array([len(c) > 0 for c in self.children])
         self.max_depth = int(self.depth.max()) if n > 1 else 0
+        # holder: the patched token that ends the match when the text stops after the node's prefix
+        # (the node's own n-token, else the longest table prefix, else the first token).
+        self.holder = np.full(n, -1, dtype=np.int64)
+        below: List[List[int]] = [[] for _ in range(n)]
+        for path, u in sorted(nodes.items(), key=lambda kv: len(kv[0])):
+            if path:
+                self.holder[u] = table.get(path, path[0] if len(path) == 1 else self.holder[self.parent[u]])
+            if path in table:
+                for k in range(1, len(path)):
+                    below[nodes[path[:k]]].append(table[path])
+        self.descendants = [np.array(b, dtype=np.int64) for b in below]   # n-token ids strictly below
 
 
 def _prefix_masses(trie: NgramTrie, root_probs: np.ndarray, cond: Dict[int, np.ndarray]):
@@ -110,16 +123,20 @@ def _prefix_masses(trie: NgramTrie, root_probs: np.ndarray, cond: Dict[int, np.n
     return mass, child_p
 
 
-def patched_distribution(trie: NgramTrie, root_probs: np.ndarray, cond: Dict[int, np.ndarray]) -> Tuple[np.ndarray, float]:
-    """(target over patched ids, uncovered mass) at one position.
+def patched_distribution(trie: NgramTrie, root_probs: np.ndarray,
+                         cond: Dict[int, np.ndarray]) -> Tuple[np.ndarray, float, np.ndarray]:
+    """(target over patched ids, uncovered mass, unsure ids) at one position.
 
     `root_probs` is the base's next-token distribution (removed ids already zero);
     `cond[u]` gives, for an evaluated prefix node u, the base's probabilities of u's trie
-    children's last tokens after the context followed by u.
+    children's last tokens after the context followed by u. The mass of a prefix that was
+    not evaluated is left on its holder; the holder and every n-token below the prefix are
+    the unsure ids: their own probabilities are unknown, only their sum is exact.
     """
     target = root_probs.astype(np.float64, copy=True)
     mass, child_p = _prefix_masses(trie, root_probs, cond)
     uncovered = 0.0
+    unsure: List[np.ndarray] = []
     evaluated = np.fromiter(cond, dtype=np.int64, count=len(cond))
     for u, m in mass.items():
         kids = trie.children[u]
@@ -127,10 +144,14 @@ def patched_distribution(trie: NgramTrie, root_probs: np.ndarray, cond: Dict[int
         is_ngram = trie.ngram_id[kids] >= 0
         np.add.at(target, trie.ngram_id[kids[is_ngram]], cm[is_ngram])
         np.subtract.at(target, trie.fallback[kids[is_ngram]], cm[is_ngram])
-        open_ = trie.has_children[kids] & ~np.isin(kids, evaluated)
+        open_ = trie.has_children[kids] & ~np.isin(kids, evaluated) & (cm > 0)
         uncovered += float(cm[open_].sum())
+        for v in kids[open_]:
+            unsure.append(trie.descendants[v])
+            unsure.append(trie.holder[v:v + 1])
     np.maximum(target, 0.0, out=target)   # rounding only: children never outweigh their parent
-    return target / target.sum(), uncovered
+    ids = np.unique(np.concatenate(unsure)) if unsure else np.zeros(0, dtype=np.int64)
+    return target / target.sum(), uncovered, ids
 
 
 def _tree_mask(rows: List[Tuple[int, Tuple[int, ...]]], past: int, n_new: int) -> torch.Tensor:
@@ -230,12 +251,16 @@ def block_targets(model, tok: PatchTokenizer, trie: NgramTrie, block: Sequence[i
     rest = torch.zeros(len(block) - 1, dtype=torch.float32)
     uncovered = torch.zeros(len(block) - 1, dtype=torch.float32)
     for j in positions:
-        target, unc = patched_distribution(trie, root[j], cond[j])
-        t = torch.from_numpy(target)
-        top = torch.topk(t, k)
+        target, unc, unsure = patched_distribution(trie, root[j], cond[j])
+        # Unsure ids are never listed: their mass goes to `rest` with everything unlisted, so the
+        # targets stay exact (coarser) instead of leaning toward the shorter tokens.
+        listed = torch.from_numpy(target).clone()
+        listed[torch.from_numpy(unsure)] = -1.0
+        top = torch.topk(listed, k)
+        values = top.values.clamp_min(0.0)
         idx[j - 1] = top.indices.to(torch.int32)
-        prob[j - 1] = top.values.float()
-        rest[j - 1] = float(max(0.0, 1.0 - top.values.sum().item()))
+        prob[j - 1] = values.float()
+        rest[j - 1] = float(max(0.0, 1.0 - values.sum().item()))
         uncovered[j - 1] = unc
     return {"idx": idx, "prob": prob, "rest": rest, "uncovered": uncovered,
             "evaluated": torch.tensor([sum(len(c) for c in cond.values()), expanded], dtype=torch.int64)}
@@ -291,7 +316,7 @@ class TargetCache:
 def cache_header(base_dir: Path, tok: PatchTokenizer, blocks: np.ndarray, cfg: TeacherConfig) -> dict:
     ngrams = json.dumps(sorted((k, list(v)) for k, v in tok.ngrams.items()))
     weights = sorted(base_dir.glob("*.safetensors"))
-    return {"format": "adaptivocab.teacher_targets", "version": 1, "base_model": str(base_dir),
+    return {"format": "adaptivocab.teacher_targets", "version": 2, "base_model": str(base_dir),
             "base_weights": [[p.name, p.stat().st_size] for p in weights],
             "tokenizer": tok.fingerprint, "ngrams": hashlib.sha256(ngrams.encode()).hexdigest(),
             "blocks": blocks_fingerprint(blocks), "seq_len": int(blocks.shape[1]),

@@ -228,29 +228,64 @@ def serve_stage(args, models, heldout: Path) -> None:
     plt.close(fig)
 
 
+def exact_targets_for_pool(exp: Path, train: Path, targets: Path, steps: int = 100, per_step: int = 2) -> Path:
+    """Targets (current format) for the teacher blocks a mix run of `steps` steps draws from `targets`."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from adaptivocab import PatchTokenizer
+    from adaptivocab.base_model import resolve_model_dir
+    from adaptivocab.corpus import read_corpus
+    from adaptivocab.finetune import corpus_blocks
+    from adaptivocab.teacher import TargetCache, TeacherConfig, cache_header, compute_targets, open_targets
+
+    tok = PatchTokenizer.from_pretrained(exp)
+    blocks = corpus_blocks(tok, read_corpus([train]), 256)
+    pool = np.array(open_targets(targets, tok, blocks).blocks(), dtype=np.int64)
+    pool = pool[np.random.default_rng(1).permutation(len(pool))]   # finetune's order for --seed 0
+    used = pool[: steps * per_step]
+    base_dir = resolve_model_dir(json.loads((exp / "config.json").read_text())["adaptivocab"]["base_model"])
+    cfg = TeacherConfig(top_k=64, expand_per_position=4.0, min_mass=1e-3, bf16=True)
+    out = OUT / "teacher-targets-exact"
+    cache = TargetCache(out, cache_header(base_dir, tok, blocks, cfg))
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    stats = compute_targets(model, tok, blocks, used, cache, cfg, len(used), 60.0)
+    print("exact-coarse teacher targets:", stats, flush=True)
+    (OUT / "teacher_targets_exact.json").write_text(json.dumps(stats, indent=1))
+    return out
+
+
 def mix_stage(args, exp: Path, train: Path, heldout: Path, targets: Path) -> None:
     """The loss mix, measured: the same batches (half from the teacher blocks) and steps, only the weight differs."""
     from adaptivocab.corpus import read_corpus
     from adaptivocab.evaluate import domain_prompts
 
-    rows = {}
-    for w in args.mix_weights:
-        d = OUT / f"mix-w{w:g}"
+    def finetune(name: str, w: float, cache: Path) -> dict:
+        d = OUT / name
         if not d.is_dir():
             run(["finetune", "--model", exp, "--corpus", train, "--eval-corpus", heldout, "--eval-bytes", 4000,
                  "--train", "embeddings,lm_head,first_layer,last_layer", "--bf16", "--lr", "1e-3", "--seq-len", 256,
                  "--batch-size", 4, "--eval-every", 10_000, "--save-every", 10_000, "--max-tokens", args.mix_steps * 1024,
-                 "--max-minutes", 600, "--threads", 2, "--teacher-targets", targets, "--teacher-weight", w, "--out", d],
-                log=OUT / f"mix-w{w:g}.log")
+                 "--max-minutes", 600, "--threads", 2, "--teacher-targets", cache, "--teacher-weight", w, "--out", d],
+                log=OUT / f"{name}.log")
         log = json.loads((d / "finetune_log.json").read_text())
-        rows[w] = {"steps": log["step"], "minutes": log["minutes"], "bits_per_byte": log["curve"][-1]["bits_per_byte"]}
+        return {"dir": name, "weight": w, "targets": cache.name, "steps": log["step"], "minutes": log["minutes"],
+                "bits_per_byte": log["curve"][-1]["bits_per_byte"]}
+
+    rows = {f"{w:g}": finetune(f"mix-w{w:g}", w, targets) for w in args.mix_weights}
+    if args.mix_exact_targets:
+        # The same teacher blocks the runs above drew, with targets in the exact coarse form (format 2:
+        # unsure mass unlisted instead of left on the shorter token), then the same fine-tune at w = 1.
+        rows["1 (exact coarse targets)"] = finetune("mix-w1-exact", 1.0, exact_targets_for_pool(exp, train, targets))
     # n-token share of greedy generations on held-out prompts, against re-encoding the same text
     from sarathi import LLM, SamplingParams
     from adaptivocab import PatchTokenizer
 
     prompts = domain_prompts(read_corpus([heldout]), 16, min_count=16)
-    for w, row in rows.items():
-        d = OUT / f"mix-w{w:g}"
+    for row in rows.values():
+        d = OUT / row["dir"]
         tok = PatchTokenizer.from_pretrained(d)
         llm = LLM(model=str(d))
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
@@ -263,10 +298,10 @@ def mix_stage(args, exp: Path, train: Path, heldout: Path, targets: Path) -> Non
     print(f"\n| teacher weight | steps | held-out bits/byte | n-token share | share if re-encoded | ratio | bytes/token |"
           f"\n|---|---|---|---|---|---|---|")
     for w, r in rows.items():
-        print(f"| {w:g} | {r['steps']} | {r['bits_per_byte']:.4f} | {r['ngram_share']:.1%} | "
+        print(f"| {w} | {r['steps']} | {r['bits_per_byte']:.4f} | {r['ngram_share']:.1%} | "
               f"{r['ngram_share_reencoded']:.1%} | {r['ngram_share'] / r['ngram_share_reencoded']:.2f} | "
               f"{r['bytes_per_token']:.2f} |")
-    (OUT / "mix.json").write_text(json.dumps({str(k): v for k, v in rows.items()}, indent=1))
+    (OUT / "mix.json").write_text(json.dumps(rows, indent=1))
 
 
 def train_speed_stage(exp: Path, steps: int = 4) -> None:
@@ -319,6 +354,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8790)
     ap.add_argument("--mix-weights", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     ap.add_argument("--mix-steps", type=int, default=100)
+    ap.add_argument("--mix-exact-targets", action="store_true",
+                    help="also: targets in the current exact-coarse format for the same blocks, and a w = 1 run")
     ap.add_argument("--fresh", action="store_true", help="redo every step")
     args = ap.parse_args()
     train, heldout = DATA / "train.txt", DATA / "heldout.txt"
