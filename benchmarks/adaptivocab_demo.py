@@ -125,6 +125,8 @@ def serve_stage(args, models, heldout: Path) -> None:
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
+    import compare  # server stop helper (benchmarks/peers/compare.py)
     import serving
 
     from adaptivocab.corpus import read_corpus
@@ -182,15 +184,7 @@ def serve_stage(args, models, heldout: Path) -> None:
                                  "median_ttft_ms": s["ttft_ms"]["median"]})
     finally:
         for p in procs.values():
-            if p.poll() is None:
-                import os
-                import signal
-
-                os.killpg(p.pid, signal.SIGINT)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
+            compare.stop(p)
     summary = {}
     for label in quantized:
         for c in args.serve_concurrency:
