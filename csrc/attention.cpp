@@ -10,6 +10,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace vattn {
 namespace {
 
@@ -152,6 +156,219 @@ RowFn<T> row_kernel(int64_t head_dim) {
   return head_dim == 64 ? &attend_row<T, 64> : head_dim == 128 ? &attend_row<T, 128> : &attend_row<T, 0>;
 }
 
+// ---------------------------------------------------------------------------------------
+// Blocked AVX2+FMA kernel: the query vectors of several rows at once (prefill chunks), or
+// of one row (decodes), over blocks of kKeyBlock keys. A token's result must not depend on
+// its batch (a prompt prefilled in one chunk or several, after a prefix-cache hit or not,
+// offline or served must give the same bits), so the arithmetic for one (query vector,
+// key) pair and one (query vector, output element) is fixed, whatever else shares the
+// work item:
+//   score  = 8 lanes over head_dim (lane c accumulates d = c, c+8, ... with FMA, in
+//            order), then the tree ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7));
+//   block  = keys [b*kKeyBlock, ...) up to the row's causal limit; max over them (exact),
+//            corr = exp(m_old - m_new), p = exp(s - m_new); the block's sum in 8 lanes
+//            (lane c takes keys j = c mod 8, in order; past the limit adds +0) and the
+//            same tree; l = fma(l, corr, sum); acc *= corr;
+//   output = acc[d] = fma(p_j, v_j[d], acc[d]) for j in order, then acc * (1 / l).
+// Register blocking (up to three query vectors x four keys for scores, up to twelve
+// accumulators for P.V) only decides which pairs are computed together; a query vector blocked
+// with a longer row's may take extra fma(0, v, acc) steps, which leave acc unchanged.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define VATTN_BLOCKED 1
+#define VATTN_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+
+constexpr int64_t kMaxVectors = 64;  // query vectors (rows x heads of a group) per pass
+
+VATTN_AVX2_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+VATTN_AVX2_INLINE __m256 load8(const uint16_t* p) {  // bf16 -> fp32
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// A key of zeros: stands in for the keys past the last one when scoring four at a time.
+template <typename T>
+const T* zeros() {
+  alignas(32) static const T z[kMaxHeadDim] = {};
+  return z;
+}
+
+// exp for lanes <= 0, the polynomial of exp_nonpositive with explicit FMAs.
+VATTN_AVX2_INLINE __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// Four dot products from their 8-lane accumulators, each reduced by the fixed tree.
+VATTN_AVX2_INLINE __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+
+// Scores of NQ (1 to 3) query vectors against 4 keys.
+template <typename T, int DC, int NQ>
+VATTN_AVX2_INLINE void score_4keys(const float* const* q, const T* const* k, int64_t D_runtime, float* const* s) {
+  const int64_t D = DC ? DC : D_runtime;
+  __m256 a[NQ][4];
+  for (int i = 0; i < NQ; ++i)
+    for (int j = 0; j < 4; ++j) a[i][j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    __m256 kv[4];
+    for (int j = 0; j < 4; ++j) kv[j] = load8(k[j] + d);
+    for (int i = 0; i < NQ; ++i) {
+      const __m256 qv = _mm256_loadu_ps(q[i] + d);
+      for (int j = 0; j < 4; ++j) a[i][j] = _mm256_fmadd_ps(qv, kv[j], a[i][j]);
+    }
+  }
+  for (int i = 0; i < NQ; ++i) _mm_storeu_ps(s[i], reduce4(a[i][0], a[i][1], a[i][2], a[i][3]));
+}
+
+// acc[i][d0, d0 + 8W) += sum_j p[i][j] * v_j[d0, d0 + 8W) for NV query vectors, j in order.
+template <typename T, int NV, int W>
+VATTN_AVX2_INLINE void pv_block(const float* const* p, const T* v, int64_t stride_token, int64_t nb, int64_t d0,
+                                float* const* acc) {
+  __m256 a[NV][W];
+  for (int i = 0; i < NV; ++i)
+    for (int w = 0; w < W; ++w) a[i][w] = _mm256_loadu_ps(acc[i] + d0 + 8 * w);
+  for (int64_t j = 0; j < nb; ++j) {
+    const T* vj = v + j * stride_token + d0;
+    __m256 vv[W];
+    for (int w = 0; w < W; ++w) vv[w] = load8(vj + 8 * w);
+    for (int i = 0; i < NV; ++i) {
+      const __m256 pj = _mm256_broadcast_ss(p[i] + j);
+      for (int w = 0; w < W; ++w) a[i][w] = _mm256_fmadd_ps(pj, vv[w], a[i][w]);
+    }
+  }
+  for (int i = 0; i < NV; ++i)
+    for (int w = 0; w < W; ++w) _mm256_storeu_ps(acc[i] + d0 + 8 * w, a[i][w]);
+}
+
+// nv query vectors (rows x G heads, row-major) of one sequence and KV head; row r of them
+// sees keys [0, n0 + r + 1) -- n0 = context_len + first row. q: [nv][D] fp32 pre-scaled;
+// out: [nv][D] fp32. Scratch: P [nv][kKeyBlock], acc [nv][D].
+template <typename T, int DC>
+__attribute__((target("avx2,fma"))) void attend_vectors(const float* q, int64_t nv, int64_t G, int64_t n0,
+                                                        const T* k, const T* v, int64_t stride_token,
+                                                        int64_t D_runtime, float* P, float* acc, float* out) {
+  const int64_t D = DC ? DC : D_runtime;
+  const int64_t rows = nv / G;
+  float m[kMaxVectors], l[kMaxVectors];
+  for (int64_t i = 0; i < nv; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+  }
+  std::fill(acc, acc + nv * D, 0.0f);
+  const int64_t n_max = n0 + rows;  // keys seen by the last row
+  for (int64_t start = 0; start < n_max; start += kKeyBlock) {
+    const int64_t nb_all = std::min(kKeyBlock, n_max - start);
+    // Rows whose causal limit ends before this block skip it (as they would alone).
+    const int64_t first_row = std::max<int64_t>(0, start - n0);
+    const int64_t i0 = first_row * G;
+    // Scores, four keys at a time; keys past nb_all read zeros and are masked below.
+    for (int64_t j = 0; j < nb_all; j += 4) {
+      const T* kp[4];
+      for (int c = 0; c < 4; ++c) kp[c] = j + c < nb_all ? k + (start + j + c) * stride_token : zeros<T>();
+      int64_t i = i0;
+      for (; nv - i > 3; i += 2) {
+        const float* qp[2] = {q + i * D, q + (i + 1) * D};
+        float* sp[2] = {P + i * kKeyBlock + j, P + (i + 1) * kKeyBlock + j};
+        score_4keys<T, DC, 2>(qp, kp, D, sp);
+      }
+      const float* qp[3];
+      float* sp[3];
+      for (int64_t c = 0; c < nv - i; ++c) {
+        qp[c] = q + (i + c) * D;
+        sp[c] = P + (i + c) * kKeyBlock + j;
+      }
+      if (nv - i == 3) score_4keys<T, DC, 3>(qp, kp, D, sp);
+      else if (nv - i == 2) score_4keys<T, DC, 2>(qp, kp, D, sp);
+      else score_4keys<T, DC, 1>(qp, kp, D, sp);
+    }
+    // Online softmax per query vector over its own keys of the block.
+    const int64_t nb_pad = (nb_all + 7) & ~int64_t(7);
+    for (int64_t i = i0; i < nv; ++i) {
+      const int64_t nb = std::min(kKeyBlock, n0 + i / G + 1 - start);
+      float* s = P + i * kKeyBlock;
+      float mb = m[i];
+      for (int64_t j = 0; j < nb; ++j) mb = std::max(mb, s[j]);
+      const float corr = _mm256_cvtss_f32(exp8(_mm256_set1_ps(m[i] - mb)));
+      const __m256 mbv = _mm256_set1_ps(mb);
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t j = 0; j < nb_pad; j += 8) {
+        const __m256 lane = _mm256_add_ps(_mm256_set1_ps(float(j)), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 keep = _mm256_cmp_ps(lane, _mm256_set1_ps(float(nb)), _CMP_LT_OQ);
+        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mbv)), keep);
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+      }
+      const __m128 h = reduce4(sum, sum, sum, sum);
+      l[i] = std::fma(l[i], corr, _mm_cvtss_f32(h));
+      m[i] = mb;
+      const __m256 cv = _mm256_set1_ps(corr);
+      float* ai = acc + i * D;
+      for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(ai + d, _mm256_mul_ps(_mm256_loadu_ps(ai + d), cv));
+    }
+    // P.V: four query vectors at a time, 16 output elements per pass over the block's V.
+    const T* vb = v + start * stride_token;
+    for (int64_t i = i0; i < nv; i += 4) {
+      const int64_t n = std::min<int64_t>(4, nv - i);
+      const int64_t nb = std::min(kKeyBlock, n0 + (i + n - 1) / G + 1 - start);  // the longest row of the four
+      const float* pp[4];
+      float* ap[4];
+      for (int64_t c = 0; c < n; ++c) {
+        pp[c] = P + (i + c) * kKeyBlock;
+        ap[c] = acc + (i + c) * D;
+      }
+      // Up to 12 accumulators: 3 vectors x 32 elements, or 4 x 16; 8 at a time for the rest.
+      int64_t d0 = 0;
+      if (n < 4)
+        for (; d0 + 32 <= D; d0 += 32) {
+          if (n == 3) pv_block<T, 3, 4>(pp, vb, stride_token, nb, d0, ap);
+          else if (n == 2) pv_block<T, 2, 4>(pp, vb, stride_token, nb, d0, ap);
+          else pv_block<T, 1, 4>(pp, vb, stride_token, nb, d0, ap);
+        }
+      else
+        for (; d0 + 16 <= D; d0 += 16) pv_block<T, 4, 2>(pp, vb, stride_token, nb, d0, ap);
+      for (; d0 < D; d0 += 8)
+        for (int64_t c = 0; c < n; ++c) pv_block<T, 1, 1>(pp + c, vb, stride_token, nb, d0, ap + c);
+    }
+  }
+  for (int64_t i = 0; i < nv; ++i) {
+    const __m256 inv = _mm256_set1_ps(1.0f / l[i]);
+    for (int64_t d = 0; d < D; d += 8)
+      _mm256_storeu_ps(out + i * D + d, _mm256_mul_ps(_mm256_loadu_ps(acc + i * D + d), inv));
+  }
+}
+
+template <typename T>
+using VectorsFn = void (*)(const float*, int64_t, int64_t, int64_t, const T*, const T*, int64_t, int64_t, float*,
+                           float*, float*);
+
+// The blocked kernel where the CPU has AVX2+FMA and head_dim is a multiple of 8; null
+// otherwise (every row then takes the one-row kernel).
+template <typename T>
+VectorsFn<T> vectors_kernel(int64_t head_dim) {
+  static const bool avx2 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  if (!avx2 || head_dim % 8 != 0) return nullptr;
+  return head_dim == 64 ? &attend_vectors<T, 64> : head_dim == 128 ? &attend_vectors<T, 128> : &attend_vectors<T, 0>;
+}
+#else
+#define VATTN_BLOCKED 0
+#endif
+
 [[noreturn]] void fail(const std::string& m) { throw std::invalid_argument("attention: " + m); }
 
 std::string seq_text(size_t i) { return "sequence " + std::to_string(i) + ": "; }
@@ -253,6 +470,39 @@ void AttentionPlan::run_typed(const T* q, const T* kn, const T* vn, T* out, T* k
   }
 
   // Work items: (sequence, KV head, block of query rows).
+#if VATTN_BLOCKED
+  if (const VectorsFn<T> blocked = vectors_kernel<T>(D)) {
+    const int64_t rows_per_pass = std::max<int64_t>(1, kMaxVectors / G);
+    pool.run(item_start[nseq], threads, [&](int64_t it) {
+      thread_local std::vector<float> buf;
+      buf.resize(kMaxVectors * (kKeyBlock + 3 * D));
+      float* qv = buf.data();
+      float* P = qv + kMaxVectors * D;
+      float* acc = P + kMaxVectors * kKeyBlock;
+      float* ov = acc + kMaxVectors * D;
+      const int64_t i = std::upper_bound(item_start.begin(), item_start.end(), it) - item_start.begin() - 1;
+      const int64_t local = it - item_start[i];
+      const int64_t h = local % Hkv, qb = local / Hkv;
+      const int64_t ctx = context_lens_[i], qlen = query_lens_[i];
+      const T* k = kc + slots_[i] * c.stride_slot + h * c.stride_head;
+      const T* v = vc + slots_[i] * c.stride_slot + h * c.stride_head;
+      const int64_t r_end = std::min(qlen, (qb + 1) * kQueryBlock);
+      for (int64_t r0 = qb * kQueryBlock; r0 < r_end; r0 += rows_per_pass) {
+        const int64_t rows = std::min(rows_per_pass, r_end - r0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* qt = q + ((token_start[i] + r0 + r) * Hq + h * G) * D;
+          for (int64_t e = 0; e < G * D; ++e) qv[r * G * D + e] = load(qt, e) * scale;
+        }
+        blocked(qv, rows * G, G, ctx + r0, k, v, c.stride_token, D, P, acc, ov);
+        for (int64_t r = 0; r < rows; ++r) {
+          T* ot = out + ((token_start[i] + r0 + r) * Hq + h * G) * D;
+          for (int64_t e = 0; e < G * D; ++e) store(ot, e, ov[r * G * D + e]);
+        }
+      }
+    });
+    return;
+  }
+#endif
   pool.run(item_start[nseq], threads, [&](int64_t it) {
     thread_local std::vector<float> buf;
     buf.resize(G * kKeyBlock + 3 * G * D);

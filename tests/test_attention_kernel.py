@@ -1,6 +1,7 @@
 """The C++ attention kernel against torch SDPA: decode-only, prefill-only and mixed
-batches, GQA ratios 1/3/4 (and 5/16/48 on the multi-row prefill path), lengths 1, 15, 16, 17,
-1000 and 4097 (fp32: max abs error <= 1e-4), on plain tensors and on a vAttention cache; AttentionPlan rejecting bad input."""
+batches, GQA ratios 1/3/4 (and 5/16/48 on the blocked path), lengths 1, 15, 16, 17,
+1000 and 4097 (fp32: max abs error <= 1e-4), on plain tensors and on a vAttention cache; a
+token's output bit for bit the same whatever its batch; AttentionPlan rejecting bad input."""
 import pytest
 import torch
 
@@ -74,9 +75,9 @@ def test_mixed_batch_with_new_kv_stored(ratio):
 @pytest.mark.parametrize("ratio", [1, 3, 5, 16, 48])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_multi_row_prefill_path(d, ratio, dtype):
-    """Head sizes 64 / 128 take prefill rows several at a time (keys transposed once per block,
-    causal limits per row, padded query vectors): chunks of 2, 5, 16, 17 and 300 rows, from
-    scratch and after 130 cached keys (a key block boundary inside the chunk), and a decode."""
+    """Prefill rows go through the blocked kernel several at a time (causal limits per row):
+    chunks of 2, 5, 16, 17 and 300 rows, from scratch and after 130 cached keys (a key block
+    boundary inside the chunk), and a decode."""
     hkv = 2
     kc, vc = caches(6, 520, hkv, d, dtype=dtype, seed=6)
     slots, ctx, qlens = [0, 1, 2, 3, 4, 5], [0, 130, 7, 130, 0, 200], [2, 5, 16, 17, 300, 1]
@@ -85,6 +86,33 @@ def test_multi_row_prefill_path(d, ratio, dtype):
     ref = attention_reference(q.float(), kc.float(), vc.float(), slots, ctx, qlens, d ** -0.5)
     err = (out.float() - ref).abs().max().item()
     assert err <= (1e-4 if dtype == torch.float32 else 2e-2), err
+
+
+@pytest.mark.parametrize("d, ratio", [(64, 3), (128, 1), (64, 7), (32, 16), (40, 2), (24, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_bits_whatever_the_batch(d, ratio, dtype):
+    """A token's output is bit for bit the same whether it is computed in one long prefill
+    chunk, in chunks split anywhere (inside a key block, across one), as a decode alone or
+    next to other sequences: the engine's greedy text must not depend on chunking, prefix
+    cache hits or what else is running. Head sizes 24 and 40 take the blocked kernel's
+    8-element tail and the one-row kernel."""
+    hkv, n = 2, 300
+    kc, vc = caches(3, n + 8, hkv, d, dtype=dtype, seed=11)
+    q = torch.randn(n, hkv * ratio, d).to(dtype)
+    scale = d ** -0.5
+    whole = attention(q, kc, vc, [1], [0], [n], scale)
+    for cuts in ([0, 100, 177, 178, 179, n], [0, 1, 2, 129, 256, n], [0, 5, 261, n]):
+        for a, b in zip(cuts, cuts[1:]):
+            # the same sequence's chunk next to another sequence's chunk and a decode
+            other = torch.randn(7 + 1, hkv * ratio, d).to(dtype)
+            qq = torch.cat([q[a:b], other]) if b - a > 1 else torch.cat([other[:7], other[7:], q[a:b]])
+            if b - a > 1:
+                out = attention(qq, kc, vc, [1, 0, 2], [a, 33, 250], [b - a, 7, 1], scale)[:b - a]
+            else:
+                out = attention(qq, kc, vc, [0, 2, 1], [33, 250, a], [7, 1, 1], scale)[8:]
+            assert torch.equal(out, whole[a:b]), (cuts, a, b)
+    for t in (0, 1, 127, 128, 129, 299):  # every row as a decode alone
+        assert torch.equal(attention(q[t:t + 1], kc, vc, [1], [t], [1], scale), whole[t:t + 1]), t
 
 
 def test_odd_head_dim_runtime_path():
