@@ -75,4 +75,21 @@ if quant_sources:
         )
     )
 
+# The exact optimal-sampling math (csrc/sampling/): alpha* and diagnostics, one row per thread.
+sampling_sources = sorted(glob.glob(os.path.join("csrc", "sampling", "*.cpp")))
+if sampling_sources:
+    from pybind11.setup_helpers import Pybind11Extension
+
+    ext_modules.append(
+        Pybind11Extension(
+            "sarathi.optimal_sampling._C",
+            sampling_sources + [os.path.join("csrc", "work_pool.cpp")],
+            include_dirs=["csrc", os.path.join("csrc", "sampling")],
+            depends=sorted(glob.glob(os.path.join("csrc", "sampling", "*.h"))) + [os.path.join("csrc", "work_pool.h")],
+            cxx_std=17,
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+        )
+    )
+
 setup(ext_modules=ext_modules)

@@ -121,6 +121,8 @@ def main() -> None:
     p.add_argument("--server-args", default="", help="extra flags for both servers (e.g. prefix caching)")
     p.add_argument("--port", type=int, default=8781)
     p.add_argument("--skip-coordinator", action="store_true")
+    p.add_argument("--warmup-tokens", type=int, default=4,
+                   help="tokens of a warm-up run (other prompts) before each measured level")
     p.add_argument("--result-dir", default=str(HERE / "results"))
     args = p.parse_args()
     if not (Path(args.adapter) / "adapter_model.safetensors").is_file():
@@ -130,10 +132,16 @@ def main() -> None:
     llm = LLM(model=args.model, enable_lora=True, lora_modules=[f"ft={args.adapter}"], max_lora_rank=64,
               max_model_len=512, kv_cache_memory="1GiB")
     tok = llm.get_tokenizer()
-    prompts = windows(tok, Path(args.heldout).read_text(encoding="utf-8"), args.prompts, args.prompt_len, seed=3)
+    heldout = Path(args.heldout).read_text(encoding="utf-8")
+    prompts = windows(tok, heldout, args.prompts, args.prompt_len, seed=3)
+    # Each level first runs a few tokens of other prompts (nothing of the measured prompts gets
+    # cached): the first steps of a fresh engine or server map KV pages and warm caches.
+    warm = windows(tok, heldout, args.prompts, args.prompt_len, seed=4)
     result = {"args": vars(args), "in_engine": [], "coordinator": []}
+    in_engine(llm, warm[:1], args.warmup_tokens, 1)
     r, _ = in_engine(llm, prompts[:args.batch1_prompts], args.max_tokens, 1)
     result["in_engine"].append(r)
+    in_engine(llm, warm, args.warmup_tokens, args.prompts)
     r, alphas = in_engine(llm, prompts, args.max_tokens, args.prompts)
     result["in_engine"].append(r)
     result["alphas"] = alphas
@@ -159,6 +167,7 @@ def main() -> None:
                 t, t_url = compare.start("sarathi", ns_t, logs / "t")
                 try:
                     for batch, n in levels:
+                        coordinator(theta_url, t_url, tok, warm[:n], args.warmup_tokens, batch, args.top_k)
                         r = coordinator(theta_url, t_url, tok, prompts[:n], args.max_tokens, batch, args.top_k)
                         r["prefix_caching"] = caching
                         result["coordinator"].append(r)

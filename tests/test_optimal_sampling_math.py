@@ -107,29 +107,6 @@ def test_diagnostics_balance_at_alpha_star():
     assert 0 < d["ess_theta"] <= 1 and 0 < d["ess_t"] <= 1 and d["entropy_q"] > 0
 
 
-def test_batched_diagnostics_equal_row_by_row():
-    """The engine's batched diagnostics and the batched solver agree with the one-row forms:
-    random rows, α at 0, 1, α* and in between, tokens one side rules out (−inf), disjoint supports."""
-    from sarathi.optimal_sampling.kl import diagnostics_rows
-
-    g = torch.Generator().manual_seed(5)
-    theta, target = torch.randn(6, 300, generator=g) * 3, torch.randn(6, 300, generator=g) * 3
-    theta[2, :40] = float("-inf")
-    target[3, 100:] = float("-inf")
-    theta[4, 150:], target[4, :150] = float("-inf"), float("-inf")  # disjoint
-    lt, lh = torch.log_softmax(theta.double(), -1), torch.log_softmax(target.double(), -1)
-    alphas = solve_alpha(lt, lh, tol=1e-9).tolist()
-    for i in range(6):
-        assert alphas[i] == pytest.approx(solve_kl_symmetry(lt[i], lh[i], tol=1e-9), abs=1e-8)
-    alphas[0], alphas[1], alphas[5] = 0.0, 1.0, 0.3
-    got = diagnostics_rows(lt, lh, alphas)
-    for i, a in enumerate(alphas):
-        want = diagnostics(lt[i], lh[i], a)
-        assert got[i].keys() == want.keys()
-        for k, v in want.items():
-            assert got[i][k] == pytest.approx(v, rel=1e-9, abs=1e-12, nan_ok=True), (i, k)
-
-
 def test_top_k_merge_fill_rule_and_error():
     g = torch.Generator().manual_seed(7)
     V = 1000

@@ -225,7 +225,10 @@ def test_optimal_sampling_gives_the_same_text_and_alphas_on_either_replica(ray_l
         want = LLM(model=str(tiny_model_dir), **kw, **ENGINE_ARGS).generate(["The quick brown fox"], params)[0]
         for o in outs:
             assert o.outputs[0].token_ids == want.outputs[0].token_ids
-            assert o.outputs[0].optimal_sampling["alpha_history"] == want.outputs[0].optimal_sampling["alpha_history"]
+            # α* is exact to its tolerance (1e-6): the logits of a batch of two can differ from a
+            # batch of one in their last bits, which may move α* across one step of its grid
+            assert o.outputs[0].optimal_sampling["alpha_history"] == pytest.approx(
+                want.outputs[0].optimal_sampling["alpha_history"], abs=1e-6)
         bad = SamplingParams(max_tokens=2, optimal_sampling={"target_model": "nope"})
         with pytest.raises(InvalidParam, match="unknown optimal_sampling target") as e:
             run(collect(c, "hi", bad, "os-bad"))

@@ -40,9 +40,9 @@ def test_default_model_chat_equals_offline_and_streams(client, offline):
     resp = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
     want = offline.chat(messages, SamplingParams(temperature=0, max_tokens=16))[0].outputs[0]
     assert resp.choices[0].message.content == want.text
-    # A real answer (the default runs the Q4_1 blocks with int8 activations: its first token differs
-    # from fp32's, "The" vs "L" were 0.08 nats apart there; tests/test_quantized_engine.py checks quality)
-    assert len(want.token_ids) == 16 and want.text.strip()
+    # A real answer (the default runs the Q4_1 blocks with int8 activations, so the text can differ
+    # from fp32's; tests/test_quantized_engine.py checks quality)
+    assert "Paris" in want.text and (len(want.token_ids) == 16 or want.finish_reason == "stop")
     streamed = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0,
                                               stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == want.text

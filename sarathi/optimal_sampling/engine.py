@@ -18,9 +18,8 @@ import torch
 
 from sarathi.model_executor.kv_cache import KVCacheSpec, kv_backend_class
 from sarathi.model_executor.model_runner import ModelRunner, RunSeq
-from sarathi.model_executor.sampler import SampleResult
-from sarathi.optimal_sampling.kl import diagnostics_rows, solve_alpha
-from vattention_ext.threads import native_threads
+from sarathi.model_executor.sampler import SampleResult, draw
+from sarathi.optimal_sampling.native import solve_rows
 
 logger = logging.getLogger("sarathi")
 
@@ -105,49 +104,39 @@ class OptimalRow:
 def sample_rows(rows: Sequence[OptimalRow], shared: torch.Generator) -> List[Tuple[SampleResult, float, Dict]]:
     """Draw one token from q* per row: (result with log q* values, α used, diagnostics).
 
-    The math is whole-vocabulary float64 passes over all rows: torch gets the native kernels'
-    threads for it (an engine of quantized linears otherwise gives torch's ops one)."""
-    before, want = torch.get_num_threads(), native_threads()
-    if want > before:
-        torch.set_num_threads(want)
-    try:
-        return _sample_rows(rows, shared)
-    finally:
-        if want > before:
-            torch.set_num_threads(before)
-
-
-def _sample_rows(rows: Sequence[OptimalRow], shared: torch.Generator) -> List[Tuple[SampleResult, float, Dict]]:
+    α*, the diagnostics and the draw are whole-vocabulary float64 passes in C++
+    (native.solve_rows), a row per thread, the same bits in any batch, at one uniform number from
+    the row's generator. A row with α fixed at 0 or 1 samples exactly as the plain sampler does
+    (q* is then one model's own distribution)."""
     theta = torch.stack([r.logits_theta for r in rows]).float()
     target = torch.stack([r.logits_t for r in rows]).float()
     for i, r in enumerate(rows):
         if r.blocked:
             theta[i, list(r.blocked)] = float("-inf")
             target[i, list(r.blocked)] = float("-inf")
-    lt, lh = torch.log_softmax(theta, -1), torch.log_softmax(target, -1)
-    alphas = [r.alpha for r in rows]
-    auto = [i for i, a in enumerate(alphas) if a is None]
-    if auto:
-        solved = solve_alpha(lt[auto], lh[auto], tol=min(rows[i].tol for i in auto)).tolist()
-        for i, a in zip(auto, solved):
-            alphas[i] = a
+    ends = [r.alpha in (0.0, 1.0) for r in rows]
+    uniforms = [None if end else float(torch.rand(1, generator=r.generator or shared, dtype=torch.float64))
+                for r, end in zip(rows, ends)]
+    res = solve_rows(theta, target, [r.alpha for r in rows], [r.tol for r in rows], uniforms)
+    tokens, logq = list(res.tokens), list(res.logq)
+    at_end = [i for i, end in enumerate(ends) if end]
+    if at_end:
+        raw = torch.stack([theta[i] if rows[i].alpha == 0.0 else target[i] for i in at_end])
+        drawn = draw(raw.softmax(-1), [rows[i].generator or shared for i in at_end])
+        lse = torch.logsumexp(raw, -1)
+        for j, i in enumerate(at_end):
+            tokens[i], logq[i] = drawn[j], float(raw[j, drawn[j]] - lse[j])
     out = []
-    diags = diagnostics_rows(lt, lh, alphas)
     for i, r in enumerate(rows):
-        a = alphas[i]
-        # At the ends q* is exactly one model's distribution, computed as the plain sampler does.
-        mix = theta[i] if a == 0.0 else target[i] if a == 1.0 else (1.0 - a) * lt[i] + a * lh[i]
-        probs = mix.softmax(-1)
-        noise = torch.empty_like(probs).exponential_(generator=r.generator or shared)
-        token = int((probs / noise).argmax())
-        logq = torch.log_softmax(mix, -1)
-        lp = float(logq[token])
         top: List[Tuple[int, float]] = []
         rank = 0
-        if r.logprobs is not None:
-            rank = int((logq > logq[token]).sum()) + 1
+        if r.logprobs is not None:  # the whole log q* row, only where asked for
+            a = res.alphas[i]
+            lt, lh = torch.log_softmax(theta[i], -1), torch.log_softmax(target[i], -1)
+            row = torch.log_softmax(lt if a == 0.0 else lh if a == 1.0 else (1.0 - a) * lt + a * lh, -1)
+            rank = int((row > row[tokens[i]]).sum()) + 1
             if r.logprobs:
-                vals, ids = logq.topk(r.logprobs)
+                vals, ids = row.topk(r.logprobs)
                 top = list(zip(ids.tolist(), vals.tolist()))
-        out.append((SampleResult(token, lp, rank, top), a, diags[i]))
+        out.append((SampleResult(tokens[i], logq[i], rank, top), res.alphas[i], res.diagnostics[i]))
     return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -139,42 +139,6 @@ def diagnostics(logp_theta: torch.Tensor, logp_t: torch.Tensor, alpha: float) ->
     return {"alpha": float(alpha), "kl_q_theta": kl_theta, "kl_q_t": kl_t, "kl_gap": kl_theta - kl_t,
             "entropy_q": float(-_expect(lq, lq)), "ess_theta": ess_theta, "ess_t": ess_t,
             "ess_ratio": ess_theta / ess_t if ess_t > 0 else float("inf")}
-
-
-def diagnostics_rows(logp_theta: torch.Tensor, logp_t: torch.Tensor, alphas) -> List[Dict[str, float]]:
-    """`diagnostics` for every row of [B, V] log-probabilities at once (one float64 pass per
-    quantity over the whole batch instead of a Python loop over rows); rows whose supports are
-    disjoint at 0 < α < 1 (the arithmetic-mixture case) go through `diagnostics` itself."""
-    lt, lh = _log_normalize(logp_theta.double()), _log_normalize(logp_t.double())
-    a = torch.tensor([float(x) for x in alphas], dtype=torch.float64, device=lt.device)[:, None]
-    support = torch.isfinite(lt) & torch.isfinite(lh)
-    zero = torch.zeros_like(lt)
-    mix = torch.where(support, (1.0 - a) * torch.where(support, lt, zero) + a * torch.where(support, lh, zero),
-                      torch.full_like(lt, NEG_INF))
-    lq = _log_normalize(torch.where(a <= 0.0, lt, torch.where(a >= 1.0, lh, mix)))
-    q = lq.exp()
-    pos = q > 0
-
-    def expect(values):
-        return torch.where(pos, q * values, zero).sum(-1)
-
-    kl_theta, kl_t, entropy = expect(lq - lt), expect(lq - lh), -expect(lq)
-    second_theta = torch.where(pos, q * torch.exp(lq - lt), zero).sum(-1)
-    second_t = torch.where(pos, q * torch.exp(lq - lh), zero).sum(-1)
-    disjoint = ~support.any(-1)
-    out = []
-    for i, alpha in enumerate(alphas):
-        if bool(disjoint[i]) and 0.0 < float(alpha) < 1.0:
-            out.append(diagnostics(lt[i], lh[i], float(alpha)))
-            continue
-        ess = []
-        for second in (float(second_theta[i]), float(second_t[i])):
-            ess.append(1.0 / second if math.isfinite(second) and second > 0 else 0.0)
-        kt, kh = float(kl_theta[i]), float(kl_t[i])
-        out.append({"alpha": float(alpha), "kl_q_theta": kt, "kl_q_t": kh, "kl_gap": kt - kh,
-                    "entropy_q": float(entropy[i]), "ess_theta": ess[0], "ess_t": ess[1],
-                    "ess_ratio": ess[0] / ess[1] if ess[1] > 0 else float("inf")})
-    return out
 
 
 @dataclass
