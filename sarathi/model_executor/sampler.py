@@ -90,8 +90,9 @@ def draw(probs: torch.Tensor, generators: Seq[torch.Generator]) -> List[int]:
     idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
     out = idx.tolist()
     for i, j in enumerate(out):
-        if j >= probs.shape[1]:  # u * total rounded up to the total: the last token with mass
-            out[i] = int(torch.nonzero(probs[i] > 0)[-1])
+        if j >= probs.shape[1]:  # u * total rounded up to the total (or NaNs): the last token with mass
+            mass = torch.nonzero(probs[i] > 0)
+            out[i] = int(mass[-1]) if mass.numel() else int(probs[i].argmax())
     return out
 
 
