@@ -57,6 +57,8 @@ struct Driver {
   CUresult (*cuMemMap)(CUdeviceptr, size_t, size_t, CUmemHandle, unsigned long long);
   CUresult (*cuMemSetAccess)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t);
   CUresult (*cuMemUnmap)(CUdeviceptr, size_t);
+  CUresult (*cuMemcpyDtoD)(CUdeviceptr, CUdeviceptr, size_t);
+  CUresult (*cuCtxSynchronize)();
 
   Driver() {
     lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
@@ -75,6 +77,8 @@ struct Driver {
     load(cuMemMap, "cuMemMap");
     load(cuMemSetAccess, "cuMemSetAccess");
     load(cuMemUnmap, "cuMemUnmap");
+    load(cuMemcpyDtoD, "cuMemcpyDtoD_v2", "cuMemcpyDtoD");
+    load(cuCtxSynchronize, "cuCtxSynchronize");
   }
   ~Driver() {
     if (lib) dlclose(lib);
@@ -197,8 +201,30 @@ class CudaBackend : public MemoryBackend {
 
   void discard(size_t) override {}
 
-  void copy_page(size_t, size_t) override {
-    throw CudaError("copying a KV page (prefix caching's copy on write) is not implemented on CUDA yet");
+  // Prefix caching's copy on write. A pool handle has no address of its own, so both pages
+  // are mapped (a handle may be mapped at several addresses at once) into a two-page scratch
+  // reservation for the copy, then unmapped. The copy runs on the legacy default stream, which
+  // waits for work queued on torch's streams; the synchronize makes it complete before the
+  // scratch mappings go.
+  void copy_page(size_t src, size_t dst) override {
+    std::lock_guard<std::mutex> lk(copy_mu_);
+    if (!scratch_) scratch_ = reserve(2 * page_size_);  // page_size_ is a granularity multiple
+    const uintptr_t from = scratch_, to = scratch_ + page_size_;
+    map(from, src);
+    struct Unmap {
+      CudaBackend* b;
+      uintptr_t a;
+      ~Unmap() {
+        try {
+          b->unmap(a);
+        } catch (...) {  // a failed unmap leaves the scratch address taken; nothing else is lost
+        }
+      }
+    } unmap_from{this, from};
+    map(to, dst);
+    Unmap unmap_to{this, to};
+    drv_.check(drv_.cuMemcpyDtoD(CUdeviceptr(to), CUdeviceptr(from), page_size_), "cuMemcpyDtoD");
+    drv_.check(drv_.cuCtxSynchronize(), "cuCtxSynchronize");
   }
 
   // cuMemCreate commits device memory at creation: the whole pool is resident.
@@ -213,6 +239,8 @@ class CudaBackend : public MemoryBackend {
   PrimaryContext ctx_;  // after drv_: released before the driver library is closed
   CUmemAllocationProp prop_;
   CUmemAccessDesc access_;
+  std::mutex copy_mu_;
+  uintptr_t scratch_ = 0;  // two pages of address space for copy_page
   size_t granularity_ = 0;
   size_t page_size_ = 0;
   std::vector<CUmemHandle> pages_;

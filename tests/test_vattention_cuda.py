@@ -58,3 +58,35 @@ def test_cuda_exhaustion_raises():
                        kv_cache_memory=2 * 2 * page)
     with pytest.raises(va.OutOfPagesError):
         cache.step([4096, 4096])
+
+
+@need_gpu
+@pytest.mark.cuda
+def test_cuda_shared_pages_and_copy_on_write():
+    """Prefix caching on CUDA: pinned pages mapped into a second slot are the same device memory;
+    the copied last page (cuMemcpyDtoD through a scratch mapping) holds the data and is private."""
+    page = 2 << 20
+    cache = va.KVCache(1, 2, 64, 4, 8192, dtype=torch.float16, device="cuda:0", page_size=page,
+                       kv_cache_memory=16 * 2 * page)
+    tpp = page // (2 * 64 * 2)                         # tokens per page: 8192
+    n = tpp + 100                                       # one full page and part of a second
+    cache.step([n, 0, 0, 0])
+    k = cache.k_cache(0)
+    k[0, :n] = torch.arange(n, device="cuda", dtype=torch.float32)[:, None, None].half()
+    torch.cuda.synchronize()
+    pinned = [cache.pin(0, p) for p in range(2)]
+    cache.share_prefix(1, pinned[:1], copy_src=pinned[1])
+    cache.step([0, n + 10, 0, 0])
+    cache.check_invariants()
+    assert cache.slot_blocks(1)[0] == pinned[0] and cache.slot_blocks(1)[1] != pinned[1]
+    torch.cuda.synchronize()
+    assert torch.equal(k[1, :n], k[0, :n])
+    k[0, 5] = -1.0                                      # shared page: seen through slot 1
+    k[1, tpp + 3] = -2.0                                # copied page: slot 1's own
+    torch.cuda.synchronize()
+    assert float(k[1, 5, 0, 0]) == -1.0 and float(k[0, tpp + 3, 0, 0]) != -2.0
+    for b in pinned:
+        cache.unpin(b)
+    cache.free_slot(0)
+    cache.free_slot(1)
+    cache.check_invariants()

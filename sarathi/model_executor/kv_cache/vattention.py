@@ -121,12 +121,10 @@ class VAttentionBackend(KVBackend):
         out = self._flash(q.unsqueeze(1), kc, vc, cache_seqlens=seqlens, cache_batch_idx=idx, softmax_scale=scale)
         return out.squeeze(1)
 
-    # Prefix caching: the same physical pages mapped at the same offsets of several slots;
-    # a handle is the pool block the cache pins. Copy on write needs a page copy, which
-    # only the CPU backend has so far.
-    @property
-    def supports_prefix_caching(self) -> bool:
-        return self.spec.device.type == "cpu"
+    # Prefix caching: the same physical pages mapped at the same offsets of several slots (on
+    # CUDA the same cuMemCreate handle at several addresses); a handle is the pool block the
+    # cache pins; the partly filled last page is copied (memfd pread/pwrite, cuMemcpyDtoD).
+    supports_prefix_caching = True
 
     def retain(self, slot: int, page: int, block: int) -> int:
         return self.cache.pin(slot, page)
