@@ -170,8 +170,8 @@ RowFn<T> row_kernel(int64_t head_dim) {
 //            (lane c takes keys j = c mod 8, in order; past the limit adds +0) and the
 //            same tree; l = fma(l, corr, sum); acc *= corr;
 //   output = acc[d] = fma(p_j, v_j[d], acc[d]) for j in order, then acc * (1 / l).
-// Register blocking (up to three query vectors x four keys for scores, up to twelve
-// accumulators for P.V) only decides which pairs are computed together; a query vector blocked
+// Register blocking (three query vectors x four keys for scores, three query vectors x 32
+// elements for P.V) only decides which pairs are computed together; a query vector blocked
 // with a longer row's may take extra fma(0, v, acc) steps, which leave acc unchanged.
 #if defined(__GNUC__) && defined(__x86_64__)
 #define VATTN_BLOCKED 1
@@ -278,21 +278,18 @@ __attribute__((target("avx2,fma"))) void attend_vectors(const float* q, int64_t 
     for (int64_t j = 0; j < nb_all; j += 4) {
       const T* kp[4];
       for (int c = 0; c < 4; ++c) kp[c] = j + c < nb_all ? k + (start + j + c) * stride_token : zeros<T>();
-      int64_t i = i0;
-      for (; nv - i > 3; i += 2) {
-        const float* qp[2] = {q + i * D, q + (i + 1) * D};
-        float* sp[2] = {P + i * kKeyBlock + j, P + (i + 1) * kKeyBlock + j};
-        score_4keys<T, DC, 2>(qp, kp, D, sp);
+      for (int64_t i = i0; i < nv; i += 3) {
+        const float* qp[3];
+        float* sp[3];
+        const int64_t n = std::min<int64_t>(3, nv - i);
+        for (int64_t c = 0; c < n; ++c) {
+          qp[c] = q + (i + c) * D;
+          sp[c] = P + (i + c) * kKeyBlock + j;
+        }
+        if (n == 3) score_4keys<T, DC, 3>(qp, kp, D, sp);
+        else if (n == 2) score_4keys<T, DC, 2>(qp, kp, D, sp);
+        else score_4keys<T, DC, 1>(qp, kp, D, sp);
       }
-      const float* qp[3];
-      float* sp[3];
-      for (int64_t c = 0; c < nv - i; ++c) {
-        qp[c] = q + (i + c) * D;
-        sp[c] = P + (i + c) * kKeyBlock + j;
-      }
-      if (nv - i == 3) score_4keys<T, DC, 3>(qp, kp, D, sp);
-      else if (nv - i == 2) score_4keys<T, DC, 2>(qp, kp, D, sp);
-      else score_4keys<T, DC, 1>(qp, kp, D, sp);
     }
     // Online softmax per query vector over its own keys of the block.
     const int64_t nb_pad = (nb_all + 7) & ~int64_t(7);
@@ -318,27 +315,24 @@ __attribute__((target("avx2,fma"))) void attend_vectors(const float* q, int64_t 
       float* ai = acc + i * D;
       for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(ai + d, _mm256_mul_ps(_mm256_loadu_ps(ai + d), cv));
     }
-    // P.V: four query vectors at a time, 16 output elements per pass over the block's V.
+    // P.V: three query vectors at a time, 32 output elements per pass over the block's V (12
+    // accumulators); 8 at a time for a head_dim that is not a multiple of 32.
     const T* vb = v + start * stride_token;
-    for (int64_t i = i0; i < nv; i += 4) {
-      const int64_t n = std::min<int64_t>(4, nv - i);
-      const int64_t nb = std::min(kKeyBlock, n0 + (i + n - 1) / G + 1 - start);  // the longest row of the four
-      const float* pp[4];
-      float* ap[4];
+    for (int64_t i = i0; i < nv; i += 3) {
+      const int64_t n = std::min<int64_t>(3, nv - i);
+      const int64_t nb = std::min(kKeyBlock, n0 + (i + n - 1) / G + 1 - start);  // the longest row of them
+      const float* pp[3];
+      float* ap[3];
       for (int64_t c = 0; c < n; ++c) {
         pp[c] = P + (i + c) * kKeyBlock;
         ap[c] = acc + (i + c) * D;
       }
-      // Up to 12 accumulators: 3 vectors x 32 elements, or 4 x 16; 8 at a time for the rest.
       int64_t d0 = 0;
-      if (n < 4)
-        for (; d0 + 32 <= D; d0 += 32) {
-          if (n == 3) pv_block<T, 3, 4>(pp, vb, stride_token, nb, d0, ap);
-          else if (n == 2) pv_block<T, 2, 4>(pp, vb, stride_token, nb, d0, ap);
-          else pv_block<T, 1, 4>(pp, vb, stride_token, nb, d0, ap);
-        }
-      else
-        for (; d0 + 16 <= D; d0 += 16) pv_block<T, 4, 2>(pp, vb, stride_token, nb, d0, ap);
+      for (; d0 + 32 <= D; d0 += 32) {
+        if (n == 3) pv_block<T, 3, 4>(pp, vb, stride_token, nb, d0, ap);
+        else if (n == 2) pv_block<T, 2, 4>(pp, vb, stride_token, nb, d0, ap);
+        else pv_block<T, 1, 4>(pp, vb, stride_token, nb, d0, ap);
+      }
       for (; d0 < D; d0 += 8)
         for (int64_t c = 0; c < n; ++c) pv_block<T, 1, 1>(pp + c, vb, stride_token, nb, d0, ap + c);
     }
