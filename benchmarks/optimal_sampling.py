@@ -122,9 +122,11 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8781)
     p.add_argument("--skip-coordinator", action="store_true")
     p.add_argument("--warmup-tokens", type=int, default=4,
-                   help="tokens of a warm-up run (other prompts) before each measured level")
+                   help="tokens of a warm-up run (other prompts) before each measured level; 0: none")
     p.add_argument("--result-dir", default=str(HERE / "results"))
     args = p.parse_args()
+    if args.warmup_tokens < 0:
+        p.error("--warmup-tokens must be >= 0")
     if not (Path(args.adapter) / "adapter_model.safetensors").is_file():
         sys.exit(f"no adapter at {args.adapter}: run benchmarks/lora_finetune.py first (or pass --adapter)")
     from sarathi import LLM
@@ -138,10 +140,12 @@ def main() -> None:
     # cached): the first steps of a fresh engine or server map KV pages and warm caches.
     warm = windows(tok, heldout, args.prompts, args.prompt_len, seed=4)
     result = {"args": vars(args), "in_engine": [], "coordinator": []}
-    in_engine(llm, warm[:1], args.warmup_tokens, 1)
+    if args.warmup_tokens > 0:
+        in_engine(llm, warm[:1], args.warmup_tokens, 1)
     r, _ = in_engine(llm, prompts[:args.batch1_prompts], args.max_tokens, 1)
     result["in_engine"].append(r)
-    in_engine(llm, warm, args.warmup_tokens, args.prompts)
+    if args.warmup_tokens > 0:
+        in_engine(llm, warm, args.warmup_tokens, args.prompts)
     r, alphas = in_engine(llm, prompts, args.max_tokens, args.prompts)
     result["in_engine"].append(r)
     result["alphas"] = alphas
@@ -167,7 +171,8 @@ def main() -> None:
                 t, t_url = compare.start("sarathi", ns_t, logs / "t")
                 try:
                     for batch, n in levels:
-                        coordinator(theta_url, t_url, tok, warm[:n], args.warmup_tokens, batch, args.top_k)
+                        if args.warmup_tokens > 0:
+                            coordinator(theta_url, t_url, tok, warm[:n], args.warmup_tokens, batch, args.top_k)
                         r = coordinator(theta_url, t_url, tok, prompts[:n], args.max_tokens, batch, args.top_k)
                         r["prefix_caching"] = caching
                         result["coordinator"].append(r)
