@@ -134,3 +134,21 @@ def test_draw_follows_q_star(alpha):
     assert edge == max(i for i in range(12) if q[i] > 0)
     assert solve_rows(theta, target, [alpha], [1e-6], uniforms=[0.0]).tokens[0] == min(i for i in range(12)
                                                                                        if q[i] > 0)
+
+
+def test_engine_rows_with_disjoint_supports_sample_the_arithmetic_mixture():
+    """Where π_θ and π_t share no token there is no geometric mixture: the engine draws from the
+    arithmetic one (as kl.q_star defines q* there), a token of either support, never an error."""
+    from sarathi.optimal_sampling.engine import OptimalRow, sample_rows
+
+    V = 50
+    theta, target = torch.randn(V), torch.randn(V)
+    theta[V // 2:], target[:V // 2] = float("-inf"), float("-inf")
+    g = torch.Generator().manual_seed(0)
+    rows = [OptimalRow(theta, target, a, 1e-6, torch.Generator().manual_seed(i), (), None)
+            for i, a in enumerate([0.5, None, 0.25] * 20)]
+    out = sample_rows(rows, g)
+    for (res, alpha, diag), row in zip(out, rows):
+        assert 0 <= res.token_id < V and math.isfinite(res.logprob) and res.logprob <= 0
+        assert alpha == (0.5 if row.alpha is None else row.alpha)
+    assert {r.token_id < V // 2 for r, _, _ in out} == {True, False}  # both supports get drawn

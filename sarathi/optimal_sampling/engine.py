@@ -119,6 +119,12 @@ def sample_rows(rows: Sequence[OptimalRow], shared: torch.Generator) -> List[Tup
                 for r, end in zip(rows, ends)]
     res = solve_rows(theta, target, [r.alpha for r in rows], [r.tol for r in rows], uniforms)
     tokens, logq = list(res.tokens), list(res.logq)
+    for i, r in enumerate(rows):
+        if tokens[i] < 0 and not ends[i]:  # disjoint supports: q* is the arithmetic mixture (kl.q_star)
+            a = res.alphas[i]
+            mixture = (1.0 - a) * theta[i].softmax(-1) + a * target[i].softmax(-1)
+            tokens[i] = draw(mixture[None], [r.generator or shared])[0]
+            logq[i] = math.log(float(mixture[tokens[i]]))
     at_end = [i for i, end in enumerate(ends) if end]
     if at_end:
         raw = torch.stack([theta[i] if rows[i].alpha == 0.0 else target[i] for i in at_end])
