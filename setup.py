@@ -39,57 +39,34 @@ if os.environ.get("SARATHI_SANITIZE") == "1":
     compile_args = ["-O1", "-g", "-fopenmp"] + sanitize
     link_args += sanitize
 
-ext_modules = []
-sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-if sources:
+def native(name, folder, shared=()):
+    """One pybind11 extension from csrc/<folder>/*.cpp (plus shared csrc/ files), or None."""
+    here = os.path.join("csrc", folder) if folder else "csrc"
+    sources = sorted(glob.glob(os.path.join(here, "*.cpp")))
+    if not sources:
+        return None
     from pybind11.setup_helpers import Pybind11Extension
 
-    ext_modules.append(
-        Pybind11Extension(
-            "vattention_ext._C",
-            sources,
-            include_dirs=["csrc"],
-            depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),
-            cxx_std=17,
-            extra_compile_args=compile_args,
-            extra_link_args=link_args,
-        )
+    return Pybind11Extension(
+        name,
+        sources + [os.path.join("csrc", f + ".cpp") for f in shared],
+        include_dirs=sorted({"csrc", here}),
+        depends=sorted(glob.glob(os.path.join(here, "*.h"))) + [os.path.join("csrc", f + ".h") for f in shared]
+        + ([os.path.join("csrc", "checked.h")] if folder else []),
+        cxx_std=17,
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
     )
 
-# Weight-only quantized linear kernels (csrc/quant/). The ISA-specific functions carry
-# their own target attributes and are picked at run time, so the portable build has them.
-quant_sources = sorted(glob.glob(os.path.join("csrc", "quant", "*.cpp")))
-if quant_sources:
-    from pybind11.setup_helpers import Pybind11Extension
 
-    ext_modules.append(
-        Pybind11Extension(
-            "sarathi.model_executor.quantization._C",
-            quant_sources + [os.path.join("csrc", "work_pool.cpp")],
-            include_dirs=["csrc", os.path.join("csrc", "quant")],
-            depends=sorted(glob.glob(os.path.join("csrc", "quant", "*.h")))
-            + [os.path.join("csrc", "work_pool.h"), os.path.join("csrc", "checked.h")],
-            cxx_std=17,
-            extra_compile_args=compile_args,
-            extra_link_args=link_args,
-        )
-    )
-
-# The exact optimal-sampling math (csrc/sampling/): alpha* and diagnostics, one row per thread.
-sampling_sources = sorted(glob.glob(os.path.join("csrc", "sampling", "*.cpp")))
-if sampling_sources:
-    from pybind11.setup_helpers import Pybind11Extension
-
-    ext_modules.append(
-        Pybind11Extension(
-            "sarathi.optimal_sampling._C",
-            sampling_sources + [os.path.join("csrc", "work_pool.cpp")],
-            include_dirs=["csrc", os.path.join("csrc", "sampling")],
-            depends=sorted(glob.glob(os.path.join("csrc", "sampling", "*.h"))) + [os.path.join("csrc", "work_pool.h")],
-            cxx_std=17,
-            extra_compile_args=compile_args,
-            extra_link_args=link_args,
-        )
-    )
+ext_modules = [ext for ext in (
+    # The KV cache (memfd / CUDA VMM) and the attention kernel.
+    native("vattention_ext._C", ""),
+    # Weight-only quantized linear kernels (csrc/quant/). The ISA-specific functions carry
+    # their own target attributes and are picked at run time, so the portable build has them.
+    native("sarathi.model_executor.quantization._C", "quant", shared=["work_pool"]),
+    # The exact optimal-sampling math (csrc/sampling/): alpha*, diagnostics, the draw.
+    native("sarathi.optimal_sampling._C", "sampling", shared=["work_pool"]),
+) if ext is not None]
 
 setup(ext_modules=ext_modules)

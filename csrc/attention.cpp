@@ -464,6 +464,19 @@ void AttentionPlan::run_typed(const T* q, const T* kn, const T* vn, T* out, T* k
   }
 
   // Work items: (sequence, KV head, block of query rows).
+  struct Item {
+    int64_t seq, head, ctx, row_begin, row_end;  // rows of the sequence's chunk
+    const T* k;
+    const T* v;
+  };
+  auto item_of = [&](int64_t it) {
+    const int64_t i = std::upper_bound(item_start.begin(), item_start.end(), it) - item_start.begin() - 1;
+    const int64_t local = it - item_start[i];
+    const int64_t h = local % Hkv, qb = local / Hkv;
+    const int64_t offset = slots_[i] * c.stride_slot + h * c.stride_head;
+    return Item{i, h, context_lens_[i], qb * kQueryBlock, std::min(query_lens_[i], (qb + 1) * kQueryBlock),
+                kc + offset, vc + offset};
+  };
 #if VATTN_BLOCKED
   if (const VectorsFn<T> blocked = vectors_kernel<T>(D)) {
     const int64_t rows_per_pass = std::max<int64_t>(1, kMaxVectors / G);
@@ -474,22 +487,16 @@ void AttentionPlan::run_typed(const T* q, const T* kn, const T* vn, T* out, T* k
       float* P = qv + kMaxVectors * D;
       float* acc = P + kMaxVectors * kKeyBlock;
       float* ov = acc + kMaxVectors * D;
-      const int64_t i = std::upper_bound(item_start.begin(), item_start.end(), it) - item_start.begin() - 1;
-      const int64_t local = it - item_start[i];
-      const int64_t h = local % Hkv, qb = local / Hkv;
-      const int64_t ctx = context_lens_[i], qlen = query_lens_[i];
-      const T* k = kc + slots_[i] * c.stride_slot + h * c.stride_head;
-      const T* v = vc + slots_[i] * c.stride_slot + h * c.stride_head;
-      const int64_t r_end = std::min(qlen, (qb + 1) * kQueryBlock);
-      for (int64_t r0 = qb * kQueryBlock; r0 < r_end; r0 += rows_per_pass) {
-        const int64_t rows = std::min(rows_per_pass, r_end - r0);
+      const Item w = item_of(it);
+      for (int64_t r0 = w.row_begin; r0 < w.row_end; r0 += rows_per_pass) {
+        const int64_t rows = std::min(rows_per_pass, w.row_end - r0);
         for (int64_t r = 0; r < rows; ++r) {
-          const T* qt = q + ((token_start[i] + r0 + r) * Hq + h * G) * D;
+          const T* qt = q + ((token_start[w.seq] + r0 + r) * Hq + w.head * G) * D;
           for (int64_t e = 0; e < G * D; ++e) qv[r * G * D + e] = load(qt, e) * scale;
         }
-        blocked(qv, rows * G, G, ctx + r0, k, v, c.stride_token, D, P, acc, ov);
+        blocked(qv, rows * G, G, w.ctx + r0, w.k, w.v, c.stride_token, D, P, acc, ov);
         for (int64_t r = 0; r < rows; ++r) {
-          T* ot = out + ((token_start[i] + r0 + r) * Hq + h * G) * D;
+          T* ot = out + ((token_start[w.seq] + r0 + r) * Hq + w.head * G) * D;
           for (int64_t e = 0; e < G * D; ++e) store(ot, e, ov[r * G * D + e]);
         }
       }
@@ -504,20 +511,14 @@ void AttentionPlan::run_typed(const T* q, const T* kn, const T* vn, T* out, T* k
     float* acc = scores + G * kKeyBlock;
     float* qrow = acc + G * D;
     float* orow = qrow + G * D;
-    const int64_t i = std::upper_bound(item_start.begin(), item_start.end(), it) - item_start.begin() - 1;
-    const int64_t local = it - item_start[i];
-    const int64_t h = local % Hkv, qb = local / Hkv;
-    const int64_t ctx = context_lens_[i], qlen = query_lens_[i];
-    const T* k = kc + slots_[i] * c.stride_slot + h * c.stride_head;
-    const T* v = vc + slots_[i] * c.stride_slot + h * c.stride_head;
-    const int64_t r_end = std::min(qlen, (qb + 1) * kQueryBlock);
-    for (int64_t r = qb * kQueryBlock; r < r_end; ++r) {
-      const int64_t t = token_start[i] + r;
-      const T* qt = q + (t * Hq + h * G) * D;
+    const Item w = item_of(it);
+    for (int64_t r = w.row_begin; r < w.row_end; ++r) {
+      const int64_t t = token_start[w.seq] + r;
+      const T* qt = q + (t * Hq + w.head * G) * D;
       for (int64_t e = 0; e < G * D; ++e) qrow[e] = load(qt, e) * scale;
       // Causal: the query at position ctx + r sees keys 0 .. ctx + r.
-      attend(qrow, k, v, c.stride_token, ctx + r + 1, G, D, scores, acc, orow);
-      T* ot = out + (t * Hq + h * G) * D;
+      attend(qrow, w.k, w.v, c.stride_token, w.ctx + r + 1, G, D, scores, acc, orow);
+      T* ot = out + (t * Hq + w.head * G) * D;
       for (int64_t e = 0; e < G * D; ++e) store(ot, e, orow[e]);
     }
   });
