@@ -70,6 +70,7 @@ def test_forward_fault_fails_the_batch_then_engine_goes_on(llm, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(runner, "execute", fail_once)
+    monkeypatch.setattr(llm.engine.scheduler, "max_prefills", 0)   # both prompts in the failing step
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     done = _run(llm, [("a", "one", params), ("b", "two", params)])
     assert all(out.error and "RuntimeError" in out.error for out in done.values())

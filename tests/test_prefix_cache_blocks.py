@@ -195,6 +195,39 @@ def test_scheduler_spends_the_budget_on_the_uncached_rest():
     kv.check_invariants()
 
 
+
+def test_samples_of_one_request_count_once_against_the_prefill_limit():
+    """n = 3 with one prompt per step: samples 2 and 3 wait for the first to compute the
+    prompt, then start together in one step (one request), ahead of the next request."""
+    from sarathi.core.scheduler import SarathiScheduler
+    from sarathi.core.sequence import Sequence
+
+    kv = manager(blocks=64, block_size=4)
+    sched = SarathiScheduler(kv, max_num_seqs=8, max_model_len=200, chunk_size=64, max_prefills=1)
+    lead = Sequence(0, "a", 0, list(range(1, 19)), 0.0, 4)
+    samples = [Sequence(i, "a", i, list(range(1, 19)), 0.0, 4) for i in (1, 2)]
+    for s in samples:
+        s.prefix_leader = lead
+    other = Sequence(3, "b", 0, list(range(50, 60)), 1.0, 4)
+    for s in [lead, *samples, other]:
+        sched.add(s)
+    steps = []
+    for _ in range(3):
+        out = sched.schedule()
+        steps.append(sorted(p.seq.seq_id for p in out.prefills))
+        sched.postprocess(out, [(p.seq, 5) for p in out.scheduled if p.samples])
+        for p in out.scheduled:
+            sched.cache_computed(p.seq, partial=True)
+            for _, _, b in p.seq.newly_cached:
+                kv.set_handle(b, b)
+            p.seq.newly_cached.clear()
+        kv.copies_done()
+    assert steps == [[0], [1, 2], [3]]
+    # Each sample computes only the prompt's last token (for its own logits).
+    assert samples[0].num_cached_tokens == 17 and samples[1].num_cached_tokens == 17
+    kv.check_invariants()
+
+
 # ---------------------------------------------------------------- the vAttention cache
 
 LAYERS, HKV, D = 2, 2, 32           # 256 bytes per token per region (fp32)

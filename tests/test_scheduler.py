@@ -172,3 +172,50 @@ def test_postprocess_token_stops():
     assert (eos.finish_reason, eos.stop_reason) == ("stop", None)   # EOS counts once min_tokens are out
     assert length.finish_reason == "length"                         # max_tokens
     assert (ctx.finish_reason, ctx.num_tokens) == ("length", 12)    # max_model_len
+
+
+def _first_token_steps(max_prefills, prompts, chunk=512):
+    """Drive the sarathi scheduler; the step at which each sequence got its first token, and
+    the most distinct requests seen with prompt chunks in one step."""
+    kv = KVManager(256, 16, 8)
+    sched = make_scheduler("sarathi", kv, 8, 4096, chunk, None, max_prefills=max_prefills)
+    for i, n in enumerate(prompts):
+        sched.add(_seq(i, n, 4, t=0.0))
+    first, finished, step, widest = {}, [], 0, 0
+    while sched.has_unfinished():
+        out = sched.schedule()
+        assert out.num_prefill_tokens + out.num_decode_tokens <= max(chunk, out.num_decode_tokens)
+        widest = max(widest, len({p.seq.request_id for p in out.prefills}))
+        for item in out.scheduled:
+            if item.samples:
+                first.setdefault(item.seq.seq_id, step)
+        _run_step(sched, out, finished)
+        step += 1
+        assert step < 1000
+    assert len(finished) == len(prompts)
+    return first, widest
+
+
+def test_one_prompt_per_step_spreads_first_tokens():
+    # Four 40-token prompts arrive together; the budget holds all four.
+    packed, widest = _first_token_steps(0, [40] * 4)
+    assert packed == {0: 0, 1: 0, 2: 0, 3: 0} and widest == 4
+    spread, widest = _first_token_steps(1, [40] * 4)
+    assert spread == {0: 0, 1: 1, 2: 2, 3: 3} and widest == 1
+    two, widest = _first_token_steps(2, [40] * 4)
+    assert two == {0: 0, 1: 0, 2: 1, 3: 1} and widest == 2
+
+
+def test_one_prompt_per_step_holds_new_prompts_behind_a_chunked_one():
+    # 100-token prompt, 64-token budget: its last 36 tokens leave 28 of budget that the
+    # 10-token prompt takes only when the limit allows two prompts in a step.
+    assert _first_token_steps(0, [100, 10], chunk=64)[0] == {0: 1, 1: 1}
+    assert _first_token_steps(1, [100, 10], chunk=64)[0] == {0: 1, 1: 2}
+
+
+@pytest.mark.parametrize("max_prefills", [1, 2])
+def test_prefill_limit_random_workload_finishes(max_prefills):
+    rng = random.Random(max_prefills)
+    prompts = [rng.randint(1, 300) for _ in range(40)]
+    first, widest = _first_token_steps(max_prefills, prompts, chunk=96)
+    assert len(first) == 40 and widest <= max_prefills

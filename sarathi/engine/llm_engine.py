@@ -91,7 +91,8 @@ class LLMEngine:
                             namespace=self._cache_namespace())
         self.scheduler = make_scheduler(config.scheduler, self.kv, config.max_num_seqs, self.max_model_len,
                                         config.chunk_size, config.max_num_batched_tokens,
-                                        config.max_loras if config.enable_lora else None)
+                                        config.max_loras if config.enable_lora else None,
+                                        config.max_prefills_per_step)
         self.eos_token_ids = frozenset(self._eos_ids(self.runner.hf_config))
         self.generator = torch.Generator(device=self.runner.device).manual_seed(config.seed)
         self.requests: Dict[str, Request] = {}
