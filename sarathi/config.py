@@ -106,8 +106,10 @@ class EngineConfig:
     max_n: int = flag(16, "most samples (n) one request may ask for")
     scheduler: str = flag("sarathi", "batch policy", choices=SCHEDULERS)
     chunk_size: int = flag(512, "sarathi token budget per step")
-    max_prefills_per_step: int = flag(1, "sarathi: most requests whose prompt chunks share one step (the samples "
-                                      "of one request count once); 0 fills the token budget with as many as fit")
+    max_prefills_per_step: Optional[int] = flag(None, "sarathi: most requests whose prompt chunks share one step "
+                                                "(the samples of one request count once); 0 fills the token budget "
+                                                "with as many as fit (default: 1 on CPU, where a step's time grows "
+                                                "with its tokens; 0 on CUDA)", type=int)
     kv_cache_backend: str = flag("vattention", "KV backend; fa_vattn / fa_paged accepted", "--model_attention_backend",
                                  choices=sorted(set(KV_BACKENDS) | set(ATTENTION_BACKEND_ALIASES)))
     kv_cache_memory: Any = flag("2GiB", "physical KV cache budget, e.g. 2GiB", "--kv_cache_bytes")
@@ -163,7 +165,7 @@ class EngineConfig:
                      "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.max_prefills_per_step < 0:
+        if self.max_prefills_per_step is not None and self.max_prefills_per_step < 0:
             raise ValueError(f"max_prefills_per_step must be >= 0, got {self.max_prefills_per_step}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")

@@ -309,3 +309,31 @@ def test_random_shared_prefix_workloads(tiny_model_dir):
         assert_same({r: off[r] for r in kept}, {r: on[r] for r in kept})
         assert eng.get_stats()["prefix_cache_hits"] > 0
         eng.close()
+
+
+def test_prompts_per_step_change_when_first_tokens_come_not_what_they_are(tiny_model_dir):
+    """--max-prefills-per-step: the CPU default runs one request's prompt per step; 2 or 0 (as
+    many as the budget holds) pack more. Tokens and logprobs are the same either way."""
+    rng = random.Random(5)
+    system = rand_ids(rng, 100)
+    users = [rand_ids(rng, rng.randrange(5, 40)) for _ in range(6)]
+    results, widest = {}, {}
+    for limit in (None, 2, 0):
+        llm = engine(tiny_model_dir, "vattention", True, max_prefills_per_step=limit, max_num_seqs=8)
+        sched, seen = llm.engine.scheduler, []
+        schedule = sched.schedule
+
+        def recording(schedule=schedule, seen=seen):
+            out = schedule()
+            seen.append(len({p.seq.request_id for p in out.prefills}))
+            return out
+
+        sched.schedule = recording
+        results[limit] = drive(llm, [(f"r{i}", system + u, greedy()) for i, u in enumerate(users)])
+        widest[limit] = (sched.max_prefills, max(seen))
+        llm.engine.close()
+    assert widest[None] == (1, 1) and widest[2] == (2, 2) and widest[0][0] == 0 and widest[0][1] > 2
+    assert_same(results[None], results[0])
+    assert_same(results[None], results[2])
+    with pytest.raises(ValueError, match="max_prefills_per_step"):
+        engine(tiny_model_dir, "vattention", True, max_prefills_per_step=-1)

@@ -89,10 +89,12 @@ class LLMEngine:
         self.kv = KVManager(num_blocks, block_size, min(num_slots, config.max_num_seqs), page_bytes=page_bytes,
                             token_bytes=token_bytes, enable_prefix_caching=self.prefix_caching,
                             namespace=self._cache_namespace())
+        max_prefills = config.max_prefills_per_step
+        if max_prefills is None:   # packing prompts is nearly free on a GPU, not on a CPU (scheduler.py)
+            max_prefills = 1 if self.runner.device.type == "cpu" else 0
         self.scheduler = make_scheduler(config.scheduler, self.kv, config.max_num_seqs, self.max_model_len,
                                         config.chunk_size, config.max_num_batched_tokens,
-                                        config.max_loras if config.enable_lora else None,
-                                        config.max_prefills_per_step)
+                                        config.max_loras if config.enable_lora else None, max_prefills)
         self.eos_token_ids = frozenset(self._eos_ids(self.runner.hf_config))
         self.generator = torch.Generator(device=self.runner.device).manual_seed(config.seed)
         self.requests: Dict[str, Request] = {}
