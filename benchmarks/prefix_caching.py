@@ -115,7 +115,7 @@ class Server:
 class PeakSampler:
     """Polls the server's KV bytes committed and VmRSS while a workload runs."""
 
-    def __init__(self, server: Server, every: float = 0.25):
+    def __init__(self, server: Server, every: float):
         self.server, self.every = server, every
         self.kv_peak, self.used_peak, self.rss_peak = 0, 0, 0
         self._stop = threading.Event()
@@ -178,7 +178,7 @@ def shared_prompt(server: Server, args, tokenizer) -> Dict:
     prompts = [system + "\n\nUser: " + text_of(tokenizer, rng, args.user_len) + "\nAssistant:"
                for _ in range(args.num_requests)]
     server.reset_cache()
-    with PeakSampler(server) as peak:
+    with PeakSampler(server, args.poll_interval) as peak:
         t0 = time.perf_counter()
         results = asyncio.run(_send_all(server.url, args, prompts, args.output_len, args.concurrency))
         wall = time.perf_counter() - t0
@@ -196,7 +196,7 @@ def multi_turn(server: Server, args, tokenizer) -> Dict:
     convs = [text_of(tokenizer, rng, args.chat_first_len) for _ in range(args.conversations)]
     server.reset_cache()
     ttft: List[List[float]] = []
-    with PeakSampler(server) as peak:
+    with PeakSampler(server, args.poll_interval) as peak:
         for turn in range(args.turns):
             prompts = [c + "\nUser: " + text_of(tokenizer, rng, args.user_len) + "\nAssistant:" for c in convs]
             res = asyncio.run(_send_all(server.url, args, prompts, args.chat_output_len, len(prompts),
@@ -218,7 +218,7 @@ def n_samples(server: Server, args, tokenizer) -> Dict:
     server.reset_cache()
     body = {"model": args.model_name, "prompt": prompt, "n": 8, "max_tokens": args.n_output_len,
             "temperature": 0.8, "seed": 1, "ignore_eos": True}
-    with PeakSampler(server) as peak:
+    with PeakSampler(server, args.poll_interval) as peak:
         t0 = time.perf_counter()
         r = httpx.post(server.url + "/v1/completions", json=body, timeout=3600)
         wall = time.perf_counter() - t0
@@ -252,8 +252,13 @@ def main() -> None:
     p.add_argument("--ban-token-id", type=int, nargs="*", default=None,
                    help="token ids given a -100 logit bias (for servers without ignore_eos)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--poll-interval", type=float, default=1.0,
+                   help="seconds between memory polls; each scrape of our /metrics costs the server "
+                        "~10 ms or more of CPU (it reads /proc/self/smaps)")
     p.add_argument("--out", default=str(RESULTS / "prefix_caching.json"))
     args = p.parse_args()
+    if not args.poll_interval > 0:
+        p.error(f"--poll-interval must be > 0 seconds, got {args.poll_interval}")
 
     from transformers import AutoTokenizer
 
