@@ -6,15 +6,18 @@ of what budget remains, then new requests FIFO, prompts of at most `max_prefills
 requests per step (0: as many as the budget holds). The batch lists prefill chunks
 first, then decodes.
 
-Why one prompt per step by default: on a CPU a step's time grows with every token in
-it (no idle lanes to fill, as a GPU has at small batches), so k prompts packed into one
-step all get their first token when the whole step ends, at about k times the cost of
-one. One prompt per step gives them first tokens one step apart: a lower mean and
-median TTFT for the same work, plus a few extra passes over the weights (decodes ride
-every step, so those are not lost). It also stops requests of equal length that
-arrived together from finishing, and coming back, together forever. `vllm`: whole prompts in prefill-only steps whenever any can be
-admitted, otherwise a decode-only step (decodes stall behind prefills). `orca`:
-whole prompts mixed with decodes, no token budget.
+Why the engine asks for one prompt per step on a CPU (and 0 on CUDA): on a CPU a step's
+time grows with every token in it (no idle lanes to fill, as a GPU has at small
+batches), so k prompts packed into one step all get their first token when the whole
+step ends, at about k times the cost of one. One prompt per step gives them first
+tokens one step apart: a lower mean and median TTFT for the same work, plus a few extra
+passes over the weights (decodes ride every step, so those are not lost). It also stops
+requests of equal length that arrived together from finishing, and coming back,
+together forever.
+
+`vllm`: whole prompts in prefill-only steps whenever any can be admitted, otherwise a
+decode-only step (decodes stall behind prefills). `orca`: whole prompts mixed with
+decodes, no token budget.
 
 Prefix caching (when the KVManager has it on): a new sequence starts with the KV of the
 longest cached prefix of its tokens, counted as computed, so the token budget goes to
