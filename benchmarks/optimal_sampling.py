@@ -40,7 +40,7 @@ def in_engine(llm, prompts, max_tokens, batch):
         outs += llm.generate(prompt_token_ids=prompts[start:start + batch], sampling_params=params[start:start + batch])
     dt = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    alphas = [a for o in outs for a in o.outputs[0].optimal_sampling["alpha_history"]]
+    alphas = [a for o in outs for a in o.outputs[0].optimal_sampling.alpha_history]
     return {"batch": batch, "prompts": len(prompts), "tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt}, alphas
 
 

@@ -157,7 +157,7 @@ def hop_overhead(args, ray) -> Dict[str, Any]:
     from sarathi import SamplingParams
     from sarathi.config import EngineConfig
     from sarathi.engine.async_llm_engine import AsyncLLMEngine
-    from sarathi.engine.ray_engine import EngineReplica
+    from sarathi.engine.ray_replica import EngineReplica
 
     count, num_tokens = 2048, 64
     echo = ray.remote(num_cpus=1)(Echo).remote()

@@ -51,6 +51,24 @@ class RequestMetrics:
 
 
 @dataclass
+class OptimalToken:
+    """What optimal sampling adds to one token: the α of q* it was drawn from and the
+    diagnostics of that draw (keys as optimal_sampling.kl.diagnostics)."""
+
+    alpha: float
+    diagnostics: Dict[str, float]
+
+
+@dataclass
+class OptimalSamplingOutput:
+    """A choice's optimal-sampling record: the target π_t, α and diagnostics per token."""
+
+    target_model: str
+    alpha_history: List[float] = field(default_factory=list)
+    diagnostics: List[Dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
@@ -59,8 +77,7 @@ class CompletionOutput:
     logprobs: Optional[SampleLogprobs] = None
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | None while running
     stop_reason: Optional[object] = None  # the stop string or stop token id that ended it
-    # optimal sampling: {"target_model", "alpha_history": [α per token], "diagnostics": [dict per token]}
-    optimal_sampling: Optional[dict] = None
+    optimal_sampling: Optional[OptimalSamplingOutput] = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -10,7 +10,7 @@ import pytest
 # Keep the test suite's model cache inside the repo checkout unless the user set one.
 os.environ.setdefault("SARATHI_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "sarathi"))
 # Every Ray instance of the tests stays on 127.0.0.1. Ray reads this when it is imported, so it is set
-# here, before any test module imports Ray (see sarathi/engine/ray_engine.py).
+# here, before any test module imports Ray (see sarathi/engine/ray_replica.py).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 

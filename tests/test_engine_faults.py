@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 import sarathi.engine.llm_engine as llm_engine
+import sarathi.model_executor.model_runner as model_runner
 from sarathi import LLM, SamplingParams
 from sarathi.engine.engine_client import RequestFailed
 
@@ -17,14 +18,14 @@ POISON = 0.777  # a temperature the injected sampler fault picks out
 
 def poison_sampler(monkeypatch, error: type) -> None:
     """Make the engine's sampler raise `error` for any batch holding a POISON-temperature row."""
-    real = llm_engine.sample
+    real = model_runner.sample
 
     def faulty(logits, rows, generator):
         if any(r.params.temperature == POISON for r in rows):
             raise error("injected")
         return real(logits, rows, generator)
 
-    monkeypatch.setattr(llm_engine, "sample", faulty)
+    monkeypatch.setattr(model_runner, "sample", faulty)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_sampling_fault_fails_only_its_request(llm, monkeypatch):
 
 def test_forward_fault_fails_the_batch_then_engine_goes_on(llm, monkeypatch):
     runner = llm.engine.runner
-    real = runner.execute
+    real = runner.forward
     calls = {"n": 0}
 
     def fail_once(*args, **kwargs):
@@ -69,7 +70,7 @@ def test_forward_fault_fails_the_batch_then_engine_goes_on(llm, monkeypatch):
             raise RuntimeError("injected forward failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "execute", fail_once)
+    monkeypatch.setattr(runner, "forward", fail_once)
     monkeypatch.setattr(llm.engine.scheduler, "max_prefills", 0)   # both prompts in the failing step
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     done = _run(llm, [("a", "one", params), ("b", "two", params)])

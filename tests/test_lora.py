@@ -68,7 +68,7 @@ def test_adapters_never_share_cached_prefixes(llm):
         cached.setdefault(name, []).append(out.num_cached_tokens)
     assert cached == {None: [0, 399], "a1": [0, 399], "a2": [0]}
     # Unloading an adapter forgets what its weights computed: the same name loaded again starts cold.
-    path = llm.engine.runner.lora.paths["a2"]
+    path = llm.engine.lora.paths["a2"]
     llm.engine.remove_lora("a2")
     llm.engine.add_lora(LoRARequest("a2", 2, path))
     out = llm.generate(prompt_token_ids=[ids], sampling_params=greedy(), lora_request=LoRARequest("a2"))[0]

@@ -42,7 +42,7 @@ def test_alpha_0_reproduces_pi_theta(llm):
     plain = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params(7, n=2))
     mixed = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params(7, alpha=0.0, n=2))
     assert tokens(plain) == tokens(mixed)
-    assert all(c.optimal_sampling["alpha_history"] == [0.0] * 12 for o in mixed for c in o.outputs)
+    assert all(c.optimal_sampling.alpha_history == [0.0] * 12 for o in mixed for c in o.outputs)
 
 
 def test_alpha_1_reproduces_pi_t(llm, target_dir):
@@ -65,11 +65,11 @@ def test_auto_alpha_balances_the_two_kls(llm):
     for o in outs:
         c = o.outputs[0]
         info = c.optimal_sampling
-        assert info["target_model"] == "t"
-        assert len(info["alpha_history"]) == len(c.token_ids) == 12
-        assert all(0.0 <= a <= 1.0 for a in info["alpha_history"])
-        assert 0.0 < sum(info["alpha_history"]) / 12 < 1.0
-        for d in info["diagnostics"]:
+        assert info.target_model == "t"
+        assert len(info.alpha_history) == len(c.token_ids) == 12
+        assert all(0.0 <= a <= 1.0 for a in info.alpha_history)
+        assert 0.0 < sum(info.alpha_history) / 12 < 1.0
+        for d in info.diagnostics:
             assert abs(d["kl_gap"]) < 1e-4 and 0 < d["ess_theta"] <= 1 and 0 < d["ess_t"] <= 1
         # logprobs are those of q*, the distribution actually sampled
         assert all(lp[t].logprob <= 0 for t, lp in zip(c.token_ids, c.logprobs))

@@ -139,7 +139,7 @@ def test_draw_follows_q_star(alpha):
 def test_engine_rows_with_disjoint_supports_sample_the_arithmetic_mixture():
     """Where π_θ and π_t share no token there is no geometric mixture: the engine draws from the
     arithmetic one (as kl.q_star defines q* there), a token of either support, never an error."""
-    from sarathi.optimal_sampling.engine import OptimalRow, sample_rows
+    from sarathi.optimal_sampling.sampler import OptimalRow, sample_rows
 
     V = 50
     theta, target = torch.randn(V), torch.randn(V)

@@ -8,7 +8,40 @@ import random
 
 import pytest
 
-from sarathi.core.kv_manager import KVManager, PrefixHit
+from sarathi.core.kv_manager import KVManager, PrefixHit, ReleaseBlocks, SharePrefix
+
+
+class MirrorBackend:
+    """What a KV backend sees of the manager's memory operations, with the checks a real one
+    relies on: a page is retained from a live slot, only retained blocks are shared or
+    released, a slot is freed once and shared into only after that."""
+
+    def __init__(self):
+        self.retained, self.live_slots = set(), set()
+
+    def apply(self, ops):
+        for op in ops:
+            op.apply(self)
+
+    def retain_block(self, slot, page, block):
+        assert block not in self.retained
+        self.retained.add(block)
+
+    def release_blocks(self, blocks):
+        for b in blocks:
+            assert b in self.retained, f"released block {b} was never retained"
+            self.retained.discard(b)
+
+    def share_blocks(self, slot, blocks, copy_src, table):
+        assert slot not in self.live_slots, f"slot {slot} shared into while in use"
+        assert set(blocks) <= self.retained and (copy_src is None or copy_src in self.retained)
+        self.live_slots.add(slot)
+
+    def free_slot(self, slot):
+        self.live_slots.discard(slot)
+
+    def check(self, kv):
+        assert self.retained == set(kv._cached), "the backend retains other blocks than the cache holds"
 
 
 def manager(blocks=16, block_size=4, slots=8, **kw):
@@ -23,9 +56,6 @@ def run(kv, seq_id, tokens, salt="", computed=None):
     kv.admit(seq_id, len(tokens), hit)
     kv.copies_done()
     kv.cache_blocks(seq_id, tokens, len(tokens) if computed is None else computed, salt)
-    for block in {b for b in kv.block_table(seq_id)}:
-        if block in kv._cached and kv._cached[block].handle is None:
-            kv.set_handle(block, block)
     kv.check_invariants()
     return hit
 
@@ -81,15 +111,13 @@ def test_partial_block_copy_on_write_and_diverging_inside_a_block():
     a = list(range(10, 24))                          # blocks: 4 + 4 + 4 + 2 tokens
     run(kv, 0, a)
     kv.cache_blocks(0, a, len(a), partial=True)      # the head of the last block too
-    for b in kv.block_table(0):
-        if b in kv._cached and kv._cached[b].handle is None:
-            kv.set_handle(b, b)
     diverge = a[:10] + [77, 78, 79]                  # diverges inside block 2
     hit = kv.match(1, diverge)
     assert hit.num_cached_tokens == 10 and len(hit.shared) == 2 and hit.copy_src == kv.block_table(0)[2]
+    kv.take_ops()
     kv.admit(1, len(diverge), hit)
-    share = kv.share_of(1, hit)
-    assert share.handles == kv.block_table(0)[:2] and share.dst_index == 2
+    share = [op for op in kv.take_ops() if isinstance(op, SharePrefix)][0]
+    assert list(share.blocks) == kv.block_table(0)[:2] and share.copy_src == kv.block_table(0)[2]
     assert share.table[2] != kv.block_table(0)[2]    # a private copy, not the shared block
     kv.check_invariants()                            # the copy source is held until copied
     kv.copies_done()
@@ -123,7 +151,8 @@ def test_reset_forgets_everything_and_keeps_tables():
     a = list(range(1, 17))
     run(kv, 0, a)
     assert kv.reset_prefix_cache() == 4 and kv.num_cached_blocks == 0
-    assert sorted(kv.take_released()) == sorted(kv.block_table(0))
+    released = [b for op in kv.take_ops() if isinstance(op, ReleaseBlocks) for b in op.blocks]
+    assert sorted(released) == sorted(kv.block_table(0))
     assert kv.match(1, a).num_cached_tokens == 0
     kv.free(0)
     kv.check_invariants()
@@ -135,14 +164,12 @@ def test_random_workload_keeps_the_books():
     kv = manager(blocks=40, block_size=4, slots=6)
     prefixes = [[rng.randrange(1000) for _ in range(rng.randrange(1, 30))] for _ in range(4)]
     live, next_id = {}, 0
+    backend = MirrorBackend()
     for _ in range(600):
         if live and (rng.random() < 0.4 or not kv.num_free_slots):
             sid = rng.choice(list(live))
             if rng.random() < 0.5:
                 kv.cache_blocks(sid, live[sid], rng.randrange(len(live[sid]) + 1), partial=True)
-                for b in kv.block_table(sid):
-                    if b in kv._cached and kv._cached[b].handle is None:
-                        kv.set_handle(b, b)
             kv.free(sid)
             del live[sid]
         else:
@@ -150,18 +177,17 @@ def test_random_workload_keeps_the_books():
             hit = kv.match(next_id, tokens)
             if kv.can_admit(len(tokens), hit=hit):
                 kv.admit(next_id, len(tokens), hit)
+                backend.apply(kv.take_ops())
                 kv.copies_done()
                 kv.cache_blocks(next_id, tokens, len(tokens))
-                for b in kv.block_table(next_id):
-                    if b in kv._cached and kv._cached[b].handle is None:
-                        kv.set_handle(b, b)
                 live[next_id] = tokens
             else:
                 kv.forget(next_id)
             next_id += 1
         if rng.random() < 0.02:
             kv.reset_prefix_cache()
-        kv.take_released()
+        backend.apply(kv.take_ops())
+        backend.check(kv)
         kv.check_invariants()
     for sid in list(live):
         kv.free(sid)
@@ -170,28 +196,30 @@ def test_random_workload_keeps_the_books():
 
 
 def test_scheduler_spends_the_budget_on_the_uncached_rest():
-    from sarathi.core.scheduler import SarathiScheduler
+    from sarathi.core.scheduler import SarathiScheduler, StepResult
     from sarathi.core.sequence import Sequence
 
     kv = manager(blocks=64, block_size=4)
     sched = SarathiScheduler(kv, max_num_seqs=4, max_model_len=200, chunk_size=8)
+    backend = MirrorBackend()
     a = Sequence(0, "a", 0, list(range(1, 21)), 0.0, 4)
     sched.add(a)
     while a.num_computed_tokens < 20:
         out = sched.schedule()
-        sched.postprocess(out, [(a, 5)] if out.prefills[0].samples else [])
-        sched.cache_computed(a)
-        for _, _, b in a.newly_cached:
-            kv.set_handle(b, b)
-        a.newly_cached.clear()
+        backend.apply(out.kv_ops)
+        sched.update_from_output(out, StepResult({0: 5} if out.prefills[0].samples else {}))
     b = Sequence(1, "b", 0, list(range(1, 17)) + [90, 91, 92], 1.0, 4)
     sched.add(b)
     out = sched.schedule()
     item = [p for p in out.prefills if p.seq is b][0]
     assert b.num_computed_tokens == 16 and b.num_cached_tokens == 16 and item.num_scheduled_tokens == 3
-    assert out.shares and out.shares[0].handles == kv.block_table(0)[:4]
+    shares = [op for op in out.kv_ops if isinstance(op, SharePrefix)]
+    assert len(shares) == 1 and list(shares[0].blocks) == kv.block_table(0)[:4]
     assert kv.num_queried_tokens == 39 and kv.num_hit_tokens == 16
-    kv.copies_done()
+    backend.apply(out.kv_ops)      # the runner retains a's blocks before it shares them with b
+    sched.update_from_output(out, StepResult())
+    backend.apply(kv.take_ops())   # what the next step applies first: b's newly cached blocks
+    backend.check(kv)
     kv.check_invariants()
 
 
@@ -199,10 +227,11 @@ def test_scheduler_spends_the_budget_on_the_uncached_rest():
 def test_samples_of_one_request_count_once_against_the_prefill_limit():
     """n = 3 with one prompt per step: samples 2 and 3 wait for the first to compute the
     prompt, then start together in one step (one request), ahead of the next request."""
-    from sarathi.core.scheduler import SarathiScheduler
+    from sarathi.core.scheduler import SarathiScheduler, StepResult
     from sarathi.core.sequence import Sequence
 
     kv = manager(blocks=64, block_size=4)
+    backend = MirrorBackend()
     sched = SarathiScheduler(kv, max_num_seqs=8, max_model_len=200, chunk_size=64, max_prefills=1)
     lead = Sequence(0, "a", 0, list(range(1, 19)), 0.0, 4)
     samples = [Sequence(i, "a", i, list(range(1, 19)), 0.0, 4) for i in (1, 2)]
@@ -214,14 +243,9 @@ def test_samples_of_one_request_count_once_against_the_prefill_limit():
     steps = []
     for _ in range(3):
         out = sched.schedule()
+        backend.apply(out.kv_ops)
         steps.append(sorted(p.seq.seq_id for p in out.prefills))
-        sched.postprocess(out, [(p.seq, 5) for p in out.scheduled if p.samples])
-        for p in out.scheduled:
-            sched.cache_computed(p.seq, partial=True)
-            for _, _, b in p.seq.newly_cached:
-                kv.set_handle(b, b)
-            p.seq.newly_cached.clear()
-        kv.copies_done()
+        sched.update_from_output(out, StepResult({p.seq.seq_id: 5 for p in out.scheduled if p.samples}))
     assert steps == [[0], [1, 2], [3]]
     # Each sample computes only the prompt's last token (for its own logits).
     assert samples[0].num_cached_tokens == 17 and samples[1].num_cached_tokens == 17

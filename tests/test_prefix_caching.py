@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from sarathi.core.kv_manager import ReleaseBlocks, RetainBlock
 from sarathi import LLM, SamplingParams
 from sarathi.engine.llm_engine import cache_namespace
 
@@ -19,11 +20,16 @@ BASE = dict(kv_cache_memory="48MiB", max_model_len=2048, chunk_size=256, seed=0)
 def check_books(eng) -> None:
     """Both allocators' invariants, and the cache's pins match the prefix cache's blocks."""
     eng.kv.check_invariants()
-    cache = getattr(eng.runner._kv, "cache", None)
+    cache = getattr(eng.runner.kv_backend, "cache", None)
     if cache is not None:
         cache.check_invariants()
-        if eng.prefix_caching:
-            assert cache.core.stats()["blocks_pinned"] == eng.kv.num_cached_blocks  # (no smaps read)
+        if eng.kv.enable_prefix_caching:
+            # the cache's blocks, less those the next step retains, plus those it releases
+            ops = eng.kv.pending_ops
+            retains = sum(isinstance(op, RetainBlock) for op in ops)
+            releases = sum(len(op.blocks) for op in ops if isinstance(op, ReleaseBlocks))
+            pinned = cache.core.stats()["blocks_pinned"]   # (no smaps read)
+            assert pinned == eng.kv.num_cached_blocks - retains + releases
 
 
 def engine(model_dir, backend, caching, **kw):
@@ -142,8 +148,8 @@ def test_prompts_diverging_inside_a_page(tmp_path_factory, smollm2_dir, page_siz
 
     off, on, eng = both(model, "vattention", requests, page_size=page_size, max_num_seqs=1)
     assert_same(off, on)
-    per_page = eng.runner._kv.cache.tokens_per_page
-    assert page_size is None or eng.runner._kv.cache.page_size % 192 != 0
+    per_page = eng.runner.kv_backend.cache.tokens_per_page
+    assert page_size is None or eng.runner.kv_backend.cache.page_size % 192 != 0
     for c in cuts:
         got = on[f"c{c}"].num_cached_tokens
         assert got <= c and (c < per_page or got >= c - per_page - 1), (c, got)
@@ -244,7 +250,7 @@ def test_reset_prefix_cache(tiny_model_dir):
     drive(llm, [("x", prompt, greedy(2))])
     eng = llm.engine
     assert eng.kv.num_cached_blocks > 0 and eng.runner.kv_stats()["kv_blocks_pinned"] > 0
-    assert eng.reset_prefix_cache() > 0
+    assert llm.reset_prefix_cache() > 0
     check_books(eng)
     assert eng.runner.kv_stats()["kv_blocks_pinned"] == 0
     assert drive(llm, [("y", prompt, greedy(2))])["y"].num_cached_tokens == 0
@@ -265,7 +271,7 @@ def test_sixteen_requests_hold_a_2000_token_prefix_once(tiny_model_dir):
         while not (len(eng.scheduler.running) == 16 and all(not s.is_prefill for s in eng.scheduler.running)):
             eng.step()
             check_books(eng)
-        st = eng.runner._kv.cache.stats()
+        st = eng.runner.kv_backend.cache.stats()
         figures[caching] = (st["pool_resident_bytes"], st["rss_bytes_mapped"], st["pss_bytes_mapped"])
         eng.abort_request([f"m{i}" for i in range(16)])
         check_books(eng)
@@ -273,7 +279,7 @@ def test_sixteen_requests_hold_a_2000_token_prefix_once(tiny_model_dir):
     (res_off, rss_off, pss_off), (res_on, rss_on, pss_on) = figures[False], figures[True]
     per_token = 2 * 2 * 2 * 16 * 4                     # K and V, 2 layers, 2 KV heads x 16 dims, fp32
     assert res_off >= 16 * 2000 * per_token                     # every request its own copy
-    page_tokens = eng.runner._kv.cache.tokens_per_page
+    page_tokens = eng.runner.kv_backend.cache.tokens_per_page
     # The prefix once (twice at most: a request admitted in the leader's first step, before
     # anything was cached, computes its own), plus a copied and a mapped-ahead page each.
     assert res_on <= (2 * 2000 + 16 * 2 * page_tokens) * per_token

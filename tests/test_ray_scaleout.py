@@ -45,7 +45,7 @@ def ray_local():
 
 
 def make_client(model_dir: Path, **kw):
-    from sarathi.engine.ray_engine import RayDataParallelClient
+    from sarathi.engine.ray_client import RayDataParallelClient
 
     config = EngineConfig(model=str(model_dir), data_parallel_size=2, distributed_executor_backend="ray",
                           num_threads=1, **ENGINE_ARGS, **kw)
@@ -227,8 +227,8 @@ def test_optimal_sampling_gives_the_same_text_and_alphas_on_either_replica(ray_l
             assert o.outputs[0].token_ids == want.outputs[0].token_ids
             # α* is exact to its tolerance (1e-6): the logits of a batch of two can differ from a
             # batch of one in their last bits, which may move α* across one step of its grid
-            assert o.outputs[0].optimal_sampling["alpha_history"] == pytest.approx(
-                want.outputs[0].optimal_sampling["alpha_history"], abs=1e-6)
+            assert o.outputs[0].optimal_sampling.alpha_history == pytest.approx(
+                want.outputs[0].optimal_sampling.alpha_history, abs=1e-6)
         bad = SamplingParams(max_tokens=2, optimal_sampling={"target_model": "nope"})
         with pytest.raises(InvalidParam, match="unknown optimal_sampling target") as e:
             run(collect(c, "hi", bad, "os-bad"))

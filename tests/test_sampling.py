@@ -155,7 +155,7 @@ def test_bad_requests_leave_others_unharmed(llm):
     eng.add_request("good", "Hello", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     with pytest.raises(ValueError, match="empty"):
         eng.add_request("empty", "", SamplingParams())
-    with pytest.raises(ValueError, match="max_model_len"):
+    with pytest.raises(ValueError, match="maximum context length"):
         eng.add_request("long", None, SamplingParams(), prompt_token_ids=[5] * 300)
     with pytest.raises(ValueError, match="already in use"):
         eng.add_request("good", "Hello", SamplingParams())

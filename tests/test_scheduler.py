@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from sarathi.core.kv_manager import KVManager
-from sarathi.core.scheduler import make_scheduler
+from sarathi.core.scheduler import StepResult, make_scheduler
 from sarathi.core.sequence import Sequence
 
 
@@ -17,13 +17,8 @@ def _seq(i, prompt_len, max_tokens, t=None):
 
 def _run_step(sched, out, finished):
     """What the engine does after a step: 'sample' token 1 for every chunk that reached its
-    sequence's end, let the scheduler postprocess, finish what it marked finished."""
-    sampled = [(item.seq, 1) for item in out.scheduled if item.samples]
-    sched.postprocess(out, sampled)
-    for seq, _ in sampled:
-        if seq.finish_reason is not None:
-            sched.finish(seq)
-            finished.append(seq)
+    sequence's end and hand the result to the scheduler, which finishes what stopped."""
+    finished.extend(sched.update_from_output(out, StepResult({i.seq.seq_id: 1 for i in out.scheduled if i.samples})))
 
 
 def _drive(name, seqs, num_blocks=64, block=16, slots=8, chunk=32, max_steps=5000, check=None):
@@ -128,9 +123,9 @@ def test_tight_memory_finishes_with_bounded_restarts(name):
 def test_prompt_longer_than_max_model_len_rejected():
     kv = KVManager(100, 16, 4)
     sched = make_scheduler("sarathi", kv, 4, 64, 32, None)
-    with pytest.raises(ValueError, match="max_model_len"):
+    with pytest.raises(ValueError, match="cannot be scheduled"):
         sched.add(_seq(0, 64, 1))
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(ValueError, match="cannot be scheduled"):
         sched.add(_seq(1, 0, 1))
 
 
@@ -147,7 +142,7 @@ def test_kv_manager_accounting():
         kv.grow(1, 4 * 11)
 
 
-def test_postprocess_token_stops():
+def test_update_from_output_token_stops():
     kv = KVManager(64, 16, 4)
     sched = make_scheduler("sarathi", kv, 4, 12, 64, None)
     eos = Sequence(0, "eos", 0, [7] * 3, 0.0, 10, eos_token_ids=frozenset({2}), min_tokens=2)
@@ -158,20 +153,35 @@ def test_postprocess_token_stops():
         sched.add(s)
     out = sched.schedule()
     assert all(item.samples for item in out.scheduled)
-    # EOS before min_tokens is not a stop (the sampler blocks it; postprocess must not stop either).
+    # EOS before min_tokens is not a stop (the sampler blocks it; the scheduler must not stop either).
     assert eos.blocked_token_ids == {2}
-    sched.postprocess(out, [(eos, 2), (stop, 5), (length, 9), (ctx, 9)])
+    done = sched.update_from_output(out, StepResult({eos.seq_id: 2, stop.seq_id: 5, length.seq_id: 9,
+                                                     ctx.seq_id: 9}))
     assert all(s.num_computed_tokens == len(s.prompt_token_ids) for s in (eos, stop, length, ctx))
     assert eos.finish_reason is None and eos.output_token_ids == [2]
-    assert (stop.finish_reason, stop.stop_reason) == ("stop", 5)
+    assert (stop.finish_reason, stop.stop_reason) == ("stop", 5) and done == [stop] and stop.is_finished
     assert length.finish_reason is None and ctx.finish_reason is None
-    sched.finish(stop)
     out = sched.schedule()
     assert {item.seq for item in out.decodes} == {eos, length, ctx}
-    sched.postprocess(out, [(eos, 2), (length, 9), (ctx, 9)])
+    done = sched.update_from_output(out, StepResult({eos.seq_id: 2, length.seq_id: 9, ctx.seq_id: 9}))
     assert (eos.finish_reason, eos.stop_reason) == ("stop", None)   # EOS counts once min_tokens are out
     assert length.finish_reason == "length"                         # max_tokens
     assert (ctx.finish_reason, ctx.num_tokens) == ("length", 12)    # max_model_len
+    assert set(done) == {eos, length, ctx} and not sched.has_unfinished()
+
+
+def test_failed_step_advances_nothing():
+    kv = KVManager(64, 16, 4)
+    sched = make_scheduler("sarathi", kv, 4, 128, 64, None)
+    seq = _seq(0, 5, 3)
+    sched.add(seq)
+    out = sched.schedule()
+    assert sched.update_from_output(out, StepResult({seq.seq_id: 1}, error="boom")) == []
+    assert seq.num_computed_tokens == 0 and seq.output_token_ids == []
+    sched.finish([seq], "abort")
+    assert seq.finish_reason == "abort" and kv.num_free_blocks == kv.num_blocks
+    ops = sched.schedule().kv_ops
+    assert [type(op).__name__ for op in ops] == ["FreeSlot"] and not sched.has_pending_memory_ops()
 
 
 def _first_token_steps(max_prefills, prompts, chunk=512):

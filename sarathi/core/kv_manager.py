@@ -16,8 +16,16 @@ needed, oldest first and, among blocks freed together, the tail of the longer pr
 first, so caching never costs a preemption. A new sequence starts with the longest
 chain of cached blocks it matches (shared, counted once), plus possibly the block after
 them, partially matched: that one is copied (copy on write) because the sequence will
-write into it. The backend makes sharing real (same physical page mapped in several
-slots, or several block tables naming one block); this file only decides.
+write into it.
+
+This file decides; the runner's KV backend makes it real (the same physical page mapped
+in several slots, or several block tables naming one block). What the backend must do
+to memory leaves here as typed operations, in order (`take_ops`), and travels to the
+runner in the scheduler's output: `RetainBlock` (the cache keeps a computed page),
+`ReleaseBlocks` (it lets go of evicted ones), `SharePrefix` (a new sequence starts on
+cached pages) and `FreeSlot` (a sequence left its slot). The order matters and is kept:
+a page is retained before its slot is freed, a slot is freed before a new sequence
+shares pages into it.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 
 @dataclass
@@ -35,7 +43,6 @@ class CachedBlock:
     parent: bytes              # identity of the chain before it (a root for index 0)
     tokens: Tuple[int, ...]    # tokens with computed bytes here (the whole span once full)
     hash: Optional[bytes] = None   # set once the block is full
-    handle: Optional[int] = None   # the backend's id for the block's memory (vattention: pool block)
 
 
 @dataclass
@@ -52,16 +59,64 @@ class PrefixHit:
         return len(self.shared)
 
 
-@dataclass
-class PrefixShare:
-    """The backend's part of an admission with a hit: alias `handles` at the slot's first
-    pages, then copy `copy_src` (a handle) into the block at `dst_index` of the table."""
+# Each operation applies itself to a KV backend (model_executor/kv_cache/base.py), so the
+# runner needs no import of this torch-free layer. `freed_slot` tells second models (which
+# mirror the slots, not the cache) which slot to let go.
+
+@dataclass(frozen=True)
+class RetainBlock:
+    """Keep the memory at page `page` of `slot` alive as cached block `block`."""
 
     slot: int
-    handles: List[int]
+    page: int
+    block: int
+    freed_slot = None
+
+    def apply(self, kv) -> None:
+        kv.retain_block(self.slot, self.page, self.block)
+
+
+@dataclass(frozen=True)
+class ReleaseBlocks:
+    """The cache no longer holds these blocks (evicted or reset)."""
+
+    blocks: Tuple[int, ...]
+    freed_slot = None
+
+    def apply(self, kv) -> None:
+        kv.release_blocks(self.blocks)
+
+
+@dataclass(frozen=True)
+class SharePrefix:
+    """A sequence in `slot` starts on cached `blocks` (its first pages), then a copy of block
+    `copy_src` as the next one; `table` is its block table (paged backends write into it)."""
+
+    slot: int
+    blocks: Tuple[int, ...]
     copy_src: Optional[int]
-    dst_index: int
     table: List[int]
+    freed_slot = None
+
+    def apply(self, kv) -> None:
+        kv.share_blocks(self.slot, self.blocks, self.copy_src, self.table)
+
+
+@dataclass(frozen=True)
+class FreeSlot:
+    """The sequence in `slot` finished, was aborted or preempted."""
+
+    slot: int
+
+    @property
+    def freed_slot(self) -> int:
+        return self.slot
+
+    def apply(self, kv) -> None:
+        kv.free_slot(self.slot)
+
+
+KVOp = Union[RetainBlock, ReleaseBlocks, SharePrefix, FreeSlot]
 
 
 def _digest(parent: bytes, tokens: Sequence[int]) -> bytes:
@@ -96,7 +151,7 @@ class KVManager:
         self._children: Dict[bytes, Dict[int, None]] = {}        # parent identity -> cached blocks after it
         self._chains: Dict[int, Tuple[bytes, List[bytes]]] = {}  # seq -> (root, identities of its full blocks)
         self._copy_refs: List[int] = []       # copy sources held until the backend has copied them
-        self._released: List[int] = []        # handles the cache no longer holds (backend unpins)
+        self._ops: List[KVOp] = []            # what the backend must do next, in order
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
 
@@ -160,6 +215,8 @@ class KVManager:
             self._copy_refs.append(hit.copy_src)
         self._tables[seq_id] = list(hit.shared)
         self.grow(seq_id, num_tokens)
+        if hit.num_cached_tokens:
+            self._ops.append(SharePrefix(slot, tuple(hit.shared), hit.copy_src, self._tables[seq_id]))
         return slot
 
     def can_grow(self, seq_id: int, num_tokens: int) -> bool:
@@ -183,6 +240,7 @@ class KVManager:
         self._chains.pop(seq_id, None)
         slot = self._slots.pop(seq_id)
         self._free_slots.append(slot)
+        self._ops.append(FreeSlot(slot))
         return slot
 
     def forget(self, seq_id: int) -> None:
@@ -231,8 +289,7 @@ class KVManager:
             siblings.pop(b, None)
             if not siblings:
                 del self._children[e.parent]
-        if e.handle is not None:
-            self._released.append(e.handle)
+        self._ops.append(ReleaseBlocks((b,)))
 
     # ---- prefix caching --------------------------------------------------------
     def root(self, salt: str) -> bytes:
@@ -294,12 +351,6 @@ class KVManager:
             self.num_queried_tokens += num_tokens
             self.num_hit_tokens += hit.num_cached_tokens
 
-    def share_of(self, seq_id: int, hit: PrefixHit) -> PrefixShare:
-        """The backend's instructions for an admitted sequence's hit."""
-        return PrefixShare(self._slots[seq_id], [self._cached[b].handle for b in hit.shared],
-                           None if hit.copy_src is None else self._cached[hit.copy_src].handle,
-                           len(hit.shared), self._tables[seq_id])
-
     def copies_done(self) -> None:
         """The backend copied every pending copy-on-write source: drop their temporary holds."""
         refs, self._copy_refs = self._copy_refs, []
@@ -309,8 +360,8 @@ class KVManager:
     def cache_blocks(self, seq_id: int, tokens: Sequence[int], num_computed: int, salt: str = "",
                      partial: bool = False) -> List[Tuple[int, int]]:
         """Register the sequence's computed full blocks (and, with partial, the computed head
-        of the block after them). Returns (index, block) of blocks newly cached: the backend
-        must retain them and `set_handle` the result."""
+        of the block after them). Returns (index, block) of blocks newly cached; a
+        `RetainBlock` for each goes to the backend."""
         if not self.enable_prefix_caching or seq_id not in self._tables:
             return []
         table = self._tables[seq_id]
@@ -340,6 +391,8 @@ class KVManager:
                     new.append((full, b))
                 elif e.hash is None and e.parent == parent and len(head) > len(e.tokens):
                     e.tokens = head
+        slot = self._slots[seq_id]
+        self._ops.extend(RetainBlock(slot, index, b) for index, b in new)
         return new
 
     def _register(self, e: CachedBlock) -> None:
@@ -348,28 +401,27 @@ class KVManager:
             self._by_hash[e.hash] = e.block
         self._children.setdefault(e.parent, {})[e.block] = None
 
-    def set_handle(self, block: int, handle: int) -> bool:
-        """Record the backend's handle of a newly cached block. False: the block was evicted
-        meanwhile (a preempted sequence's block, taken in the same schedule), so the caller
-        releases the handle at once."""
-        e = self._cached.get(block)
-        if e is None or e.handle is not None:
-            return False
-        e.handle = handle
-        return True
-
     def uncache(self, block: int) -> None:
-        """Forget a cached block (its handle, if any, is released)."""
+        """Forget a cached block (the backend could not retain it, or a reset)."""
         if block in self._cached:
             self._uncache(block)
             if self._ref[block] == 0:
                 del self._evictable[block]
                 self._free_blocks.append(block)
 
-    def take_released(self) -> List[int]:
-        """Handles of blocks the cache stopped holding since the last call."""
-        out, self._released = self._released, []
+    def take_ops(self) -> List[KVOp]:
+        """What the backend must do to memory since the last call, in order."""
+        out, self._ops = self._ops, []
         return out
+
+    @property
+    def has_ops(self) -> bool:
+        return bool(self._ops)
+
+    @property
+    def pending_ops(self) -> Tuple[KVOp, ...]:
+        """The operations the next step will apply (for checks)."""
+        return tuple(self._ops)
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached block (held ones stay in their tables, uncached); returns how many."""

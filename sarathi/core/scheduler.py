@@ -24,6 +24,13 @@ longest cached prefix of its tokens, counted as computed, so the token budget go
 the rest; samples 2..n of a request wait until sample 1 has computed the prompt, then
 share its pages instead of computing the prompt again.
 
+The step contract: `schedule()` says what runs (sequences, token counts, slots, block
+tables, and the KV manager's memory operations for the runner to apply first); after the
+runner ran it, `update_from_output()` advances the sequences, appends the sampled tokens,
+applies token-id stops, offers computed blocks to the prefix cache and frees what
+finished. Sequences ended for other reasons (a stop string, an abort, a failure) leave
+through `finish()`.
+
 Memory pressure: recompute preemption of the newest running sequence. Admission
 keeps headroom: a new request must leave room for every running sequence to grow by
 one more block, and a request that was preempted comes back only when it can run to
@@ -35,9 +42,9 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, List, Optional, Tuple
+from typing import Deque, Dict, Iterable, List, Optional
 
-from sarathi.core.kv_manager import KVManager, PrefixHit, PrefixShare
+from sarathi.core.kv_manager import KVManager, KVOp, PrefixHit
 from sarathi.core.sequence import Sequence, SequenceStatus
 
 
@@ -45,6 +52,8 @@ from sarathi.core.sequence import Sequence, SequenceStatus
 class ScheduledSeq:
     seq: Sequence
     num_scheduled_tokens: int
+    slot: int = -1                             # filled in when the schedule is final
+    block_table: Optional[List[int]] = None
 
     @property
     def samples(self) -> bool:
@@ -57,8 +66,9 @@ class SchedulerOutput:
     prefills: List[ScheduledSeq] = field(default_factory=list)
     decodes: List[ScheduledSeq] = field(default_factory=list)
     preempted: List[Sequence] = field(default_factory=list)
-    freed_slots: List[int] = field(default_factory=list)
-    shares: List[PrefixShare] = field(default_factory=list)  # prefix hits the backend must map or copy
+    kv_ops: List[KVOp] = field(default_factory=list)      # memory operations, applied before the step
+    finished_seq_ids: List[int] = field(default_factory=list)   # sequences gone since the last step
+
 
     @property
     def scheduled(self) -> List[ScheduledSeq]:
@@ -82,6 +92,17 @@ class SchedulerOutput:
         self.decodes = [s for s in self.decodes if s.seq is not seq]
 
 
+@dataclass
+class StepResult:
+    """What the scheduler reads of the runner's output (ModelRunnerOutput has these fields):
+    the token each sampling sequence drew, by seq_id; whether the step failed as a whole;
+    cached blocks the backend could not retain."""
+
+    sampled_token_ids: Dict[int, int] = field(default_factory=dict)
+    error: Optional[str] = None
+    retain_failed: List[int] = field(default_factory=list)
+
+
 class Scheduler:
     """Shared state and mechanics; subclasses decide the batch."""
 
@@ -98,73 +119,101 @@ class Scheduler:
         self.waiting: Deque[Sequence] = deque()
         self.running: List[Sequence] = []
         self.num_preemptions = 0
+        self._finished_ids: List[int] = []
 
     # ---- requests in and out -------------------------------------------------
-    def check_prompt(self, num_prompt_tokens: int) -> None:
-        if num_prompt_tokens < 1:
-            raise ValueError("prompt must contain at least one token")
-        if num_prompt_tokens >= self.max_model_len:
-            raise ValueError(f"prompt has {num_prompt_tokens} tokens, but max_model_len is "
-                             f"{self.max_model_len} (prompt plus at least one output token must fit)")
-        if not self.kv.fits(num_prompt_tokens + 1):
-            raise ValueError(f"prompt has {num_prompt_tokens} tokens, more than the whole KV cache holds "
-                             f"({self.kv.num_blocks * self.kv.block_size} tokens); raise --kv-cache-memory")
-
     def add(self, seq: Sequence) -> None:
-        self.check_prompt(len(seq.prompt_token_ids))
+        """Queue a sequence. Entries check prompts first (EngineLimits.check_prompt); this only
+        guards the invariant that what is queued can run."""
+        n = len(seq.prompt_token_ids)
+        if not 0 < n < self.max_model_len or not self.kv.fits(n + 1):
+            raise ValueError(f"a prompt of {n} tokens cannot be scheduled (max_model_len {self.max_model_len}, "
+                             f"KV cache {self.kv.num_blocks} blocks): check it with EngineLimits.check_prompt")
         self.waiting.append(seq)
 
-    def finish(self, seq: Sequence) -> Optional[int]:
-        """Take a sequence out of the scheduler (finished or aborted); returns its freed slot."""
-        slot = None
-        if seq in self.running:
-            self.running.remove(seq)
-            slot = self._release(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        self.kv.forget(seq.seq_id)
-        seq.status = SequenceStatus.FINISHED
-        return slot
+    def finish(self, seqs: Iterable[Sequence], reason: Optional[str] = None) -> None:
+        """Take sequences out of the scheduler (finished, stopped by text or aborted; reason,
+        when given, is the finish_reason of those still unfinished) and free their memory."""
+        for seq in seqs:
+            if seq.is_finished:
+                continue
+            if reason is not None and seq.finish_reason is None:
+                seq.finish_reason = reason
+            if seq in self.running:
+                self.running.remove(seq)
+                self._release(seq)
+            elif seq in self.waiting:
+                self.waiting.remove(seq)
+            self.kv.forget(seq.seq_id)
+            seq.status = SequenceStatus.FINISHED
+            self._finished_ids.append(seq.seq_id)
 
-    def cache_computed(self, seq: Sequence, partial: bool = False) -> None:
-        """Offer the running sequence's computed blocks to the prefix cache. Newly cached
-        ones go to seq.newly_cached as (slot, page index, block): the engine has the
-        backend retain them before the slot is freed."""
-        slot = self.kv.slot(seq.seq_id)
-        new = self.kv.cache_blocks(seq.seq_id, seq.token_ids(), seq.num_computed_tokens, seq.cache_salt, partial)
-        seq.newly_cached.extend((slot, i, b) for i, b in new)
+    def _cache_computed(self, seq: Sequence, partial: bool = False) -> None:
+        """Offer the running sequence's computed blocks to the prefix cache (the KV manager
+        has the backend retain the new ones before the slot can be freed)."""
+        self.kv.cache_blocks(seq.seq_id, seq.token_ids(), seq.num_computed_tokens, seq.cache_salt, partial)
 
     def _release(self, seq: Sequence) -> int:
         """Free a sequence's KV, first caching the computed head of its last block."""
-        self.cache_computed(seq, partial=True)
+        self._cache_computed(seq, partial=True)
         return self.kv.free(seq.seq_id)
 
-    def postprocess(self, out: SchedulerOutput, sampled: List[Tuple[Sequence, int]]) -> None:
-        """After the model ran `out`: advance every scheduled sequence, append the sampled
-        tokens and apply token-id stops (EOS, stop ids, max_tokens, max_model_len) by setting
-        finish_reason. Freeing is the engine's: it may still find a stop string in the text."""
+    def update_from_output(self, out: SchedulerOutput, result: StepResult) -> List[Sequence]:
+        """After the runner ran `out`: advance every scheduled sequence, append the sampled
+        tokens, apply token-id stops (EOS, stop ids, max_tokens, max_model_len), cache the
+        computed blocks, free what finished. Returns the sequences that finished. A failed
+        step advances nothing (its requests are ended by the caller)."""
+        self.kv.copies_done()   # the runner applied this step's copies (or the step failed)
+        for block in result.retain_failed:
+            self.kv.uncache(block)
+        if result.error is not None:
+            return []
         for item in out.scheduled:
             seq = item.seq
             seq.num_computed_tokens += item.num_scheduled_tokens
             if seq.max_tokens == 0 and seq.num_uncomputed_tokens == 0:
                 seq.finish_reason = "length"  # prompt scoring only: nothing to sample
-        for seq, token in sampled:
-            seq.output_token_ids.append(token)
-            n_out = len(seq.output_token_ids)
-            if n_out >= seq.min_tokens and (token in seq.stop_token_ids or token in seq.eos_token_ids):
-                seq.finish_reason = "stop"
-                seq.stop_reason = token if token in seq.stop_token_ids else None
-            elif n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-                seq.finish_reason = "length"
+            token = result.sampled_token_ids.get(seq.seq_id)
+            if token is not None:
+                self._append(seq, token)
+        finished = []
+        for item in out.scheduled:
+            seq = item.seq
+            if self.kv.enable_prefix_caching and self.kv.holds(seq.seq_id):
+                # The head of the last block too once the prompt is done: n > 1 samples copy it.
+                done = seq.num_computed_tokens - item.num_scheduled_tokens < len(seq.prompt_token_ids) \
+                    <= seq.num_computed_tokens
+                self._cache_computed(seq, partial=done)
+            if seq.finish_reason is not None:
+                finished.append(seq)
+        self.finish(finished)
+        return finished
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.output_token_ids.append(token)
+        n_out = len(seq.output_token_ids)
+        if n_out >= seq.min_tokens and (token in seq.stop_token_ids or token in seq.eos_token_ids):
+            seq.finish_reason = "stop"
+            seq.stop_reason = token if token in seq.stop_token_ids else None
+        elif n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block (requests in flight keep theirs); returns how many."""
+        return self.kv.reset_prefix_cache()
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def has_pending_memory_ops(self) -> bool:
+        """Memory operations wait for the runner (a finish or abort freed a slot between steps)."""
+        return self.kv.has_ops or bool(self._finished_ids)
 
     # ---- mechanics -----------------------------------------------------------
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Recompute preemption: drop the KV, start over later from the head of the queue."""
         self.running.remove(seq)
-        out.freed_slots.append(self._release(seq))
+        self._release(seq)
         out._drop(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
@@ -217,8 +266,6 @@ class Scheduler:
         seq.num_computed_tokens = hit.num_cached_tokens
         if seq.num_cached_tokens is None:
             seq.num_cached_tokens = hit.num_cached_tokens
-        if hit.num_cached_tokens:
-            out.shares.append(self.kv.share_of(seq.seq_id, hit))
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
@@ -267,13 +314,24 @@ class Scheduler:
         return out
 
     def schedule(self) -> SchedulerOutput:
+        """The next step: the policy's batch, each sequence's slot and block table, and the
+        memory operations the runner applies before running it."""
+        out = self._policy()
+        for item in out.scheduled:
+            item.slot = self.kv.slot(item.seq.seq_id)
+            item.block_table = self.kv.block_table(item.seq.seq_id)
+        out.kv_ops = self.kv.take_ops()
+        out.finished_seq_ids, self._finished_ids = self._finished_ids, []
+        return out
+
+    def _policy(self) -> SchedulerOutput:
         raise NotImplementedError
 
 
 class SarathiScheduler(Scheduler):
     """Chunked prefills and stall-free hybrid batches under a token budget."""
 
-    def schedule(self) -> SchedulerOutput:
+    def _policy(self) -> SchedulerOutput:
         out = self._running_decodes()
         budget = max(self.chunk_size - len(out.decodes), 0)
         for seq in self.running:
@@ -290,7 +348,7 @@ class SarathiScheduler(Scheduler):
 class VLLMScheduler(Scheduler):
     """Prefill-first: whole prompts in prefill-only steps, else a decode-only step."""
 
-    def schedule(self) -> SchedulerOutput:
+    def _policy(self) -> SchedulerOutput:
         out = SchedulerOutput()
         self._admit_waiting(out, self.max_num_batched_tokens)
         return out if out.prefills else self._running_decodes()
@@ -299,7 +357,7 @@ class VLLMScheduler(Scheduler):
 class OrcaScheduler(Scheduler):
     """Iteration-level batching: decodes plus whole new prompts, no token budget."""
 
-    def schedule(self) -> SchedulerOutput:
+    def _policy(self) -> SchedulerOutput:
         out = self._running_decodes()
         self._admit_waiting(out)
         return out

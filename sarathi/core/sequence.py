@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, FrozenSet, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, FrozenSet, List, Optional
+
+if TYPE_CHECKING:
+    from sarathi.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -31,7 +34,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_preemptions: int = 0
-    # Token-id stops, applied by Scheduler.postprocess once min_tokens are out.
+    # Token-id stops, applied by Scheduler.update_from_output once min_tokens are out.
     stop_token_ids: FrozenSet[int] = frozenset()   # the request's own stop ids
     eos_token_ids: FrozenSet[int] = frozenset()    # the model's EOS ids (empty with ignore_eos)
     min_tokens: int = 0
@@ -45,9 +48,8 @@ class Sequence:
     cache_lookup: bool = True                 # False: compute everything (prompt logprobs need it)
     prefix_leader: Optional["Sequence"] = None
     num_cached_tokens: Optional[int] = None   # prompt tokens found in the cache at first admission
-    newly_cached: List[Tuple[int, int, int]] = field(default_factory=list)  # (slot, page, block) to retain
-    # Owned by the engine (sampling / detokenisation state), opaque to the scheduler.
-    data: Any = None
+    # How the runner samples this sequence (read there; the scheduler only uses the stops above).
+    params: Optional["SamplingParams"] = None
 
     @property
     def num_tokens(self) -> int:

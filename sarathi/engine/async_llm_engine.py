@@ -28,6 +28,7 @@ class AsyncLLMEngine:
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.model_name = self.engine.model_name
+        self.model_path = str(self.engine.model_dir)
         self.limits: EngineLimits = self.engine.limits
         self.errored: Optional[BaseException] = None
         self.on_dead: List[Callable[[BaseException], None]] = []   # e.g. the server stops itself
@@ -38,14 +39,19 @@ class AsyncLLMEngine:
         self._wakeup: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
         self._stopping = False
+        self._admitting = 0     # requests inside generate() that are not in _new yet
 
     @property
     def max_model_len(self) -> int:
         return self.limits.max_model_len
 
+    def health(self) -> Dict[str, Any]:
+        return {"status": "down" if self.errored is not None else "ok"}
+
     def get_stats(self) -> dict:
         stats = self.engine.get_stats()
-        stats["num_waiting_requests"] = stats.get("num_waiting_requests", 0) + len(self._new)
+        # requests being tokenised or queued for the loop wait too (--max-queue-len counts them)
+        stats["num_waiting_requests"] = stats.get("num_waiting_requests", 0) + len(self._new) + self._admitting
         return stats
 
     def _ensure_loop(self) -> None:
@@ -62,11 +68,12 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         # Validate now so bad input fails here, not in the loop; tokenising runs off the event loop.
-        if prompt_token_ids is None:
-            ids = await asyncio.to_thread(self.engine.encode_prompt, prompt, None)
-        else:
-            ids = self.engine.encode_prompt(prompt, prompt_token_ids)
-        self.limits.check(sampling_params)
+        self._admitting += 1
+        try:
+            ids = await asyncio.to_thread(self.engine.encode_prompt, prompt, prompt_token_ids)
+            self.limits.check(sampling_params)
+        finally:
+            self._admitting -= 1
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         self._new.append((request_id, prompt, sampling_params, ids, time.monotonic(), lora_request))
@@ -93,26 +100,34 @@ class AsyncLLMEngine:
 
     # ---- LoRA adapters (applied between steps) ----------------------------------
     def list_loras(self) -> List[str]:
-        return self.engine.list_loras()
+        lora = self.engine.lora
+        return [] if lora is None else lora.names()
 
     def optimal_sampling_models(self) -> List[str]:
-        """Second models loaded as optimal sampling targets (adapters are listed as adapters)."""
-        loras = set(self.engine.list_loras())
-        return [n for n in self.engine.optimal_sampling_targets() if n not in loras]
+        return list(self.engine.optimal_sampling.models)
 
     def lora_path(self, name: str) -> Optional[str]:
-        lora = self.engine.runner.lora
+        lora = self.engine.lora
         return None if lora is None else lora.paths.get(name)
 
     async def add_lora(self, lora_request: LoRARequest) -> None:
-        await self._between_steps(lambda: self.engine.add_lora(lora_request))
+        await self._between_steps(lambda: self._lora().add(lora_request))
 
     async def remove_lora(self, name: str) -> None:
-        await self._between_steps(lambda: self.engine.remove_lora(name))
+        def remove():
+            if self.engine.lora is None:
+                raise KeyError(name)
+            self.engine.lora.remove(name, self.engine.requests_using(name))
+        await self._between_steps(remove)
+
+    def _lora(self):
+        if self.engine.lora is None:
+            raise ValueError("LoRA adapters need an engine started with --enable-lora")
+        return self.engine.lora
 
     async def reset_prefix_cache(self) -> int:
         """Forget every cached prefix block, between two steps; returns how many."""
-        return await self._between_steps(self.engine.reset_prefix_cache)
+        return await self._between_steps(self.engine.scheduler.reset_prefix_cache)
 
     async def _between_steps(self, fn: Callable[[], Any]) -> Any:
         if self.errored is not None or self._stopping:
@@ -132,7 +147,7 @@ class AsyncLLMEngine:
     async def _run_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._stopping:
-            if not self._new and not self._aborts and not self._calls and not self.engine.has_unfinished_requests():
+            if not self._new and not self._aborts and not self._calls and not self.engine.has_pending_work():
                 self._wakeup.clear()
                 await self._wakeup.wait()
             if self._stopping:
@@ -158,12 +173,9 @@ class AsyncLLMEngine:
             callback(error)
 
     def _apply_pending(self) -> None:
+        # Requests first, then admin calls: an adapter unloaded in the same round is then in
+        # use by them and the unload is refused, rather than the requests failing mid-stream.
         calls, self._calls = self._calls, []
-        for fn, future in calls:
-            try:
-                future.set_result(fn())
-            except Exception as e:  # noqa: BLE001 - handed to the caller
-                future.set_exception(e)
         new, self._new = self._new, []
         for rid, prompt, params, ids, arrival, lora in new:
             try:
@@ -173,6 +185,11 @@ class AsyncLLMEngine:
                 q = self._streams.get(rid)
                 if q is not None:
                     q.put_nowait(e)
+        for fn, future in calls:
+            try:
+                future.set_result(fn())
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                future.set_exception(e)
         aborts, self._aborts = self._aborts, []
         if aborts:
             self.engine.abort_request(aborts)

@@ -6,38 +6,11 @@ know the difference.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Dict, List, Optional, Protocol, runtime_checkable
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Protocol, runtime_checkable
 
+from sarathi.core.limits import EngineLimits
 from sarathi.outputs import RequestOutput
-from sarathi.sampling_params import InvalidParam, SamplingParams
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """Request limits clients are checked against before anything is queued."""
-
-    max_model_len: int
-    vocab_size: int
-    max_logprobs: int
-    max_n: int
-
-    def check(self, p: SamplingParams) -> None:
-        """Raise InvalidParam where p asks for more than the engine allows."""
-        if p.n > self.max_n:
-            raise InvalidParam("n", f"n must be <= {self.max_n} (--max-n), got {p.n}")
-        if p.top_k > self.vocab_size:
-            raise InvalidParam("top_k", f"top_k must be -1 or at most the vocabulary size {self.vocab_size}, "
-                                        f"got {p.top_k}")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(p, name)
-            if value is not None and value > self.max_logprobs:
-                raise InvalidParam(name, f"{name} must be <= {self.max_logprobs} (--max-logprobs), got {value}")
-        for name, ids in (("stop_token_ids", p.stop_token_ids), ("logit_bias", p.logit_bias or ())):
-            bad = [t for t in ids if t >= self.vocab_size]
-            if bad:
-                raise InvalidParam(name, f"{name} has token id {bad[0]}, outside the vocabulary "
-                                         f"[0, {self.vocab_size})")
+from sarathi.sampling_params import SamplingParams
 
 
 class RequestFailed(RuntimeError):
@@ -54,10 +27,14 @@ class EngineDead(RuntimeError):
 
 @runtime_checkable
 class EngineClient(Protocol):
+    """Everything the OpenAI server uses of an engine; it sees nothing else."""
+
     tokenizer: Any
     model_name: str
+    model_path: str                    # what /v1/models reports as the model's root
     limits: EngineLimits
     errored: Optional[BaseException]   # set once the engine is dead
+    on_dead: List[Callable[[BaseException], None]]   # called once if the engine dies
 
     def generate(self, prompt: Optional[str], sampling_params: SamplingParams, request_id: str,
                  prompt_token_ids: Optional[List[int]] = None,
@@ -66,8 +43,17 @@ class EngineClient(Protocol):
         input before any output, RequestFailed if the engine fails the request later.
         lora_request (a sarathi.lora.LoRARequest) runs it with that adapter."""
 
+    def health(self) -> Dict[str, Any]:
+        """{"status": "ok" | "degraded" | "down", ...}: degraded while some replicas restart."""
+
     def list_loras(self) -> List[str]:
         """Names of the LoRA adapters loaded (empty without --enable-lora)."""
+
+    def lora_path(self, name: str) -> Optional[str]:
+        """Where a loaded adapter was read from."""
+
+    def optimal_sampling_models(self) -> List[str]:
+        """Second models loaded only as optimal-sampling targets (adapters are listed as adapters)."""
 
     async def add_lora(self, lora_request: Any) -> None:
         """Load an adapter (ValueError when it cannot be served)."""
@@ -78,7 +64,7 @@ class EngineClient(Protocol):
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its memory."""
 
-    def get_stats(self) -> Dict[str, float]:
+    def get_stats(self) -> Dict[str, Any]:
         """Gauges and counters for /metrics (num_waiting_requests among them)."""
 
     async def reset_prefix_cache(self) -> int:

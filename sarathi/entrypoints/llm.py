@@ -25,6 +25,12 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix block; returns how many (their memory goes back now)."""
+        n = self.engine.scheduler.reset_prefix_cache()
+        self.engine.step()   # applies the release (no request is in flight between generate calls)
+        return n
+
     def generate(self, prompts: Union[None, str, Sequence[str]] = None,
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
                  prompt_token_ids: Optional[Sequence[List[int]]] = None,
@@ -85,5 +91,7 @@ class LLM:
                 if out.finished and out.request_id in wanted:
                     done[out.request_id] = out
                     bar.update(1)
+        if self.engine.has_pending_work():
+            self.engine.step()   # the memory of the last requests to finish goes back now
         bar.close()
         return [done[i] for i in ids]

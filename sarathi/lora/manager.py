@@ -1,18 +1,23 @@
 """Adapters by name: registered (a path), kept loaded in host memory (an LRU of
 --max-cpu-loras), and placed in one of --max-loras device slots that every Linear's
 `LoRAStack` holds. The scheduler keeps at most max_loras distinct adapters running, so a
-step always finds a slot for each of its adapters."""
+step always finds a slot for each of its adapters.
+
+The manager is the one owner of the registry: requests name adapters through it
+(`resolve`), the prefix cache salts blocks with `cache_salt` (name and generation of the
+weights in memory), the runner activates a step's rows through `prepare`."""
 from __future__ import annotations
 
 import itertools
 import logging
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from sarathi.lora.adapter import AdapterError, LoRAAdapter, load_adapter
 from sarathi.lora.layers import FUSED_PARTS, LoRABatch, LoRAStack
+from sarathi.lora.request import LoRARequest
 
 logger = logging.getLogger("sarathi")
 
@@ -51,6 +56,64 @@ class LoRAManager:
         self.slots: List[Optional[str]] = [None] * max_loras
         self._last_use = [0] * max_loras
         self._clock = itertools.count(1)
+        self.on_remove: List[Callable[[str], None]] = []   # e.g. optimal sampling drops its target
+
+    @classmethod
+    def from_config(cls, config, model, device: torch.device) -> "LoRAManager":
+        """--enable-lora's manager over the model's layers, with --lora-modules registered."""
+        max_cpu = config.max_cpu_loras or max(config.max_loras, len(config.lora_modules))
+        manager = cls(model, config.max_loras, config.max_lora_rank, max_cpu, device)
+        for name, path in config.lora_modules.items():
+            manager.add(LoRARequest(name, 0, path))
+        return manager
+
+    # ---- requests ------------------------------------------------------------
+    def add(self, lora_request: LoRARequest) -> None:
+        """Load an adapter under its name (ValueError: bad files, rank, targets, name taken)."""
+        if not lora_request.lora_path:
+            raise ValueError(f"adapter {lora_request.lora_name!r} has no lora_path to load it from")
+        self.register(lora_request.lora_name, lora_request.lora_path)
+
+    def remove(self, name: str, users: int) -> None:
+        """Unload an adapter; refused while `users` requests run with it (KeyError: unknown)."""
+        if name not in self.paths:
+            raise KeyError(name)
+        if users:
+            raise ValueError(f"adapter {name!r} is in use by {users} request(s); unload it once they finish")
+        self.unregister(name)
+        for callback in self.on_remove:
+            callback(name)
+
+    def resolve(self, lora_request: Optional[LoRARequest]) -> Optional[str]:
+        """The adapter name a request runs with; loads it on first sight when it carries a path."""
+        if lora_request is None:
+            return None
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError("lora_request must be a LoRARequest")
+        name = lora_request.lora_name
+        if name not in self.paths:
+            if not lora_request.lora_path:
+                raise ValueError(f"unknown LoRA adapter {name!r}")   # (never lists other tenants' adapters)
+            self.add(lora_request)
+        return name
+
+    def bind(self, params, lora_request: Optional[LoRARequest]) -> Tuple[Optional[str], str, frozenset]:
+        """A new request's (adapter, prefix-cache salt, names it keeps loaded)."""
+        name = self.resolve(lora_request)
+        if name is None:
+            return None, "", frozenset()
+        return name, self.cache_salt(name), frozenset([name])
+
+    def stats(self, scheduler) -> dict:
+        """Adapters running and waiting (for /metrics and the dashboard)."""
+        return {"lora": {"max_lora": self.max_loras,
+                         "running": sorted({s.lora_name for s in scheduler.running if s.lora_name}),
+                         "waiting": sorted({s.lora_name for s in scheduler.waiting if s.lora_name})}}
+
+    def cache_salt(self, name: str) -> str:
+        """An adapter changes the KV: prefix-cache blocks are salted with its name and the
+        generation of its weights in memory (KV of an evicted or unloaded load is never reused)."""
+        return f"{name}#{self.generation.get(name, 0)}"
 
     # ---- registry ----------------------------------------------------------
     def register(self, name: str, path: str) -> LoRAAdapter:

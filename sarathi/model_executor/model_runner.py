@@ -1,22 +1,30 @@
-"""Runs one scheduled step through the model: builds the flat batch, owns the KV backend.
+"""Runs one scheduled step through the model: applies the step's memory operations, builds
+the flat batch, runs the forward pass and samples.
 
-The runner never decides policy: it gets (slot, cached length, new tokens) per
-sequence and returns the logits rows the engine asked for.
+The runner never decides policy: it gets the scheduler's output (sequences, token counts,
+slots, block tables, memory operations) and returns what it sampled. Per-sequence sampling
+state (seeded generators) lives here, in the input batch, between steps.
+
+Plug-in points (set by the engine, imported by nothing here):
+- `adapters`: activates per-row weights for a step's rows (the LoRA manager);
+- `second_models`: components that bring rows of another model into the step and draw the
+  tokens of the sequences they claim (optimal sampling's target; a draft model next).
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
 from sarathi.config import EngineConfig, torch_dtype
-from sarathi.model_executor.kv_cache import KVCacheSpec, StepBatch, kv_backend_class
+from sarathi.model_executor.kv_cache import KVBackend, KVCacheSpec, StepBatch, kv_backend_class
 from sarathi.model_executor.layers.linear import Linear
 from sarathi.model_executor.model_loader import gguf_source, load_hf_config, load_model, pick_quantization
+from sarathi.model_executor.sampler import SampleRequest, SampleResult, prompt_logprobs, sample
 from vattention_ext.threads import set_native_threads
 
 _DEFAULT_THREADS = torch.get_num_threads()  # torch's default (the cores), before a runner changes it
@@ -41,15 +49,87 @@ class RunSeq:
     block_table: Optional[List[int]] = None
     lora_name: Optional[str] = None   # the LoRA adapter this sequence runs with (None: the base)
 
+    @property
+    def num_logits(self) -> int:
+        return self.logits_rows[1] - self.logits_rows[0]
+
+
+@dataclass(eq=False)
+class SeqPlan:
+    """One scheduled sequence of a step: the forward's input and what to do with its logits."""
+
+    seq: Any                      # core.sequence.Sequence
+    run: RunSeq
+    samples: bool                 # the chunk ends at the last token: sample the next one
+    want_prompt_logprobs: bool
+
+
+# A group of rows that runs in one forward pass: (sequences, how many are prefills, their KV).
+Group = Tuple[List[RunSeq], int, KVBackend]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What one step produced, by seq_id (vLLM's ModelRunnerOutput, per sequence)."""
+
+    sampled_token_ids: Dict[int, int] = field(default_factory=dict)
+    samples: Dict[int, SampleResult] = field(default_factory=dict)       # the token's logprob, rank, top-N
+    prompt_logprobs: Dict[int, List[Dict[int, Tuple[float, int]]]] = field(default_factory=dict)
+    token_info: Dict[int, Any] = field(default_factory=dict)   # what a second model adds to a token (e.g. α)
+    failed: Dict[int, str] = field(default_factory=dict)       # rows that failed: their requests fail
+    error: Optional[str] = None                                # the step failed as a whole
+    retain_failed: List[int] = field(default_factory=list)     # cached blocks the backend could not keep
+
+
+class SecondModel(Protocol):
+    """A runner-side component with a model of its own in the step (see the module docstring)."""
+
+    runners: List["ModelRunner"]   # runners it owns (thread split, closing)
+
+    def claims(self, seq) -> bool:
+        """This component draws the sequence's tokens (not the plain sampler)."""
+
+    def extra_groups(self, plan: List[SeqPlan], num_prefills: int) -> List[Group]:
+        """Rows to compute in the model's own forward, after the step's (same weights)."""
+
+    def sample(self, plan: List[SeqPlan], rows: Dict[SeqPlan, torch.Tensor], extra_logits: torch.Tensor,
+               shared: torch.Generator, generators: "InputBatch", out: ModelRunnerOutput) -> None:
+        """Draw the tokens of the sequences it claims (those it sets in out.samples)."""
+
+    def free_slot(self, slot: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class InputBatch:
+    """Per-sequence sampling state kept between steps: a seeded request's generator per
+    sample (created on first sight, kept across preemption, dropped when it finishes)."""
+
+    def __init__(self, device: torch.device, seed: int):
+        self.device = device
+        self.shared = torch.Generator(device=device).manual_seed(seed)
+        self._generators: Dict[int, Optional[torch.Generator]] = {}
+
+    def generator(self, seq) -> Optional[torch.Generator]:
+        """The sequence's own generator (None: it draws from the shared one)."""
+        if seq.seq_id not in self._generators:
+            seed = seq.params.seed
+            self._generators[seq.seq_id] = None if seed is None else \
+                torch.Generator(device=self.device).manual_seed((seed + seq.index * 1_000_003) % 2**64)
+        return self._generators[seq.seq_id]
+
+    def drop(self, seq_ids: Sequence[int]) -> None:
+        for sid in seq_ids:
+            self._generators.pop(sid, None)
+
 
 class ModelRunner:
     """The model, its KV backend and the device; `execute` runs one step."""
 
     def __init__(self, config: EngineConfig, model_dir: Path, max_model_len: Optional[int] = None,
-                 kv_memory: Optional[int] = None, page_size: Optional[int] = None):
-        """kv_memory / page_size override the config's (a second model sized to mirror the first)."""
-        threads = config.num_threads or _DEFAULT_THREADS
-        torch.set_num_threads(threads)
+                 kv_spec: Optional[KVCacheSpec] = None):
+        """kv_spec overrides the config's KV geometry (a second model sized to mirror the first)."""
+        torch.set_num_threads(config.num_threads or _DEFAULT_THREADS)
         self.hf_config = load_hf_config(model_dir)
         self.max_model_len = max_model_len or config.max_model_len or \
             self.hf_config.get("max_position_embeddings", 2048)
@@ -59,44 +139,32 @@ class ModelRunner:
         self.quantization = pick_quantization(config.quantization, self.hf_config, gguf_path)
         self.model = load_model(model_dir, self.hf_config, self.dtype, self.device, self.quantization, gguf_path)
         self.kernel_isa = self._kernel_isa()
-        self._split_threads(threads)
         self.formats = self.weight_formats()
         logger.info("model %s: %s weights (%s), %.0f MB, kernels: %s", model_dir.name, self.quantization,
                     self.formats, self.weight_bytes() / 1e6, self.kernel_isa)
         a = self.model.args
         self.vocab_size = a.vocab_size
         self.scale = 1.0 / math.sqrt(a.head_dim)
-        self._kv_spec = KVCacheSpec(
+        self.kv_spec = kv_spec or KVCacheSpec(
             num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, dtype=self.dtype,
             device=self.device, max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
-            kv_cache_memory=kv_memory or config.kv_cache_memory, block_size=config.block_size,
-            page_size=page_size or config.page_size, async_mapping=config.async_kv_mapping)
+            kv_cache_memory=config.kv_cache_memory, block_size=config.block_size,
+            page_size=config.page_size, async_mapping=config.async_kv_mapping)
         self.kv_backend_name = config.kv_cache_backend
-        self._kv = kv_backend_class(config.kv_cache_backend)(self._kv_spec)
-        self.needs_block_tables = self._kv.needs_block_tables
-        self.kv_bytes_per_token = self._kv_spec.bytes_per_token
-        self.lora = None
-        if config.enable_lora:
-            from sarathi.lora.manager import LoRAManager
+        self.kv_backend: KVBackend = kv_backend_class(config.kv_cache_backend)(self.kv_spec)
+        self.needs_block_tables = self.kv_backend.needs_block_tables
+        self.kv_bytes_per_token = self.kv_spec.bytes_per_token
+        self.batch = InputBatch(self.device, config.seed)
+        self.adapters = None                      # set by the engine: activate(names, rows)
+        self.second_models: List[SecondModel] = []
+        self.torch_threads = torch.get_num_threads()
 
-            max_cpu = config.max_cpu_loras or max(config.max_loras, len(config.lora_modules))
-            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, max_cpu, self.device)
-
-    _float_matmuls_seen = False  # a runner in this process does its matmuls in torch
-
-    def _split_threads(self, threads: int) -> None:
-        """The native kernels (attention, quantized linears, LoRA) take `threads`. When every
-        linear layer of the model is quantized, the matmuls all run on them and torch's own ops
-        (norms, activations, sampling) get one thread: its OpenMP team spins after each region
-        and holds the core our pool's helper waits for (measured: +25 % decode throughput on 2
-        cores). A runner whose matmuls are torch's keeps torch at `threads`, for every runner."""
-        set_native_threads(threads)
-        linears = [m for m in self.model.modules() if isinstance(m, Linear)]
-        native = self.device.type == "cpu" and bool(linears) and all(m.qweight is not None for m in linears)
-        if not native:
-            ModelRunner._float_matmuls_seen = True
-        self.torch_threads = 1 if native and not ModelRunner._float_matmuls_seen else threads
-        torch.set_num_threads(self.torch_threads)
+    # ---- threads --------------------------------------------------------------
+    @property
+    def native_matmuls(self) -> bool:
+        """Every linear layer runs in our native kernels (CPU, all quantized)."""
+        linears = self._linears()
+        return self.device.type == "cpu" and bool(linears) and all(m.qweight is not None for m in linears)
 
     def _kernel_isa(self) -> str:
         if self.quantization == "none" or self.device.type != "cpu":
@@ -104,8 +172,7 @@ class ModelRunner:
         from sarathi.model_executor.quantization.kernels import kernel_isa
         return kernel_isa()
 
-    def _linears(self):
-        from sarathi.model_executor.layers.linear import Linear
+    def _linears(self) -> List[Linear]:
         return [m for m in self.model.modules() if isinstance(m, Linear)]
 
     def weight_formats(self) -> str:
@@ -119,53 +186,91 @@ class ModelRunner:
         floats = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return floats + sum(m.qweight.nbytes() for m in self._linears() if m.qweight is not None)
 
-    @property
-    def kv_spec(self) -> KVCacheSpec:
-        return self._kv_spec
-
-    @property
-    def kv_backend(self):
-        return self._kv
-
-    def page_size(self) -> Optional[int]:
-        """The vattention backend's page bytes (None for the others)."""
-        stats = self._kv.stats()
-        return stats.get("kv_page_size")
-
+    # ---- KV geometry -----------------------------------------------------------
     def kv_layout(self) -> Tuple[int, int, int]:
         """(num_blocks, block_size, num_slots) for the scheduler's KVManager."""
-        return type(self._kv).layout(self._kv_spec)
+        return type(self.kv_backend).layout(self.kv_spec)
 
     def kv_block_bytes(self) -> Tuple[int, int]:
         """(bytes per block, bytes per token) in one layer: how tokens fall into blocks."""
-        return type(self._kv).block_bytes(self._kv_spec)
+        return type(self.kv_backend).block_bytes(self.kv_spec)
+
+    def mirror_kv_spec(self, num_layers: int, num_kv_heads: int, head_dim: int) -> KVCacheSpec:
+        """A second model's KV geometry in this runner's slots (KVBackend.mirror)."""
+        return type(self.kv_backend).mirror(self.kv_spec, num_layers, num_kv_heads, head_dim)
 
     @property
     def supports_prefix_caching(self) -> bool:
-        return self._kv.supports_prefix_caching
-
-    def retain_block(self, slot: int, page: int, block: int) -> int:
-        return self._kv.retain(slot, page, block)
-
-    def release_blocks(self, handles: List[int]) -> None:
-        self._kv.release(handles)
-
-    def share_prefix(self, slot: int, table: List[int], handles: List[int], copy_src: Optional[int]) -> None:
-        self._kv.share_prefix(slot, table, handles, copy_src)
+        return self.kv_backend.supports_prefix_caching
 
     def kv_stats(self) -> Dict[str, int]:
-        return self._kv.stats()
+        return self.kv_backend.stats()
 
+    # ---- one step --------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, seqs: List[RunSeq], num_prefills: int, kv=None,
-                extra: Sequence[Tuple[List[RunSeq], int, object]] = ()) -> torch.Tensor:
-        """Run the step; returns float32 logits for the requested rows, in order. kv: another
-        KV backend of the same geometry to read and write instead of this runner's own.
+    def execute(self, sched) -> ModelRunnerOutput:
+        """Run a SchedulerOutput: memory operations first, then the forward pass and sampling.
+        A failure of the step as a whole is returned in `error`, a failure of some rows in
+        `failed`; neither raises."""
+        out = ModelRunnerOutput()
+        try:
+            self._apply_kv_ops(sched.kv_ops, out)
+            self.batch.drop(sched.finished_seq_ids)
+            if not sched.prefills and not sched.decodes:
+                return out
+            plan = [self._plan(item) for item in sched.scheduled]
+            num_prefills = len(sched.prefills)
+            extras = [m.extra_groups(plan, num_prefills) for m in self.second_models]
+            logits = self.forward([([p.run for p in plan], num_prefills, self.kv_backend),
+                                   *(g for groups in extras for g in groups)])
+        except Exception as e:  # noqa: BLE001 - the step failed: its requests fail, the engine decides the rest
+            logger.exception("model step failed")
+            out.error = f"{type(e).__name__}: {e}"
+            return out
+        n_main = sum(p.run.num_logits for p in plan)
+        self._prompt_logprobs(plan, logits, out)
+        rows = self._last_rows(plan, logits)
+        offset = n_main
+        for model, groups in zip(self.second_models, extras):
+            n = sum(s.num_logits for seqs, _, _ in groups for s in seqs)
+            try:
+                model.sample(plan, rows, logits[offset:offset + n], self.batch.shared, self.batch, out)
+            except Exception as e:  # noqa: BLE001 - fail the sequences it draws for, keep the rest
+                logger.exception("second-model sampling failed")
+                for p in plan:
+                    if p in rows and model.claims(p.seq) and p.seq.seq_id not in out.samples:
+                        out.failed.setdefault(p.seq.seq_id, f"{type(e).__name__}: {e}")
+            offset += n
+        self._sample([p for p in plan if p in rows and p.seq.seq_id not in out.samples
+                      and p.seq.seq_id not in out.failed], rows, out)
+        out.sampled_token_ids = {sid: r.token_id for sid, r in out.samples.items()}
+        return out
 
-        extra: more groups (seqs, num_prefills, kv backend) run in the same forward: every
-        linear layer multiplies all groups' rows at once (the weights are read once) and each
-        group attends over its own KV. Their logits rows follow the first group's, in order."""
-        groups = [(seqs, num_prefills, self._kv if kv is None else kv), *extra]
+    def _apply_kv_ops(self, ops, out: ModelRunnerOutput) -> None:
+        for op in ops:
+            op.apply(self.kv_backend)
+            if op.freed_slot is not None:
+                for model in self.second_models:
+                    model.free_slot(op.freed_slot)
+        out.retain_failed, self.kv_backend.retain_failed = self.kv_backend.retain_failed, []
+
+    def _plan(self, item) -> SeqPlan:
+        """What the forward computes for one scheduled sequence, and which logits rows come back."""
+        seq, n = item.seq, item.num_scheduled_tokens
+        start = seq.num_computed_tokens
+        samples = item.samples and seq.max_tokens > 0  # max_tokens 0: scoring the prompt only
+        want_plp = (seq.params.prompt_logprobs is not None and seq.index == 0 and seq.num_preemptions == 0
+                    and start < len(seq.prompt_token_ids) - 1)
+        first_row = 0 if want_plp else n - 1
+        last_row = n if (samples or want_plp) else first_row
+        run = RunSeq(item.slot, seq.token_ids()[start:start + n], start, (first_row, last_row),
+                     item.block_table if self.needs_block_tables else None, seq.lora_name)
+        return SeqPlan(seq, run, samples, want_plp)
+
+    def forward(self, groups: Sequence[Group]) -> torch.Tensor:
+        """Float32 logits for the requested rows of every group, in order. Every linear layer
+        multiplies all groups' rows at once (the weights are read once); each group attends
+        over its own KV."""
         ids: List[int] = []
         positions, spans, lora_names, query_lens = [], [], [], []
         start = 0
@@ -182,8 +287,8 @@ class ModelRunner:
             positions.append(batch.positions())
             lora_names.extend(s.lora_name for s in g_seqs)
             query_lens.extend(batch.query_lens)
-        if self.lora is not None:
-            self.lora.prepare(lora_names, query_lens)
+        if self.adapters is not None:
+            self.adapters.prepare(lora_names, query_lens)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         scale = self.scale
 
@@ -207,9 +312,68 @@ class ModelRunner:
             return torch.empty(0, self.vocab_size)
         return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
 
-    def free_slot(self, slot: int) -> None:
-        self._kv.free_slot(slot)
+    # ---- sampling -------------------------------------------------------------
+    def _prompt_logprobs(self, plan: List[SeqPlan], logits: torch.Tensor, out: ModelRunnerOutput) -> None:
+        offset = 0
+        for p in plan:
+            count = p.run.num_logits
+            if p.want_prompt_logprobs:
+                start, prompt = p.run.context_len, p.seq.prompt_token_ids
+                npos = min(len(prompt) - 1 - start, count)  # positions predicting a prompt token
+                try:
+                    out.prompt_logprobs[p.seq.seq_id] = prompt_logprobs(
+                        logits[offset:offset + npos], prompt[start + 1:start + 1 + npos], p.seq.params.prompt_logprobs)
+                except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                    logger.exception("prompt logprobs failed")
+                    out.failed[p.seq.seq_id] = f"{type(e).__name__}: {e}"
+            offset += count
+
+    @staticmethod
+    def _last_rows(plan: List[SeqPlan], logits: torch.Tensor) -> Dict[SeqPlan, torch.Tensor]:
+        """The logits row each sampling sequence draws its next token from."""
+        rows, offset = {}, 0
+        for p in plan:
+            offset += p.run.num_logits
+            if p.samples:
+                rows[p] = logits[offset - 1]
+        return rows
+
+    def _sample(self, plan: List[SeqPlan], rows: Dict[SeqPlan, torch.Tensor], out: ModelRunnerOutput) -> None:
+        """One token per sequence with the plain sampler; a batch that fails is retried row by
+        row so that only the rows at fault fail."""
+        if not plan:
+            return
+        reqs = [SampleRequest(p.seq.params, p.seq.prompt_token_ids, p.seq.output_token_ids,
+                              self.batch.generator(p.seq), tuple(p.seq.blocked_token_ids)) for p in plan]
+        logits = torch.stack([rows[p] for p in plan])
+        try:
+            out.samples.update((p.seq.seq_id, r) for p, r in zip(plan, sample(logits, reqs, self.batch.shared)))
+            return
+        except Exception:  # noqa: BLE001 - find the rows at fault
+            logger.exception("batched sampling failed; sampling row by row")
+        for i, (p, r) in enumerate(zip(plan, reqs)):
+            try:
+                out.samples[p.seq.seq_id] = sample(logits[i:i + 1], [r], self.batch.shared)[0]
+            except Exception as e:  # noqa: BLE001
+                out.failed[p.seq.seq_id] = f"sampling failed: {type(e).__name__}: {e}"
 
     def close(self) -> None:
         """Release the KV memory now (the engine is shutting down)."""
-        self._kv.close()
+        self.kv_backend.close()
+        for model in self.second_models:
+            model.close()
+
+
+def split_threads(threads: Optional[int], runners: Sequence[ModelRunner]) -> int:
+    """The native kernels (attention, quantized linears, LoRA) take `threads`. When every
+    linear layer of every model in the process is quantized, the matmuls all run on them and
+    torch's own ops (norms, activations, sampling) get one thread: its OpenMP team spins
+    after each region and holds the core our pool's helper waits for (measured: +25 %
+    decode throughput on 2 cores). Otherwise torch keeps `threads`. Returns torch's count."""
+    threads = threads or _DEFAULT_THREADS
+    set_native_threads(threads)
+    torch_threads = 1 if all(r.native_matmuls for r in runners) else threads
+    torch.set_num_threads(torch_threads)
+    for r in runners:
+        r.torch_threads = torch_threads
+    return torch_threads

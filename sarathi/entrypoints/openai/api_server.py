@@ -27,12 +27,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sarathi.config import EngineConfig, add_engine_args
+from sarathi.engine.engine_client import EngineClient
 from sarathi.lora.request import LoRARequest
+from sarathi.sampling_params import InvalidParam
 
 from .http_limits import GuardedH11Protocol, RequestLimits
 from .metrics import ServerMetrics
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoRAAdapterRequest,
-                       TokenizeRequest, UnloadLoRAAdapterRequest)
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, FieldError,
+                       LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest)
 from .serving_chat import OpenAIServingChat, render_messages
 from .serving_completion import OpenAIServingCompletion
 from .serving_engine import APIError, OpenAIServing, bad_request, internal_error, short
@@ -60,6 +62,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         "(default $SARATHI_API_KEY)")
     g.add_argument("--max-queue-len", type=int, default=None,
                    help="answer 503 when this many requests (not samples) already wait for the engine")
+    g.add_argument("--max-prompt-tokens-per-request", type=int, default=None,
+                   help="most prompt tokens one request may carry over all its prompts (400 beyond; default: "
+                        "what the KV cache holds)")
     g.add_argument("--max-request-bytes", type=int, default=8 << 20,
                    help="largest request body accepted; 413 beyond it, before parsing (default: 8 MiB)")
     g.add_argument("--header-timeout", type=float, default=10.0,
@@ -78,7 +83,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
 class ServerState:
     """What the handlers need; filled in once the engine has loaded."""
 
-    engine: Any = None
+    engine: Optional[EngineClient] = None
     serving: Optional[OpenAIServing] = None
     completion: Optional[OpenAIServingCompletion] = None
     chat: Optional[OpenAIServingChat] = None
@@ -92,7 +97,7 @@ class ServerState:
         if self.serving is None:
             raise APIError(503, "model is still loading; retry when /health answers 200",
                            type="server_unavailable", code="loading")
-        if getattr(self.engine, "errored", None) is not None:
+        if self.engine.errored is not None:
             raise APIError(503, "the engine failed and the server is stopping; it must be restarted",
                            type="server_unavailable", code="engine_dead")
         return self.serving
@@ -103,7 +108,7 @@ def _state(request: Request) -> ServerState:
 
 
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 def _validation_error(exc: RequestValidationError, content_type: Optional[str]) -> APIError:
@@ -114,6 +119,9 @@ def _validation_error(exc: RequestValidationError, content_type: Optional[str]) 
     if content_type and "json" not in content_type.lower() and first.get("loc") in (("body",), ["body"]):
         return bad_request(f"the request body must be JSON (Content-Type: application/json), got "
                            f"Content-Type {short(content_type, 60)!r}")
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):   # the generic checks every field gets (protocol.check_values)
+        return bad_request(str(cause), param=cause.param)
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = loc[0] if loc else None
     if param == "prompt" and len(errors) > 1:
@@ -150,11 +158,8 @@ router = APIRouter()
 async def health(request: Request):
     state = _state(request)
     state.ready()
-    report = getattr(state.engine, "health", None)
-    if report is None:
-        return Response(status_code=200)
-    # engine replicas: 200 while at least one serves (status "degraded" when some are restarting)
-    body = report()
+    # 200 while the engine (or at least one replica) serves: "degraded" when some are restarting
+    body = state.engine.health()
     return JSONResponse(body, status_code=503 if body["status"] == "down" else 200)
 
 
@@ -173,14 +178,14 @@ async def models(request: Request):
     state = _state(request)
     s = state.ready()
     base = [{"id": name, "object": "model", "created": int(state.started), "owned_by": "sarathi",
-             "root": str(getattr(state.engine, "model_path", name)), "parent": None,
+             "root": str(state.engine.model_path), "parent": None,
              "max_model_len": s.max_model_len} for name in s.served_model_names]
     adapters = [{"id": name, "object": "model", "created": int(state.started), "owned_by": "sarathi",
-                 "root": getattr(state.engine, "lora_path", lambda _: None)(name), "parent": s.served_model_names[0],
+                 "root": state.engine.lora_path(name), "parent": s.served_model_names[0],
                  "max_model_len": s.max_model_len} for name in s.loras()]
     targets = [{"id": name, "object": "model", "created": int(state.started), "owned_by": "sarathi", "root": name,
                 "parent": None, "max_model_len": s.max_model_len, "optimal_sampling_target": True}
-               for name in getattr(state.engine, "optimal_sampling_models", list)()]
+               for name in state.engine.optimal_sampling_models()]
     return {"object": "list", "data": base + adapters + targets}
 
 
@@ -235,10 +240,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
 async def reset_prefix_cache(request: Request):
     """vLLM's endpoint: forget every cached prefix (requests in flight keep their KV)."""
     s = _state(request).ready()
-    reset = getattr(s.engine, "reset_prefix_cache", None)
-    if reset is None:
-        raise APIError(501, "this engine has no prefix cache", type="not_implemented")
-    blocks = await reset()
+    blocks = await s.engine.reset_prefix_cache()
     return {"reset": True, "blocks_forgotten": blocks}
 
 
@@ -260,7 +262,10 @@ async def tokenize(req: TokenizeRequest, request: Request):
 async def detokenize(req: DetokenizeRequest, request: Request):
     s = _state(request).ready()
     s.model_name(req.model)
-    s.check_token_ids(req.tokens, "tokens")
+    try:
+        s.limits.check_token_ids(req.tokens, "tokens")
+    except InvalidParam as e:
+        raise bad_request(str(e), param=e.param) from None
     return {"prompt": await asyncio.to_thread(s.tokenizer.decode, req.tokens)}
 
 
@@ -278,7 +283,7 @@ def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], An
 
         def engine_factory():
             if config.distributed_executor_backend == "ray":
-                from sarathi.engine.ray_engine import RayDataParallelClient
+                from sarathi.engine.ray_client import RayDataParallelClient
                 return RayDataParallelClient(config)
             from sarathi.engine.async_llm_engine import AsyncLLMEngine
             return AsyncLLMEngine(config)
@@ -294,15 +299,14 @@ def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], An
             engine = await asyncio.to_thread(engine_factory)
             names = [args.served_model_name or engine.model_name]
             serving = await asyncio.to_thread(OpenAIServing, engine, names, metrics, args.max_queue_len,
-                                              args.log_prompts)
+                                              args.log_prompts, args.max_prompt_tokens_per_request)
         except Exception as e:  # noqa: BLE001 - reported on /health and in the log, then we exit
             logger.exception("model failed to load")
             state.load_error = f"{type(e).__name__}: {e}"
             if on_fatal is not None:
                 on_fatal()
             return
-        if hasattr(engine, "on_dead"):
-            engine.on_dead.append(engine_died)
+        engine.on_dead.append(engine_died)
         state.engine = engine
         state.completion, state.chat = OpenAIServingCompletion(serving), OpenAIServingChat(serving)
         state.serving = serving
@@ -398,8 +402,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = make_arg_parser()
     args = parser.parse_args(argv)
-    if args.max_queue_len is not None and args.max_queue_len < 1:
-        parser.error(f"--max-queue-len must be >= 1, got {args.max_queue_len}")
+    for name in ("max_queue_len", "max_prompt_tokens_per_request"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("max_request_bytes", "header_timeout", "body_timeout"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")

@@ -56,15 +56,14 @@ class OpenAIServingChat:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is not None and max_tokens < 1:
             raise bad_request(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
-        s.check_capacity()
         prompt = await render_messages(s, req.messages, req.add_generation_prompt)
         # the template already holds the special tokens (BOS / role markers)
         ids = await s.encode(prompt, "messages", add_special_tokens=False)
-        max_tokens = s.check_length(len(ids), max_tokens, "messages")
+        max_tokens = s.check_prompt(ids, max_tokens, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = s.sampling_params(req, max_tokens, logprobs)
         request_id = random_id("chatcmpl")
-        stream = s.generate(prompt, ids, params, request_id, lora)
+        stream = s.generate(prompt, ids, params, request_id, lora, s.check_capacity())
         if req.stream:
             return sse(self._stream(req, model, request_id, stream))
         final = None

@@ -35,7 +35,7 @@ class OpenAIServingCompletion:
                 prompts.append((item, await s.encode(item, "prompt")))
             else:
                 ids = list(item)
-                s.check_token_ids(ids, "prompt")
+                s.check_prompt(ids, None, "prompt")
                 prompts.append((await asyncio.to_thread(s.tokenizer.decode, ids), ids))
         return prompts
 
@@ -49,16 +49,17 @@ class OpenAIServingCompletion:
         if req.max_tokens == 0 and not req.echo:
             raise bad_request("max_tokens must be at least 1 (0 is for scoring a prompt with echo)",
                               param="max_tokens")
-        s.check_capacity()
         prompts = await self.parse_prompts(req.prompt)
+        s.check_prompt_total(sum(len(ids) for _, ids in prompts))
         want_prompt_logprobs = req.echo and req.logprobs is not None
         params = []
         for _, ids in prompts:
-            max_tokens = s.check_length(len(ids), req.max_tokens, "prompt")
+            max_tokens = s.check_prompt(ids, req.max_tokens, "prompt")
             params.append(s.sampling_params(req, max_tokens, req.logprobs,
                                             prompt_logprobs=req.logprobs if want_prompt_logprobs else None))
         request_id = random_id("cmpl")
-        streams = [s.generate(text, ids, p, f"{request_id}-{i}", lora)
+        ticket = s.check_capacity()
+        streams = [s.generate(text, ids, p, f"{request_id}-{i}", lora, ticket if i == 0 else None)
                    for i, ((text, ids), p) in enumerate(zip(prompts, params))]
         merged = s.merge(streams)
         if req.stream:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
-from sarathi.engine.engine_client import EngineDead, ReplicaFailed, RequestFailed
+from sarathi.engine.engine_client import EngineClient, EngineDead, ReplicaFailed, RequestFailed
 from sarathi.lora.request import LoRARequest
 from sarathi.outputs import CompletionOutput, Logprob, RequestOutput
 from sarathi.sampling_params import InvalidParam, SamplingParams
@@ -20,6 +22,9 @@ from .metrics import ServerMetrics
 from .protocol import PromptTokensDetails, SamplingFields, UsageInfo
 
 logger = logging.getLogger("sarathi.entrypoints.openai")
+
+RETRY_AFTER_S = 1
+ADMISSION_TIMEOUT_S = 30.0   # a place reserved in the queue that never reached the engine lapses
 
 # Fields of SamplingFields that are not sampling parameters (or are set by the endpoint).
 _NOT_SAMPLING = {"model", "stream", "stream_options", "user", "logit_bias", "max_tokens", "logprobs"}
@@ -32,6 +37,11 @@ class APIError(Exception):
                  type: str = "invalid_request_error", code: Optional[str] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    @property
+    def headers(self) -> Dict[str, str]:
+        """A 503 tells the client when to come back."""
+        return {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else {}
 
     def body(self) -> Dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -77,8 +87,9 @@ def usage_of(finals: Sequence[Optional[RequestOutput]]) -> UsageInfo:
 class OpenAIServing:
     """Per-server state the endpoint handlers need (engine, names, limits, metrics)."""
 
-    def __init__(self, engine, served_model_names: Sequence[str], metrics: ServerMetrics,
-                 max_queue_len: Optional[int] = None, log_prompts: bool = False):
+    def __init__(self, engine: EngineClient, served_model_names: Sequence[str], metrics: ServerMetrics,
+                 max_queue_len: Optional[int] = None, log_prompts: bool = False,
+                 max_prompt_tokens: Optional[int] = None):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.served_model_names = list(served_model_names)
@@ -86,6 +97,9 @@ class OpenAIServing:
         self.max_model_len = int(engine.limits.max_model_len)
         self.metrics = metrics
         self.max_queue_len = max_queue_len
+        self.max_prompt_tokens = max_prompt_tokens or engine.limits.max_kv_tokens
+        self._admitting: Dict[int, float] = {}   # places reserved here, not yet in the engine's queue
+        self._tickets = itertools.count(1)
         self.log_prompts = log_prompts
         self.vocab_size = len(self.tokenizer)
         # Longest text one token stands for: a text of more than max_model_len times this many
@@ -101,8 +115,7 @@ class OpenAIServing:
     # ------------------------------------------------------------------ checks
 
     def loras(self) -> List[str]:
-        list_loras = getattr(self.engine, "list_loras", None)
-        return list(list_loras()) if list_loras is not None else []
+        return list(self.engine.list_loras())
 
     def resolve_model(self, requested: Optional[str]) -> Tuple[str, Optional[LoRARequest]]:
         """The model field -> (name to answer with, the LoRA adapter to run with or None)."""
@@ -110,49 +123,53 @@ class OpenAIServing:
             return requested or self.served_model_names[0], None
         if requested in self.loras():
             return requested, LoRARequest(requested)
-        if requested in getattr(self.engine, "optimal_sampling_models", list)():
+        if requested in self.engine.optimal_sampling_models():
             raise bad_request(f"`{short(requested)}` is loaded only as an optimal_sampling target; name it in "
                               f"optimal_sampling.target_model", param="model")
-        raise APIError(404, f"The model `{short(requested)}` does not exist; this server serves "
-                            f"{self.served_model_names + self.loras()}.", param="model", code="model_not_found")
+        # (adapters are tenants' names: an error never lists them)
+        raise APIError(404, f"The model `{short(requested)}` does not exist; the base model is "
+                            f"{self.served_model_names[0]!r}.", param="model", code="model_not_found")
 
     def model_name(self, requested: Optional[str]) -> str:
         return self.resolve_model(requested)[0]
 
-    def check_capacity(self) -> None:
+    def check_capacity(self) -> Optional[int]:
+        """Reserve a place among the waiting requests (--max-queue-len) or answer 503. Counting
+        and reserving happen with no await between them, so a burst cannot all pass the count
+        before any reaches the engine. Returns the reservation, handed to `generate`."""
         if self.max_queue_len is None:
-            return
-        waiting = int((self.engine.get_stats() or {}).get("num_waiting_requests", 0))
+            return None
+        now = time.monotonic()
+        for ticket, at in list(self._admitting.items()):
+            if now - at > ADMISSION_TIMEOUT_S:
+                del self._admitting[ticket]
+        waiting = int((self.engine.get_stats() or {}).get("num_waiting_requests", 0)) + len(self._admitting)
         if waiting >= self.max_queue_len:
             raise APIError(503, f"server overloaded: {waiting} requests already waiting "
                                 f"(--max-queue-len {self.max_queue_len}); retry later",
                            type="server_overloaded", code="overloaded")
+        ticket = next(self._tickets)
+        self._admitting[ticket] = now
+        return ticket
 
-    def check_token_ids(self, ids: Sequence[int], param: str) -> None:
-        for t in ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
-                raise bad_request(f"{param} contains token id {t!r}, outside the vocabulary "
-                                  f"[0, {self.vocab_size})", param=param)
+    def check_prompt_total(self, num_tokens: int) -> None:
+        """One request's prompts together (--max-prompt-tokens-per-request): a request of a hundred
+        long prompts would hold the engine for minutes and cannot all fit the KV cache anyway."""
+        if num_tokens > self.max_prompt_tokens:
+            raise bad_request(f"the request's prompts have {num_tokens} tokens in all, more than "
+                              f"--max-prompt-tokens-per-request {self.max_prompt_tokens}", param="prompt",
+                              code="context_length_exceeded")
 
-    def check_length(self, prompt_len: int, max_tokens: Optional[int], param: str) -> int:
-        """Prompt + max_tokens must fit the context; returns the max_tokens to use."""
-        if prompt_len == 0:
-            raise bad_request(f"{param} is empty: at least one token is needed", param=param)
-        if prompt_len >= self.max_model_len:
-            raise bad_request(
-                f"This model's maximum context length is {self.max_model_len} tokens; the {param} has "
-                f"{prompt_len} tokens, which leaves no room for output.",
-                param=param, code="context_length_exceeded")
-        room = self.max_model_len - prompt_len
-        if max_tokens is None:
-            return room
-        if max_tokens > room:
-            raise bad_request(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {param}, {max_tokens} for the "
-                f"completion). Please reduce the length of the {param} or max_tokens.",
-                param="max_tokens", code="context_length_exceeded")
-        return max_tokens
+    def release(self, ticket: Optional[int]) -> None:
+        """The reserved request reached the engine's own queue (or never will)."""
+        self._admitting.pop(ticket, None)
+
+    def check_prompt(self, ids: Sequence[int], max_tokens: Optional[int], param: str) -> int:
+        """The engine's prompt check (EngineLimits.check_prompt) as a 400; returns max_tokens."""
+        try:
+            return self.limits.check_prompt(ids, max_tokens, param)
+        except InvalidParam as e:
+            raise bad_request(str(e), param=e.param, code=e.code) from None
 
     async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> List[int]:
         """Tokenise on a worker thread (never on the event loop), after cheap size checks."""
@@ -192,9 +209,12 @@ class OpenAIServing:
     # ------------------------------------------------------------------ generation
 
     async def generate(self, prompt: Optional[str], prompt_ids: List[int], params: SamplingParams,
-                       request_id: str, lora_request: Optional[LoRARequest] = None) -> AsyncIterator[RequestOutput]:
-        """engine.generate, plus: abort on early exit (client gone, error), metrics and a log line."""
+                       request_id: str, lora_request: Optional[LoRARequest] = None,
+                       ticket: Optional[int] = None) -> AsyncIterator[RequestOutput]:
+        """engine.generate, plus: abort on early exit (client gone, error), metrics and a log line.
+        ticket: the queue place check_capacity reserved; the engine counts the request from here."""
         finished = False
+        self.release(ticket)
         try:
             kwargs = {} if lora_request is None else {"lora_request": lora_request}
             async for out in self.engine.generate(prompt, params, request_id, prompt_token_ids=prompt_ids, **kwargs):
@@ -204,7 +224,7 @@ class OpenAIServing:
                 yield out
         except InvalidParam as e:
             finished = True
-            raise bad_request(str(e), param=e.param) from None
+            raise bad_request(str(e), param=e.param, code=e.code) from None
         except ValueError as e:
             # the engine rejects a prompt (empty, too long) before yielding anything: nothing to abort
             finished = True
@@ -305,9 +325,9 @@ def optimal_sampling_fields(c: CompletionOutput, first: int = 0, count: Optional
     if info is None:
         return {}
     end = None if count is None else first + count
-    return {"optimal_sampling": {"target_model": info["target_model"],
-                                 "alpha_history": info["alpha_history"][first:end],
-                                 "diagnostics": info["diagnostics"][first:end]}}
+    return {"optimal_sampling": {"target_model": info.target_model,
+                                 "alpha_history": info.alpha_history[first:end],
+                                 "diagnostics": info.diagnostics[first:end]}}
 
 
 @dataclass

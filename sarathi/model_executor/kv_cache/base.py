@@ -11,10 +11,14 @@ and V region (`vattention`), a whole max-length slot (`contiguous`).
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
+
+logger = logging.getLogger("sarathi")
 
 
 @dataclass
@@ -78,6 +82,8 @@ class KVBackend:
     def __init__(self, spec: KVCacheSpec):
         self.spec = spec
         self.k = self.v = None    # subclasses: per-layer K and V storage
+        self._handles: Dict[int, int] = {}   # prefix cache: the scheduler's block id -> our handle
+        self.retain_failed: List[int] = []   # blocks that could not be retained (the cache forgets them)
 
     @classmethod
     def layout(cls, spec: KVCacheSpec) -> Tuple[int, int, int]:
@@ -89,6 +95,15 @@ class KVBackend:
         """(bytes of one block, bytes of one token) in one layer's K: how tokens fall into
         blocks. Default: block_size whole tokens per block."""
         return cls.layout(spec)[1], 1
+
+    @classmethod
+    def mirror(cls, main: KVCacheSpec, num_layers: int, num_kv_heads: int, head_dim: int) -> KVCacheSpec:
+        """The spec of a second model's KV in the same slots (optimal sampling's target, a
+        draft model): sized so that whatever the scheduler admits for `main` fits it too.
+        Default: room for every slot at full length."""
+        spec = dataclasses.replace(main, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
+        spec.kv_cache_memory = main.max_num_seqs * main.max_model_len * spec.bytes_per_token
+        return spec
 
     # Prefix caching: blocks shared by several sequences. `retain` keeps the block at a
     # computed page of a slot for the cache and returns the backend's handle for it;
@@ -105,6 +120,23 @@ class KVBackend:
         """Give the sequence in `slot` (block table `table`) the cached blocks `handles` as its
         first pages and a copy of `copy_src` as the next one."""
         raise NotImplementedError
+
+    # The scheduler's memory operations (core/kv_manager.py) call these, in order.
+    def retain_block(self, slot: int, page: int, block: int) -> None:
+        try:
+            self._handles[block] = self.retain(slot, page, block)
+        except Exception:  # noqa: BLE001 - the block just is not cached
+            logger.exception("could not retain a prefix-cache block")
+            self.retain_failed.append(block)
+
+    def release_blocks(self, blocks: Iterable[int]) -> None:
+        handles = [self._handles.pop(b) for b in blocks if b in self._handles]
+        if handles:
+            self.release(handles)
+
+    def share_blocks(self, slot: int, blocks: Iterable[int], copy_src: Optional[int], table: List[int]) -> None:
+        handles = [self._handles[b] for b in blocks]
+        self.share_prefix(slot, table, handles, None if copy_src is None else self._handles[copy_src])
 
     def begin_step(self, batch: StepBatch):
         """Make room for the step; returns the state `attend` needs in every layer."""

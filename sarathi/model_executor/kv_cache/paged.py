@@ -7,6 +7,7 @@ cost of paging that vAttention avoids.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -41,6 +42,14 @@ class PagedBackend(KVBackend):
             raise ValueError(f"kv_cache_memory={spec.kv_cache_memory} bytes is less than one paged block "
                              f"({spec.block_size * spec.bytes_per_token} bytes)")
         return num_blocks, spec.block_size, spec.max_num_seqs
+
+    @classmethod
+    def mirror(cls, main: KVCacheSpec, num_layers: int, num_kv_heads: int, head_dim: int) -> KVCacheSpec:
+        """The main model's block tables index the mirror's blocks: the same count of the same size."""
+        spec = dataclasses.replace(main, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
+        num_blocks, block_size, _ = cls.layout(main)
+        spec.kv_cache_memory = num_blocks * block_size * spec.bytes_per_token
+        return spec
 
     def __init__(self, spec: KVCacheSpec):
         super().__init__(spec)

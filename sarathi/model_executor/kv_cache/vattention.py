@@ -8,6 +8,7 @@ importable; the torch reference (SDPA) otherwise.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -56,6 +57,22 @@ class VAttentionBackend(KVBackend):
     @classmethod
     def block_bytes(cls, spec: KVCacheSpec) -> Tuple[int, int]:
         return _page_size(spec), spec.num_kv_heads * spec.head_dim * spec.elem_size
+
+    @classmethod
+    def mirror(cls, main: KVCacheSpec, num_layers: int, num_kv_heads: int, head_dim: int) -> KVCacheSpec:
+        """Pages of the main model's size: every slot rounds up to whole pages, so the mirror
+        needs at most one extra page per slot beyond the main model's tokens."""
+        page = _page_size(main)
+        spec = dataclasses.replace(main, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                   page_size=page)
+        token_bytes = num_kv_heads * head_dim * spec.elem_size
+        if page // token_bytes < 1:
+            raise ValueError(f"the page size {page} is smaller than one token's K of the second model "
+                             f"({token_bytes} bytes)")
+        num_blocks, block_size, slots = cls.layout(main)
+        pages = -(-num_blocks * block_size // (page // token_bytes)) + slots
+        spec.kv_cache_memory = pages * page * 2 * num_layers
+        return spec
 
     def __init__(self, spec: KVCacheSpec):
         super().__init__(spec)
