@@ -13,9 +13,19 @@ MAX_REPETITION_PENALTY = 100.0
 class InvalidParam(ValueError):
     """A request parameter is out of range; `param` names it (the API's `error.param`)."""
 
-    def __init__(self, param: Optional[str], message: str):
+    def __init__(self, param: Optional[str], message: str, code: Optional[str] = None):
         super().__init__(message)
         self.param = param
+        self.code = code      # the API's `error.code` (e.g. context_length_exceeded)
+
+
+def _valid_text(text: str) -> bool:
+    """Encodable as UTF-8: a lone surrogate (JSON's \\ud800) is not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -29,7 +39,7 @@ class OptimalSamplingParams:
     tol: float = 1e-6
 
     def __post_init__(self):
-        if not isinstance(self.target, str) or not self.target:
+        if not isinstance(self.target, str) or not self.target or not _valid_text(self.target):
             raise InvalidParam("optimal_sampling", "optimal_sampling needs a target model name")
         a = self.alpha
         if not (a == "auto" or (isinstance(a, (int, float)) and not isinstance(a, bool)
@@ -170,8 +180,10 @@ class SamplingParams:
         if self.logit_bias and any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
             bad("logit_bias", "values must be in [-100, 100]")
         if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt
-                                            or len(self.cache_salt) > 256):
-            bad("cache_salt", "must be a non-empty string of at most 256 characters")
+                                            or len(self.cache_salt) > 256 or not _valid_text(self.cache_salt)):
+            bad("cache_salt", "must be a non-empty string of valid Unicode, at most 256 characters")
+        if any(not _valid_text(s) for s in self.stop_strs):
+            raise InvalidParam("stop", "stop strings must be valid Unicode (no lone surrogates)")
         if any(s == "" for s in self.stop_strs):
             raise InvalidParam("stop", "stop strings must not be empty")
         if self.optimal_sampling is not None:

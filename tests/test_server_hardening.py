@@ -13,6 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sarathi.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                                 TokenizeRequest)
 from server_harness import running_server, sse_events
 
 KEY = "k3y"
@@ -84,6 +86,55 @@ def test_lone_surrogates(server):
     assert_clean_400(post(server, "/v1/chat/completions", raw=chat), "messages")
     assert_clean_400(post(server, "/tokenize", raw='{"prompt": "\\ud800"}'), "prompt")
     assert_clean_400(post(server, "/v1/completions", raw='{"prompt": "a", "stop": ["\\ud800"]}'), "stop")
+    assert_healthy(server)
+
+
+def test_surrogates_in_any_field_are_a_400(server):
+    """The second probe's findings: a lone surrogate in cache_salt used to escape per-request
+    isolation and stop the engine; in `model` the 404 could not be encoded (a 500)."""
+    for raw, param in (('{"prompt": "Hi", "max_tokens": 4, "cache_salt": "\\ud800"}', "cache_salt"),
+                       ('{"model": "\\ud800", "prompt": "Hi"}', "model"),
+                       ('{"prompt": "Hi", "response_format": {"type": "\\ud800"}}', "response_format"),
+                       ('{"prompt": "Hi", "user": "\\udc00"}', "user"),
+                       ('{"prompt": "Hi", "some_new_field": {"deep": ["\\ud800"]}}', "some_new_field")):
+        assert_clean_400(post(server, "/v1/completions", raw=raw), param)
+    chat = '{"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "\\ud800"}}'
+    assert_clean_400(post(server, "/v1/chat/completions", raw=chat), "response_format")
+    assert_clean_400(post(server, "/v1/completions", raw='{"prompt": "Hi", "x": ' + "[" * 40 + "]" * 40 + "}"), "x")
+    assert_healthy(server)
+
+
+def test_negative_logit_bias_keys_are_refused(server):
+    assert_clean_400(post(server, "/v1/completions", {"prompt": "Hi", "logit_bias": {"-5": 3}}), "logit_bias")
+
+
+def test_many_long_prompts_in_one_request_are_refused(server):
+    """One request of 100 prompts of 8,000 token ids used to run 79 s and stall other streams."""
+    ids = [[7] * 200] * 100
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 2})
+    assert_clean_400(r, "prompt")
+    assert "max-prompt-tokens-per-request" in r.json()["error"]["message"]
+    assert_healthy(server)
+
+
+def test_queue_bound_holds_under_a_burst(server):
+    """--max-queue-len 4: twenty requests at once are not all admitted; the rest get 503 with
+    Retry-After, and every admitted one completes."""
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 30, "ignore_eos": True}
+    results = []
+
+    def one():
+        results.append(post(server, "/v1/completions", body, timeout=120))
+
+    threads = [threading.Thread(target=one) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    codes = sorted(r.status_code for r in results)
+    refused = [r for r in results if r.status_code == 503]
+    assert len(results) == 20 and set(codes) <= {200, 503} and refused, codes
+    assert all(r.headers.get("retry-after") == "1" and r.json()["error"]["code"] == "overloaded" for r in refused)
     assert_healthy(server)
 
 
@@ -194,25 +245,52 @@ def test_slow_body_gets_408(server):
 _WEIRD = ['null', '0', '-1', '1', '2', '0.5', '-0.5', '1e999', '-1e999', 'NaN', 'Infinity', '"NaN"', '""', '"x"',
           '"\\ud800"', 'true', 'false', '[]', '{}', '[1, 2]', '[-1]', '{"1": 1}', str(2**31), str(2**63),
           str(2**64), str(-2**63), '"' + "z" * 3000 + '"', '[[]]', '[""]', '{"a": [1, {"b": null}]}']
-_COMPLETION_FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream",
-                      "stream_options", "stop", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                      "logit_bias", "seed", "logprobs", "echo", "suffix", "best_of", "min_tokens", "ignore_eos",
-                      "stop_token_ids", "include_stop_str_in_output", "skip_special_tokens", "user"]
-_CHAT_FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
-                "stream", "stop", "seed", "logprobs", "top_logprobs", "logit_bias", "add_generation_prompt",
-                "tools", "response_format", "min_tokens"]
-_TOKENIZER_FIELDS = ["model", "prompt", "messages", "add_special_tokens", "tokens"]
-_ENDPOINTS = [("/v1/completions", _COMPLETION_FIELDS, '"prompt": "Hi", "max_tokens": 2'),
-              ("/v1/chat/completions", _CHAT_FIELDS, '"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2'),
-              ("/tokenize", _TOKENIZER_FIELDS, '"prompt": "Hi"'),
-              ("/detokenize", _TOKENIZER_FIELDS, '"tokens": [5, 6]')]
+
+
+def _fields(model) -> list:
+    """Every field of a request model: a field added to the protocol is fuzzed the day it lands."""
+    return sorted(model.model_fields)
+
+
+def _typed(annotation):
+    """A strategy of hostile values of the field's own type (extreme, but well-formed JSON)."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        return st.one_of([_typed(a) for a in args])
+    if origin is list:
+        return st.lists(_typed(args[0]) if args else st.none(), max_size=3).map(json.dumps)
+    if origin is dict:
+        return st.dictionaries(st.sampled_from(["1", "-1", "99999999", "\ud800", "x"]),
+                               st.sampled_from([0, 1, -1e9]), max_size=2).map(json.dumps)
+    if annotation is bool:
+        return st.sampled_from(["true", "false"])
+    if annotation is int:
+        return st.sampled_from([0, -1, 1, 2**31, 2**63, -2**63, 2**64]).map(str)
+    if annotation is float:
+        return st.sampled_from(["0.0", "-0.0", "1e308", "-1e308", "1e-320", "NaN", "Infinity"])
+    if annotation is str:
+        return st.sampled_from(['""', '"x"', '"\\ud800"', '"\\udfff x"', '"' + "y" * 5000 + '"'])
+    return st.sampled_from(["{}", "null", '{"type": "\\ud800"}'])
+
+
+def _value(model, name):
+    return st.one_of(st.sampled_from(_WEIRD), _typed(model.model_fields[name].annotation))
+
+
+_ENDPOINTS = [("/v1/completions", CompletionRequest, '"prompt": "Hi", "max_tokens": 2'),
+              ("/v1/chat/completions", ChatCompletionRequest,
+               '"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2'),
+              ("/tokenize", TokenizeRequest, '"prompt": "Hi"'),
+              ("/detokenize", DetokenizeRequest, '"tokens": [5, 6]')]
 
 
 @st.composite
 def requests(draw):
-    path, names, base = draw(st.sampled_from(_ENDPOINTS))
-    chosen = draw(st.lists(st.sampled_from(names), min_size=1, max_size=4, unique=True))
-    parts = [f'"{name}": {draw(st.sampled_from(_WEIRD))}' for name in chosen]
+    path, model, base = draw(st.sampled_from(_ENDPOINTS))
+    chosen = draw(st.lists(st.sampled_from(_fields(model)), min_size=1, max_size=4, unique=True))
+    parts = [f'"{name}": {draw(_value(model, name))}' for name in chosen]
     # the base fields come first so that a fuzzed field of the same name overrides them
     return path, "{" + ", ".join([base] + parts) + "}"
 

@@ -15,8 +15,12 @@ class LoRARequest:
     lora_path: Optional[str] = None
 
     def __post_init__(self):
-        if not isinstance(self.lora_name, str) or not self.lora_name:
-            raise ValueError("lora_name must be a non-empty string")
+        if not isinstance(self.lora_name, str) or not self.lora_name or len(self.lora_name) > 256:
+            raise ValueError("lora_name must be a non-empty string of at most 256 characters")
+        try:
+            self.lora_name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("lora_name must be valid Unicode (no lone surrogates)") from None
 
     # vLLM's older spelling
     @property

@@ -7,14 +7,68 @@ ignored (and logged), as vLLM does, so clients written for other servers work.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_serializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_serializer, field_validator, model_validator
+
+
+# Limits every request field gets, whatever its type, before its own validation runs.
+MAX_DEPTH = 32              # nesting of objects and arrays
+MAX_INT = 2**64             # |integer| below this (seeds are the largest: < 2**64)
+MAX_STRING_CHARS = 10**7    # the body cap bounds it too; this names the field
+
+
+class FieldError(ValueError):
+    """A generic check failed; `param` is the top-level field."""
+
+    def __init__(self, message: str, path: str):
+        super().__init__(message)
+        self.param = path.split(".")[0].split("[")[0] or None
+
+
+def check_values(value: Any, path: str = "", depth: int = 0) -> None:
+    """The generic checks, on the raw JSON value of a request: strings are valid Unicode (no
+    lone surrogates), numbers finite and bounded, nesting bounded. A field added to any request
+    model gets them without a line of its own. Raises ValueError naming the field."""
+    where = path or "request body"
+    if depth > MAX_DEPTH:
+        raise FieldError(f"{where} is nested more than {MAX_DEPTH} levels deep", path)
+    if isinstance(value, str):
+        if len(value) > MAX_STRING_CHARS:
+            raise FieldError(f"{where} is longer than {MAX_STRING_CHARS} characters", path)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FieldError(f"{where} contains invalid Unicode (a lone surrogate)", path) from None
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int):
+        if abs(value) >= MAX_INT:
+            raise FieldError(f"{where} is out of range (|value| must be below 2**64)", path)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise FieldError(f"{where} must be a finite number", path)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            name = str(key).encode("utf-8", "backslashreplace").decode("utf-8")[:80]   # safe to echo
+            field = f"{path}.{name}" if path else name
+            check_values(key, f"{field} (the key)", depth + 1)
+            check_values(item, field, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_values(item, f"{path}[{i}]", depth + 1)
 
 
 class OpenAIBase(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _generic_checks(cls, data: Any) -> Any:
+        check_values(data)
+        return data
 
 
 class ErrorInfo(BaseModel):
