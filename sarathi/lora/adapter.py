@@ -18,7 +18,7 @@ import torch
 
 # The linear layers of a Llama decoder layer, by the names PEFT's target_modules use.
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])"
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d{1,6})\.(self_attn|mlp)\.(\w+)\.lora_([AB])"
                   r"(?:\.[\w-]+)?\.weight$")
 
 
@@ -68,10 +68,10 @@ def _pattern_value(patterns: Dict[str, object], key: str, default):
 
 def _number(where: str, field: str, value, integer: bool, high: float):
     """A JSON number of the config, checked: not a bool or string, finite, in (0, high]."""
-    kind = "an integer" if integer else "a number"
+    kind = "integer" if integer else "number"
     if isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float)):
-        raise AdapterError(f"LoRA adapter {where}: adapter_config.json {field} must be {kind}, got "
-                           f"{json.dumps(value)[:40]}")
+        raise AdapterError(f"LoRA adapter {where}: adapter_config.json {field} must be a{'n' * integer} {kind}, "
+                           f"got {json.dumps(value)[:40]}")
     if not (math.isfinite(value) and 0 < value <= high):
         raise AdapterError(f"LoRA adapter {where}: adapter_config.json {field} {value} is not a finite {kind} in "
                            f"(0, {high:g}]")

@@ -33,8 +33,7 @@ CONFIG_LIMITS = {
     "max_position_embeddings": (1, 1 << 24),
     "head_dim": (1, 1 << 12),
 }
-_REQUIRED = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_LAYER = re.compile(r"^model\.layers\.(\d{1,6})\.")
 Header = Dict[str, Tuple[str, List[int]]]
 
 
@@ -106,18 +105,37 @@ def check_safetensors(path: Union[str, Path]) -> Header:
     return out
 
 
+def read_hf_config(model_dir: Union[str, Path]) -> dict:
+    """config.json of `model_dir` as a dict, or ValueError naming the file."""
+    path = Path(model_dir) / "config.json"
+    try:
+        if path.stat().st_size > MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: larger than {MAX_HEADER_BYTES} bytes")
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: cannot read the model config ({getattr(e, 'strerror', None) or e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    qc = cfg.get("quantization_config")
+    if qc is not None and not (isinstance(qc, dict) and isinstance(qc.get("quant_method", ""), str)):
+        raise ValueError(f"{path}: quantization_config must be an object with a string quant_method")
+    check_hf_config(str(path), cfg)
+    return cfg
+
+
 def check_hf_config(where: str, cfg: dict) -> None:
     """The hyperparameters a Llama model is built from: present, integers, in range, consistent."""
+    # Families name some fields otherwise: what is present is checked, nothing is required here.
     for key, (low, high) in CONFIG_LIMITS.items():
-        if key in cfg and cfg[key] is not None:
+        if cfg.get(key) is not None:
             _int_field(where, key, cfg[key], low, high)
-        elif key in _REQUIRED:
-            raise ValueError(f"{where}: {key} is missing")
-    heads = cfg["num_attention_heads"]
+    heads = cfg.get("num_attention_heads") or 1
     kv = cfg.get("num_key_value_heads") or heads
     if heads % kv:
         raise ValueError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
-    if not cfg.get("head_dim") and cfg["hidden_size"] % heads:
+    if not cfg.get("head_dim") and (cfg.get("hidden_size") or heads) % heads:
         raise ValueError(f"{where}: hidden_size {cfg['hidden_size']} is not a multiple of num_attention_heads "
                          f"{heads}")
     for key in ("rms_norm_eps", "rope_theta"):
@@ -146,15 +164,15 @@ def check_model_dir(model_dir: Union[str, Path], hf_config: dict) -> Header:
         if path.resolve().parent != model_dir.resolve():
             raise ValueError(f"{model_dir}: weight file {path.name!r} lies outside the model directory")
         tensors.update(check_safetensors(path))
-    n_layers = hf_config["num_hidden_layers"]
+    n_layers = hf_config.get("num_hidden_layers")
     named = {int(m.group(1)) for m in map(_LAYER.match, tensors) if m}
-    if named != set(range(n_layers)):
+    if n_layers is not None and named and named != set(range(n_layers)):
         raise ValueError(f"{where}: num_hidden_layers {n_layers}, but the weights name {len(named)} layers "
-                         f"({min(named, default=0)}..{max(named, default=-1)})")
+                         f"({min(named)}..{max(named)})")
     embed = tensors.get("model.embed_tokens.weight")
-    want = [hf_config["vocab_size"], hf_config["hidden_size"]]
-    if embed is None or embed[1] != want:
-        raise ValueError(f"{where}: model.embed_tokens.weight has shape {embed and embed[1]}, config.json says "
+    want = [hf_config.get("vocab_size"), hf_config.get("hidden_size")]
+    if embed is not None and None not in want and embed[1] != want:
+        raise ValueError(f"{where}: model.embed_tokens.weight has shape {embed[1]}, config.json says "
                          f"[vocab_size, hidden_size] = {want}")
     if hf_config.get("quantization_config"):
         check_quantized(model_dir, hf_config, tensors)

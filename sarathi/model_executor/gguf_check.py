@@ -5,8 +5,9 @@ with reads whose sizes are checked against the bytes left in the file and agains
 then cross-checks what the loader relies on: the llama hyperparameters are integers in range,
 `block_count` matches the decoder layers the tensors name, tensor types are known, and each
 tensor's bytes (its type's block size times its shape) lie inside the data section, aligned and
-without overlap. A malformed file fails in milliseconds with one ValueError line naming the file
-and the field, before the `gguf` package maps it or the converter allocates a layer.
+without overlap, and float tensors (F32 / F16 / BF16) hold no NaN or inf. A malformed file fails
+in milliseconds with one ValueError line naming the file and the field, before the `gguf` package
+maps it or the converter allocates a layer.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ LLAMA_LIMITS = {
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _INTEGER_TYPES = {0, 1, 2, 3, 4, 5, 10, 11}
 _STRING, _ARRAY = 8, 9
-_BLK = re.compile(r"^blk\.(\d+)\.")
+_FLOAT_TYPES = (0, 1, 30)   # ggml F32, F16, BF16
+_BLK = re.compile(r"^blk\.([^.]*)\.")
 
 
 class _Reader:
@@ -153,10 +155,11 @@ def _check(r: _Reader, size: int) -> Dict[str, object]:
     meta: Dict[str, object] = {}
     for i in range(n_kv):
         key = r.string(f"metadata key #{i}", MAX_KEY_BYTES)
+        shown = key[:200]
         if key in meta:
-            raise r.fail(key, "appears twice")
-        vtype = r.scalar("<I", f"{key} (value type)")
-        meta[key] = r.value(vtype, key)
+            raise r.fail(shown, "appears twice")
+        vtype = r.scalar("<I", f"{shown} (value type)")
+        meta[key] = r.value(vtype, shown)
     alignment = meta.get("general.alignment", 32)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or not 1 <= alignment <= 1 << 16 \
             or alignment & (alignment - 1):
@@ -164,49 +167,73 @@ def _check(r: _Reader, size: int) -> Dict[str, object]:
     types = _type_sizes()
     tensors: List[Tuple[str, int, int]] = []
     shapes: Dict[str, List[int]] = {}
+    float_tensors: List[Tuple[str, int, int, int]] = []
     blocks = set()
     for i in range(n_tensors):
         name = r.string(f"tensor #{i} name", MAX_KEY_BYTES)
         if name in shapes:
-            raise r.fail(f"tensor {name}", "appears twice")
-        n_dims = r.scalar("<I", f"tensor {name} n_dims")
+            raise r.fail(f"tensor {name[:200]}", "appears twice")
+        n_dims = r.scalar("<I", f"tensor {name[:200]} n_dims")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise r.fail(f"tensor {name} n_dims", f"{n_dims} is not in [1, {MAX_DIMS}]")
-        dims = [r.scalar("<Q", f"tensor {name} dims") for _ in range(n_dims)]
-        ttype = r.scalar("<I", f"tensor {name} type")
-        offset = r.scalar("<Q", f"tensor {name} offset")
+            raise r.fail(f"tensor {name[:200]} n_dims", f"{n_dims} is not in [1, {MAX_DIMS}]")
+        dims = [r.scalar("<Q", f"tensor {name[:200]} dims") for _ in range(n_dims)]
+        ttype = r.scalar("<I", f"tensor {name[:200]} type")
+        offset = r.scalar("<Q", f"tensor {name[:200]} offset")
         if ttype not in types:
-            raise r.fail(f"tensor {name} type", f"{ttype} is not a known ggml type")
+            raise r.fail(f"tensor {name[:200]} type", f"{ttype} is not a known ggml type")
         elements = 1
         for d in dims:
             if d < 1:
-                raise r.fail(f"tensor {name} dims", f"{dims} has an empty dimension")
+                raise r.fail(f"tensor {name[:200]} dims", f"{dims} has an empty dimension")
             elements *= d
             if elements > MAX_ELEMENTS:
-                raise r.fail(f"tensor {name} dims", f"{dims} exceeds {MAX_ELEMENTS} elements")
+                raise r.fail(f"tensor {name[:200]} dims", f"{dims} exceeds {MAX_ELEMENTS} elements")
         block, block_bytes = types[ttype]
         if dims[0] % block:
-            raise r.fail(f"tensor {name} dims", f"first dimension {dims[0]} is not a multiple of the "
+            raise r.fail(f"tensor {name[:200]} dims", f"first dimension {dims[0]} is not a multiple of the "
                                                 f"type's block of {block}")
         if offset % alignment:
-            raise r.fail(f"tensor {name} offset", f"{offset} is not aligned to {alignment}")
+            raise r.fail(f"tensor {name[:200]} offset", f"{offset} is not aligned to {alignment}")
         tensors.append((name, offset, elements // block * block_bytes))
         shapes[name] = dims
+        if ttype in _FLOAT_TYPES:
+            float_tensors.append((name, offset, elements // block * block_bytes, ttype))
         m = _BLK.match(name)
         if m:
+            if not (m.group(1).isdigit() and m.group(1).isascii() and len(m.group(1)) <= 6):
+                raise r.fail(f"tensor {name[:80]}", "the layer index is not a number below 10^6")
             blocks.add(int(m.group(1)))
     data_start = -(-r.pos // alignment) * alignment
     data_size = size - data_start
     end_prev, prev = 0, None
     for name, offset, nbytes in sorted(tensors, key=lambda t: t[1]):
         if offset < end_prev:
-            raise r.fail(f"tensor {name} offset", f"{offset} overlaps tensor {prev}")
+            raise r.fail(f"tensor {name[:200]} offset", f"{offset} overlaps tensor {str(prev)[:200]}")
         if offset + nbytes > data_size:
-            raise r.fail(f"tensor {name} offset", f"{offset} + {nbytes} bytes runs past the end of the data "
+            raise r.fail(f"tensor {name[:200]} offset", f"{offset} + {nbytes} bytes runs past the end of the data "
                                                   f"section ({data_size} bytes)")
         end_prev, prev = offset + nbytes, name
     _check_llama(r, meta, blocks, shapes)
+    for name, offset, nbytes, ttype in float_tensors:
+        _check_finite(r, name, data_start + offset, nbytes, ttype)
     return {k: v for k, v in meta.items() if not isinstance(v, _Array)}
+
+
+def _check_finite(r: _Reader, name: str, start: int, nbytes: int, ttype: int) -> None:
+    """Float tensors (F32 / F16 / BF16) hold no NaN or inf: the loader would serve garbage from them."""
+    import numpy as np
+
+    item = 4 if ttype == 0 else 2
+    step = 1 << 24
+    for begin in range(0, nbytes // item, step):
+        count = min(step, nbytes // item - begin)
+        raw = np.frombuffer(r.buf, dtype=np.uint32 if item == 4 else np.uint16, count=count,
+                            offset=start + begin * item)
+        exponent = {0: 0x7F800000, 1: 0x7C00, 30: 0x7F80}[ttype]
+        bad = bool(((raw & exponent) == exponent).any())
+        del raw  # the memory map cannot close while a view of it lives
+        if bad:
+            raise r.fail(f"tensor {name[:200]}", "holds NaN or inf values")
 
 
 def _check_llama(r: _Reader, meta: Dict[str, object], blocks: set, shapes: Dict[str, List[int]]) -> None:
@@ -237,7 +264,7 @@ def _check_llama(r: _Reader, meta: Dict[str, object], blocks: set, shapes: Dict[
         raise r.fail("tensor token_embd.weight", f"shape {embed} does not match embedding_length {hidden}")
     for name, dims in shapes.items():
         if name.endswith("_norm.weight") and dims != [hidden]:
-            raise r.fail(f"tensor {name}", f"shape {dims} is not [{hidden}] (embedding_length)")
+            raise r.fail(f"tensor {name[:200]}", f"shape {dims} is not [{hidden}] (embedding_length)")
     for key in ("llama.attention.layer_norm_rms_epsilon", "llama.rope.freq_base"):
         value = meta.get(key)
         if value is not None and (isinstance(value, (bool, str, _Array)) or not 0 < float(value) < 1e30):

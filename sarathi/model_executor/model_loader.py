@@ -19,7 +19,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from sarathi.model_executor.checkpoint_check import check_model_dir
+from sarathi.model_executor.checkpoint_check import check_model_dir, read_hf_config
 from sarathi.model_executor.gguf_check import check_gguf
 
 logger = logging.getLogger("sarathi")
@@ -239,7 +239,7 @@ def iter_safetensors(model_dir: Path):
 
 
 def load_hf_config(model_dir: Path) -> dict:
-    return json.loads((model_dir / "config.json").read_text())
+    return read_hf_config(model_dir)  # a dict, or ValueError naming the file
 
 
 QUANTIZATIONS = ("auto", "none", "gguf", "gptq", "awq", "int8")
