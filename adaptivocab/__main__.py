@@ -104,7 +104,8 @@ def _evaluate(args) -> None:
              concurrency=args.concurrency, speed=args.speed, rounds=args.rounds, threads=args.threads)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per step (also walked by the CLI fuzz tests)."""
     ap = argparse.ArgumentParser(prog="python -m adaptivocab", description="AdaptiVocab: domain n-gram vocabularies")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -186,8 +187,11 @@ def main(argv=None) -> None:
                    help="alternating timing rounds; the fastest of each side counts")
     e.add_argument("--threads", type=positive_int, default=None)
     e.set_defaults(func=_evaluate)
+    return ap
 
-    args = ap.parse_args(argv)
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except USER_ERRORS as err:

@@ -4,6 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, List, Sequence, Union
 
+import numpy as np
+from tqdm.auto import tqdm
+
 PathLike = Union[str, Path]
 
 
@@ -70,3 +73,20 @@ def _safe_newline(text: str, pos: int, floor: int):
             return i + 1
         i = text.rfind("\n", floor + 1, i)
     return None
+
+
+def corpus_blocks(tok, texts: Sequence[str], seq_len: int) -> np.ndarray:
+    """(num_blocks, seq_len) ids of the corpus under `tok` (a PatchTokenizer: `encode_many`,
+    `eos_token_id`), documents separated by EOS; fine-tuning and teacher targets share these blocks."""
+    eos = tok.eos_token_id
+    parts = []
+    for text in tqdm(texts, desc="tokenizing corpus (patched)", unit="file"):
+        # Pieces of one file join exactly (see split_documents); files are separated by EOS.
+        parts.extend(tok.encode_many(split_documents([text])))
+        if eos is not None:
+            parts.append([eos])
+    arr = np.fromiter((t for ids in parts for t in ids), dtype=np.int64)
+    n_blocks = len(arr) // seq_len
+    if n_blocks == 0:
+        raise ValueError(f"the corpus has {len(arr)} tokens, fewer than one block of --seq-len {seq_len}")
+    return arr[: n_blocks * seq_len].reshape(n_blocks, seq_len)

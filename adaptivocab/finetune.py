@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from adaptivocab.corpus import read_corpus, split_documents
+from adaptivocab.corpus import corpus_blocks, read_corpus
 from adaptivocab.metrics import bits_per_byte, heldout_sample
 from adaptivocab.outdir import check_output_dir, is_our_output, staged_output_dir, write_marker
 from adaptivocab.patch_model import write_model_files
@@ -100,22 +100,6 @@ def select_trainable(model, parts: Sequence[str]) -> List[str]:
         if param.requires_grad:
             names.append(name)
     return names
-
-
-def corpus_blocks(tok: PatchTokenizer, texts: Sequence[str], seq_len: int) -> np.ndarray:
-    """(num_blocks, seq_len) patched ids of the corpus, documents separated by EOS."""
-    eos = tok.eos_token_id
-    parts = []
-    for text in tqdm(texts, desc="tokenizing corpus (patched)", unit="file"):
-        # Pieces of one file join exactly (see split_documents); files are separated by EOS.
-        parts.extend(tok.encode_many(split_documents([text])))
-        if eos is not None:
-            parts.append([eos])
-    arr = np.fromiter((t for ids in parts for t in ids), dtype=np.int64)
-    n_blocks = len(arr) // seq_len
-    if n_blocks == 0:
-        raise ValueError(f"the corpus has {len(arr)} tokens, fewer than one block of --seq-len {seq_len}")
-    return arr[: n_blocks * seq_len].reshape(n_blocks, seq_len)
 
 
 def _save_checkpoint(ckpt: Path, model, names: List[str], opt: torch.optim.Optimizer, state: dict) -> None:

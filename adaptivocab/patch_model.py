@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adaptivocab.base_model import resolve_model_dir
-from adaptivocab.outdir import MARKER, check_output_dir, staged_output_dir
+from adaptivocab.outdir import LEGACY_MARKER, MARKER, check_output_dir, staged_output_dir
 from adaptivocab.patch_tokenizer import PATCH_TOKENIZER_FILE, PatchTokenizer, check_same_base, read_json_file
 
 INIT_METHODS = ("exp", "mean", "first", "last")
@@ -84,8 +84,8 @@ def write_model_files(directory: Path, source_dir: Path, config: dict, state: Di
     """Write an HF-style model (config, safetensors, tokenizer files, patch tokenizer) into `directory`."""
     for f in source_dir.iterdir():
         # Tokenizer files and generation config travel with the model; weights are rewritten.
-        if f.is_file() and f.name not in _WEIGHT_FILES and f.name not in ("config.json", PATCH_TOKENIZER_FILE, MARKER) \
-                and f.suffix != ".safetensors":
+        if f.is_file() and f.name not in _WEIGHT_FILES and f.suffix != ".safetensors" \
+                and f.name not in ("config.json", PATCH_TOKENIZER_FILE, MARKER, LEGACY_MARKER):
             shutil.copy2(f, directory / f.name)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),

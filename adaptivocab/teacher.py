@@ -399,8 +399,7 @@ def make_targets(model_dir: Union[str, Path], corpus: Sequence[Union[str, Path]]
     from transformers import AutoModelForCausalLM
 
     from adaptivocab.base_model import resolve_model_dir
-    from adaptivocab.corpus import read_corpus
-    from adaptivocab.finetune import corpus_blocks
+    from adaptivocab.corpus import corpus_blocks, read_corpus
     from adaptivocab.patch_tokenizer import check_same_base, is_patch_tokenizer_dir, read_json_file
 
     model_dir = Path(model_dir)

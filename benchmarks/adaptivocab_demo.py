@@ -230,8 +230,7 @@ def exact_targets_for_pool(exp: Path, train: Path, targets: Path, steps: int = 1
 
     from adaptivocab import PatchTokenizer
     from adaptivocab.base_model import resolve_model_dir
-    from adaptivocab.corpus import read_corpus
-    from adaptivocab.finetune import corpus_blocks
+    from adaptivocab.corpus import corpus_blocks, read_corpus
     from adaptivocab.teacher import TargetCache, TeacherConfig, cache_header, compute_targets, open_targets
 
     tok = PatchTokenizer.from_pretrained(exp)

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adaptivocab.outdir import check_result_prefix, write_result_file  # noqa: E402
 from sarathi.core.kv_manager import KVManager  # noqa: E402
 from sarathi.model_executor.kv_cache import KVCacheSpec, StepBatch, kv_backend_class  # noqa: E402
 
@@ -115,12 +116,11 @@ def main() -> None:
                      "paged_samples_ms": [x * 1e3 for x in res["paged"]]})
         print(f"{ctx:>8} {va * 1e3:>14.3f} {pg * 1e3:>10.3f} {pg / va:>11.2f}x")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_result_prefix(args.out)  # ~ expanded; a directory in the way is an error
     meta = {"batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
             "block_size": args.block_size, "dtype": "float32", "threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(), "repeats": args.repeats}
-    out.with_suffix(".json").write_text(json.dumps({"config": meta, "rows": rows}, indent=2))
+    write_result_file(out.with_suffix(".json"), json.dumps({"config": meta, "rows": rows}, indent=2))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

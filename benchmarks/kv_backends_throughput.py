@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from adaptivocab.outdir import check_result_prefix, write_result_file  # noqa: E402
 from sarathi import LLM, SamplingParams  # noqa: E402
 from throughput import make_workload, run_engine  # noqa: E402
 
@@ -56,9 +57,8 @@ def main() -> None:
                       "ratio": best["vattention"] / best["paged"]}
         print(f"{name:<9} {best['vattention']:>17.1f} {best['paged']:>12.1f} {rows[name]['ratio']:>11.2f}x")
 
-    out = Path(ns.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"config": vars(ns), "workloads": rows}, indent=2))
+    out = check_result_prefix(ns.out)  # ~ expanded; a directory in the way is an error
+    write_result_file(out.with_suffix(".json"), json.dumps({"config": vars(ns), "workloads": rows}, indent=2))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

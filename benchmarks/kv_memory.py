@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vattention_ext  # noqa: E402
+from adaptivocab.outdir import check_result_prefix, write_result_file  # noqa: E402
 from sarathi.core.kv_manager import KVManager  # noqa: E402
 from sarathi.model_executor.kv_cache import KVCacheSpec, StepBatch, kv_backend_class  # noqa: E402
 from vattention_ext.kernel_memory import mincore_resident_bytes  # noqa: E402
@@ -269,9 +270,8 @@ def main() -> None:
     print(f"async mapping hides {hidden * 100:.1f}% of the mapping time the steps spent with sync mapping "
           f"(mean step-call wall time {sync['mean_step_call_ms']:.3f} -> {asyn['mean_step_call_ms']:.3f} ms)")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(
+    out = check_result_prefix(args.out)  # ~ expanded; a directory in the way is an error
+    write_result_file(out.with_suffix(".json"), json.dumps(
         {"config": vars(args), "backends": results, "mapping": mapping, "async_hidden_fraction": hidden}, indent=2))
     import matplotlib
     matplotlib.use("Agg")

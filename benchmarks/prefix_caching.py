@@ -40,6 +40,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
+from adaptivocab.outdir import write_result_file  # noqa: E402
+
 import serving  # noqa: E402  (benchmarks/serving.py: the streaming client)
 
 RESULTS = HERE / "results"
@@ -280,7 +282,7 @@ def main() -> None:
                str(port), "--model", args.model, "--served-model-name", args.model_name, *flags,
                *args.sarathi_args.split()]
         runs[name] = run_system(name, cmd, port, log_dir, args, tokenizer, n8=True)
-        Path(args.out).write_text(json.dumps({"runs": runs, "partial": True}, indent=2))  # survives a later stop
+        write_result_file(args.out, json.dumps({"runs": runs, "partial": True}, indent=2))  # survives a later stop
     if args.llama_server and Path(args.llama_server).exists():
         gguf = gguf_source(args.model)
         if gguf is None:
@@ -297,7 +299,7 @@ def main() -> None:
     summary = summarize(runs)
     result = {"config": {k: v for k, v in vars(args).items() if k != "ban_token_id"}, "runs": runs,
               "summary": summary, "machine": {"cpus": os.cpu_count()}}
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result_file(args.out, json.dumps(result, indent=2))
     print(markdown(runs))
     print(json.dumps(summary, indent=2))
     plot(runs, Path(args.out).with_suffix(".png"))

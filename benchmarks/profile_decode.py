@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adaptivocab.outdir import write_result_file  # noqa: E402
+
 # (stage, substrings of "file:function" whose *own* time belongs to it), first match wins.
 # Tensor arithmetic written as operators (x * y) has no profile entry of its own: it is
 # counted in the Python function that does it (the model's forward functions).
@@ -91,10 +93,9 @@ def main() -> None:
     rows = sorted(stage_time.items(), key=lambda kv: -kv[1])
     for name, t in rows:
         print(f"{name:<52}{100 * t / profiled:>7.1f}%")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"batch": args.batch, "prompt_len": args.prompt_len, "steps": args.steps,
-                                          "ms_per_step_profiled": step_ms,
-                                          "share": {k: v / profiled for k, v in rows}}, indent=1))
+    write_result_file(args.out, json.dumps({"batch": args.batch, "prompt_len": args.prompt_len, "steps": args.steps,
+                                            "ms_per_step_profiled": step_ms,
+                                            "share": {k: v / profiled for k, v in rows}}, indent=1))
     print(f"saved {args.out}")
 
 

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adaptivocab.outdir import check_result_prefix, write_result_file  # noqa: E402
 from sarathi.model_executor.quantization import kernels as qk  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -324,8 +325,7 @@ def main() -> None:
                     print(f"| {T} | {M} | {n} | {v['step_ms']:.2f} | {v['best_ms']:.2f} | {v['per_token_ms']:.3f} "
                           f"| {v['weight_mb']:.0f} | {v['gbs']:.1f} |")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_result_prefix(args.out)  # ~ expanded; a directory in the way is an error
     meta = {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
             "median_of": "alternated calls (variants interleaved call by call)",
             "kernel_isa": qk.kernel_isa(), "machine": platform.processor() or platform.machine(),
@@ -335,8 +335,8 @@ def main() -> None:
         meta["loadavg_at_end"] = os.getloadavg()
     except OSError:
         pass
-    out.with_suffix(".json").write_text(json.dumps({"config": meta, "rows": rows,
-                                                     "whole_model": {str(T): {str(M): v for M, v in per_m.items()} for T, per_m in model.items()}}, indent=2))
+    write_result_file(out.with_suffix(".json"), json.dumps({"config": meta, "rows": rows,
+                                                           "whole_model": {str(T): {str(M): v for M, v in per_m.items()} for T, per_m in model.items()}}, indent=2))
 
     import matplotlib
 

@@ -30,6 +30,8 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 DOCS = REPO / "benchmarks" / "data" / "python-docs"
 
+from adaptivocab.outdir import check_result_prefix, write_result_file  # noqa: E402
+
 
 def variants(args) -> dict:
     """name -> LLM keywords."""
@@ -138,11 +140,10 @@ def main() -> None:
         print(f"| {r['variant']} | {r['weight_bytes'] / 1e6:.0f} | {r['bits_per_byte']:.4f} | "
               f"{r['bits_per_byte'] / base['bits_per_byte']:.3f}x | {100 * r['top1_agreement']:.1f}% | "
               f"{r.get('single_stream_tok_s', float('nan')):.1f} | {r.get('batch32_tok_s', float('nan')):.1f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_result_prefix(args.out)  # ~ expanded; a directory in the way is an error
     meta = {"model": args.model, "windows": args.windows, "window_len": args.window_len, "heldout": args.heldout,
             "group_size": args.group_size, "threads": __import__("torch").get_num_threads()}
-    out.with_suffix(".json").write_text(json.dumps({"config": meta, "rows": rows}, indent=2))
+    write_result_file(out.with_suffix(".json"), json.dumps({"config": meta, "rows": rows}, indent=2))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -27,9 +27,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=False)
 
 
-def generate_main(argv: Optional[List[str]] = None) -> int:
-    from sarathi import LLM, LoRARequest, SamplingParams
-
+def build_generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sarathi generate",
                                 description="Generate text offline with the engine.")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
@@ -38,7 +36,13 @@ def generate_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--lora", default=None, help="run with this LoRA adapter (one of --lora-modules)")
     add_engine_args(p)
     _sampling_args(p)
-    ns = p.parse_args(argv)
+    return p
+
+
+def generate_main(argv: Optional[List[str]] = None) -> int:
+    from sarathi import LLM, LoRARequest, SamplingParams
+
+    ns = build_generate_parser().parse_args(argv)
     try:
         config = EngineConfig.from_cli_args(ns)
         params = SamplingParams.from_request(vars(ns), seed=ns.sample_seed)
@@ -76,7 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from sarathi.quantize.__main__ import main as quantize_main
         return quantize_main(rest, prog="sarathi quantize")
     if cmd == "lora":
-        from sarathi.lora.__main__ import main as lora_main
+        from sarathi.lora_training.__main__ import main as lora_main
         return lora_main(rest, prog="sarathi lora")
     print(f"unknown command {cmd!r}: expected generate, serve, quantize or lora", file=sys.stderr)
     return 2

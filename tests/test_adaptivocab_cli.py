@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from adaptivocab.__main__ import main
-from adaptivocab.outdir import MARKER, staged_output_dir
+from adaptivocab.outdir import MARKER, staged_output_dir, write_marker
 from adaptivocab_testutil import stdlib_file, tiny_llama_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def test_patch_model_out_dot_overwrite_keeps_the_current_directory(env, tmp_path
 @pytest.mark.parametrize("command", ["build", "patch-model", "finetune"])
 def test_out_dot_overwrite_is_refused_even_when_marked(env, tmp_path, monkeypatch, capsys, command):
     cwd = user_dir(tmp_path / "work")
-    (cwd / MARKER).write_text('{"kind": "build"}')  # even an output of ours: it is where the user stands
+    write_marker(cwd, "build")  # even an output of ours: it is where the user stands
     before = snapshot(cwd)
     monkeypatch.chdir(cwd)
     args = MAKE_ARGS[command](env, ".", "--overwrite")
@@ -111,18 +111,18 @@ def test_out_dot_overwrite_is_refused_even_when_marked(env, tmp_path, monkeypatc
 def test_overwrite_refuses_unmarked_home_and_input_directories(env, tmp_path, monkeypatch, capsys):
     victim = user_dir(tmp_path / "victim")
     before = snapshot(victim)
-    assert_clean_error(*run(patch_args(env, victim, "--overwrite"), capsys), "not written by adaptivocab", MARKER)
+    assert_clean_error(*run(patch_args(env, victim, "--overwrite"), capsys), "not written by this project", MARKER)
     assert snapshot(victim) == before
 
     home = user_dir(tmp_path / "home")
-    (home / MARKER).write_text("{}")
+    write_marker(home, "build")
     monkeypatch.setenv("HOME", str(home))
     assert_clean_error(*run(patch_args(env, home, "--overwrite"), capsys), "home directory")
     assert (home / "notes.txt").is_file()
 
     # A marked directory that holds an input (here the corpus) is not replaced either.
     holder = user_dir(tmp_path / "holder")
-    (holder / MARKER).write_text("{}")
+    write_marker(holder, "build")
     corpus = holder / "corpus.txt"
     corpus.write_text(Path(env["corpus"]).read_text())
     assert_clean_error(*run(build_args(env, holder, "--overwrite", corpus=[corpus]), capsys), "an input")
@@ -245,7 +245,7 @@ def test_build_existing_out_is_an_error_unless_overwrite(env, tmp_path, capsys):
     assert len(json.loads((out / "patch_tokenizer.json").read_text())["ngrams"]) == 6
     mine = user_dir(tmp_path / "mine")
     (mine / "patch_tokenizer.json").write_text("{}")  # looks like ours but has no marker
-    assert_clean_error(*run(build_args(env, mine, "--overwrite"), capsys), "not written by adaptivocab")
+    assert_clean_error(*run(build_args(env, mine, "--overwrite"), capsys), "not written by this project")
     assert (mine / "notes.txt").is_file()
 
 

@@ -217,8 +217,7 @@ def test_distillation_lowers_the_teacher_loss(tmp_path):
     ft = LlamaForCausalLM.from_pretrained(str(out)).eval()
     before = LlamaForCausalLM.from_pretrained(str(patched), tie_word_embeddings=False).eval()
     cache = TargetCache(tmp_path / "targets", json.loads((tmp_path / "targets" / "teacher_targets.json").read_text()))
-    from adaptivocab.finetune import corpus_blocks
-    from adaptivocab.corpus import read_corpus
+    from adaptivocab.corpus import corpus_blocks, read_corpus
     tok = PatchTokenizer.from_pretrained(patched)
     blocks = corpus_blocks(tok, read_corpus(corpus), 32)
 

@@ -147,7 +147,8 @@ def test_native_sgmv_matches_row_by_row(isa, threads):
     adapters of lower rank than the stack's (and of none), rows strided in a wider buffer, base
     rows untouched, every ISA and thread count."""
     from sarathi.lora.layers import LoRABatch, LoRAStack, lora_reference
-    from sarathi.model_executor.quantization.kernels import available_isas, lora_sgmv
+    from sarathi.lora.kernels import lora_sgmv
+    from sarathi.model_executor.quantization.kernels import available_isas
 
     if isa not in available_isas():
         pytest.skip(f"this CPU has no {isa}")
@@ -174,7 +175,7 @@ def test_native_sgmv_matches_row_by_row(isa, threads):
 
 
 def test_native_sgmv_refuses_bad_indices():
-    from sarathi.model_executor.quantization.kernels import lora_sgmv
+    from sarathi.lora.kernels import lora_sgmv
 
     A, B = torch.zeros(2, 8, 4), torch.zeros(2, 4, 6)
     x, y = torch.zeros(3, 8), torch.zeros(3, 6)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sarathi import LLM, LoRARequest, SamplingParams
-from sarathi.lora.__main__ import main as lora_main
-from sarathi.lora.data import IGNORE, DataError, encode_examples, read_jsonl
+from sarathi.lora_training.__main__ import main as lora_main
+from sarathi.lora_training.data import IGNORE, DataError, encode_examples, read_jsonl
 
 WORDS = "the quick brown fox jumps over a lazy dog while python lists dicts tuples and sets".split()
 
@@ -120,7 +120,7 @@ def test_qlora_on_a_4bit_base(tiny_model_dir, data_file, tmp_path, base_quantiza
 
 
 def test_int4_linear_is_close_and_small():
-    from sarathi.lora.train import Int4Linear
+    from sarathi.lora_training.train import Int4Linear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 64, bias=False)

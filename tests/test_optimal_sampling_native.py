@@ -90,7 +90,8 @@ def test_single_alpha_helper_agrees():
     lt, lh = rows(n=2, V=300, seed=3)
     a = solve_rows(lt, lh, [None, None], [1e-10, 1e-10]).alphas
     for i in range(2):
-        assert a[i] == pytest.approx(solve_kl_symmetry(lt[i].double(), lh[i].double(), tol=1e-10), abs=1e-8)
+        assert a[i] == pytest.approx(solve_kl_symmetry(logprobs_theta=lt[i].double(), logprobs_t=lh[i].double(),
+                                                       tol=1e-10), abs=1e-8)
 
 
 def test_bad_input():

@@ -564,8 +564,13 @@ def test_refuses_to_overwrite_without_flag(model_dir, tmp_path, capsys):
     argv = ["--model", model_dir, "--method", "rtn", "--group-size", "32", "--out", out, "--quiet"]
     assert _run(argv) == 2
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").read_text() == "precious"
-    assert _run(argv + ["--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    # Not ours (no marker): --overwrite refuses too, and the file survives.
+    assert _run(argv + ["--overwrite"]) == 2
+    assert "not written by this project" in capsys.readouterr().err and (out / "keep.txt").is_file()
+    (out / "keep.txt").unlink()
+    assert _run(argv + ["--overwrite"]) == 0  # an empty directory holds nothing to lose
+    assert _run(argv + ["--overwrite"]) == 0  # our own earlier output is replaced
+    assert (out / "model.safetensors").is_file()
     assert "rtn: quantized 14 linear layers" in capsys.readouterr().out
     _assert_nothing_written(tmp_path, keep=("q",))
 

@@ -1,4 +1,4 @@
-"""LoRA: PEFT adapters served unmerged and batched together, and the train / merge CLI."""
+"""LoRA serving: PEFT adapters loaded, stacked and batched together unmerged (training: sarathi.lora_training)."""
 from sarathi.lora.request import LoRARequest
 
 __all__ = ["LoRARequest"]

@@ -20,7 +20,7 @@ FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",)
 
 
 try:
-    from sarathi.model_executor.quantization.kernels import lora_sgmv
+    from sarathi.lora.kernels import lora_sgmv
 except ImportError:  # the native module is not built: grouped matmuls only
     lora_sgmv = None
 

@@ -19,6 +19,9 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from sarathi.model_executor.checkpoint_check import check_model_dir, read_hf_config
+from sarathi.model_executor.gguf_check import check_gguf
+
 logger = logging.getLogger("sarathi")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -66,6 +69,7 @@ def _cache_key(path: Path) -> str:
 
 def convert_gguf(gguf_path: Path) -> Path:
     """Convert a llama-architecture GGUF file once into a cached HF-style directory."""
+    check_gguf(gguf_path)  # every header field bounded before the gguf package maps the file
     out = cache_root() / "gguf" / _cache_key(gguf_path)
     if (out / "config.json").is_file():
         return out
@@ -235,7 +239,7 @@ def iter_safetensors(model_dir: Path):
 
 
 def load_hf_config(model_dir: Path) -> dict:
-    return json.loads((model_dir / "config.json").read_text())
+    return read_hf_config(model_dir)  # a dict, or ValueError naming the file
 
 
 QUANTIZATIONS = ("auto", "none", "gguf", "gptq", "awq", "int8")
@@ -307,6 +311,7 @@ def load_model(model_dir: Path, hf_config: dict, dtype, device, quantization: st
     from sarathi.model_executor.models.llama import LlamaArgs, LlamaForCausalLM
     from sarathi.model_executor.quantization.formats import quantize_int8
 
+    check_model_dir(model_dir, hf_config)  # config and safetensors headers bounded before any allocation
     args = LlamaArgs.from_hf_config(hf_config)
     with torch.device("meta"):
         model = LlamaForCausalLM(args)

@@ -18,7 +18,8 @@ from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence
 import httpx
 import torch
 
-from sarathi.optimal_sampling.kl import diagnostics, merge_top_k, q_star, sample, solve_kl_symmetry
+from sarathi.optimal_sampling.kl import (diagnostics, log_normalize, merge_top_k, q_star, sample,
+                                         solve_kl_symmetry)
 
 logger = logging.getLogger("sarathi")
 
@@ -130,8 +131,10 @@ class Coordinator:
         for _ in range(max_tokens):
             top_theta, top_t = await asyncio.gather(self._top_k("theta", context), self._top_k("t", context))
             merged = merge_top_k(top_theta, top_t, self.vocab_size)
-            alpha = fixed if fixed is not None else solve_kl_symmetry(merged.logp_theta, merged.logp_t,
-                                                                      tol=self.config.tol)
+            # α over the candidates: each side renormalised on the merged set, as q* is.
+            alpha = fixed if fixed is not None else solve_kl_symmetry(
+                logprobs_theta=log_normalize(merged.logp_theta), logprobs_t=log_normalize(merged.logp_t),
+                tol=self.config.tol)
             q = q_star(merged.logp_theta, merged.logp_t, alpha)
             token = int(merged.token_ids[sample(q, gen)])
             d = diagnostics(merged.logp_theta, merged.logp_t, alpha)

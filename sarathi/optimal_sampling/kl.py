@@ -103,10 +103,57 @@ def solve_alpha(logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float = 1e-
     return torch.where(special, torch.full_like(alpha, 0.5), alpha)
 
 
-def solve_kl_symmetry(logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float = 1e-6,
-                      max_iter: int = 100) -> float:
-    """α* in [0, 1] with KL(q_α‖π_θ) = KL(q_α‖π_t), to within tol in α (bisection)."""
-    return float(solve_alpha(logp_theta.reshape(1, -1), logp_t.reshape(1, -1), tol, max_iter)[0])
+NORMALIZATION_TOL = 1e-4  # float32 softmax over a large vocabulary sums to 1 within ~1e-6
+
+
+def log_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Log-weights over the last dimension made log-probabilities (x − logsumexp x)."""
+    return _log_normalize(x)
+
+
+def _checked_logprobs(name: str, x, *, from_probs: bool) -> torch.Tensor:
+    """A 1-D float64 log-probability vector from `x`, or ValueError saying what is wrong with it."""
+    x = torch.as_tensor(x, dtype=torch.float64).reshape(-1)
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    if torch.isnan(x).any():
+        raise ValueError(f"{name} contains NaN")
+    if from_probs:
+        if not torch.isfinite(x).all() or (x < 0).any():
+            raise ValueError(f"{name} must be finite probabilities >= 0")
+        total = float(x.sum())
+        if abs(total - 1.0) > NORMALIZATION_TOL:
+            raise ValueError(f"{name} sums to {total:.6g}, not 1: pass probabilities (or logprobs_*= for "
+                             "log-probabilities)")
+        return torch.where(x > 0, x.log(), torch.full_like(x, NEG_INF))
+    if (x == float("inf")).any():
+        raise ValueError(f"{name} contains +inf")
+    total = float(torch.logsumexp(x, 0))
+    if not abs(total) <= NORMALIZATION_TOL:
+        raise ValueError(f"{name} is not log-normalised (logsumexp {total:.6g}, not 0): pass log-probabilities, "
+                         "probs_*= for probabilities, or log_normalize() log-weights first")
+    return x
+
+
+def solve_kl_symmetry(*, probs_theta=None, probs_t=None, logprobs_theta=None, logprobs_t=None,
+                      tol: float = 1e-6, max_iter: int = 100) -> float:
+    """α* in [0, 1] with KL(q_α‖π_θ) = KL(q_α‖π_t), to within tol in α (bisection).
+
+    The two distributions are given by keyword, either as probabilities (`probs_theta`, `probs_t`,
+    seed 003's form) or as log-probabilities (`logprobs_theta`, `logprobs_t`); input that is not
+    normalised in the form it claims is refused (ValueError), so neither can pass for the other.
+    """
+    if (probs_theta is None) != (probs_t is None) or (logprobs_theta is None) != (logprobs_t is None) \
+            or (probs_theta is None) == (logprobs_theta is None):
+        raise TypeError("solve_kl_symmetry takes either probs_theta= and probs_t= or logprobs_theta= and "
+                        "logprobs_t= (keywords only)")
+    from_probs = probs_theta is not None
+    prefix = "probs" if from_probs else "logprobs"
+    lt = _checked_logprobs(f"{prefix}_theta", probs_theta if from_probs else logprobs_theta, from_probs=from_probs)
+    lh = _checked_logprobs(f"{prefix}_t", probs_t if from_probs else logprobs_t, from_probs=from_probs)
+    if lt.shape != lh.shape:
+        raise ValueError(f"{prefix}_theta has {lt.numel()} entries and {prefix}_t {lh.numel()}")
+    return float(solve_alpha(lt.reshape(1, -1), lh.reshape(1, -1), tol, max_iter)[0])
 
 
 def q_star(logp_theta: torch.Tensor, logp_t: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -46,7 +46,6 @@ def build_parser(prog: str = "python -m sarathi.quantize") -> argparse.ArgumentP
 
 def main(argv: Optional[List[str]] = None, prog: str = "python -m sarathi.quantize") -> int:
     ns = build_parser(prog).parse_args(argv)
-    from sarathi.quantize.calib import QuantizeError
     from sarathi.quantize.core import QuantizeOptions, quantize
 
     opts = QuantizeOptions(method=ns.method, bits=ns.bits, group_size=ns.group_size, sym=ns.sym,
@@ -56,8 +55,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m sarathi.quanti
                            threads=ns.threads)
     try:
         report = quantize(ns.model, ns.out, opts, calib=ns.calib, overwrite=ns.overwrite, progress=not ns.quiet)
-    except QuantizeError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # QuantizeError and any other bad input: one line, no traceback
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 2
     print(report.summary_line())
     return 0

@@ -12,10 +12,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from adaptivocab import outdir
+from sarathi.model_executor.checkpoint_check import check_model_dir
 from sarathi.quantize.algorithms import (QuantResult, QuantSpec, awq_search_clip, awq_search_scales,
                                          gptq_quantize, output_error, rtn_quantize)
 from sarathi.quantize.calib import QuantizeError, calibration_windows
@@ -117,6 +117,8 @@ def validate_options(opts: QuantizeOptions) -> None:
         raise QuantizeError(f"--damp must be in (0, 1], got {opts.damp}")
     if opts.batch_size < 1:
         raise QuantizeError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if opts.method == "awq" and not 1 <= opts.awq_grid <= 1000:
+        raise QuantizeError(f"--awq-grid must be in [1, 1000], got {opts.awq_grid}")
     if opts.threads is not None and opts.threads < 1:
         raise QuantizeError(f"--threads must be >= 1, got {opts.threads}")
     if opts.device not in ("auto", "cpu", "cuda") and not opts.device.startswith("cuda:"):
@@ -138,8 +140,10 @@ def inspect_checkpoint(model_dir: Path) -> Tuple[dict, Dict[str, Tuple[int, ...]
 
     try:
         config = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise QuantizeError(f"cannot read {str(model_dir / 'config.json')!r}: {e}") from None
+    if not isinstance(config, dict):
+        raise QuantizeError(f"{str(model_dir / 'config.json')!r} is not a JSON object")
     if config.get("quantization_config"):
         raise QuantizeError(f"model {str(model_dir)!r} is already quantized "
                             f"({config['quantization_config'].get('quant_method', '?')}); pass a float checkpoint")
@@ -147,6 +151,10 @@ def inspect_checkpoint(model_dir: Path) -> Tuple[dict, Dict[str, Tuple[int, ...]
     if arch != "llama":
         raise QuantizeError(f"model {str(model_dir)!r} has model_type {arch!r}; only Llama-family ('llama') "
                             "checkpoints are supported")
+    try:  # hyperparameters in range and the safetensors headers bounded before anything is read
+        check_model_dir(model_dir, config)
+    except ValueError as e:
+        raise QuantizeError(str(e)) from None
     shapes: Dict[str, Tuple[int, ...]] = {}
     for f in _weight_files(model_dir):
         try:
@@ -189,14 +197,12 @@ def check_shapes(config: dict, shapes: Dict[str, Tuple[int, ...]], opts: Quantiz
                                     f"({opts.bits}-bit values per int32)")
 
 
-def check_output_dir(out_dir: Path, model_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise QuantizeError(f"output path {str(out_dir)!r} exists and is not a directory")
-        if out_dir.resolve() == model_dir.resolve():
-            raise QuantizeError(f"output directory {str(out_dir)!r} is the input model directory")
-        if not overwrite:
-            raise QuantizeError(f"output directory {str(out_dir)!r} already exists; pass --overwrite to replace it")
+def check_output_dir(out_dir, inputs: Sequence, overwrite: bool) -> Path:
+    """Absolute `out_dir` after the safe-output rules (adaptivocab.outdir); QuantizeError otherwise."""
+    try:
+        return outdir.check_output_dir(out_dir, overwrite, inputs)
+    except ValueError as e:
+        raise QuantizeError(str(e)) from None
 
 
 def _device(name: str) -> torch.device:
@@ -315,57 +321,71 @@ def _check_finite(name: str, w: torch.Tensor) -> None:
         raise QuantizeError(f"tensor {name} contains NaN or Inf values")
 
 
-def _quantize_rtn_gptq(model, runner: Optional[LayerRunner], opts: QuantizeOptions, progress: bool,
-                       results: Dict[str, QuantResult], reports: List[LinearReport]) -> None:
+def _quantize_layers(model, runner: Optional[LayerRunner], opts: QuantizeOptions, progress: bool,
+                     results: Dict[str, QuantResult], reports: List[LinearReport]) -> None:
+    """The one per-layer loop: each decoder layer is quantized by the method, then the next
+    layer's inputs are taken (by the method) from this one."""
     from tqdm import tqdm
 
+    quantize_layer = _awq_layer if opts.method == "awq" else _rtn_gptq_layer
     layers = model.model.layers
-    dev = next(model.parameters()).device
     for li, layer in enumerate(tqdm(layers, desc=f"{opts.method} {opts.bits}-bit", unit="layer",
                                     disable=not progress, file=sys.stderr)):
         mods = {n: layer.get_submodule(n) for n in LINEAR_NAMES}
 
-        def quantize_group(group: Sequence[str], H: Optional[torch.Tensor]) -> None:
-            for n in group:
-                name = f"model.layers.{li}.{n}.weight"
-                W = mods[n].weight.data.float()
-                _check_finite(name, W)
-                spec = _spec(opts, W.shape[1])
-                if opts.method == "gptq":
-                    res = gptq_quantize(W, H, spec, damp=opts.damp, desc_act=opts.desc_act, name=name)
-                else:
-                    res = rtn_quantize(W, spec)
-                werr, oerr = _rel_errors(W, res.weight, H)
-                reports.append(LinearReport(name, werr, oerr))
-                results[f"model.layers.{li}.{n}"] = res
-                mods[n].weight.data.copy_(res.weight.to(mods[n].weight.dtype))
+        def record(n: str, res: QuantResult, W: torch.Tensor, W_eff: torch.Tensor, H: Optional[torch.Tensor],
+                   li=li, mods=mods) -> None:
+            """Keep `res` for linear `n` and put its dequantized weight into the model."""
+            name = f"model.layers.{li}.{n}.weight"
+            reports.append(LinearReport(name, *_rel_errors(W, W_eff, H)))
+            results[f"model.layers.{li}.{n}"] = res
+            mods[n].weight.data.copy_(res.weight.to(mods[n].weight.dtype))
 
-        if runner is None:
-            for group in INPUT_GROUPS:
-                quantize_group(group, None)
-            continue
-        if opts.method == "rtn":
-            # RTN ignores the data; calibration only measures the output error, on the float
-            # layer's inputs (one forward per layer, float hidden states carried on, as for AWQ).
-            stats = {g: InputStats(mods[g[0]].in_features, dev) for g in INPUT_GROUPS}
-            outs = runner.run(layer, {mods[g[0]]: stats[g] for g in INPUT_GROUPS})
-            for group in INPUT_GROUPS:
-                quantize_group(group, stats[group].hessian)
-            runner.advance(outs)
-            continue
-        if opts.true_sequential:
-            for group in INPUT_GROUPS:
-                first = mods[group[0]]
-                st = InputStats(first.in_features, dev)
-                runner.run(layer, {first: st}, stop_after=first)
-                quantize_group(group, st.hessian)
-        else:
-            stats = {g: InputStats(mods[g[0]].in_features, dev) for g in INPUT_GROUPS}
-            runner.run(layer, {mods[g[0]]: stats[g] for g in INPUT_GROUPS})
-            for group in INPUT_GROUPS:
-                quantize_group(group, stats[group].hessian)
-        if li + 1 < len(layers):
-            runner.advance(runner.run(layer, {}))  # inputs of the next layer come from the quantized one
+        quantize_layer(model, runner, opts, li, layer, mods, record, last=li + 1 == len(layers))
+
+
+def _rtn_gptq_layer(model, runner: Optional[LayerRunner], opts: QuantizeOptions, li: int, layer, mods: dict,
+                    record: Callable, last: bool) -> None:
+    dev = next(model.parameters()).device
+
+    def quantize_group(group: Sequence[str], H: Optional[torch.Tensor]) -> None:
+        for n in group:
+            name = f"model.layers.{li}.{n}.weight"
+            W = mods[n].weight.data.float()
+            _check_finite(name, W)
+            spec = _spec(opts, W.shape[1])
+            if opts.method == "gptq":
+                res = gptq_quantize(W, H, spec, damp=opts.damp, desc_act=opts.desc_act, name=name)
+            else:
+                res = rtn_quantize(W, spec)
+            record(n, res, W, res.weight, H)
+
+    if runner is None:
+        for group in INPUT_GROUPS:
+            quantize_group(group, None)
+        return
+    if opts.method == "rtn":
+        # RTN ignores the data; calibration only measures the output error, on the float
+        # layer's inputs (one forward per layer, float hidden states carried on, as for AWQ).
+        stats = {g: InputStats(mods[g[0]].in_features, dev) for g in INPUT_GROUPS}
+        outs = runner.run(layer, {mods[g[0]]: stats[g] for g in INPUT_GROUPS})
+        for group in INPUT_GROUPS:
+            quantize_group(group, stats[group].hessian)
+        runner.advance(outs)
+        return
+    if opts.true_sequential:
+        for group in INPUT_GROUPS:
+            first = mods[group[0]]
+            st = InputStats(first.in_features, dev)
+            runner.run(layer, {first: st}, stop_after=first)
+            quantize_group(group, st.hessian)
+    else:
+        stats = {g: InputStats(mods[g[0]].in_features, dev) for g in INPUT_GROUPS}
+        runner.run(layer, {mods[g[0]]: stats[g] for g in INPUT_GROUPS})
+        for group in INPUT_GROUPS:
+            quantize_group(group, stats[group].hessian)
+    if not last:
+        runner.advance(runner.run(layer, {}))  # inputs of the next layer come from the quantized one
 
 
 def _kv_shared(absmean: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
@@ -376,77 +396,67 @@ def _kv_shared(absmean: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
     return absmean.view(n_kv, rep, hd).mean(1, keepdim=True).expand(n_kv, rep, hd).reshape(-1)
 
 
-def _quantize_awq(model, runner: LayerRunner, opts: QuantizeOptions, progress: bool,
-                  results: Dict[str, QuantResult], reports: List[LinearReport]) -> None:
-    from tqdm import tqdm
-
+def _awq_layer(model, runner: LayerRunner, opts: QuantizeOptions, li: int, layer, mods: dict,
+               record: Callable, last: bool) -> None:
     cfg = model.config
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    layers = model.model.layers
     dev = next(model.parameters()).device
-    for li, layer in enumerate(tqdm(layers, desc=f"awq {opts.bits}-bit", unit="layer",
-                                    disable=not progress, file=sys.stderr)):
-        mods = {n: layer.get_submodule(n) for n in LINEAR_NAMES}
-        for n, m in mods.items():
-            _check_finite(f"model.layers.{li}.{n}.weight", m.weight.data)
-        stats = {g: InputStats(mods[g[0]].in_features, dev) for g in INPUT_GROUPS}
-        outs = runner.run(layer, {mods[g[0]]: stats[g] for g in INPUT_GROUPS})  # float layer (AutoAWQ)
-        orig = {n: mods[n].weight.data.float().clone() for n in LINEAR_NAMES}
-        H = {n: stats[g].hessian for g in INPUT_GROUPS for n in g}
-        col = {n: torch.ones(mods[n].in_features, device=dev) for n in LINEAR_NAMES}
-        row = {n: torch.ones(mods[n].out_features, device=dev) for n in LINEAR_NAMES}
+    for n, m in mods.items():
+        _check_finite(f"model.layers.{li}.{n}.weight", m.weight.data)
+    stats = {g: InputStats(mods[g[0]].in_features, dev) for g in INPUT_GROUPS}
+    outs = runner.run(layer, {mods[g[0]]: stats[g] for g in INPUT_GROUPS})  # float layer (AutoAWQ)
+    orig = {n: mods[n].weight.data.float().clone() for n in LINEAR_NAMES}
+    H = {n: stats[g].hessian for g in INPUT_GROUPS for n in g}
+    col = {n: torch.ones(mods[n].in_features, device=dev) for n in LINEAR_NAMES}
+    row = {n: torch.ones(mods[n].out_features, device=dev) for n in LINEAR_NAMES}
 
-        def search(group: Sequence[str], absmean: torch.Tensor) -> torch.Tensor:
-            spec = _spec(opts, mods[group[0]].in_features)
-            s, _, _, _ = awq_search_scales([orig[n] for n in group], H[group[0]], absmean, spec, opts.awq_grid)
-            return s
+    def search(group: Sequence[str], absmean: torch.Tensor) -> torch.Tensor:
+        spec = _spec(opts, mods[group[0]].in_features)
+        s, _, _, _ = awq_search_scales([orig[n] for n in group], H[group[0]], absmean, spec, opts.awq_grid)
+        return s
 
-        g_qkv, g_o, g_mlp, g_down = INPUT_GROUPS
-        s_qkv = search(g_qkv, stats[g_qkv].absmean)
-        v, o = mods["self_attn.v_proj"], mods["self_attn.o_proj"]
-        fold_o = (n_heads % n_kv == 0 and o.in_features % n_heads == 0
-                  and v.out_features == n_kv * (o.in_features // n_heads))
-        s_o = search(g_o, _kv_shared(stats[g_o].absmean, n_heads, n_kv)) if fold_o else None
-        s_mlp = search(g_mlp, stats[g_mlp].absmean)
-        s_down = search(g_down, stats[g_down].absmean)
+    g_qkv, g_o, g_mlp, g_down = INPUT_GROUPS
+    s_qkv = search(g_qkv, stats[g_qkv].absmean)
+    v, o = mods["self_attn.v_proj"], mods["self_attn.o_proj"]
+    fold_o = (n_heads % n_kv == 0 and o.in_features % n_heads == 0
+              and v.out_features == n_kv * (o.in_features // n_heads))
+    s_o = search(g_o, _kv_shared(stats[g_o].absmean, n_heads, n_kv)) if fold_o else None
+    s_mlp = search(g_mlp, stats[g_mlp].absmean)
+    s_down = search(g_down, stats[g_down].absmean)
 
-        # Fold the scales the way AutoAWQ does; the float function of the layer is unchanged.
-        layer.input_layernorm.weight.data.div_(s_qkv.to(layer.input_layernorm.weight.dtype))
-        for n in g_qkv:
-            col[n] = s_qkv
-        if s_o is not None:
-            hd = o.in_features // n_heads
-            t = s_o.view(n_kv, n_heads // n_kv, hd)[:, 0, :].reshape(-1)
-            row["self_attn.v_proj"] = 1 / t
-            col["self_attn.o_proj"] = s_o
-            if v.bias is not None:
-                v.bias.data.div_(t)
-        layer.post_attention_layernorm.weight.data.div_(s_mlp.to(layer.post_attention_layernorm.weight.dtype))
-        for n in g_mlp:
-            col[n] = s_mlp
-        up = mods["mlp.up_proj"]
-        row["mlp.up_proj"] = 1 / s_down
-        col["mlp.down_proj"] = s_down
-        if up.bias is not None:
-            up.bias.data.div_(s_down)
+    # Fold the scales the way AutoAWQ does; the float function of the layer is unchanged.
+    layer.input_layernorm.weight.data.div_(s_qkv.to(layer.input_layernorm.weight.dtype))
+    for n in g_qkv:
+        col[n] = s_qkv
+    if s_o is not None:
+        hd = o.in_features // n_heads
+        t = s_o.view(n_kv, n_heads // n_kv, hd)[:, 0, :].reshape(-1)
+        row["self_attn.v_proj"] = 1 / t
+        col["self_attn.o_proj"] = s_o
+        if v.bias is not None:
+            v.bias.data.div_(t)
+    layer.post_attention_layernorm.weight.data.div_(s_mlp.to(layer.post_attention_layernorm.weight.dtype))
+    for n in g_mlp:
+        col[n] = s_mlp
+    up = mods["mlp.up_proj"]
+    row["mlp.up_proj"] = 1 / s_down
+    col["mlp.down_proj"] = s_down
+    if up.bias is not None:
+        up.bias.data.div_(s_down)
 
-        for n in LINEAR_NAMES:
-            name = f"model.layers.{li}.{n}.weight"
-            Ws = orig[n] * row[n][:, None] * col[n][None, :]           # the folded float weight
-            Hs = H[n] / (col[n][:, None] * col[n][None, :])             # statistics of the folded input
-            spec = _spec(opts, Ws.shape[1])
-            clip = None
-            if opts.awq_clip and n not in ("self_attn.q_proj", "self_attn.k_proj"):
-                clip = awq_search_clip(Ws, Hs, spec, n_grid=opts.awq_grid)
-            res = rtn_quantize(Ws, spec, clip)
-            _check_finite(name, res.weight)
-            mods[n].weight.data.copy_(res.weight.to(mods[n].weight.dtype))
-            W_eff = res.weight / row[n][:, None] / col[n][None, :]     # back in the original basis
-            werr, oerr = _rel_errors(orig[n], W_eff, H[n])
-            reports.append(LinearReport(name, werr, oerr))
-            results[f"model.layers.{li}.{n}"] = res
-        runner.advance(outs)
+    for n in LINEAR_NAMES:
+        Ws = orig[n] * row[n][:, None] * col[n][None, :]           # the folded float weight
+        Hs = H[n] / (col[n][:, None] * col[n][None, :])             # statistics of the folded input
+        spec = _spec(opts, Ws.shape[1])
+        clip = None
+        if opts.awq_clip and n not in ("self_attn.q_proj", "self_attn.k_proj"):
+            clip = awq_search_clip(Ws, Hs, spec, n_grid=opts.awq_grid)
+        res = rtn_quantize(Ws, spec, clip)
+        _check_finite(f"model.layers.{li}.{n}.weight", res.weight)
+        W_eff = res.weight / row[n][:, None] / col[n][None, :]     # back in the original basis
+        record(n, res, orig[n], W_eff, H[n])
+    runner.advance(outs)
 
 
 # --- writing -----------------------------------------------------------------------------------------
@@ -508,46 +518,29 @@ def build_tensors(model, original_keys: Sequence[str], results: Dict[str, QuantR
 
 
 def write_checkpoint(out_dir: Path, model_dir: Path, tensors: Dict[str, torch.Tensor], config: dict,
-                     opts: QuantizeOptions, overwrite: bool) -> None:
+                     opts: QuantizeOptions, overwrite: bool, inputs: Sequence = ()) -> None:
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        cfg = dict(config)
-        cfg["quantization_config"] = _quant_config(opts)
-        cfg["torch_dtype"] = "float16"
-        if "dtype" in cfg:
-            cfg["dtype"] = "float16"
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        if opts.method != "awq":
-            (tmp / "quantize_config.json").write_text(json.dumps(_autogptq_quantize_config(opts), indent=2) + "\n")
-        for p in sorted(model_dir.iterdir()):
-            if p.is_file() and p.name != "config.json" and any(fnmatch.fnmatch(p.name, pat) for pat in _COPY_PATTERNS):
-                shutil.copy2(p, tmp / p.name)
-        for p in tmp.iterdir():  # mkdtemp makes 0700; give the checkpoint ordinary permissions
-            os.chmod(p, 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if out_dir.exists():
-            check_output_dir(out_dir, model_dir, overwrite)
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rmdir(old)
-            out_dir.rename(old)
-            try:
-                tmp.rename(out_dir)
-            except BaseException:
-                old.rename(out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with outdir.staged_output_dir(out_dir, "quantize", overwrite, [model_dir, *inputs]) as tmp:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            cfg = dict(config)
+            cfg["quantization_config"] = _quant_config(opts)
+            cfg["torch_dtype"] = "float16"
+            if "dtype" in cfg:
+                cfg["dtype"] = "float16"
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            if opts.method != "awq":
+                (tmp / "quantize_config.json").write_text(
+                    json.dumps(_autogptq_quantize_config(opts), indent=2) + "\n")
+            for p in sorted(model_dir.iterdir()):
+                if p.is_file() and p.name != "config.json" and any(fnmatch.fnmatch(p.name, pat)
+                                                                   for pat in _COPY_PATTERNS):
+                    shutil.copy2(p, tmp / p.name)
+    except QuantizeError:
+        raise
+    except ValueError as e:  # the output rules, checked again before the swap
+        raise QuantizeError(str(e)) from None
 
 
 def _load_hf_model(model_dir: Path, device: torch.device):
@@ -576,8 +569,8 @@ def quantize(model: str, out_dir, opts: QuantizeOptions, calib: Optional[str] = 
         model_dir = resolve_model_dir(str(model))
     except ValueError as e:
         raise QuantizeError(str(e)) from None
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, model_dir, overwrite)
+    inputs = [model_dir, model] + ([calib] if calib else [])
+    out_dir = check_output_dir(out_dir, inputs, overwrite)
     config, shapes = inspect_checkpoint(model_dir)
     check_shapes(config, shapes, opts)
     if opts.method in ("awq", "gptq") and not calib:
@@ -601,14 +594,11 @@ def quantize(model: str, out_dir, opts: QuantizeOptions, calib: Optional[str] = 
         with torch.no_grad():
             hf = _load_hf_model(model_dir, device)
             runner = LayerRunner(hf, windows, opts.batch_size, device) if windows is not None else None
-            if opts.method == "awq":
-                _quantize_awq(hf, runner, opts, progress, results, report.linears)
-            else:
-                _quantize_rtn_gptq(hf, runner, opts, progress, results, report.linears)
+            _quantize_layers(hf, runner, opts, progress, results, report.linears)
             del runner
             tensors = build_tensors(hf, list(shapes), results, opts)
     finally:
         torch.set_num_threads(prev_threads)
-    write_checkpoint(out_dir, model_dir, tensors, config, opts, overwrite)
+    write_checkpoint(out_dir, model_dir, tensors, config, opts, overwrite, inputs)
     report.seconds = time.perf_counter() - t0
     return report

@@ -62,9 +62,16 @@ def _conversation(tokenizer, messages, where: str) -> Tuple[List[int], List[int]
 def encode_examples(rows: List[dict], tokenizer, max_length: int, source: str = "data") -> List[Dict[str, List[int]]]:
     """Each row -> one or more {"input_ids", "labels"} of at most max_length tokens (long texts
     are cut into consecutive windows; pairs and conversations are truncated at the end)."""
+    return [w for windows in encode_rows(rows, tokenizer, max_length, source) for w in windows]
+
+
+def encode_rows(rows: List[dict], tokenizer, max_length: int, source: str = "data") -> List[List[Dict[str, List[int]]]]:
+    """The windows of each row, row by row; the first invalid row raises DataError naming it."""
     eos = tokenizer.eos_token_id
-    out = []
+    per_row = []
     for n, row in enumerate(rows, 1):
+        out: List[Dict[str, List[int]]] = []
+        per_row.append(out)
         where = f"{source}: example {n}"
         if "messages" in row:
             ids, labels = _conversation(tokenizer, row["messages"], where)
@@ -90,7 +97,7 @@ def encode_examples(rows: List[dict], tokenizer, max_length: int, source: str = 
         if all(t == IGNORE for t in labels[1:]):
             raise DataError(f"{where}: no completion tokens fit in --max-length {max_length}")
         out.append({"input_ids": ids, "labels": labels})
-    return out
+    return per_row
 
 
 class Collator:

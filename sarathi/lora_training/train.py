@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,8 +21,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from adaptivocab.outdir import working_output_dir
 from sarathi.lora.adapter import LLAMA_LINEARS
-from sarathi.lora.data import Collator, DataError, encode_examples, read_jsonl
+from sarathi.lora_training.data import Collator, DataError, encode_examples, encode_rows, read_jsonl
 
 BASE_QUANTIZATIONS = ("none", "nf4", "int4")
 
@@ -139,6 +141,18 @@ def _check(opts: TrainOptions) -> None:
     for name in ("r", "lora_alpha", "max_length", "batch_size", "grad_accum", "eval_steps", "save_steps"):
         if getattr(opts, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if opts.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", opts.device):
+        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {opts.device!r}")
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {opts.device} requested but CUDA is not available")
+    if opts.threads is not None and opts.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {opts.threads}")
+    for name in ("lr", "epochs", "time_budget"):
+        value = getattr(opts, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+    if opts.stop_after_steps is not None and opts.stop_after_steps < 1:
+        raise ValueError(f"--stop-after-steps must be >= 1, got {opts.stop_after_steps}")
     if not 0 <= opts.lora_dropout < 1:
         raise ValueError("--lora-dropout must be in [0, 1)")
     if not 0 < opts.eval_fraction < 1:
@@ -146,19 +160,23 @@ def _check(opts: TrainOptions) -> None:
 
 
 def _datasets(opts: TrainOptions, tokenizer):
-    train_rows = read_jsonl(opts.data)
+    # Every example is checked before the split, so an invalid one is named as such (not "too few").
+    per_row = encode_rows(read_jsonl(opts.data), tokenizer, opts.max_length, opts.data)
     if opts.eval_data:
-        eval_rows = read_jsonl(opts.eval_data)
+        train = [w for windows in per_row for w in windows]
+        evals = encode_examples(read_jsonl(opts.eval_data), tokenizer, opts.max_length, opts.eval_data)
     else:  # a seeded split of the data (whole rows, before windowing)
         g = torch.Generator().manual_seed(opts.seed)
-        order = torch.randperm(len(train_rows), generator=g).tolist()
-        n_eval = max(1, int(round(len(train_rows) * opts.eval_fraction)))
-        if n_eval >= len(train_rows):
-            raise DataError("too few examples to hold some out for evaluation; give --eval-data")
-        eval_rows = [train_rows[i] for i in order[:n_eval]]
-        train_rows = [train_rows[i] for i in order[n_eval:]]
-    train = encode_examples(train_rows, tokenizer, opts.max_length, opts.data)
-    evals = encode_examples(eval_rows, tokenizer, opts.max_length, opts.eval_data or opts.data)
+        order = torch.randperm(len(per_row), generator=g).tolist()
+        n_eval = max(1, int(round(len(per_row) * opts.eval_fraction)))
+        if n_eval >= len(per_row):
+            raise DataError(f"{opts.data}: {len(per_row)} valid example(s), too few to hold {n_eval} out for "
+                            "evaluation; add examples or give --eval-data")
+        evals = [w for i in order[:n_eval] for w in per_row[i]]
+        train = [w for i in order[n_eval:] for w in per_row[i]]
+    for name, windows, source in (("training", train, opts.data), ("evaluation", evals, opts.eval_data or opts.data)):
+        if not windows:
+            raise DataError(f"{source}: no {name} example has 2 or more tokens")
     return train, evals
 
 
@@ -185,6 +203,8 @@ def train(opts: TrainOptions, progress: bool = True) -> dict:
     model_dir = resolve_model_dir(opts.base)
     tokenizer = get_tokenizer(model_dir)
     train_set, eval_set = _datasets(opts, tokenizer)
+    inputs = [opts.base, model_dir, opts.data] + ([opts.eval_data] if opts.eval_data else [])
+    out = working_output_dir(opts.out, "lora-train", inputs)  # made (marked) only once the data is valid
     set_seed(opts.seed)
     model = load_base(opts, model_dir)
     if opts.base_quantization == "nf4":
@@ -196,8 +216,6 @@ def train(opts: TrainOptions, progress: bool = True) -> dict:
     model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = _device(opts.device)
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=opts.batch_size, per_device_eval_batch_size=opts.batch_size,

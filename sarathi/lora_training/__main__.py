@@ -1,4 +1,4 @@
-"""`sarathi lora train|merge` (also `python -m sarathi.lora ...`)."""
+"""`sarathi lora train|merge` (also `python -m sarathi.lora_training ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from typing import List, Optional
 from sarathi.lora.adapter import LLAMA_LINEARS
 
 
-def build_parser(prog: str = "python -m sarathi.lora") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m sarathi.lora_training") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="LoRA fine-tuning and merging (PEFT format)")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fine-tune a LoRA adapter (QLoRA with --base-quantization nf4/int4)")
@@ -54,21 +54,21 @@ def build_parser(prog: str = "python -m sarathi.lora") -> argparse.ArgumentParse
     return p
 
 
-def main(argv: Optional[List[str]] = None, prog: str = "python -m sarathi.lora") -> int:
+def main(argv: Optional[List[str]] = None, prog: str = "python -m sarathi.lora_training") -> int:
     ns = build_parser(prog).parse_args(argv)
     try:
         if ns.command == "train":
-            from sarathi.lora.train import TrainOptions, train
+            from sarathi.lora_training.train import TrainOptions, train
 
             opts = TrainOptions(**{k: v for k, v in vars(ns).items() if k != "command"})
             summary = train(opts)
             print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "options")}, indent=1))
         else:
-            from sarathi.lora.merge import merge
+            from sarathi.lora_training.merge import merge
 
             print(merge(ns.base, ns.adapter, ns.out, ns.overwrite))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad input (ValueError) or an unreadable / unwritable path
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 2
     return 0
 
