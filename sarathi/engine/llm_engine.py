@@ -584,4 +584,26 @@ class LLMEngine:
                 "running": sorted({s.lora_name for s in self.scheduler.running if s.lora_name}),
                 "waiting": sorted({s.lora_name for s in self.scheduler.waiting if s.lora_name}),
             }
+        stats.update(self._ui_stats())
         return stats
+
+    # ---- the web UI's dashboard (issue 29): to be ported onto the rewritten engine -------------
+    def _ui_stats(self) -> Dict[str, list]:
+        """`steps`: the last 64 steps' composition, oldest first; `kv_slots`: each slot in use.
+
+        Read from the server's thread while a step may run: work on copies, skip a sequence
+        freed meanwhile."""
+        sch = self.scheduler
+        budget = {"sarathi": getattr(sch, "chunk_size", None),
+                  "vllm": getattr(sch, "max_num_batched_tokens", None)}.get(self.config.scheduler)
+        recent = list(self.step_stats)[-64:]
+        steps = [{"time": s.time, "prefill_tokens": s.num_prefill_tokens, "decode_tokens": s.num_decode_tokens,
+                  "num_seqs": s.num_seqs, "step_time_s": s.step_time, "budget": budget} for s in recent]
+        slots = []
+        for seq in list(sch.running):
+            try:
+                slots.append({"slot": self.kv.slot(seq.seq_id), "tokens": seq.num_computed_tokens,
+                              "blocks": self.kv.blocks_held(seq.seq_id)})
+            except KeyError:
+                continue
+        return {"steps": steps, "kv_slots": sorted(slots, key=lambda s: s["slot"])}
