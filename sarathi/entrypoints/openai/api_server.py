@@ -36,6 +36,7 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeReque
 from .serving_chat import OpenAIServingChat, render_messages
 from .serving_completion import OpenAIServingCompletion
 from .serving_engine import APIError, OpenAIServing, bad_request, internal_error, short
+from . import ui
 
 logger = logging.getLogger("sarathi.entrypoints.openai")
 
@@ -68,6 +69,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
                    help="seconds a request body may stall before 408 (default: 30)")
     g.add_argument("--allow-runtime-lora-updating", action="store_true",
                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with --enable-lora)")
+    g.add_argument("--disable-ui", action="store_true",
+                   help="do not serve the web UI (chat playground and dashboard at /, stats at /ui/stats)")
     g.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log line")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--access-log", action="store_true", help="also log uvicorn's line per HTTP request")
@@ -322,6 +325,9 @@ def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], An
     app.state.metrics = metrics
     app.state.allow_runtime_lora_updating = bool(getattr(args, "allow_runtime_lora_updating", False))
     app.include_router(router)
+    ui_enabled = not getattr(args, "disable_ui", False)
+    if ui_enabled:
+        app.include_router(ui.make_router())
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -348,7 +354,8 @@ def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], An
 
         @app.middleware("http")
         async def _auth(request: Request, call_next):
-            if request.method != "OPTIONS" and request.url.path not in _OPEN_PATHS:
+            path = request.url.path
+            if request.method != "OPTIONS" and path not in _OPEN_PATHS and not (ui_enabled and ui.is_open_path(path)):
                 scheme, _, token = request.headers.get("authorization", "").partition(" ")
                 # the scheme is case-insensitive (RFC 9110); the key is compared in constant time
                 if not (hmac.compare_digest(token.strip().encode(), expected) and scheme.lower() == "bearer"):
