@@ -219,6 +219,19 @@ def test_lora_adapter_from_the_picker_answers(ui, server):
     assert msg["content"] == direct("a1") != direct("tiny")
 
 
+def test_optimal_sampling_shows_alpha_per_token(ui):
+    set_field(ui, "max_tokens", 10)
+    ui.select_option("#os_target", "a1")     # the served model with adapter a1 as the target
+    send(ui, "Some alpha please")
+    msg = wait_finished(ui)
+    assert msg["finish"] == "length" and len(msg["alpha"]) == len(msg["tokens"]) == 10
+    assert all(isinstance(a, (int, float)) for a in msg["alpha"])
+    expect(last_output(ui).locator(".alpha-fig polyline")).to_have_count(1)
+    last_output(ui).get_by_role("button", name="Show tokens").click()
+    ui.locator("#messages .tok").first.hover()
+    expect(ui.locator("#messages .token-info")).to_contain_text(f"α {msg['alpha'][0]:.3f}")
+
+
 def test_model_output_with_html_stays_inert_text(ui, server):
     ui.select_option("#mode", "completion")
     set_field(ui, "max_tokens", 4)
@@ -267,7 +280,7 @@ def test_conversations_export_and_import(ui, server):
     assert ui.input_value("#system") == "You are terse."
 
 
-def load(server, n=12, concurrency=4, max_tokens=48):
+def load(server, n=16, concurrency=4, max_tokens=96):
     """A bounded load: n streamed completions, `concurrency` at a time; returns the thread."""
     prompts = [f"Load request {i}: " + "word " * (20 + 7 * i) for i in range(n)]
 
@@ -303,7 +316,7 @@ def test_dashboard_moves_under_load_and_matches_metrics(ui, server):
         seen["steps"].add(ui.get_attribute("#c-steps", "data-steps"))
         seen["rate"].append(float(ui.get_attribute("#d-out-rate", "data-value")))
         if len(seen["gen"]) == 6:
-            ui.screenshot(path=str(IMAGES / "ui-dashboard-desktop.png"))
+            ui.screenshot(path=str(IMAGES / "ui-dashboard-desktop.png"), full_page=True)
         time.sleep(0.25)
     for t in threads:
         t.join()
@@ -325,7 +338,7 @@ def test_dashboard_moves_under_load_and_matches_metrics(ui, server):
     assert figures == expected
     assert {"sarathi:generation_tokens_total", "sarathi:prompt_tokens_total", "sarathi:num_requests_running",
             "sarathi:time_to_first_token_seconds_count", "sarathi:kv_backend_bytes_mapped"} <= set(figures)
-    assert figures["sarathi:time_to_first_token_seconds_count"] >= 12
+    assert figures["sarathi:time_to_first_token_seconds_count"] >= 16
     expect(ui.locator("#d-running")).to_have_text("0")
 
 

@@ -10,6 +10,7 @@ const STORE = "sarathi.conversations";
 const SETTINGS = "sarathi.settings";
 const SAMPLING = ["temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "presence_penalty",
   "frequency_penalty", "repetition_penalty"];
+const KEPT_WITH_TARGET = ["max_tokens", "seed"];
 const EXPORT_FORMAT = "sarathi-ui-conversations";
 
 const $ = (id) => document.getElementById(id);
@@ -180,13 +181,14 @@ export class Chat {
 
   // ---- sending ---------------------------------------------------------------
   samplingFields() {
+    // optimal sampling draws from q* of the two models as they are: nothing may reshape them
+    const target = $("os_target").value;
     const body = {};
     for (const name of SAMPLING) {
       const raw = $(name).value.trim();
-      if (raw === "") continue;
+      if (raw === "" || (target && !KEPT_WITH_TARGET.includes(name))) continue;
       body[name] = ["top_k", "max_tokens", "seed"].includes(name) ? parseInt(raw, 10) : parseFloat(raw);
     }
-    const target = $("os_target").value;
     if (target) body.optimal_sampling = { target_model: target, alpha: "auto" };
     return body;
   }
