@@ -342,6 +342,43 @@ def test_dashboard_moves_under_load_and_matches_metrics(ui, server):
     expect(ui.locator("#d-running")).to_have_text("0")
 
 
+# Python source: the n-tokens of the test patch tokenizer (trained on stdlib modules) occur in it
+PY_PROMPT = "    def __init__(self, prog=None, usage=None, description=None):\n        self.prog = prog\n"
+
+
+@pytest.fixture(scope="module")
+def patched_server(tmp_path_factory):
+    from adaptivocab.patch_model import patch_model
+    from adaptivocab_testutil import small_patch_tokenizer, tiny_llama_dir
+
+    root = tmp_path_factory.mktemp("ui-patched")
+    model = patch_model(tiny_llama_dir(root / "base"), small_patch_tokenizer(), root / "patched", init="exp")
+    args = ["--model", str(model), "--kv-cache-memory", "64MiB", "--max-model-len", "512"]
+    with running_server(args, root / "server.log") as proc:
+        yield proc, model
+
+
+def test_adaptivocab_ntokens_are_highlighted(browser, patched_server):
+    from adaptivocab import PatchTokenizer
+
+    server, model = patched_server
+    tok = PatchTokenizer.from_pretrained(model)
+    ntokens = sum(tok.is_ngram(t) for t in tok.encode(PY_PROMPT, add_special_tokens=False))
+    assert ntokens > 0
+    page, console = open_ui(browser, server, key=False)
+    expect(page.locator("#model option")).to_have_count(1)
+    page.select_option("#mode", "completion")
+    set_field(page, "max_tokens", 2)
+    send(page, PY_PROMPT)     # echoed with its logprobs: the prompt's tokens as the server split them
+    wait_finished(page)
+    last_output(page).get_by_role("button", name="Show tokens").click()
+    expect(page.locator("#messages .tok.prompt.ntoken")).to_have_count(ntokens)
+    page.locator("#messages .tok.ntoken").first.hover()
+    expect(page.locator("#messages .token-info")).to_contain_text("n-token (AdaptiVocab)")
+    page.context.close()
+    assert console.errors == []
+
+
 def test_phone_layout(browser, server):
     page, console = open_ui(browser, server, viewport=PHONE)
     expect(page.locator("#model option[value=tiny]")).to_have_count(1)

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sarathi.config import EngineConfig, add_engine_args
 from sarathi.lora.request import LoRARequest
 
+from . import ui
 from .http_limits import GuardedH11Protocol, RequestLimits
 from .metrics import ServerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoRAAdapterRequest,
@@ -36,7 +37,6 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeReque
 from .serving_chat import OpenAIServingChat, render_messages
 from .serving_completion import OpenAIServingCompletion
 from .serving_engine import APIError, OpenAIServing, bad_request, internal_error, short
-from . import ui
 
 logger = logging.getLogger("sarathi.entrypoints.openai")
 
@@ -57,7 +57,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", default=os.environ.get("SARATHI_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize, /ui/stats "
                         "(default $SARATHI_API_KEY)")
     g.add_argument("--max-queue-len", type=int, default=None,
                    help="answer 503 when this many requests (not samples) already wait for the engine")

@@ -120,7 +120,7 @@ class StatsSnapshot:
 
 
 def make_router() -> APIRouter:
-    """`/` (the page), `/ui/static/<file>` and `/ui/stats`."""
+    """`/` (the page), `/ui/static/<file>`, `/ui/stats` and `/ui/vocab`."""
     router = APIRouter()
     snapshot = StatsSnapshot()
 
@@ -140,5 +140,16 @@ def make_router() -> APIRouter:
         except APIError as e:   # still loading, or the engine is gone
             return _error(e)
         return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+    @router.get("/ui/vocab")
+    async def vocab(request: Request):
+        """The text of each AdaptiVocab n-token (as logprobs spell tokens), for the UI to highlight;
+        empty for a plain tokenizer."""
+        try:
+            serving = request.app.state.server.ready()
+        except APIError as e:
+            return _error(e)
+        ngrams = getattr(serving.tokenizer, "ngrams", None) or {}
+        return {"ntokens": sorted({serving.token_text(token_id, None) for token_id in ngrams})}
 
     return router

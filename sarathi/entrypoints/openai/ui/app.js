@@ -70,6 +70,7 @@ async function loadModels() {
     const models = (await getJSON("/v1/models")).data;
     chat.setModels(models);
     dashboard.adapters = models.filter((m) => m.parent).map((m) => m.id);
+    chat.setNtokens((await getJSON("/ui/vocab")).ntokens);
   } catch (err) {
     if (err.status === 401) return;          // the key dialog is open
     note(err.status === 503 ? "model loading…" : `models: ${err.message}`);

@@ -70,6 +70,7 @@ export class Chat {
     this.controller = null;           // the AbortController of the request in flight
     this.renderQueued = new Set();
     this.models = [];
+    this.ntokens = new Set();         // AdaptiVocab n-tokens, by the text logprobs give them
     this.loadSettings();
     this.bind();
     this.renderAll();
@@ -177,6 +178,11 @@ export class Chat {
     target.replaceChildren(new Option("off", ""));
     for (const m of models.filter((x) => x.optimal_sampling_target || x.parent)) target.append(new Option(m.id, m.id));
     target.value = [...target.options].some((o) => o.value === prevTarget) ? prevTarget : "";
+  }
+
+  setNtokens(texts) {
+    this.ntokens = new Set(texts);
+    this.renderMessages();
   }
 
   // ---- sending ---------------------------------------------------------------
@@ -470,13 +476,15 @@ export class Chat {
     wrap.setAttribute("aria-label", "Tokens: use the arrow keys to read each token's probability");
     const info = el("div", "token-info");
     info.setAttribute("aria-live", "polite");
-    info.textContent = "Hover, tap or use the arrow keys on a token to see its logprob and the top alternatives.";
+    info.textContent = "Hover, tap or use the arrow keys on a token to see its logprob and the top alternatives." +
+      (this.ntokens.size ? " Underlined: AdaptiVocab n-tokens (one token for several base tokens)." : "");
     const generated = msg.tokens.filter((t) => !t.prompt).length;
     let firstGenerated = msg.tokens.length - generated;
     const spans = msg.tokens.map((t, i) => {
       const p = t.logprob === null ? null : Math.exp(t.logprob);
       const cls = p === null ? "p-none" : p >= 0.9 ? "p-hi" : p >= 0.5 ? "p-mid" : p >= 0.1 ? "p-lo" : "p-vlo";
-      const span = el("span", `tok ${cls}${t.prompt ? " prompt" : ""}`, t.text.replace(/\n/g, "↵\n"));
+      const ntoken = this.ntokens.has(t.text) ? " ntoken" : "";
+      const span = el("span", `tok ${cls}${t.prompt ? " prompt" : ""}${ntoken}`, t.text.replace(/\n/g, "↵\n"));
       span.dataset.i = String(i);
       return span;
     });
@@ -510,6 +518,7 @@ export class Chat {
     if (t.logprob !== null) parts.push(`logprob ${t.logprob.toFixed(3)}`, `p ${(100 * Math.exp(t.logprob)).toFixed(1)}%`);
     else parts.push("no logprob (first prompt token)");
     if (t.prompt) parts.push("prompt token");
+    if (this.ntokens.has(t.text)) parts.push("n-token (AdaptiVocab)");
     if (alpha !== undefined) parts.push(`α ${alpha.toFixed(3)}`);
     head.append(document.createTextNode(` ${parts.join(" · ")}`));
     box.append(head);
