@@ -116,9 +116,32 @@ def test_page_and_static_files_are_open_but_stats_need_the_key(server):
     assert httpx.get(server.base_url + "/ui/static/../api_server.py").status_code in (401, 404)
     assert httpx.get(server.base_url + "/ui/static/nope.js").status_code == 401   # not a UI file: the API's rules
     assert httpx.get(server.base_url + "/ui/stats").status_code == 401
+    assert httpx.get(server.base_url + "/ui/vocab").status_code == 401
     assert httpx.get(server.base_url + "/v1/models").status_code == 401
     stats = httpx.get(server.base_url + "/ui/stats", headers=AUTH).json()
     assert stats["engine"]["kv_slots"] == [] and isinstance(stats["engine"]["steps"], list)
+
+
+def test_the_browser_enforces_the_csp(browser, server):
+    """Neither another origin nor inline script: what a successful injection would try."""
+    page, console = open_ui(browser, server)
+    expect(page.locator("#model option[value=tiny]")).to_have_count(1)
+    blocked = page.evaluate("""async () => {
+        const seen = [];
+        document.addEventListener('securitypolicyviolation', (e) => seen.push(e.effectiveDirective));
+        let fetched = true;
+        try { await fetch('http://127.0.0.2:9/'); } catch { fetched = false; }
+        document.body.insertAdjacentHTML('beforeend', '<img src="/ui/static/favicon.svg" onload="window.__ran = 1">');
+        const s = document.createElement('script');
+        s.textContent = 'window.__ran = 2';
+        document.body.append(s);
+        await new Promise((r) => setTimeout(r, 300));
+        return { fetched, ran: window.__ran ?? null, seen };
+    }""")
+    assert blocked["fetched"] is False and blocked["ran"] is None
+    assert {"connect-src", "script-src-attr", "script-src-elem"} <= set(blocked["seen"]), blocked
+    assert all("Content Security Policy" in e for e in console.errors), console.errors
+    page.context.close()
 
 
 def test_disable_ui_serves_no_page():

@@ -420,6 +420,7 @@ export class Chat {
     const art = el("article", `msg ${msg.role}`);
     art.dataset.msg = String(index);
     art.dataset.finish = msg.finish || "";
+    if (msg.finish === "streaming") art.setAttribute("aria-busy", "true");   // read once it is complete
     const head = el("header", "msg-head");
     head.append(el("span", "role", msg.model ? `${msg.role} · ${msg.model}` : msg.role));
     const meta = [];
@@ -478,8 +479,7 @@ export class Chat {
     info.setAttribute("aria-live", "polite");
     info.textContent = "Hover, tap or use the arrow keys on a token to see its logprob and the top alternatives." +
       (this.ntokens.size ? " Underlined: AdaptiVocab n-tokens (one token for several base tokens)." : "");
-    const generated = msg.tokens.filter((t) => !t.prompt).length;
-    let firstGenerated = msg.tokens.length - generated;
+    const firstGenerated = msg.tokens.filter((t) => t.prompt).length;   // α is per generated token
     const spans = msg.tokens.map((t, i) => {
       const p = t.logprob === null ? null : Math.exp(t.logprob);
       const cls = p === null ? "p-none" : p >= 0.9 ? "p-hi" : p >= 0.5 ? "p-mid" : p >= 0.1 ? "p-lo" : "p-vlo";
@@ -506,7 +506,6 @@ export class Chat {
       if (ev.key === "ArrowRight") { select(Math.min(selected + 1, spans.length - 1)); ev.preventDefault(); }
       if (ev.key === "ArrowLeft") { select(Math.max(selected - 1, 0)); ev.preventDefault(); }
     });
-    firstGenerated = Math.max(firstGenerated, 0);
     return [wrap, info];
   }
 
