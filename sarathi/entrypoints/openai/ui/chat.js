@@ -39,7 +39,8 @@ function cleanConversation(c) {
     .map((m) => {
       const out = { role: str(m.role, 20), content: str(m.content) };
       if (typeof m.model === "string") out.model = str(m.model, 200);
-      if (typeof m.finish === "string") out.finish = str(m.finish, 40);
+      // a stream cut by a reload or saved mid-way does not go on
+      if (typeof m.finish === "string") out.finish = m.finish === "streaming" ? "stopped" : str(m.finish, 40);
       if (Number.isInteger(m.promptChars)) out.promptChars = m.promptChars;
       if (Array.isArray(m.tokens)) {
         out.tokens = m.tokens.filter((t) => t && typeof t.text === "string").map((t) => ({
@@ -353,10 +354,7 @@ export class Chat {
       if (!Array.isArray(list)) throw new Error("no conversations in this file");
       const imported = list.map(cleanConversation).filter(Boolean);
       const ids = new Set(this.conversations.map((c) => c.id));
-      for (const c of imported) {
-        if (ids.has(c.id)) c.id = newId();
-        c.messages.forEach((m) => { if (m.finish === "streaming") m.finish = "stopped"; });
-      }
+      for (const c of imported) if (ids.has(c.id)) c.id = newId();
       this.conversations = imported.concat(this.conversations);
       if (imported.length) this.current = imported[0];
       this.save();
