@@ -144,16 +144,24 @@ def test_the_browser_enforces_the_csp(browser, server):
     page.context.close()
 
 
-def test_disable_ui_serves_no_page():
+def test_disable_ui_and_stats_while_loading():
     from fastapi.testclient import TestClient
 
     from sarathi.entrypoints.openai.api_server import build_app, make_arg_parser
 
+    # no lifespan here: the engine never loads, as in the seconds after start
+    args = make_arg_parser().parse_args(["--model", "unused"])
+    app = build_app(args, engine_factory=lambda: None)
+    client = TestClient(app)
+    r = client.get("/ui/stats")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+    assert "sarathi:request_rejected_total{" not in app.state.metrics.render().decode(), "UI polls are not rejections"
+    assert client.get("/").status_code == 200
+
     args = make_arg_parser().parse_args(["--model", "unused", "--disable-ui"])
     client = TestClient(build_app(args, engine_factory=lambda: None))
-    assert client.get("/").status_code == 404
-    assert client.get("/ui/stats").status_code == 404
-    assert client.get("/ui/static/app.js").status_code == 404
+    for path in ("/", "/ui/stats", "/ui/vocab", "/ui/static/app.js"):
+        assert client.get(path).status_code == 404, path
 
 
 def test_without_the_key_nothing_loads_until_it_is_given(browser, server):
