@@ -1,8 +1,8 @@
 """The web UI: a chat playground and a live dashboard of the engine, served at `/`.
 
 The page and its scripts are static files in `ui/` next to this module (open, like /health:
-they hold no data); everything they show comes from the API itself and from `GET /ui/stats`,
-which needs the API key like /v1/*. Every UI response carries a Content-Security-Policy that
+they hold no data); everything they show comes from the API itself, from `GET /ui/stats` and
+from `GET /ui/vocab`, which need the API key like /v1/*. Every UI response carries a Content-Security-Policy that
 allows scripts, styles and connections to this origin only, so neither model output nor
 anything else can load code or reach another host.
 """
@@ -32,8 +32,8 @@ _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=
 # The files the UI may serve, fixed at start: a request names one of these or gets 404.
 _FILES = {p.name: p for p in UI_DIR.iterdir() if p.suffix in _TYPES} if UI_DIR.is_dir() else {}
 
-# Latency histograms of the server (metrics.ServerMetrics attribute -> key in the stats).
-_HISTOGRAMS = {"ttft": "ttft", "itl": "itl", "e2e": "e2e", "queue": "queue"}
+# The server's latency histograms (attributes of metrics.ServerMetrics), under the same keys.
+_HISTOGRAMS = ("ttft", "itl", "e2e", "queue")
 # get_stats() reads /proc/self/smaps on CPU; several open dashboards share one reading this fresh.
 STATS_MAX_AGE_S = 0.2
 
@@ -112,7 +112,7 @@ class StatsSnapshot:
             "models": list(serving.served_model_names),
             "max_model_len": serving.max_model_len,
             "engine": _json_safe(state.engine.get_stats() or {}),
-            "latency": {key: _histogram(getattr(metrics, attr)) for key, attr in _HISTOGRAMS.items()},
+            "latency": {name: _histogram(getattr(metrics, name)) for name in _HISTOGRAMS},
             "requests_finished": _labelled_counter(metrics.finished, "finished_reason"),
             "requests_rejected": _labelled_counter(metrics.rejected, "status"),
         }
