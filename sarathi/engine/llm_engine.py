@@ -250,4 +250,10 @@ class LLMEngine:
         stats.update({f"kv_cache_{k}": v for k, v in runner.kv_stats().items()})
         for plugin in self.plugins:
             stats.update(plugin.stats(sched))
+        # the web UI's dashboard: the last 64 steps' composition and each slot's occupancy
+        stats["steps"] = [{"time": s.time, "prefill_tokens": s.num_prefill_tokens, "decode_tokens": s.num_decode_tokens,
+                           "num_seqs": s.num_seqs, "step_time_s": s.step_time, "budget": sched.token_budget}
+                          for s in list(self.step_stats)[-64:]]
+        stats["kv_slots"] = kv.occupancy(sched.running)
         return stats
+

@@ -31,6 +31,7 @@ from sarathi.engine.engine_client import EngineClient
 from sarathi.lora.request import LoRARequest
 from sarathi.sampling_params import InvalidParam
 
+from . import ui
 from .http_limits import GuardedH11Protocol, RequestLimits
 from .metrics import ServerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, FieldError,
@@ -58,7 +59,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", default=os.environ.get("SARATHI_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize, /ui/stats "
                         "(default $SARATHI_API_KEY)")
     g.add_argument("--max-queue-len", type=int, default=None,
                    help="answer 503 when this many requests (not samples) already wait for the engine")
@@ -73,6 +74,8 @@ def make_arg_parser() -> argparse.ArgumentParser:
                    help="seconds a request body may stall before 408 (default: 30)")
     g.add_argument("--allow-runtime-lora-updating", action="store_true",
                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with --enable-lora)")
+    g.add_argument("--disable-ui", action="store_true",
+                   help="do not serve the web UI (chat playground and dashboard at /, stats at /ui/stats)")
     g.add_argument("--log-prompts", action="store_true", help="include prompt text in the per-request log line")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--access-log", action="store_true", help="also log uvicorn's line per HTTP request")
@@ -326,6 +329,9 @@ def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], An
     app.state.metrics = metrics
     app.state.allow_runtime_lora_updating = bool(getattr(args, "allow_runtime_lora_updating", False))
     app.include_router(router)
+    ui_enabled = not getattr(args, "disable_ui", False)
+    if ui_enabled:
+        app.include_router(ui.make_router())
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -352,7 +358,8 @@ def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], An
 
         @app.middleware("http")
         async def _auth(request: Request, call_next):
-            if request.method != "OPTIONS" and request.url.path not in _OPEN_PATHS:
+            path = request.url.path
+            if request.method != "OPTIONS" and path not in _OPEN_PATHS and not (ui_enabled and ui.is_open_path(path)):
                 scheme, _, token = request.headers.get("authorization", "").partition(" ")
                 # the scheme is case-insensitive (RFC 9110); the key is compared in constant time
                 if not (hmac.compare_digest(token.strip().encode(), expected) and scheme.lower() == "bearer"):
