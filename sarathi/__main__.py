@@ -4,27 +4,41 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from typing import List, Optional
 
 from sarathi.config import EngineConfig, add_engine_args
+from sarathi.sampling_params import SamplingParams
+
+
+# SamplingParams fields offered as flags, with the annotation's argparse type; `seed` is
+# --sample-seed (--seed is the engine's). The CLI decodes greedily and longer by default.
+_SAMPLING_FLAG_TYPES = {"int": int, "float": float, "Optional[int]": int, "Optional[str]": str,
+                        "Union[None, str, List[str]]": str, "Optional[List[int]]": int}
+_SAMPLING_CLI_DEFAULTS = {"temperature": 0.0, "max_tokens": 64}
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """A flag per SamplingParams field of a plain type (lists repeat the flag), its default the field's."""
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--min-tokens", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=-1)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--sample-seed", dest="sample_seed", type=int, default=None, help="per-request seed")
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--n", type=int, default=1)
-    g.add_argument("--logprobs", type=int, default=None)
-    g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=False)
+    for f in fields(SamplingParams):
+        if not f.init or (f.type not in _SAMPLING_FLAG_TYPES and f.type != "bool"):
+            continue
+        name = "--sample-seed" if f.name == "seed" else "--" + f.name.replace("_", "-")
+        default = _SAMPLING_CLI_DEFAULTS.get(f.name, f.default)
+        if f.type == "bool":
+            g.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
+        elif "List" in f.type:
+            g.add_argument(name, dest=f.name, type=_SAMPLING_FLAG_TYPES[f.type], action="append", default=None,
+                           help="repeatable")
+        else:
+            g.add_argument(name, dest=f.name, type=_SAMPLING_FLAG_TYPES[f.type], default=default,
+                           help=f"(default: {default})")
+
+
+def sampling_params_from_args(ns: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(**{f.name: getattr(ns, f.name) for f in fields(SamplingParams)
+                             if f.init and hasattr(ns, f.name) and getattr(ns, f.name) is not None})
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
@@ -40,13 +54,13 @@ def build_generate_parser() -> argparse.ArgumentParser:
 
 
 def generate_main(argv: Optional[List[str]] = None) -> int:
-    from sarathi import LLM, LoRARequest, SamplingParams
+    from sarathi import LLM, LoRARequest
 
     ns = build_generate_parser().parse_args(argv)
     try:
         config = EngineConfig.from_cli_args(ns)
-        params = SamplingParams.from_request(vars(ns), seed=ns.sample_seed)
-        llm = LLM(**{f: getattr(config, f) for f in config.__dataclass_fields__})
+        params = sampling_params_from_args(ns)
+        llm = LLM(**config.settings())
         lora = LoRARequest(ns.lora) if ns.lora else None
         if ns.chat:
             outs = [llm.chat([{"role": "user", "content": text}], params, lora_request=lora)[0] for text in ns.prompt]

@@ -1,5 +1,4 @@
 """Teacher targets for patched models: exact against brute force, sparse storage, the distillation loss."""
-import itertools
 
 import numpy as np
 import pytest

@@ -27,9 +27,10 @@ def test_flags_and_aliases():
     c = _parse(["--model_name", "m", "--patch_tokenizer_path", "/p", "--model_attention_backend", "fa_paged",
                 "--model_block_size", "65536", "--kv-cache-memory", "1GiB", "--chunk-size", "256",
                 "--no-async-kv-mapping"])
-    assert (c.model, c.patch_tokenizer, c.kv_cache_backend, c.page_size) == ("m", "/p", "paged", 65536)
-    assert c.kv_cache_memory == 1 << 30 and c.chunk_size == 256 and c.async_kv_mapping is False
-    assert _parse(["--model_attention_backend", "fa_vattn"]).kv_cache_backend == "vattention"
+    m, kv = c.model_config, c.cache_config
+    assert (m.model, m.patch_tokenizer, kv.kv_cache_backend, kv.page_size) == ("m", "/p", "paged", 65536)
+    assert kv.kv_cache_memory == 1 << 30 and c.scheduler_config.chunk_size == 256 and kv.async_kv_mapping is False
+    assert _parse(["--model_attention_backend", "fa_vattn"]).cache_config.kv_cache_backend == "vattention"
     assert parse_bytes("512MiB") == 512 << 20
     with pytest.raises(ValueError, match="byte size"):
         parse_bytes("lots")
@@ -37,13 +38,27 @@ def test_flags_and_aliases():
         EngineConfig(scheduler="fifo")
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         _parse(["--model_tensor_parallel_degree", "2"])
+    with pytest.raises(TypeError, match="unknown engine argument"):
+        EngineConfig(chunk=3)
+
+
+def test_config_parts_round_trip():
+    """Every flat setting lands in exactly one part; replace() changes only what it names."""
+    c = EngineConfig(model="m", max_loras=2, enable_lora=True, max_n=3, num_threads=1)
+    assert (c.lora_config.max_loras, c.serving_config.max_n, c.parallel_config.num_threads) == (2, 3, 1)
+    d = c.replace(max_n=5)
+    assert d.serving_config.max_n == 5 and d.model_config == c.model_config and d != c
+    assert EngineConfig(**c.settings()) == c
+    names = [f for part in c.parts() for f in part.__dataclass_fields__]
+    assert len(names) == len(set(names)) == len(c.settings())
 
 
 def test_yaml_preset_and_command_line_wins(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("model: foo\nchunk-size: 128\nmax_num_seqs: 3\nmodel_attention_backend: fa_paged\n")
     c = _parse(["--config", str(preset), "--chunk-size", "64"])
-    assert (c.model, c.chunk_size, c.max_num_seqs, c.kv_cache_backend) == ("foo", 64, 3, "paged")
+    assert c.settings()["model"] == "foo" and c.cache_config.kv_cache_backend == "paged"
+    assert (c.scheduler_config.chunk_size, c.scheduler_config.max_num_seqs) == (64, 3)
     for name in os.listdir(ROOT / "configs"):
         _parse(["--config", str(ROOT / "configs" / name)])  # every shipped preset parses
     bad = tmp_path / "bad.yaml"

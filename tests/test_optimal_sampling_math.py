@@ -133,7 +133,6 @@ def test_top_k_error_on_real_smollm2_logits(smollm2_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lora_testutil import make_adapter, peft_model
-    from sarathi.optimal_sampling.kl import solve_alpha
 
     adapter = make_adapter(smollm2_dir, tmp_path / "ad", seed=0, r=8, alpha=64)
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))

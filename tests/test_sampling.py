@@ -127,8 +127,8 @@ def test_engine_limits_are_request_errors(llm):
     eng = llm.engine
     vocab = eng.runner.vocab_size
     for params, field in ((SamplingParams(top_k=2**63), "top_k"), (SamplingParams(top_k=vocab + 1), "top_k"),
-                          (SamplingParams(n=eng.config.max_n + 1), "n"),
-                          (SamplingParams(logprobs=eng.config.max_logprobs + 1), "logprobs"),
+                          (SamplingParams(n=eng.config.serving_config.max_n + 1), "n"),
+                          (SamplingParams(logprobs=eng.config.serving_config.max_logprobs + 1), "logprobs"),
                           (SamplingParams(prompt_logprobs=10**6), "prompt_logprobs"),
                           (SamplingParams(stop_token_ids=[vocab]), "stop_token_ids"),
                           (SamplingParams(logit_bias={vocab + 5: 1.0}), "logit_bias")):

@@ -73,41 +73,44 @@ class LLMEngine:
     """`add_request`, `step`, `abort_request`: the synchronous core of every entry point."""
 
     def __init__(self, config: EngineConfig):
-        if config.distributed_executor_backend != "uni":
+        if config.parallel_config.distributed_executor_backend != "uni":
             raise ValueError("LLM / LLMEngine run one engine in this process; engine replicas on Ray "
                              "(--distributed-executor-backend ray) are served by the OpenAI server")
         self.config = config
-        self.model_dir = resolve_model_dir(config.model)
-        self.model_name = config.served_model_name or config.model
-        self.tokenizer = get_tokenizer(self.model_dir, config.patch_tokenizer)
+        model, cache, sched, serving = (config.model_config, config.cache_config, config.scheduler_config,
+                                        config.serving_config)
+        self.model_dir = resolve_model_dir(model.model)
+        self.model_name = model.served_model_name or model.model
+        self.tokenizer = get_tokenizer(self.model_dir, model.patch_tokenizer)
         self.runner = runner = ModelRunner(config, self.model_dir)
         self.max_model_len = runner.max_model_len
         # Plug-ins of the runner: adapters for its rows, second models beside it.
-        self.lora = LoRAManager.from_config(config, runner.model, runner.device) if config.enable_lora else None
+        lora = config.lora_config
+        self.lora = LoRAManager.from_config(lora, runner.model, runner.device) if lora.enable_lora else None
         runner.adapters = self.lora
         target = load_model_target(config, runner, self.tokenizer, [self.model_name]) \
-            if config.optimal_sampling_target else None
+            if serving.optimal_sampling_target else None
         self.optimal_sampling = OptimalSampler(runner, self.lora, target)
         runner.second_models.append(self.optimal_sampling)
         self.plugins = [p for p in (self.lora, self.optimal_sampling) if p is not None]
-        split_threads(config.num_threads, [runner, *self.optimal_sampling.runners])
+        split_threads(config.parallel_config.num_threads, [runner, *self.optimal_sampling.runners])
 
         num_blocks, block_size, num_slots = runner.kv_layout()
         page_bytes, token_bytes = runner.kv_block_bytes()
-        caching = config.enable_prefix_caching and runner.supports_prefix_caching
-        if config.enable_prefix_caching and not caching:
+        caching = cache.enable_prefix_caching and runner.supports_prefix_caching
+        if cache.enable_prefix_caching and not caching:
             logger.info("prefix caching is off: the %s KV backend on %s cannot share blocks",
-                        config.kv_cache_backend, runner.device)
+                        cache.kv_cache_backend, runner.device)
         namespace = cache_namespace(self.model_dir, runner.quantization, str(runner.dtype), self.tokenizer)
-        self.kv = KVManager(num_blocks, block_size, min(num_slots, config.max_num_seqs), page_bytes=page_bytes,
+        self.kv = KVManager(num_blocks, block_size, min(num_slots, sched.max_num_seqs), page_bytes=page_bytes,
                             token_bytes=token_bytes, enable_prefix_caching=caching, namespace=namespace)
-        max_prefills = config.max_prefills_per_step
+        max_prefills = sched.max_prefills_per_step
         if max_prefills is None:   # packing prompts is nearly free on a GPU, not on a CPU (scheduler.py)
             max_prefills = 1 if runner.device.type == "cpu" else 0
-        self.scheduler = make_scheduler(config.scheduler, self.kv, config.max_num_seqs, self.max_model_len,
-                                        config.chunk_size, config.max_num_batched_tokens,
-                                        config.max_loras if config.enable_lora else None, max_prefills)
-        self.limits = EngineLimits(self.max_model_len, runner.vocab_size, config.max_logprobs, config.max_n,
+        self.scheduler = make_scheduler(sched.scheduler, self.kv, sched.max_num_seqs, self.max_model_len,
+                                        sched.chunk_size, sched.max_num_batched_tokens,
+                                        lora.max_loras if lora.enable_lora else None, max_prefills)
+        self.limits = EngineLimits(self.max_model_len, runner.vocab_size, serving.max_logprobs, serving.max_n,
                                    self.kv.whole_tokens_before(num_blocks))
         self.eos_token_ids = eos_token_ids(self.tokenizer, runner.hf_config)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -24,7 +24,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
 from sarathi.config import EngineConfig
@@ -50,17 +49,17 @@ class RayDataParallelClient:
         from sarathi.model_executor.model_loader import resolve_model_dir
         from sarathi.transformers_utils.tokenizer import get_tokenizer
 
-        n = config.data_parallel_size
-        threads = config.num_threads or max(1, (os.cpu_count() or 1) // n)
-        self._owns_ray = connect(config, n * threads)
+        par = config.parallel_config
+        n = par.data_parallel_size
+        threads = par.num_threads or max(1, (os.cpu_count() or 1) // n)
+        self._owns_ray = connect(par, n * threads)
         import ray
 
         self._ray = ray
-        self.model_path = resolve_model_dir(config.model)
-        self.tokenizer = get_tokenizer(self.model_path, config.patch_tokenizer)
-        replica_config = replace(config, data_parallel_size=1, distributed_executor_backend="uni",
-                                 num_threads=threads)
-        actor = ray.remote(num_cpus=threads, max_restarts=config.ray_max_restarts, max_task_retries=0,
+        self.model_path = resolve_model_dir(config.model_config.model)
+        self.tokenizer = get_tokenizer(self.model_path, config.model_config.patch_tokenizer)
+        replica_config = config.replace(data_parallel_size=1, distributed_executor_backend="uni", num_threads=threads)
+        actor = ray.remote(num_cpus=threads, max_restarts=par.ray_max_restarts, max_task_retries=0,
                            scheduling_strategy="SPREAD")(EngineReplica)
         self.replicas = [actor.remote(replica_config, i) for i in range(n)]
         try:
@@ -71,9 +70,9 @@ class RayDataParallelClient:
         self.model_name = infos[0]["model_name"]
         self.limits = EngineLimits(**infos[0]["limits"])
         self.num_threads = threads
-        self.block_size = config.block_size
-        self.router = Router(n, prefix_affinity=config.routing == "prefix-affinity",
-                             max_imbalance=config.routing_max_imbalance)
+        self.block_size = config.cache_config.block_size
+        self.router = Router(n, prefix_affinity=par.routing == "prefix-affinity",
+                             max_imbalance=par.routing_max_imbalance)
         self.errored: Optional[BaseException] = None
         self.on_dead: List[Callable[[BaseException], None]] = []
         self.replica_of: Dict[str, int] = {}          # request id -> replica index, while in flight
@@ -91,7 +90,7 @@ class RayDataParallelClient:
         self._monitor = threading.Thread(target=self._watch, name="ray-replica-monitor", daemon=True)
         self._monitor.start()
         logger.info("%d engine replicas on Ray (%d threads each, pids %s, routing %s)", n, threads, self.pids,
-                    config.routing)
+                    par.routing)
 
     @property
     def max_model_len(self) -> int:

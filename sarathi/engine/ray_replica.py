@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Tuple
 
-from sarathi.config import EngineConfig
+from sarathi.config import EngineConfig, ParallelConfig
 from sarathi.engine.engine_client import EngineDead, RequestFailed
 from sarathi.lora.request import LoRARequest
 from sarathi.sampling_params import InvalidParam, SamplingParams
@@ -47,7 +47,7 @@ def import_ray(address: Optional[str]):
     return ray
 
 
-def connect(config: EngineConfig, num_cpus_needed: int) -> bool:
+def connect(config: ParallelConfig, num_cpus_needed: int) -> bool:
     """ray.init as --ray-address says; True when this process started (and so owns) the instance."""
     ray = import_ray(config.ray_address)
     owns = False

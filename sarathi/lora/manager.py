@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from sarathi.config import LoRAConfig
 from sarathi.lora.adapter import AdapterError, LoRAAdapter, load_adapter
 from sarathi.lora.layers import FUSED_PARTS, LoRABatch, LoRAStack
 from sarathi.lora.request import LoRARequest
@@ -59,7 +60,7 @@ class LoRAManager:
         self.on_remove: List[Callable[[str], None]] = []   # e.g. optimal sampling drops its target
 
     @classmethod
-    def from_config(cls, config, model, device: torch.device) -> "LoRAManager":
+    def from_config(cls, config: LoRAConfig, model, device: torch.device) -> "LoRAManager":
         """--enable-lora's manager over the model's layers, with --lora-modules registered."""
         max_cpu = config.max_cpu_loras or max(config.max_loras, len(config.lora_modules))
         manager = cls(model, config.max_loras, config.max_lora_rank, max_cpu, device)

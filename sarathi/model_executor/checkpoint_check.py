@@ -37,6 +37,18 @@ _LAYER = re.compile(r"^model\.layers\.(\d{1,6})\.")
 Header = Dict[str, Tuple[str, List[int]]]
 
 
+def safetensors_files(model_dir: Path):
+    """The weight files of an HF-style directory: a sharded index's files, or every *.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir} has no .safetensors weights (pickle checkpoints are not loaded)")
+    return [model_dir / name for name in files]
+
+
 def _int_field(where: str, field: str, value, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{where}: {field} must be an integer, got {json.dumps(value)[:40]}")
@@ -147,7 +159,6 @@ def check_hf_config(where: str, cfg: dict) -> None:
 
 def check_model_dir(model_dir: Union[str, Path], hf_config: dict) -> Header:
     """config.json against the safetensors headers of `model_dir`; returns the merged header."""
-    from sarathi.model_executor.model_loader import safetensors_files
 
     model_dir = Path(model_dir)
     where = str(model_dir / "config.json")
@@ -252,7 +263,6 @@ def _stored_zeros(model_dir: Path, tensors: Header, bits: int) -> Optional[set]:
     """The distinct stored zero codes of the first qzeros tensor (one small read)."""
     from safetensors import safe_open
 
-    from sarathi.model_executor.model_loader import safetensors_files
 
     name = next((k for k in sorted(tensors) if k.endswith(".qzeros")), None)
     if name is None:

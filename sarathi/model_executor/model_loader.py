@@ -19,7 +19,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from sarathi.model_executor.checkpoint_check import check_model_dir, read_hf_config
+from sarathi.model_executor.checkpoint_check import check_model_dir, read_hf_config, safetensors_files
 from sarathi.model_executor.gguf_check import check_gguf
 
 logger = logging.getLogger("sarathi")
@@ -216,18 +216,6 @@ def _write_hf_dir(gguf_path: Path, out: Path) -> None:
     tok.save_pretrained(str(out))
 
 
-def safetensors_files(model_dir: Path):
-    """The weight files of an HF-style directory: a sharded index's files, or every *.safetensors."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{model_dir} has no .safetensors weights (pickle checkpoints are not loaded)")
-    return [model_dir / name for name in files]
-
-
 def iter_safetensors(model_dir: Path):
     """Yield (name, tensor) from model.safetensors or a sharded index. No pickle files."""
     from safetensors import safe_open
@@ -240,9 +228,6 @@ def iter_safetensors(model_dir: Path):
 
 def load_hf_config(model_dir: Path) -> dict:
     return read_hf_config(model_dir)  # a dict, or ValueError naming the file
-
-
-QUANTIZATIONS = ("auto", "none", "gguf", "gptq", "awq", "int8")
 
 
 def pick_quantization(requested: str, hf_config: dict, gguf_path: Optional[Path]) -> str:

@@ -129,14 +129,15 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: Path, max_model_len: Optional[int] = None,
                  kv_spec: Optional[KVCacheSpec] = None):
         """kv_spec overrides the config's KV geometry (a second model sized to mirror the first)."""
-        torch.set_num_threads(config.num_threads or _DEFAULT_THREADS)
+        model, cache = config.model_config, config.cache_config
+        torch.set_num_threads(config.parallel_config.num_threads or _DEFAULT_THREADS)
         self.hf_config = load_hf_config(model_dir)
-        self.max_model_len = max_model_len or config.max_model_len or \
+        self.max_model_len = max_model_len or model.max_model_len or \
             self.hf_config.get("max_position_embeddings", 2048)
-        self.device = pick_device(config.device)
-        self.dtype = torch_dtype(config.dtype, self.device.type)
-        gguf_path = gguf_source(config.model)
-        self.quantization = pick_quantization(config.quantization, self.hf_config, gguf_path)
+        self.device = pick_device(model.device)
+        self.dtype = torch_dtype(model.dtype, self.device.type)
+        gguf_path = gguf_source(model.model)
+        self.quantization = pick_quantization(model.quantization, self.hf_config, gguf_path)
         self.model = load_model(model_dir, self.hf_config, self.dtype, self.device, self.quantization, gguf_path)
         self.kernel_isa = self._kernel_isa()
         self.formats = self.weight_formats()
@@ -147,14 +148,14 @@ class ModelRunner:
         self.scale = 1.0 / math.sqrt(a.head_dim)
         self.kv_spec = kv_spec or KVCacheSpec(
             num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, dtype=self.dtype,
-            device=self.device, max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
-            kv_cache_memory=config.kv_cache_memory, block_size=config.block_size,
-            page_size=config.page_size, async_mapping=config.async_kv_mapping)
-        self.kv_backend_name = config.kv_cache_backend
-        self.kv_backend: KVBackend = kv_backend_class(config.kv_cache_backend)(self.kv_spec)
+            device=self.device, max_model_len=self.max_model_len, max_num_seqs=config.scheduler_config.max_num_seqs,
+            kv_cache_memory=cache.kv_cache_memory, block_size=cache.block_size,
+            page_size=cache.page_size, async_mapping=cache.async_kv_mapping)
+        self.kv_backend_name = cache.kv_cache_backend
+        self.kv_backend: KVBackend = kv_backend_class(cache.kv_cache_backend)(self.kv_spec)
         self.needs_block_tables = self.kv_backend.needs_block_tables
         self.kv_bytes_per_token = self.kv_spec.bytes_per_token
-        self.batch = InputBatch(self.device, config.seed)
+        self.batch = InputBatch(self.device, model.seed)
         self.adapters = None                      # set by the engine: activate(names, rows)
         self.second_models: List[SecondModel] = []
         self.torch_threads = torch.get_num_threads()

@@ -73,23 +73,22 @@ class ModelTarget(Target):
 
 def load_model_target(config, runner: ModelRunner, tokenizer, served_names: Sequence[str]) -> ModelTarget:
     """--optimal-sampling-target: its own runner, with a KV cache that mirrors the served one's slots."""
-    import dataclasses as dc
-
     from sarathi.model_executor.model_loader import load_hf_config, resolve_model_dir
     from sarathi.model_executor.models import model_args
     from sarathi.transformers_utils.tokenizer import get_tokenizer
 
-    name = config.optimal_sampling_target_name or config.optimal_sampling_target
+    serving = config.serving_config
+    name = serving.optimal_sampling_target_name or serving.optimal_sampling_target
     if name in served_names:
         raise ValueError(f"--optimal-sampling-target-name {name!r} is already the name of a served model")
-    target_dir = resolve_model_dir(config.optimal_sampling_target)
-    if get_tokenizer(target_dir, config.patch_tokenizer).get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"--optimal-sampling-target {config.optimal_sampling_target!r} has a different "
+    target_dir = resolve_model_dir(serving.optimal_sampling_target)
+    if get_tokenizer(target_dir, config.model_config.patch_tokenizer).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"--optimal-sampling-target {serving.optimal_sampling_target!r} has a different "
                          "tokenizer; q* needs both models over the same vocabulary")
     args = model_args(load_hf_config(target_dir))
     spec = runner.mirror_kv_spec(args.num_layers, args.num_kv_heads, args.head_dim)
-    tconfig = dc.replace(config, model=config.optimal_sampling_target, enable_lora=False, lora_modules=None,
-                         optimal_sampling_target=None)
+    tconfig = config.replace(model=serving.optimal_sampling_target, enable_lora=False, lora_modules=None,
+                             optimal_sampling_target=None)
     target = ModelRunner(tconfig, target_dir, max_model_len=runner.max_model_len, kv_spec=spec)
     if target.vocab_size != runner.vocab_size:
         raise ValueError(f"--optimal-sampling-target has {target.vocab_size} logits, this model {runner.vocab_size}")

@@ -126,7 +126,7 @@ def validate_options(opts: QuantizeOptions) -> None:
 
 
 def _weight_files(model_dir: Path) -> List[Path]:
-    from sarathi.model_executor.model_loader import safetensors_files
+    from sarathi.model_executor.checkpoint_check import safetensors_files
 
     try:
         return safetensors_files(model_dir)

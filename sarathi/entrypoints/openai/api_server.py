@@ -285,7 +285,7 @@ def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], An
         config = EngineConfig.from_cli_args(args)
 
         def engine_factory():
-            if config.distributed_executor_backend == "ray":
+            if config.parallel_config.distributed_executor_backend == "ray":
                 from sarathi.engine.ray_client import RayDataParallelClient
                 return RayDataParallelClient(config)
             from sarathi.engine.async_llm_engine import AsyncLLMEngine
