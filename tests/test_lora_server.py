@@ -80,7 +80,8 @@ def test_unknown_model_is_404_in_openai_shape(server):
     r = complete(server, "nope")
     assert r.status_code == 404
     err = r.json()["error"]
-    assert err["code"] == "model_not_found" and err["param"] == "model" and "a1" in err["message"]
+    # the 404 names the base model only: other tenants' adapter names are not listed
+    assert err["code"] == "model_not_found" and err["param"] == "model" and "a1" not in err["message"]
 
 
 def test_concurrent_requests_over_three_adapters_with_max_loras_2(server, offline, adapters):
@@ -124,3 +125,51 @@ def test_runtime_updates_need_the_flag(tiny_model_dir, adapters, tmp_path):
                        json={"lora_name": "a1", "lora_path": str(adapters["a1"])})
         assert r.status_code == 400 and "--allow-runtime-lora-updating" in r.json()["error"]["message"]
         assert complete(proc, "a1").status_code == 404
+
+
+def test_unload_racing_with_requests(server, adapters):
+    """Unload an adapter while streams use it: each stream either completes (the unload is refused
+    while it runs) or is refused before its first byte (404 once the adapter is gone); never cut
+    off mid-stream. Loaded again, it serves as before."""
+    import threading
+
+    post = lambda path, body: httpx.post(server.base_url + path, json=body, timeout=60)  # noqa: E731
+    assert post("/v1/load_lora_adapter", {"lora_name": "a3", "lora_path": str(adapters["a3"])}).status_code == 200
+    want = complete(server, "a3").json()["choices"][0]["text"]
+    results, unloads = [], []
+
+    def stream():
+        body = {"model": "a3", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
+        with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=60) as r:
+            if r.status_code != 200:
+                r.read()
+                results.append((r.status_code, None))
+                return
+            text, done = "", False
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    import json
+                    text += json.loads(line[6:])["choices"][0]["text"]
+            results.append((200, text if done else None))
+
+    def unload():
+        for _ in range(40):   # bounded: retry while the adapter is in use
+            r = post("/v1/unload_lora_adapter", {"lora_name": "a3"})
+            unloads.append(r.status_code)
+            if r.status_code == 200:
+                return
+
+    threads = [threading.Thread(target=stream) for _ in range(6)] + [threading.Thread(target=unload)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert unloads[-1] == 200 and set(unloads) <= {200, 400}
+    for status, text in results:
+        assert (status, text) == (200, want) or status == 404, (status, text)
+    assert complete(server, "a3").status_code == 404
+    assert post("/v1/load_lora_adapter", {"lora_name": "a3", "lora_path": str(adapters["a3"])}).status_code == 200
+    assert complete(server, "a3").json()["choices"][0]["text"] == want
+    assert post("/v1/unload_lora_adapter", {"lora_name": "a3"}).status_code == 200

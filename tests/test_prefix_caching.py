@@ -209,7 +209,7 @@ def test_aborts_mid_prefill_leave_shared_pages_intact(tiny_model_dir, backend):
         # Abort after the victims have been admitted (aliased pages in hand), mid-prefill.
         if step == 4:
             running = {s.request_id for s in eng.scheduler.running}
-            eng.abort_request([r for r in victims if r in running or r in eng.requests])
+            eng.abort_request([r for r in victims if r in running or r in eng.output_processor.requests])
 
     off, on, eng = both(tiny_model_dir, backend, requests, abort=abort, chunk_size=128, max_num_seqs=8)
     survivors = {r for r in on if on[r].outputs[0].finish_reason != "abort"}

@@ -22,7 +22,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BYTES = 2_000_000
 FLAGS = ["--served-model-name", "tiny", "--api-key", KEY, "--kv-cache-memory", "64MiB", "--max-model-len", "256",
          "--max-num-seqs", "32", "--max-queue-len", "4", "--max-n", "8", "--max-request-bytes", str(MAX_BYTES),
-         "--header-timeout", "1.5", "--body-timeout", "1.5"]
+         "--header-timeout", "1.5", "--body-timeout", "1.5", "--max-prompt-tokens-per-request", "8192"]
 REFERENCE = {"model": "tiny", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
 COUNTS = {"tried": 0, "4xx": 0, "2xx": 0, "5xx": 0}
 
@@ -109,7 +109,8 @@ def test_negative_logit_bias_keys_are_refused(server):
 
 
 def test_many_long_prompts_in_one_request_are_refused(server):
-    """One request of 100 prompts of 8,000 token ids used to run 79 s and stall other streams."""
+    """One request of 100 prompts of 8,000 token ids used to run 79 s and stall other streams: here
+    100 x 200 ids against --max-prompt-tokens-per-request 8192 (the default is the KV budget in tokens)."""
     ids = [[7] * 200] * 100
     r = post(server, "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 2})
     assert_clean_400(r, "prompt")
