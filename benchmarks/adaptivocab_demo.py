@@ -1,6 +1,6 @@
 """The AdaptiVocab demo on the Python 3.11 docs: build, patch, distil, fine-tune, evaluate, serve.
 
-Runs the `python -m adaptivocab` commands the README lists, with outputs under
+Runs the `python -m adaptivocab` commands docs/adaptivocab.md lists, with outputs under
 benchmarks/results/adaptivocab/ (model directories and target caches are git-ignored; the
 JSON / PNG / logs are the results). Stages, each skipped when its output exists (--fresh
 redoes everything):

@@ -78,7 +78,7 @@ class EngineReplica:
 
     All of a replica's outputs leave through one stream, a list per item with everything produced
     since the previous item (about one engine step's outputs), not one Ray stream per request:
-    a Ray item costs the same whether it carries one output or sixty (see the README)."""
+    a Ray item costs the same whether it carries one output or sixty (docs/ray.md)."""
 
     def __init__(self, config: EngineConfig, index: int):
         from sarathi.engine.async_llm_engine import AsyncLLMEngine
