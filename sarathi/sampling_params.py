@@ -197,6 +197,12 @@ class SamplingParams:
                                                        f"leave {', '.join(changed)} at their defaults")
 
     @property
+    def reads_whole_prompt(self) -> bool:
+        """Prompt logprobs need every prompt position computed, and optimal sampling's target model
+        mirrors this KV without the cache: such requests never take cached blocks."""
+        return self.prompt_logprobs is not None or self.optimal_sampling is not None
+
+    @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 

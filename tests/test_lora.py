@@ -68,9 +68,9 @@ def test_adapters_never_share_cached_prefixes(llm):
         cached.setdefault(name, []).append(out.num_cached_tokens)
     assert cached == {None: [0, 399], "a1": [0, 399], "a2": [0]}
     # Unloading an adapter forgets what its weights computed: the same name loaded again starts cold.
-    path = llm.engine.lora.paths["a2"]
-    llm.engine.lora.remove("a2", users=0)
-    llm.engine.lora.add(LoRARequest("a2", 2, path))
+    path = llm.engine.plugins.lora.paths["a2"]
+    llm.engine.plugins.lora.remove("a2", users=0)
+    llm.engine.plugins.lora.add(LoRARequest("a2", 2, path))
     out = llm.generate(prompt_token_ids=[ids], sampling_params=greedy(), lora_request=LoRARequest("a2"))[0]
     assert out.num_cached_tokens == 0
 
@@ -218,14 +218,14 @@ def test_runtime_load_and_unload(tiny_model_dir, adapters, tmp_path):
                          lora_modules=[f"a2={adapters['a2']}"]), PROMPTS[1], LoRARequest("a2"))
     # offline: a LoRARequest with a path loads the adapter on first sight (vLLM's behaviour)
     assert run_alone(llm, PROMPTS[1], LoRARequest("a2", 2, str(adapters["a2"]))) == want
-    assert llm.engine.lora.names() == ["a2"]
-    llm.engine.lora.add(LoRARequest("a1", 1, str(adapters["a1"])))  # evicts a2 from host memory (max_cpu_loras=1)
+    assert llm.engine.plugins.lora.names() == ["a2"]
+    llm.engine.plugins.lora.add(LoRARequest("a1", 1, str(adapters["a1"])))  # evicts a2 from host memory (max_cpu_loras=1)
     assert run_alone(llm, PROMPTS[1], LoRARequest("a2")) == want    # read again from disk
-    llm.engine.lora.remove("a2", users=0)
+    llm.engine.plugins.lora.remove("a2", users=0)
     with pytest.raises(ValueError, match="unknown LoRA adapter 'a2'"):
         run_alone(llm, PROMPTS[1], LoRARequest("a2"))
     with pytest.raises(KeyError):
-        llm.engine.lora.remove("a2", users=0)
+        llm.engine.plugins.lora.remove("a2", users=0)
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -240,9 +240,9 @@ def _engine_error(tiny_model_dir, path, **kw):
 
     llm = LLM(model=str(tiny_model_dir), quantization="none", enable_lora=True, **kw)
     with pytest.raises(AdapterError) as e:
-        llm.engine.lora.add(LoRARequest("bad", 0, str(path)))
+        llm.engine.plugins.lora.add(LoRARequest("bad", 0, str(path)))
     # nothing else is affected: the engine still serves the base model and knows no adapter
-    assert llm.engine.lora.names() == []
+    assert llm.engine.plugins.lora.names() == []
     assert len(run_alone(llm, PROMPTS[0], None)[0]) == MAX_NEW
     return str(e.value)
 

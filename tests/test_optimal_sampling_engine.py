@@ -98,6 +98,6 @@ def test_bad_requests(llm, tiny_model_dir):
         OptimalSamplingParams.from_value({"target_model": "t", "beta": 1})
     with pytest.raises(ValueError, match="in use"):
         llm.engine.add_request("busy", None, params(1, alpha="auto", target="ad"), prompt_token_ids=PROMPTS[0])
-        llm.engine.lora.remove("ad", llm.engine.requests_using("ad"))
+        llm.engine.plugins.lora.remove("ad", llm.engine.requests_using("ad"))
     llm.engine.abort_request("busy")
     llm.engine.step()

@@ -100,14 +100,14 @@ class AsyncLLMEngine:
 
     # ---- LoRA adapters (applied between steps) ----------------------------------
     def list_loras(self) -> List[str]:
-        lora = self.engine.lora
+        lora = self.engine.plugins.lora
         return [] if lora is None else lora.names()
 
     def optimal_sampling_models(self) -> List[str]:
-        return list(self.engine.optimal_sampling.models)
+        return list(self.engine.plugins.optimal_sampling.models)
 
     def lora_path(self, name: str) -> Optional[str]:
-        lora = self.engine.lora
+        lora = self.engine.plugins.lora
         return None if lora is None else lora.paths.get(name)
 
     async def add_lora(self, lora_request: LoRARequest) -> None:
@@ -115,15 +115,15 @@ class AsyncLLMEngine:
 
     async def remove_lora(self, name: str) -> None:
         def remove():
-            if self.engine.lora is None:
+            if self.engine.plugins.lora is None:
                 raise KeyError(name)
-            self.engine.lora.remove(name, self.engine.requests_using(name))
+            self.engine.plugins.lora.remove(name, self.engine.requests_using(name))
         await self._between_steps(remove)
 
     def _lora(self):
-        if self.engine.lora is None:
+        if self.engine.plugins.lora is None:
             raise ValueError("LoRA adapters need an engine started with --enable-lora")
-        return self.engine.lora
+        return self.engine.plugins.lora
 
     async def reset_prefix_cache(self) -> int:
         """Forget every cached prefix block, between two steps; returns how many."""

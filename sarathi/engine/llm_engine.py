@@ -2,11 +2,9 @@
 
 `step()` is the whole contract: the scheduler says what runs, the runner runs it (memory
 operations, forward, sampling), the scheduler takes the tokens, the output processor turns
-them into text. Features live behind those four: prefix caching in the KV manager, LoRA in
-its manager (the runner's `adapters`), optimal sampling as a runner-side second model. The
-engine wires them together at start-up and asks its request plug-ins (`bind`) what each
-new request needs: the adapter it runs with, what salts its cached KV, what it keeps
-loaded.
+them into text. Features live behind those four: block reuse in the KV manager, the rest in
+`plugins.py` (wired onto the runner's seams at start-up, asked with `bind` what each new
+request needs: the adapter it runs with, what salts its cached KV, what it keeps loaded).
 """
 from __future__ import annotations
 
@@ -26,11 +24,10 @@ from sarathi.core.limits import EngineLimits
 from sarathi.core.scheduler import make_scheduler
 from sarathi.core.sequence import Sequence
 from sarathi.engine.output_processor import OutputProcessor, RequestState
-from sarathi.lora.manager import LoRAManager
+from sarathi.engine.plugins import Plugins
 from sarathi.lora.request import LoRARequest
 from sarathi.model_executor.model_loader import resolve_model_dir
-from sarathi.model_executor.model_runner import ModelRunner, ModelRunnerOutput, split_threads
-from sarathi.optimal_sampling.sampler import OptimalSampler, load_model_target
+from sarathi.model_executor.model_runner import ModelRunner, ModelRunnerOutput
 from sarathi.outputs import RequestMetrics, RequestOutput
 from sarathi.sampling_params import SamplingParams
 from sarathi.transformers_utils.tokenizer import get_tokenizer
@@ -84,16 +81,7 @@ class LLMEngine:
         self.tokenizer = get_tokenizer(self.model_dir, model.patch_tokenizer)
         self.runner = runner = ModelRunner(config, self.model_dir)
         self.max_model_len = runner.max_model_len
-        # Plug-ins of the runner: adapters for its rows, second models beside it.
-        lora = config.lora_config
-        self.lora = LoRAManager.from_config(lora, runner.model, runner.device) if lora.enable_lora else None
-        runner.adapters = self.lora
-        target = load_model_target(config, runner, self.tokenizer, [self.model_name]) \
-            if serving.optimal_sampling_target else None
-        self.optimal_sampling = OptimalSampler(runner, self.lora, target)
-        runner.second_models.append(self.optimal_sampling)
-        self.plugins = [p for p in (self.lora, self.optimal_sampling) if p is not None]
-        split_threads(config.parallel_config.num_threads, [runner, *self.optimal_sampling.runners])
+        self.plugins = Plugins.attach(config, runner, self.tokenizer, [self.model_name])
 
         num_blocks, block_size, num_slots = runner.kv_layout()
         page_bytes, token_bytes = runner.kv_block_bytes()
@@ -109,7 +97,7 @@ class LLMEngine:
             max_prefills = 1 if runner.device.type == "cpu" else 0
         self.scheduler = make_scheduler(sched.scheduler, self.kv, sched.max_num_seqs, self.max_model_len,
                                         sched.chunk_size, sched.max_num_batched_tokens,
-                                        lora.max_loras if lora.enable_lora else None, max_prefills)
+                                        self.plugins.lora.max_loras if self.plugins.lora else None, max_prefills)
         self.limits = EngineLimits(self.max_model_len, runner.vocab_size, serving.max_logprobs, serving.max_n,
                                    self.kv.whole_tokens_before(num_blocks))
         self.eos_token_ids = eos_token_ids(self.tokenizer, runner.hf_config)
@@ -141,13 +129,7 @@ class LLMEngine:
         p = sampling_params
         ids = self.encode_prompt(prompt, prompt_token_ids)
         self.limits.check(p)
-        # Each plug-in: (adapter to run with, salt of the request's cached KV, names it keeps loaded).
-        bound = [plugin.bind(p, lora_request) for plugin in self.plugins]
-        adapter = next((a for a, _, _ in bound if a is not None), None)
-        if lora_request is not None and adapter is None:
-            raise ValueError("this engine was started without --enable-lora; it serves no adapters")
-        salt = "\0".join([*(s for _, s, _ in bound), p.cache_salt or ""])
-        uses = frozenset().union(*(u for _, _, u in bound))
+        adapter, salt, uses = self.plugins.bind(p, lora_request)
         self.kv.root(salt)   # hashed here, where a failure is this request's error, not the step's
         room = self.max_model_len - len(ids)
         max_tokens = room if p.max_tokens is None else min(p.max_tokens, room)
@@ -158,9 +140,7 @@ class LLMEngine:
                            stop_token_ids=frozenset(p.stop_token_ids),
                            eos_token_ids=frozenset() if p.ignore_eos else self.eos_token_ids,
                            min_tokens=p.min_tokens, lora_name=adapter, cache_salt=salt, params=p)
-            # Prompt logprobs need every prompt position computed, and optimal sampling's target
-            # model mirrors this KV without the cache: such requests never hit.
-            seq.cache_lookup = p.prompt_logprobs is None and p.optimal_sampling is None
+            seq.cache_lookup = not p.reads_whole_prompt
             if self.kv.enable_prefix_caching and req.seqs and seq.cache_lookup:
                 seq.prefix_leader = req.seqs[0]   # later samples share the first one's prompt pages
             req.seqs.append(seq)
@@ -251,8 +231,7 @@ class LLMEngine:
         }
         stats["kv_bytes_used"] = int(stats["kv_bytes_total"] * kv.usage)
         stats.update({f"kv_cache_{k}": v for k, v in runner.kv_stats().items()})
-        for plugin in self.plugins:
-            stats.update(plugin.stats(sched))
+        stats.update(self.plugins.stats(sched))
         # the web UI's dashboard: the last 64 steps' composition and each slot's occupancy
         stats["steps"] = [{"time": s.time, "prefill_tokens": s.num_prefill_tokens, "decode_tokens": s.num_decode_tokens,
                            "num_seqs": s.num_seqs, "step_time_s": s.step_time, "budget": sched.token_budget}
