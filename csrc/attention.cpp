@@ -64,7 +64,8 @@ inline float exp_nonpositive(float x) {
 template <typename T, int DC>
 inline __attribute__((always_inline)) void attend_row_body(
     const float* q /*[G, D] fp32, pre-scaled*/, const T* k, const T* v, int64_t stride_token, int64_t n_keys,
-    int64_t G, int64_t D_runtime, float* scores /*[G, kKeyBlock]*/, float* acc /*[G, D]*/, float* out /*[G, D]*/) {
+    int64_t G, int64_t D_runtime, float softcap, float* scores /*[G, kKeyBlock]*/, float* acc /*[G, D]*/,
+    float* out /*[G, D]*/) {
   const int64_t D = DC ? DC : D_runtime;
   float m[kMaxGroup], l[kMaxGroup];
   for (int64_t g = 0; g < G; ++g) {
@@ -81,7 +82,7 @@ inline __attribute__((always_inline)) void attend_row_body(
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t d = 0; d < D; ++d) dot += qg[d] * load(kj, d);
-        scores[g * kKeyBlock + j] = dot;
+        scores[g * kKeyBlock + j] = softcap > 0.0f ? softcap * std::tanh(dot / softcap) : dot;
       }
     }
     for (int64_t g = 0; g < G; ++g) {
@@ -119,8 +120,8 @@ inline __attribute__((always_inline)) void attend_row_body(
 
 template <typename T, int DC>
 void attend_row(const float* q, const T* k, const T* v, int64_t stride_token, int64_t n_keys, int64_t G,
-                int64_t D_runtime, float* scores, float* acc, float* out) {
-  attend_row_body<T, DC>(q, k, v, stride_token, n_keys, G, D_runtime, scores, acc, out);
+                int64_t D_runtime, float softcap, float* scores, float* acc, float* out) {
+  attend_row_body<T, DC>(q, k, v, stride_token, n_keys, G, D_runtime, softcap, scores, acc, out);
 }
 
 // A portable x86-64 build (SSE2 only) also carries the row kernel compiled for
@@ -131,15 +132,17 @@ void attend_row(const float* q, const T* k, const T* v, int64_t stride_token, in
 template <typename T, int DC>
 __attribute__((target("avx2,fma"))) void attend_row_avx2(const float* q, const T* k, const T* v,
                                                          int64_t stride_token, int64_t n_keys, int64_t G,
-                                                         int64_t D_runtime, float* scores, float* acc, float* out) {
-  attend_row_body<T, DC>(q, k, v, stride_token, n_keys, G, D_runtime, scores, acc, out);
+                                                         int64_t D_runtime, float softcap, float* scores,
+                                                         float* acc, float* out) {
+  attend_row_body<T, DC>(q, k, v, stride_token, n_keys, G, D_runtime, softcap, scores, acc, out);
 }
 #else
 #define VATTN_DISPATCH_AVX2 0
 #endif
 
 template <typename T>
-using RowFn = void (*)(const float*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, float*, float*, float*);
+using RowFn = void (*)(const float*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, float, float*, float*,
+                       float*);
 
 template <typename T>
 RowFn<T> row_kernel(int64_t head_dim) {
@@ -259,7 +262,8 @@ VATTN_AVX2_INLINE void pv_block(const float* const* p, const T* v, int64_t strid
 template <typename T, int DC>
 __attribute__((target("avx2,fma"))) void attend_vectors(const float* q, int64_t nv, int64_t G, int64_t n0,
                                                         const T* k, const T* v, int64_t stride_token,
-                                                        int64_t D_runtime, float* P, float* acc, float* out) {
+                                                        int64_t D_runtime, float softcap, float* P, float* acc,
+                                                        float* out) {
   const int64_t D = DC ? DC : D_runtime;
   const int64_t rows = nv / G;
   float m[kMaxVectors], l[kMaxVectors];
@@ -296,6 +300,8 @@ __attribute__((target("avx2,fma"))) void attend_vectors(const float* q, int64_t 
     for (int64_t i = i0; i < nv; ++i) {
       const int64_t nb = std::min(kKeyBlock, n0 + i / G + 1 - start);
       float* s = P + i * kKeyBlock;
+      if (softcap > 0.0f)
+        for (int64_t j = 0; j < nb; ++j) s[j] = softcap * std::tanh(s[j] / softcap);
       float mb = m[i];
       for (int64_t j = 0; j < nb; ++j) mb = std::max(mb, s[j]);
       const float corr = _mm256_cvtss_f32(exp8(_mm256_set1_ps(m[i] - mb)));
@@ -345,8 +351,8 @@ __attribute__((target("avx2,fma"))) void attend_vectors(const float* q, int64_t 
 }
 
 template <typename T>
-using VectorsFn = void (*)(const float*, int64_t, int64_t, int64_t, const T*, const T*, int64_t, int64_t, float*,
-                           float*, float*);
+using VectorsFn = void (*)(const float*, int64_t, int64_t, int64_t, const T*, const T*, int64_t, int64_t, float,
+                           float*, float*, float*);
 
 // The blocked kernel where the CPU has AVX2+FMA and head_dim is a multiple of 8; null
 // otherwise (every row then takes the one-row kernel).
@@ -417,7 +423,7 @@ AttentionPlan::AttentionPlan(const CacheGeometry& cache, DType dtype, std::vecto
 }
 
 void AttentionPlan::run(const void* q, const void* k_new, const void* v_new, void* out, void* k_cache, void* v_cache,
-                        int64_t num_heads, float scale) const {
+                        int64_t num_heads, float scale, int64_t window, float softcap) const {
   const int64_t hkv = cache_.num_kv_heads;
   if (num_heads <= 0) fail("num_heads must be positive, got " + std::to_string(num_heads));
   if (num_heads % hkv != 0)
@@ -425,20 +431,23 @@ void AttentionPlan::run(const void* q, const void* k_new, const void* v_new, voi
   if (num_heads / hkv > kMaxGroup) fail("more than 64 query heads per KV head");
   checked_mul(checked_mul(num_tokens(), num_heads, "attention: q size"), cache_.head_dim * 4, "attention: q size");
   if ((k_new == nullptr) != (v_new == nullptr)) fail("give both k_new and v_new or neither");
+  if (window < 0) fail("window must be >= 0 (0: no sliding window), got " + std::to_string(window));
+  if (!(softcap >= 0.0f) || std::isinf(softcap)) fail("softcap must be finite and >= 0 (0: off)");
   if (num_tokens() == 0) return;
   if (!q || !out || !k_cache || !v_cache) fail("null pointer");
   if (dtype_ == DType::F32)
     run_typed(static_cast<const float*>(q), static_cast<const float*>(k_new), static_cast<const float*>(v_new),
-              static_cast<float*>(out), static_cast<float*>(k_cache), static_cast<float*>(v_cache), num_heads, scale);
+              static_cast<float*>(out), static_cast<float*>(k_cache), static_cast<float*>(v_cache), num_heads, scale,
+              window, softcap);
   else
     run_typed(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k_new),
               static_cast<const uint16_t*>(v_new), static_cast<uint16_t*>(out), static_cast<uint16_t*>(k_cache),
-              static_cast<uint16_t*>(v_cache), num_heads, scale);
+              static_cast<uint16_t*>(v_cache), num_heads, scale, window, softcap);
 }
 
 template <typename T>
 void AttentionPlan::run_typed(const T* q, const T* kn, const T* vn, T* out, T* kc, T* vc, int64_t num_heads,
-                              float scale) const {
+                              float scale, int64_t window, float softcap) const {
   const CacheGeometry& c = cache_;
   const RowFn<T> attend = row_kernel<T>(c.head_dim);
   const int64_t Hq = num_heads, Hkv = c.num_kv_heads, D = c.head_dim, G = Hq / Hkv;
@@ -488,13 +497,18 @@ void AttentionPlan::run_typed(const T* q, const T* kn, const T* vn, T* out, T* k
       float* acc = P + kMaxVectors * kKeyBlock;
       float* ov = acc + kMaxVectors * D;
       const Item w = item_of(it);
-      for (int64_t r0 = w.row_begin; r0 < w.row_end; r0 += rows_per_pass) {
-        const int64_t rows = std::min(rows_per_pass, w.row_end - r0);
+      // A row whose window cuts keys off runs alone over its own keys: its result stays
+      // what it would be in any other batch (rows that see all keys are batch-invariant anyway).
+      const int64_t pass = window > 0 && w.ctx + w.row_end > window ? 1 : rows_per_pass;
+      for (int64_t r0 = w.row_begin; r0 < w.row_end; r0 += pass) {
+        const int64_t rows = std::min(pass, w.row_end - r0);
         for (int64_t r = 0; r < rows; ++r) {
           const T* qt = q + ((token_start[w.seq] + r0 + r) * Hq + w.head * G) * D;
           for (int64_t e = 0; e < G * D; ++e) qv[r * G * D + e] = load(qt, e) * scale;
         }
-        blocked(qv, rows * G, G, w.ctx + r0, w.k, w.v, c.stride_token, D, P, acc, ov);
+        const int64_t first = window > 0 ? std::max<int64_t>(0, w.ctx + r0 + 1 - window) : 0;  // rows == 1 here
+        blocked(qv, rows * G, G, w.ctx + r0 - first, w.k + first * c.stride_token, w.v + first * c.stride_token,
+                c.stride_token, D, softcap, P, acc, ov);
         for (int64_t r = 0; r < rows; ++r) {
           T* ot = out + ((token_start[w.seq] + r0 + r) * Hq + w.head * G) * D;
           for (int64_t e = 0; e < G * D; ++e) store(ot, e, ov[r * G * D + e]);
@@ -516,8 +530,10 @@ void AttentionPlan::run_typed(const T* q, const T* kn, const T* vn, T* out, T* k
       const int64_t t = token_start[w.seq] + r;
       const T* qt = q + (t * Hq + w.head * G) * D;
       for (int64_t e = 0; e < G * D; ++e) qrow[e] = load(qt, e) * scale;
-      // Causal: the query at position ctx + r sees keys 0 .. ctx + r.
-      attend(qrow, w.k, w.v, c.stride_token, w.ctx + r + 1, G, D, scores, acc, orow);
+      // Causal: the query at position ctx + r sees keys 0 .. ctx + r (the last `window` of them).
+      const int64_t first = window > 0 ? std::max<int64_t>(0, w.ctx + r + 1 - window) : 0;
+      attend(qrow, w.k + first * c.stride_token, w.v + first * c.stride_token, c.stride_token, w.ctx + r + 1 - first,
+             G, D, softcap, scores, acc, orow);
       T* ot = out + (t * Hq + w.head * G) * D;
       for (int64_t e = 0; e < G * D; ++e) store(ot, e, orow[e]);
     }

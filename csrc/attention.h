@@ -33,8 +33,10 @@ class AttentionPlan {
   // are stored into the caches at positions context_lens[i]... first; both null means
   // the caches already hold them. k_cache/v_cache must have the plan's geometry.
   // The caller vouches that the pointers address tensors of those shapes.
+  // window > 0: the query at position p sees keys (p - window, p] only (a sliding-window
+  // layer); softcap > 0: scores become softcap * tanh(score / softcap) (Gemma 2).
   void run(const void* q, const void* k_new, const void* v_new, void* out, void* k_cache, void* v_cache,
-           int64_t num_heads, float scale) const;
+           int64_t num_heads, float scale, int64_t window = 0, float softcap = 0.0f) const;
 
   const CacheGeometry& geometry() const { return cache_; }
   DType dtype() const { return dtype_; }
@@ -48,7 +50,7 @@ class AttentionPlan {
  private:
   template <typename T>
   void run_typed(const T* q, const T* k_new, const T* v_new, T* out, T* k_cache, T* v_cache, int64_t num_heads,
-                 float scale) const;
+                 float scale, int64_t window, float softcap) const;
 
   CacheGeometry cache_;
   DType dtype_;

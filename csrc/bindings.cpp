@@ -109,14 +109,16 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "run",
           [](const AttentionPlan& p, uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t out, uintptr_t k_cache,
-             uintptr_t v_cache, int64_t num_heads, double scale) {
+             uintptr_t v_cache, int64_t num_heads, double scale, int64_t window, double softcap) {
             p.run(reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k_new),
                   reinterpret_cast<const void*>(v_new), reinterpret_cast<void*>(out), reinterpret_cast<void*>(k_cache),
-                  reinterpret_cast<void*>(v_cache), num_heads, static_cast<float>(scale));
+                  reinterpret_cast<void*>(v_cache), num_heads, static_cast<float>(scale), window,
+                  static_cast<float>(softcap));
           },
           "One layer over raw data pointers (0 for no k_new/v_new); the caller vouches for the tensors behind them",
           py::arg("q"), py::arg("k_new"), py::arg("v_new"), py::arg("out"), py::arg("k_cache"), py::arg("v_cache"),
-          py::arg("num_heads"), py::arg("scale"), py::call_guard<py::gil_scoped_release>())
+          py::arg("num_heads"), py::arg("scale"), py::arg("window") = 0, py::arg("softcap") = 0.0,
+          py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_seqs", &AttentionPlan::num_seqs)
       .def_property_readonly("num_tokens", &AttentionPlan::num_tokens)
       .def_property_readonly("num_threads", &AttentionPlan::num_threads)

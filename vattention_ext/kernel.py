@@ -75,10 +75,13 @@ class AttentionPlan:
         return self._core.num_seqs
 
     def run(self, q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None, k_cache: torch.Tensor,
-            v_cache: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+            v_cache: torch.Tensor, scale: float, out: torch.Tensor | None = None, window: int = 0,
+            softcap: float = 0.0) -> torch.Tensor:
         """One layer: stores k_new/v_new [T, Hkv, D] (if given) into the caches at
         positions context_lens[i]..., then returns out [T, Hq, D] = attention of q
-        [T, Hq, D]. All of the plan's dtype on CPU; q, k_new, v_new are made contiguous."""
+        [T, Hq, D]. All of the plan's dtype on CPU; q, k_new, v_new are made contiguous.
+        window > 0: the query at position p sees keys (p - window, p] only (sliding window);
+        softcap > 0: scores become softcap * tanh(scores / softcap) before the softmax."""
         dt = self.dtype
         if (not isinstance(q, torch.Tensor) or q.dtype != dt or not q.is_cpu or q.dim() != 3
                 or q.shape[0] != self.num_tokens or q.shape[2] != self._head_dim):
@@ -110,13 +113,13 @@ class AttentionPlan:
               or not out.is_contiguous()):
             raise ValueError("out must be a contiguous CPU tensor shaped and typed like q")
         self._core.run(q.data_ptr(), kp, vp, out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), q.shape[1],
-                       float(scale))
+                       float(scale), int(window), float(softcap))
         return out
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots, context_lens, query_lens,
               scale: float, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """Causal GQA attention for a batch of prefill chunks and decodes: one AttentionPlan,
     run once (see AttentionPlan for the arguments). Returns out [T, Hq, D] (same dtype
     as q). fp32 and bf16 on CPU. Uses native_threads() threads."""
@@ -130,13 +133,14 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slo
     if k_cache.dtype != q.dtype:
         raise ValueError(f"k_cache must be {q.dtype} like q, got {k_cache.dtype}")
     plan = AttentionPlan(k_cache, slots, context_lens, query_lens)
-    return plan.run(q, k_new, v_new, k_cache, v_cache, scale, out=out)
+    return plan.run(q, k_new, v_new, k_cache, v_cache, scale, out=out, window=window, softcap=softcap)
 
 
 def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots, context_lens,
-                        query_lens, scale: float) -> torch.Tensor:
-    """The same computation with torch SDPA, one sequence at a time (any device): the
-    test oracle and the fallback where the C++ kernel does not apply (CUDA without flash-attn)."""
+                        query_lens, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """The same computation with torch, one sequence at a time (any device): the test
+    oracle and the fallback where the C++ kernel does not apply (CUDA without flash-attn).
+    SDPA, or the scores written out when they are soft-capped."""
     out = torch.empty_like(q)
     start = 0
     Hq, Hkv = q.shape[1], k_cache.shape[2]
@@ -144,11 +148,21 @@ def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         k = k_cache[slot, : ctx + n].transpose(0, 1)  # [Hkv, L, D]
         v = v_cache[slot, : ctx + n].transpose(0, 1)
         qs = q[start : start + n].transpose(0, 1)  # [Hq, n, D]
-        # query r (position ctx + r) sees keys 0 .. ctx + r
-        mask = torch.arange(ctx + n, device=q.device)[None, :] <= (ctx + torch.arange(n, device=q.device))[:, None]
-        o = torch.nn.functional.scaled_dot_product_attention(
-            qs.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale,
-            enable_gqa=Hq != Hkv)
+        # query r (position ctx + r) sees keys 0 .. ctx + r, or the last `window` of them
+        keys = torch.arange(ctx + n, device=q.device)[None, :]
+        pos = (ctx + torch.arange(n, device=q.device))[:, None]
+        mask = keys <= pos
+        if window:
+            mask &= keys > pos - window
+        if softcap:
+            kr, vr = k.repeat_interleave(Hq // Hkv, 0), v.repeat_interleave(Hq // Hkv, 0)
+            scores = torch.tanh((qs.float() @ kr.float().transpose(1, 2)) * scale / softcap) * softcap
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+            o = (probs @ vr.float()).to(q.dtype)[None]
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qs.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale,
+                enable_gqa=Hq != Hkv)
         out[start : start + n] = o[0].transpose(0, 1)
         start += n
     return out

@@ -68,7 +68,7 @@ def _cache_key(path: Path) -> str:
 
 
 def convert_gguf(gguf_path: Path) -> Path:
-    """Convert a llama-architecture GGUF file once into a cached HF-style directory."""
+    """Convert a GGUF file (an architecture of GGUF_ARCHITECTURES) once into a cached HF-style directory."""
     check_gguf(gguf_path)  # every header field bounded before the gguf package maps the file
     out = cache_root() / "gguf" / _cache_key(gguf_path)
     if (out / "config.json").is_file():
@@ -98,27 +98,134 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-_TENSOR_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
+# general.architecture as llama.cpp's converter writes it -> the HF architecture it is read as
+# (Mistral is written as "llama").
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                      "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+# The HF tensors of a layer; gguf's own TensorNameMap gives each one's GGUF name.
+_LAYER_PARTS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj", "self_attn.o_proj",
+                "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_up_proj", "mlp.gate_proj", "mlp.up_proj",
+                "mlp.down_proj", "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm"]
+_SKIPPED_TENSORS = ("rope_freqs", "rope_factors_long", "rope_factors_short")  # read into the config, or ignored
+# llama.cpp knows Gemma's 27B models by their depth: their softmax scale is 1/sqrt(hidden / heads).
+_GEMMA_HIDDEN_SCALED = {("gemma2", 46), ("gemma3", 62)}
 
 
-def gguf_tensor_key(name: str, n_head: int, n_kv: int):
-    """(HF weight name or None to skip, heads whose rope rows llama.cpp permuted or 0)."""
-    if name == "token_embd.weight":
-        return "model.embed_tokens.weight", 0
-    if name == "output_norm.weight":
-        return "model.norm.weight", 0
-    if name == "output.weight":
-        return "lm_head.weight", 0
-    if name.startswith("blk."):
-        _, layer, kind, _ = name.split(".")
-        if kind in _TENSOR_NAMES:
-            heads = n_head if kind == "attn_q" else n_kv if kind == "attn_k" else 0
-            return f"model.layers.{layer}.{_TENSOR_NAMES[kind]}.weight", heads
-    return None, 0
+def gguf_architecture(reader, path: Path) -> str:
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+                         f"{', '.join(GGUF_ARCHITECTURES)}")
+    return arch
+
+
+def gguf_tensor_names(arch: str, num_layers: int) -> Dict[str, str]:
+    """GGUF tensor name (without .weight / .bias) -> HF name, from gguf's own name tables.
+    Phi-3 files keep q/k/v and gate/up fused (attn_qkv, ffn_up); the others split them."""
+    import gguf
+
+    enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    table = gguf.TensorNameMap(enum, num_layers)
+    fused = arch == "phi3"
+    parts = [p for p in _LAYER_PARTS if fused == (p in ("self_attn.qkv_proj", "mlp.gate_up_proj"))
+             or p not in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj",
+                          "mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj")]
+    names: Dict[str, str] = {}
+    for hf in ["model.embed_tokens", "model.norm", "lm_head"] + [f"model.layers.{i}.{p}" for i in range(num_layers)
+                                                                 for p in parts]:
+        g = table.get_name(hf)
+        if g is not None:
+            names.setdefault(g, hf)
+    return names
+
+
+def gguf_hf_config(reader, path: Path) -> dict:
+    """The config.json of a GGUF file, read from the metadata llama.cpp's converter writes."""
+    from sarathi.model_executor.models import ARCHITECTURES
+
+    arch = gguf_architecture(reader, path)
+    a = arch + "."
+
+    def need(key: str):
+        value = _field(reader, a + key)
+        if value is None:
+            raise ValueError(f"{path}: GGUF metadata has no {a + key!r}")
+        return value
+
+    n_head, hidden, n_layers = int(need("attention.head_count")), int(need("embedding_length")), int(need("block_count"))
+    head_dim = int(_field(reader, a + "attention.key_length", hidden // n_head))
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
+    cfg = {
+        "architectures": [GGUF_ARCHITECTURES[arch]],
+        "model_type": ARCHITECTURES[GGUF_ARCHITECTURES[arch]][0],
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(_field(reader, a + "attention.head_count_kv", n_head)),
+        "head_dim": head_dim,
+        "max_position_embeddings": int(_field(reader, a + "context_length", 2048)),
+        "rms_norm_eps": float(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(_field(reader, a + "rope.freq_base", 10000.0)),
+        "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        "converted_from": path.name,
+    }
+    window = _field(reader, a + "attention.sliding_window")
+    if window:
+        cfg["sliding_window"] = int(window)
+    if _field(reader, a + "rope.scaling.type") == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
+    if arch in ("gemma2", "gemma3"):
+        cfg["hidden_activation"] = "gelu_pytorch_tanh"
+        cfg["query_pre_attn_scalar"] = hidden // n_head if (arch, n_layers) in _GEMMA_HIDDEN_SCALED else head_dim
+        cfg["final_logit_softcapping"] = _field(reader, a + "final_logit_softcapping")
+        cfg["attn_logit_softcapping"] = _field(reader, a + "attn_logit_softcapping")
+    if arch == "gemma3":
+        cfg["rope_local_base_freq"] = float(_field(reader, a + "rope.freq_base_swa", 10000.0))
+        pattern = _field(reader, a + "attention.sliding_window_pattern", 6)
+        if isinstance(pattern, list):  # one flag per layer: True = sliding
+            cfg["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+        else:
+            cfg["sliding_window_pattern"] = int(pattern)
+    if arch == "phi3":
+        rope_dims = int(_field(reader, a + "rope.dimension_count", head_dim))
+        cfg["partial_rotary_factor"] = rope_dims / head_dim
+        if "rope_factors_long.weight" in tensors:
+            factors = {k: tensors[f"rope_factors_{k}.weight"].data.astype(np.float64).tolist() for k in ("long", "short")}
+            cfg["rope_scaling"] = {
+                "rope_type": "longrope", "long_factor": factors["long"], "short_factor": factors["short"],
+                "original_max_position_embeddings": int(need("rope.scaling.original_context_length")),
+                "attention_factor": float(need("rope.scaling.attn_factor"))}
+    return cfg
+
+
+def gguf_weight_tensors(reader, path: Path, cfg: dict):
+    """(GGUF tensor, HF name, heads whose q/k rows llama.cpp permuted or 0, value llama.cpp added)
+    for every weight of the file; an unknown tensor is an error naming it."""
+    arch = _field(reader, "general.architecture")
+    names = gguf_tensor_names(arch, cfg["num_hidden_layers"])
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    for t in reader.tensors:
+        base, _, suffix = t.name.rpartition(".")
+        if base in _SKIPPED_TENSORS:
+            continue
+        if base not in names or suffix not in ("weight", "bias"):
+            raise ValueError(f"{path}: tensor {t.name!r} is not part of a {arch} model")
+        hf = f"{names[base]}.{suffix}"
+        heads = 0
+        if arch == "llama" and suffix == "weight":  # only the llama converter permutes q and k
+            heads = n_head if hf.endswith("q_proj.weight") else n_kv if hf.endswith("k_proj.weight") else 0
+        # llama.cpp's Gemma converters store every norm as 1 + w
+        shift = 1.0 if arch.startswith("gemma") and hf.endswith("norm.weight") else 0.0
+        yield t, hf, heads, shift
 
 
 def gguf_source(name_or_path: str) -> Optional[Path]:
@@ -138,13 +245,8 @@ def iter_gguf_weights(gguf_path: Path):
     from sarathi.model_executor.quantization.formats import from_gguf, quantize_int8
 
     reader = gguf.GGUFReader(str(gguf_path))
-    a = "llama."
-    n_head = int(_field(reader, a + "attention.head_count"))
-    n_kv = int(_field(reader, a + "attention.head_count_kv", n_head))
-    for t in reader.tensors:
-        key, heads = gguf_tensor_key(t.name, n_head, n_kv)
-        if key is None:
-            continue
+    cfg = gguf_hf_config(reader, gguf_path)
+    for t, key, heads, shift in gguf_weight_tensors(reader, gguf_path, cfg):
         shape = [int(d) for d in reversed(t.shape)]
         kind = t.tensor_type.name
         if kind in ("F32", "F16", "BF16"):
@@ -152,6 +254,8 @@ def iter_gguf_weights(gguf_path: Path):
                                                       .astype(np.float32).reshape(shape)))
             if heads:
                 w = torch.from_numpy(_unpermute_rope(w.numpy(), heads))
+            if shift:
+                w = w - shift
             if w.dim() == 2 and key != "model.embed_tokens.weight":
                 logger.info("GGUF tensor %s is %s: quantized to int8 blocks to sit beside the quantized "
                             "layers", t.name, kind)
@@ -159,6 +263,8 @@ def iter_gguf_weights(gguf_path: Path):
             else:
                 yield key, w
             continue
+        if shift:
+            raise ValueError(f"{gguf_path}: norm tensor {t.name!r} is {kind}-quantized (llama.cpp writes norms as floats)")
         data = np.asarray(t.data).reshape(shape[0], -1)
         if heads:
             data = _unpermute_rope(data, heads)  # whole rows of blocks move with their output
@@ -172,55 +278,28 @@ def _write_hf_dir(gguf_path: Path, out: Path) -> None:
     from transformers import AutoTokenizer
 
     reader = gguf.GGUFReader(str(gguf_path))
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{gguf_path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-    a = "llama."
-    n_head = int(_field(reader, a + "attention.head_count"))
-    n_kv = int(_field(reader, a + "attention.head_count_kv", n_head))
-    hidden = int(_field(reader, a + "embedding_length"))
+    config = gguf_hf_config(reader, gguf_path)
     tensors: Dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        key, heads = gguf_tensor_key(t.name, n_head, n_kv)
-        if key is None:
-            continue
+    for t, key, heads, shift in gguf_weight_tensors(reader, gguf_path, config):
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         w = w.reshape([int(d) for d in reversed(t.shape)])
         if heads:
             w = _unpermute_rope(w, heads)
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(w))
-    vocab = tensors["model.embed_tokens.weight"].shape[0]
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": int(_field(reader, a + "feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, a + "block_count")),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": n_kv,
-        "head_dim": hidden // n_head,
-        "max_position_embeddings": int(_field(reader, a + "context_length", 2048)),
-        "rms_norm_eps": float(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_field(reader, a + "rope.freq_base", 10000.0)),
-        "vocab_size": vocab,
-        "tie_word_embeddings": "lm_head.weight" not in tensors,
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "hidden_act": "silu",
-        "torch_dtype": "float32",
-        "converted_from": gguf_path.name,
-    }
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(w - shift if shift else w))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tok.save_pretrained(str(out))
 
 
-def iter_safetensors(model_dir: Path):
-    """Yield (name, tensor) from model.safetensors or a sharded index. No pickle files."""
+def iter_safetensors(model_dir: Path, source: Optional[dict] = None):
+    """Yield (name, tensor) from model.safetensors or a sharded index. No pickle files.
+    source["file"], when given, names the file being read (for errors)."""
     from safetensors import safe_open
 
     for path in safetensors_files(model_dir):
+        if source is not None:
+            source["file"] = path
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
@@ -284,35 +363,43 @@ def _dequantized(weights):
 
 def load_model(model_dir: Path, hf_config: dict, dtype, device, quantization: str = "none",
                gguf_path: Optional[Path] = None):
-    """Build our LlamaForCausalLM from an HF-style directory whose config.json is hf_config.
+    """Build the model a config.json (hf_config) names from an HF-style directory.
 
     quantization (already resolved by pick_quantization): none = float weights (a GGUF file
     through its dequantised cache, a GPTQ / AWQ checkpoint dequantised); gguf / gptq / awq =
     the checkpoint's own blocks, computed by the quantized kernels; int8 = float weights
     quantized per output channel at load. Quantized kernels run on CPU; on other devices the
-    weights are dequantised to `dtype` at load (logged)."""
+    weights are dequantised to `dtype` at load (logged). A weight that does not fit fails with
+    the file and tensor it came from."""
     import torch
 
-    from sarathi.model_executor.models.llama import LlamaArgs, LlamaForCausalLM
+    from sarathi.model_executor.models import build_model, model_args
     from sarathi.model_executor.quantization.formats import quantize_int8
 
     check_model_dir(model_dir, hf_config)  # config and safetensors headers bounded before any allocation
-    args = LlamaArgs.from_hf_config(hf_config)
+    try:
+        args = model_args(hf_config)
+    except ValueError as e:
+        raise ValueError(f"{model_dir / 'config.json'}: {e}") from None
     with torch.device("meta"):
-        model = LlamaForCausalLM(args)
+        model = build_model(args)
     model = model.to_empty(device=device).to(dtype)
+    source = {"file": gguf_path if quantization == "gguf" else model_dir}
     if quantization == "gguf":
         weights = iter_gguf_weights(gguf_path)
     elif quantization in ("gptq", "awq") or (quantization == "none" and "quantization_config" in hf_config):
         weights = iter_quantized_checkpoint(model_dir, hf_config)
     else:
-        weights = iter_safetensors(model_dir)
+        weights = iter_safetensors(model_dir, source)
     on_cpu = torch.device(device).type == "cpu"
     if quantization == "none" or not on_cpu:
         if quantization != "none":
             logger.info("%s weights have no kernel on %s: dequantised to %s at load", quantization, device, dtype)
         weights = _dequantized(weights)
-    model.load_weights((k, v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in weights)
+    try:
+        model.load_weights((k, v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in weights)
+    except ValueError as e:
+        raise ValueError(f"{source['file']}: {e}") from None
     if quantization == "int8" and on_cpu:
         from sarathi.model_executor.layers.linear import Linear
 

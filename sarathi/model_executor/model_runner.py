@@ -12,8 +12,8 @@ Plug-in points (set by the engine, imported by nothing here):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
@@ -145,12 +145,14 @@ class ModelRunner:
                     self.formats, self.weight_bytes() / 1e6, self.kernel_isa)
         a = self.model.args
         self.vocab_size = a.vocab_size
-        self.scale = 1.0 / math.sqrt(a.head_dim)
-        self.kv_spec = kv_spec or KVCacheSpec(
+        self.scale = a.attn_scale
+        # A given kv_spec brings the geometry; the attention options stay this model's own.
+        attention = dict(sliding_windows=a.sliding_windows, attn_softcap=a.attn_logit_softcap)
+        self.kv_spec = dataclasses.replace(kv_spec, **attention) if kv_spec else KVCacheSpec(
             num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, dtype=self.dtype,
             device=self.device, max_model_len=self.max_model_len, max_num_seqs=config.scheduler_config.max_num_seqs,
             kv_cache_memory=cache.kv_cache_memory, block_size=cache.block_size,
-            page_size=cache.page_size, async_mapping=cache.async_kv_mapping)
+            page_size=cache.page_size, async_mapping=cache.async_kv_mapping, **attention)
         self.kv_backend_name = cache.kv_cache_backend
         self.kv_backend: KVBackend = kv_backend_class(cache.kv_cache_backend)(self.kv_spec)
         self.needs_block_tables = self.kv_backend.needs_block_tables

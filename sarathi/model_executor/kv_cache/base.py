@@ -34,6 +34,11 @@ class KVCacheSpec:
     block_size: int = 16          # paged: tokens per block
     page_size: Optional[int] = None  # vattention: bytes per page (None: the extension's default)
     async_mapping: bool = True    # vattention: map ahead on a background thread
+    sliding_windows: Tuple[int, ...] = ()  # per layer: the keys a query sees (0 = all); () = no window
+    attn_softcap: float = 0.0     # attention scores -> cap * tanh(scores / cap) (Gemma 2); 0 = off
+
+    def window(self, layer: int) -> int:
+        return self.sliding_windows[layer] if self.sliding_windows else 0
 
     @property
     def elem_size(self) -> int:

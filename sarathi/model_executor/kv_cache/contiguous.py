@@ -51,4 +51,5 @@ class ContiguousBackend(KVBackend):
         kc.view(-1, *kc.shape[2:]).index_copy_(0, step.cache_rows, k)
         vc.view(-1, *vc.shape[2:]).index_copy_(0, step.cache_rows, v)
         b = step.batch
-        return attention_reference(q, kc, vc, b.slots, b.context_lens, b.query_lens, scale)
+        return attention_reference(q, kc, vc, b.slots, b.context_lens, b.query_lens, scale,
+                                   self.spec.window(layer), self.spec.attn_softcap)

@@ -123,9 +123,10 @@ class PagedBackend(KVBackend):
                scale: float) -> torch.Tensor:
         self.store(layer, k, v, step)
         kg, vg = self.gather(layer, step)
+        window, cap = self.spec.window(layer), self.spec.attn_softcap
         if step.plan is not None and q.dtype == kg.dtype:
-            return step.plan.run(q, None, None, kg, vg, scale)
-        return attention_reference(q, kg, vg, step.slots, step.context_lens, step.query_lens, scale)
+            return step.plan.run(q, None, None, kg, vg, scale, window=window, softcap=cap)
+        return attention_reference(q, kg, vg, step.slots, step.context_lens, step.query_lens, scale, window, cap)
 
     def close(self) -> None:
         super().close()

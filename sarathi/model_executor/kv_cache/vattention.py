@@ -118,24 +118,27 @@ class VAttentionBackend(KVBackend):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: VAttentionStep,
                scale: float) -> torch.Tensor:
         kc, vc = self.k[layer], self.v[layer]
+        window, cap = self.spec.window(layer), self.spec.attn_softcap
         plan = step.plan
         if plan is not None:
             if q.dtype == plan.dtype and k.dtype == plan.dtype and v.dtype == plan.dtype:
-                return plan.run(q, k, v, kc, vc, scale)
+                return plan.run(q, k, v, kc, vc, scale, window=window, softcap=cap)
             dt = plan.dtype
-            return plan.run(q.to(dt), k.to(dt), v.to(dt), kc, vc, scale).to(q.dtype)
+            return plan.run(q.to(dt), k.to(dt), v.to(dt), kc, vc, scale, window=window, softcap=cap).to(q.dtype)
         kc[step.store_slot, step.store_pos] = k.to(kc.dtype)
         vc[step.store_slot, step.store_pos] = v.to(vc.dtype)
         b = step.batch
         if self._flash is not None and b.num_prefills == 0:
-            return self._flash_decode(q, kc, vc, b, scale)
-        return attention_reference(q, kc, vc, b.slots, b.context_lens, b.query_lens, scale)
+            return self._flash_decode(q, kc, vc, b, scale, window, cap)
+        return attention_reference(q, kc, vc, b.slots, b.context_lens, b.query_lens, scale, window, cap)
 
-    def _flash_decode(self, q, kc, vc, batch: StepBatch, scale):
+    def _flash_decode(self, q, kc, vc, batch: StepBatch, scale, window: int, softcap: float):
         dev = q.device
         seqlens = torch.tensor(batch.seq_lens, dtype=torch.int32, device=dev)
         idx = torch.tensor(batch.slots, dtype=torch.int32, device=dev)
-        out = self._flash(q.unsqueeze(1), kc, vc, cache_seqlens=seqlens, cache_batch_idx=idx, softmax_scale=scale)
+        # flash-attn's left window counts the keys before the query's own: window - 1.
+        out = self._flash(q.unsqueeze(1), kc, vc, cache_seqlens=seqlens, cache_batch_idx=idx, softmax_scale=scale,
+                          window_size=(window - 1 if window else -1, 0), softcap=softcap)
         return out.squeeze(1)
 
     # Prefix caching: the same physical pages mapped at the same offsets of several slots (on
