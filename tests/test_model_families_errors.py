@@ -65,7 +65,7 @@ def test_mismatched_tensor_names_file_and_tensor(family, tmp_path):
         load(bad)
     assert one_line(e) == f"{bad / 'model.safetensors'}: weight {name!r} has shape (16,), expected (32,)"
     name = "model.layers.0.mlp.down_proj.weight"
-    bad = edited_copy(d, tmp_path / "2", tensors=lambda w: dict(w, **{name: w[name][:, :100]}))
+    bad = edited_copy(d, tmp_path / "2", tensors=lambda w: dict(w, **{name: w[name][:, :100].contiguous()}))
     with pytest.raises(ValueError) as e:
         load(bad)
     assert one_line(e) == f"{bad / 'model.safetensors'}: weight {name!r} has shape (64, 100), expected (64, 128)"

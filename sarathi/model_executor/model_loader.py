@@ -181,6 +181,10 @@ def gguf_hf_config(reader, path: Path) -> dict:
     window = _field(reader, a + "attention.sliding_window")
     if window:
         cfg["sliding_window"] = int(window)
+        if arch == "llama":
+            # llama.cpp's converter writes Mistral as llama without the window (llama-server
+            # attends to every key); a file that does carry one is served as Mistral.
+            cfg["architectures"], cfg["model_type"] = ["MistralForCausalLM"], "mistral"
     if _field(reader, a + "rope.scaling.type") == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
     if arch in ("gemma2", "gemma3"):
