@@ -72,6 +72,8 @@ PYBIND11_MODULE(_C, m) {
       .def("slot_active", &KVCache::slot_active, py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       .def("share_prefix", &KVCache::share_prefix, py::arg("slot"), py::arg("blocks"), py::arg("copy_src") = -1,
            py::call_guard<py::gil_scoped_release>())
+      .def("release_front", &KVCache::release_front, py::arg("slot"), py::arg("pages"),
+           py::call_guard<py::gil_scoped_release>())
       .def("pin", &KVCache::pin, py::arg("slot"), py::arg("page"), py::call_guard<py::gil_scoped_release>())
       .def("unpin", &KVCache::unpin, py::arg("block"), py::call_guard<py::gil_scoped_release>())
       .def("check_invariants", &KVCache::check_invariants, py::call_guard<py::gil_scoped_release>())

@@ -193,8 +193,8 @@ void KVCache::free_slot(int64_t slot) {
   s.required = 0;
   s.generation++;
   bool shared = false;
-  for (int32_t b : s.blocks) shared = shared || refs_[b] > 1;
-  if (!deferred_ || shared) release_slot_pages_locked(lk, slot);
+  for (int32_t b : s.blocks) shared = shared || (b >= 0 && refs_[b] > 1);
+  if (!deferred_ || shared || s.released > 0) release_slot_pages_locked(lk, slot);
 }
 
 void KVCache::wait_not_pending_locked(Lock& lk, int64_t slot) {
@@ -238,6 +238,11 @@ void KVCache::unmap_last_locked(int64_t slot, bool discard) {
   Slot& s = slots_[slot];
   const int64_t offset = slot * slot_bytes_ + int64_t(s.blocks.size() - 1) * cfg_.page_size;
   const int32_t block = s.blocks.back();
+  if (block < 0) {  // released behind a sliding window: nothing mapped there
+    s.blocks.pop_back();
+    s.released = std::min<int64_t>(s.released, s.blocks.size());
+    return;
+  }
   for (int64_t r = 0; r < regions_; ++r) backend_->unmap(region_base_[r] + offset);
   s.blocks.pop_back();
   if (--refs_[block] > 0) return;  // still mapped elsewhere or pinned
@@ -431,11 +436,13 @@ int64_t KVCache::num_free_blocks() {
 CacheStats KVCache::stats() {
   std::lock_guard<std::mutex> lk(mu_);
   const int64_t free = free_blocks_.size(), reclaimable = reclaimable_locked();
-  int64_t active = 0, shared = 0, pinned = 0;
+  int64_t active = 0, shared = 0, pinned = 0, released = 0;
   std::vector<int32_t> held(blocks_total_, 0);
   for (const Slot& s : slots_) {
     active += s.active;
-    for (int32_t b : s.blocks) shared += held[b]++ > 0;
+    released += s.released;
+    for (int32_t b : s.blocks)
+      if (b >= 0) shared += held[b]++ > 0;
   }
   for (int32_t p : pins_) pinned += p > 0;
   return {
@@ -454,6 +461,8 @@ CacheStats KVCache::stats() {
       {"slots_active", active},
       // Prefix sharing: blocks the caller's cache pins, and mappings beyond one per block in use.
       {"blocks_pinned", pinned},
+      // Sliding windows: slot pages unmapped because no layer reads them again (release_front).
+      {"pages_released", released * regions_},
       {"block_mappings_shared", shared},
       {"slot_bytes", slot_bytes_},
       {"bytes_per_token_per_layer", token_bytes_},
@@ -519,11 +528,32 @@ void KVCache::share_prefix(int64_t slot, const std::vector<int64_t>& blocks, int
   s.required = s.blocks.size();
 }
 
+void KVCache::release_front(int64_t slot, int64_t pages) {
+  Lock lk(mu_);
+  check_slot(slot);
+  wait_not_pending_locked(lk, slot);
+  Slot& s = slots_[slot];
+  if (!s.active) throw std::invalid_argument("slot " + std::to_string(slot) + " is not in use");
+  if (pages < 0 || pages > s.required)
+    throw std::invalid_argument("cannot release " + std::to_string(pages) + " pages of slot " + std::to_string(slot) +
+                                ": it holds live tokens in " + std::to_string(s.required));
+  for (int64_t p = s.released; p < pages; ++p) {
+    const int32_t block = s.blocks[p];
+    const int64_t offset = slot * slot_bytes_ + p * cfg_.page_size;
+    for (int64_t r = 0; r < regions_; ++r) backend_->unmap(region_base_[r] + offset);
+    s.blocks[p] = -1;
+    if (--refs_[block] > 0) continue;  // another slot maps it or the prefix cache pins it
+    free_blocks_.push_back(block);
+    for (int64_t r = 0; r < regions_; ++r) backend_->discard(size_t(block) * regions_ + r);
+  }
+  s.released = std::max(s.released, pages);
+}
+
 int64_t KVCache::pin(int64_t slot, int64_t page) {
   std::lock_guard<std::mutex> lk(mu_);
   check_slot(slot);
   Slot& s = slots_[slot];
-  if (!s.active || page < 0 || page >= s.required)
+  if (!s.active || page < s.released || page >= s.required)
     throw std::invalid_argument("page " + std::to_string(page) + " of slot " + std::to_string(slot) +
                                 " holds no live tokens; only those can be pinned");
   const int32_t b = s.blocks[page];
@@ -558,8 +588,13 @@ void KVCache::check_invariants() {
     if (int64_t(s.blocks.size()) > pages_per_slot_) throw std::logic_error("slot " + std::to_string(i) + " overflows");
     if (s.active && int64_t(s.blocks.size()) < s.required)
       throw std::logic_error("active slot " + std::to_string(i) + " lacks pages for its live tokens");
+    if (s.released > 0 && !s.active) throw std::logic_error("free slot " + std::to_string(i) + " keeps released pages");
     for (size_t p = 0; p < s.blocks.size(); ++p) {
       const int32_t b = s.blocks[p];
+      if ((int64_t(p) < s.released) != (b < 0))
+        throw std::logic_error("slot " + std::to_string(i) + " page " + std::to_string(p) + " disagrees with its " +
+                               std::to_string(s.released) + " released pages");
+      if (b < 0) continue;
       valid(b, "slot " + std::to_string(i));
       held[b]++;
       if ((!s.active || int64_t(p) >= s.required) && refs_[b] != 1)

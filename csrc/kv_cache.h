@@ -70,6 +70,11 @@ class KVCache {
   // then, if copy_src >= 0, a private copy of pinned block copy_src at the next page
   // (copy on write: the sequence will write into that page).
   void share_prefix(int64_t slot, const std::vector<int64_t>& blocks, int64_t copy_src);
+  // Sliding window: every layer's window has passed the slot's pages [0, pages), so they
+  // are never read again. Unmap them; their blocks go back to the pool unless another
+  // slot maps them or the prefix cache pins them. A freed slot with such holes gives all
+  // of its pages back at once (deferred reclamation never keeps a slot with holes).
+  void release_front(int64_t slot, int64_t pages);
   // Pin the block at live page `page` of an active slot; returns the block.
   int64_t pin(int64_t slot, int64_t page);
   // Drop a pin; the block is freed (and its memory returned) when nothing else holds it.
@@ -85,7 +90,8 @@ class KVCache {
 
  private:
   struct Slot {
-    std::vector<int32_t> blocks;  // blocks mapped at page offsets 0, 1, ...
+    std::vector<int32_t> blocks;  // blocks mapped at page offsets 0, 1, ... (-1: released, see release_front)
+    int64_t released = 0;         // leading pages released behind a sliding window
     int64_t required = 0;         // pages that hold live tokens (never reclaimed while active)
     bool active = false;
     uint64_t generation = 0;      // bumped on activate/free: stale map-ahead jobs see it

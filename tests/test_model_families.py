@@ -136,3 +136,43 @@ def test_gemma3_layers(family):
     assert args.sliding_windows == (WINDOW, WINDOW, 0)
     assert args.layer_rope(0).theta == 10000.0 and args.layer_rope(2).theta == 1_000_000.0
     assert args.layer_rope(2).scaling["rope_type"] == "linear"
+
+
+@pytest.mark.parametrize("backend, caching", [("vattention", False), ("vattention", True), ("paged", True)])
+def test_window_releases_blocks(backend, caching, family):
+    """Mistral (every layer slides): blocks behind the window leave the sequence's table, so
+    a long sequence holds window-sized memory. Without prefix caching they go straight back
+    to the kernel's pool (its mapped bytes stop growing); with it they stay cached, free for
+    the scheduler and evicted on demand. The tokens stay transformers'."""
+    d, refs = family("mistral")
+    llm = LLM(model=str(d), kv_cache_backend=backend, chunk_size=16, max_model_len=256, max_num_seqs=2,
+              kv_cache_memory="4MiB", block_size=16, page_size=4096, async_kv_mapping=False,
+              enable_prefix_caching=caching)
+    eng = llm.engine
+    assert eng.kv.window == WINDOW
+    prompt = list(range(300, 480))  # 180 tokens: 12 blocks of 16, or 6 pages of 32 (2 KV heads x 16 dims x fp32)
+    eng.add_request("long", None, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+                    prompt_token_ids=prompt)
+    held, mapped = [], []
+    while eng.has_unfinished_requests():
+        eng.step()
+        for seq in eng.scheduler.running:
+            held.append(sum(b >= 0 for b in eng.kv.block_table(seq.seq_id)))
+            mapped.append(eng.runner.kv_stats().get("kv_bytes_mapped"))
+        eng.kv.check_invariants()
+    # Admission takes blocks for the whole prompt; after its 12 chunks the window (16) and the
+    # next token span at most 2 blocks of 16 tokens (2 pages of 32) where 220 tokens take 14 (7).
+    assert len(held) == 12 + 38 and max(held[12:]) <= 2  # the last token finishes it
+    assert (eng.kv.num_cached_blocks > 0) == caching
+    if backend == "vattention":
+        page = eng.runner.kv_stats()["kv_page_size"]
+        per_block = page * 2 * 2  # one page in each of 2 layers' K and V
+        if caching:
+            assert mapped[-1] >= 6 * per_block  # the prompt's pages stay as cache
+        else:
+            assert max(mapped[12:]) <= 2 * per_block
+        assert eng.runner.kv_stats()["kv_bytes_released"] == 4 * page * 6  # 6 of its 7 pages, in 4 regions
+    assert_matches(run(llm, PROMPTS), refs)
+    assert_matches(run(llm, PROMPTS), refs)  # again, on whatever the cache kept
+    if backend == "vattention":
+        eng.runner.kv_backend.cache.check_invariants()  # a freed slot keeps no released pages

@@ -67,3 +67,53 @@ def test_bad_window_and_softcap_are_refused():
         attention(q, kc, vc, [0], [0], [1], 1.0, window=-1)
     with pytest.raises(ValueError, match="softcap"):
         attention(q, kc, vc, [0], [0], [1], 1.0, softcap=float("inf"))
+
+
+def test_release_front_returns_pages_to_the_pool():
+    """The native cache's own accounting: pages behind the window leave the slot and its
+    blocks go back to the pool (a pinned one stays until unpinned); nothing else changes."""
+    import vattention_ext
+
+    c = vattention_ext.KVCache(2, 1, 16, 2, 512, dtype="float32", page_size=4096, kv_cache_memory=4096 * 4 * 16)
+    assert c.tokens_per_page == 64
+    c.step([300, 100])
+    c.k_cache(1)[0, 299] = 7.0
+    mapped = c.stats()["pages_mapped"]
+    pinned = c.pin(0, 1)
+    c.release_front(0, 3)
+    st = c.stats()
+    assert st["pages_released"] == 3 * 4 and st["pages_mapped"] == mapped - 2 * 4  # the pinned block stays
+    assert c.slot_blocks(0)[:3] == [-1, -1, -1] and bool((c.k_cache(1)[0, 299] == 7.0).all())
+    c.check_invariants()
+    with pytest.raises(ValueError, match="no live tokens"):
+        c.pin(0, 2)
+    with pytest.raises(ValueError, match="cannot release"):
+        c.release_front(0, 6)
+    c.step([400, 100])  # grows past the holes
+    c.unpin(pinned)
+    assert c.stats()["pages_mapped"] == mapped - 3 * 4 + 2 * 4
+    c.free_slot(0)  # a slot with holes gives back every page at once
+    assert c.stats()["pages_released"] == 0 and c.slot_blocks(0) == []
+    c.check_invariants()
+
+
+def test_kv_manager_slides_blocks_out():
+    from sarathi.core.kv_manager import RELEASED, KVManager, ReleaseFront
+
+    kv = KVManager(16, 4, 2, enable_prefix_caching=True, window=6)
+    tokens = list(range(100, 130))
+    kv.admit(1, 30)
+    kv.take_ops()
+    kv.cache_blocks(1, tokens, 30)
+    kv.slide(1, 30)  # the next query (position 30) reads 25..30: blocks 0..5 (tokens 0..23) are behind
+    assert kv.block_table(1)[:6] == [RELEASED] * 6 and RELEASED not in kv.block_table(1)[6:]
+    assert [op for op in kv.take_ops() if isinstance(op, ReleaseFront)] == [ReleaseFront(0, 6)]
+    assert kv.num_free_blocks == 16 - 2  # released blocks stay cached, but count as free
+    kv.slide(1, 31)  # nothing new behind
+    assert not kv.take_ops()
+    kv.check_invariants()
+    hit = kv.match(2, tokens[:20])  # a later request still finds the cached prefix
+    assert hit.num_cached_tokens == 19
+    kv.free(1)
+    kv.check_invariants()
+    assert kv.num_free_blocks == 16

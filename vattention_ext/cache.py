@@ -134,6 +134,12 @@ class KVCache:
         `copy_src` at the next page (copy on write), if one is given."""
         self.core.share_prefix(int(slot), [int(b) for b in blocks], int(copy_src))
 
+    def release_front(self, slot: int, pages: int) -> None:
+        """Unmap the first `pages` pages of an active slot: every layer's sliding window has
+        passed them. Their blocks go back to the pool unless shared or pinned; the tokens
+        there must never be read again (the memory behind them is gone)."""
+        self.core.release_front(int(slot), int(pages))
+
     def pin(self, slot: int, page: int) -> int:
         """Keep the block at a live page of an active slot after the slot lets go; returns it."""
         return self.core.pin(int(slot), int(page))

@@ -145,11 +145,13 @@ def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     start = 0
     Hq, Hkv = q.shape[1], k_cache.shape[2]
     for slot, ctx, n in zip(list(map(int, slots)), list(map(int, context_lens)), list(map(int, query_lens))):
-        k = k_cache[slot, : ctx + n].transpose(0, 1)  # [Hkv, L, D]
-        v = v_cache[slot, : ctx + n].transpose(0, 1)
+        # Keys before the first query's window are never touched: their pages may be unmapped.
+        lo = max(0, ctx + 1 - window) if window else 0
+        k = k_cache[slot, lo : ctx + n].transpose(0, 1)  # [Hkv, L, D]
+        v = v_cache[slot, lo : ctx + n].transpose(0, 1)
         qs = q[start : start + n].transpose(0, 1)  # [Hq, n, D]
         # query r (position ctx + r) sees keys 0 .. ctx + r, or the last `window` of them
-        keys = torch.arange(ctx + n, device=q.device)[None, :]
+        keys = torch.arange(lo, ctx + n, device=q.device)[None, :]
         pos = (ctx + torch.arange(n, device=q.device))[:, None]
         mask = keys <= pos
         if window:

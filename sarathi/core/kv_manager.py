@@ -103,6 +103,18 @@ class SharePrefix:
 
 
 @dataclass(frozen=True)
+class ReleaseFront:
+    """Every layer's sliding window has passed the first `pages` pages of `slot`."""
+
+    slot: int
+    pages: int
+    freed_slot = None
+
+    def apply(self, kv) -> None:
+        kv.release_front(self.slot, self.pages)
+
+
+@dataclass(frozen=True)
 class FreeSlot:
     """The sequence in `slot` finished, was aborted or preempted."""
 
@@ -116,7 +128,8 @@ class FreeSlot:
         kv.free_slot(self.slot)
 
 
-KVOp = Union[RetainBlock, ReleaseBlocks, SharePrefix, FreeSlot]
+KVOp = Union[RetainBlock, ReleaseBlocks, SharePrefix, ReleaseFront, FreeSlot]
+RELEASED = -1   # a block-table entry behind every layer's sliding window: freed, never read
 
 
 def _digest(parent: bytes, tokens: Sequence[int]) -> bytes:
@@ -126,7 +139,9 @@ def _digest(parent: bytes, tokens: Sequence[int]) -> bytes:
 class KVManager:
     def __init__(self, num_blocks: int, block_size: int, num_slots: int, watermark: float = 0.01,
                  page_bytes: Optional[int] = None, token_bytes: int = 1, enable_prefix_caching: bool = False,
-                 namespace: bytes = b""):
+                 namespace: bytes = b"", window: int = 0):
+        """window > 0: every layer attends to the last `window` tokens only, and the backend
+        can drop memory behind them: `slide` frees the blocks all queries have left behind."""
         if num_blocks < 1 or block_size < 1 or num_slots < 1:
             raise ValueError(f"KV layout needs at least one block and slot, got num_blocks={num_blocks}, "
                              f"block_size={block_size}, num_slots={num_slots}")
@@ -139,6 +154,7 @@ class KVManager:
         self.num_slots = num_slots
         self.enable_prefix_caching = enable_prefix_caching
         self.namespace = namespace
+        self.window = window
         self.watermark_blocks = max(1, int(watermark * num_blocks)) if num_blocks > 1 else 0
         self._free_blocks: List[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives 0 first
         self._free_slots: List[int] = list(range(num_slots - 1, -1, -1))
@@ -232,11 +248,29 @@ class KVManager:
             self._ref[b] = 1
             table.append(b)
 
+    def slide(self, seq_id: int, num_computed: int) -> None:
+        """Sliding window: the next query (position num_computed) and every later one read
+        keys from num_computed - window + 1 on; free the blocks wholly before that. A cached
+        block stays cached (evictable) like any other the sequence lets go."""
+        if not self.window:
+            return
+        table = self._tables[seq_id]
+        first_read = max(0, num_computed - self.window + 1)
+        behind = min(first_read * self.token_bytes // self.page_bytes, len(table))
+        done = next((i for i, b in enumerate(table) if b != RELEASED), len(table))
+        if behind <= done:
+            return
+        for i in range(done, behind):
+            self._drop_ref(table[i])
+            table[i] = RELEASED
+        self._ops.append(ReleaseFront(self._slots[seq_id], behind))
+
     def free(self, seq_id: int) -> int:
         """Drop a sequence's references and its slot (cached blocks stay, evictable); returns the slot."""
         # Tail first: among blocks freed together, the longer prefix's tail is evicted first.
         for b in reversed(self._tables.pop(seq_id)):
-            self._drop_ref(b)
+            if b != RELEASED:
+                self._drop_ref(b)
         self._chains.pop(seq_id, None)
         slot = self._slots.pop(seq_id)
         self._free_slots.append(slot)
@@ -381,6 +415,9 @@ class KVManager:
         full = 0
         while full < len(chain) and self.span(full)[1] <= num_computed and full < len(table):
             b, h = table[full], chain[full]
+            if b == RELEASED:   # behind the window: already let go (and cached then, if it could be)
+                full += 1
+                continue
             parent = chain[full - 1] if full else root
             e = self._cached.get(b)
             if e is None and h not in self._by_hash:
@@ -390,7 +427,7 @@ class KVManager:
                 e.hash, e.tokens = h, tuple(tokens[slice(*self.span(full))])
                 self._by_hash[h] = b
             full += 1
-        if partial and full < len(table):
+        if partial and full < len(table) and table[full] != RELEASED:
             first, _ = self.span(full)
             if num_computed > first:
                 b, parent = table[full], chain[full - 1] if full else root
@@ -448,7 +485,8 @@ class KVManager:
         refs = [0] * self.num_blocks
         for table in self._tables.values():
             for b in table:
-                refs[b] += 1
+                if b != RELEASED:
+                    refs[b] += 1
         for b in self._copy_refs:
             refs[b] += 1
         assert refs == self._ref, "reference counts disagree with the block tables"

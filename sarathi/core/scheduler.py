@@ -186,6 +186,8 @@ class Scheduler:
                 self._cache_computed(seq, partial=done)
             if seq.finish_reason is not None:
                 finished.append(seq)
+            elif self.kv.window and self.kv.holds(seq.seq_id):
+                self.kv.slide(seq.seq_id, seq.num_computed_tokens)
         self.finish(finished)
         return finished
 

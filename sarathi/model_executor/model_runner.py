@@ -194,6 +194,10 @@ class ModelRunner:
         """(num_blocks, block_size, num_slots) for the scheduler's KVManager."""
         return type(self.kv_backend).layout(self.kv_spec)
 
+    def kv_release_window(self) -> int:
+        """The window behind which the scheduler may free blocks (0: it keeps them all)."""
+        return type(self.kv_backend).release_window(self.kv_spec)
+
     def kv_block_bytes(self) -> Tuple[int, int]:
         """(bytes per block, bytes per token) in one layer: how tokens fall into blocks."""
         return type(self.kv_backend).block_bytes(self.kv_spec)

@@ -110,6 +110,22 @@ class KVBackend:
         spec.kv_cache_memory = main.max_num_seqs * main.max_model_len * spec.bytes_per_token
         return spec
 
+    # Sliding windows: when every layer slides, the blocks all windows have passed are never
+    # read again; the KVManager frees them (its table keeps RELEASED in their place) and
+    # `release_front` lets the backend drop the memory at those pages.
+    releases_behind_window = False
+
+    @classmethod
+    def release_window(cls, spec: KVCacheSpec) -> int:
+        """The window (tokens) behind which the KVManager may free a sequence's blocks: the
+        smallest window when every layer has one and this backend can drop them; 0 = never."""
+        w = spec.sliding_windows
+        return min(w) if cls.releases_behind_window and w and all(w) else 0
+
+    def release_front(self, slot: int, pages: int) -> None:
+        """The first `pages` pages of `slot` are behind every layer's window. Default: nothing to
+        do (a paged backend's freed blocks are just reused; the table names them no more)."""
+
     # Prefix caching: blocks shared by several sequences. `retain` keeps the block at a
     # computed page of a slot for the cache and returns the backend's handle for it;
     # `release` lets handles go; `share_prefix` starts a sequence on cached blocks.

@@ -32,6 +32,7 @@ class PagedStep:
 class PagedBackend(KVBackend):
     name = "paged"
     needs_block_tables = True
+    releases_behind_window = True   # a freed block is simply reused; the table holds RELEASED
 
     @classmethod
     def layout(cls, spec: KVCacheSpec) -> Tuple[int, int, int]:
@@ -87,8 +88,9 @@ class PagedBackend(KVBackend):
             if len(table) * bs < n:
                 raise ValueError(f"block table of {len(table)} blocks cannot hold {n} tokens")
         width = -(-max_len // bs)
+        # A released block (behind every window, -1) is read as block 0: attention masks it out.
         tables = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in batch.block_tables],
-                              dtype=torch.long).reshape(len(seq_lens), width)
+                              dtype=torch.long).reshape(len(seq_lens), width).clamp_(min=0)
         pos = torch.arange(max_len)
         gather = tables[:, pos // bs] * bs + pos % bs
         rows = torch.cat([gather[i, c:c + n] for i, (c, n) in enumerate(zip(batch.context_lens, batch.query_lens))])

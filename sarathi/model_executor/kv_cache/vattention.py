@@ -38,6 +38,13 @@ def _page_size(spec: KVCacheSpec) -> int:
 
 class VAttentionBackend(KVBackend):
     name = "vattention"
+    releases_behind_window = True
+
+    @classmethod
+    def release_window(cls, spec: KVCacheSpec) -> int:
+        # On CPU both attention paths read only the window; flash-attn on CUDA is not checked
+        # to leave the unmapped pages before it alone, so CUDA keeps them.
+        return super().release_window(spec) if spec.device.type == "cpu" else 0
 
     @classmethod
     def layout(cls, spec: KVCacheSpec) -> Tuple[int, int, int]:
@@ -156,6 +163,9 @@ class VAttentionBackend(KVBackend):
     def share_prefix(self, slot, table, handles, copy_src) -> None:
         self.cache.share_prefix(slot, handles, -1 if copy_src is None else copy_src)
 
+    def release_front(self, slot: int, pages: int) -> None:
+        self.cache.release_front(slot, pages)
+
     def free_slot(self, slot: int) -> None:
         # The scheduler may free a slot this cache never saw (aborted before its first step).
         if self.cache.slot_active(slot):
@@ -171,6 +181,7 @@ class VAttentionBackend(KVBackend):
             "kv_bytes_reserved_virtual": st["virtual_bytes_reserved"],
             "kv_page_size": page,
             "kv_blocks_pinned": st["blocks_pinned"],
+            "kv_bytes_released": st["pages_released"] * page,
             "kv_block_mappings_shared": st["block_mappings_shared"],
         }
         # Committed = the pool's physical pages as the kernel counts them (memfd blocks, each
