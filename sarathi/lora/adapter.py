@@ -18,6 +18,9 @@ import torch
 
 # The linear layers of a Llama decoder layer, by the names PEFT's target_modules use.
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Checkpoints that store these fused (Phi-3) get adapters on the fused module: one A, one B
+# over the parts' outputs. Split by B's rows they are the parts' own adapters (the same A).
+FUSED_TARGETS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d{1,6})\.(self_attn|mlp)\.(\w+)\.lora_([AB])"
                   r"(?:\.[\w-]+)?\.weight$")
 
@@ -198,6 +201,10 @@ def load_adapter(name: str, path, num_layers: int, shapes: Dict[str, Tuple[int, 
 
     from safetensors import safe_open
 
+    shapes = dict(shapes)
+    for fused, parts in FUSED_TARGETS.items():
+        if all(p in shapes for p in parts):
+            shapes[fused] = (shapes[parts[0]][0], sum(shapes[p][1] for p in parts))
     pairs: Dict[Tuple[int, str], Dict[str, torch.Tensor]] = {}
     for key, (dtype, shape) in header.items():
         m = _KEY.match(key)
@@ -232,7 +239,13 @@ def load_adapter(name: str, path, num_layers: int, shapes: Dict[str, Tuple[int, 
                     raise AdapterError(f"LoRA adapter {where}: {where_layer} lacks "
                                        f"lora_{'B' if 'A' in keys else 'A'}")
                 a, b = f.get_tensor(keys["A"]).float(), f.get_tensor(keys["B"]).float()
-                adapter.weights[(layer, module)] = _scaled(where, layer, module, opts, a, b)
+                a, b = _scaled(where, layer, module, opts, a, b)
+                parts = FUSED_TARGETS.get(module, (module,))
+                for part, b_part in zip(parts, b.split([shapes[p][1] for p in parts])):
+                    if (layer, part) in adapter.weights:
+                        raise AdapterError(f"LoRA adapter {where} adapts layers.{layer}.{part} twice (fused and "
+                                           "alone)")
+                    adapter.weights[(layer, part)] = (a, b_part.contiguous())
                 adapter.rank = max(adapter.rank, a.shape[0])
     except AdapterError:
         raise
@@ -249,7 +262,8 @@ def _scaled(where: str, layer: int, module: str, opts: AdapterOptions, a: torch.
     if b.shape[1] != r:
         raise AdapterError(f"LoRA adapter {where}: {where_layer} has A {tuple(a.shape)} and B {tuple(b.shape)} "
                            "of different ranks")
-    key = f"model.layers.{layer}.{'self_attn' if module in LLAMA_LINEARS[:4] else 'mlp'}.{module}"
+    attn = module in LLAMA_LINEARS[:4] or module == "qkv_proj"
+    key = f"model.layers.{layer}.{'self_attn' if attn else 'mlp'}.{module}"
     rank = _pattern_value(opts.rank_pattern, key, opts.r)
     alpha = _pattern_value(opts.alpha_pattern, key, opts.lora_alpha)
     if rank != r:
