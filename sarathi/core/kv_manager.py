@@ -60,8 +60,8 @@ class PrefixHit:
 
 
 # Each operation applies itself to a KV backend (model_executor/kv_cache/base.py), so the
-# runner needs no import of this torch-free layer. `freed_slot` tells second models (which
-# mirror the slots, not the cache) which slot to let go.
+# runner needs no import of this torch-free layer. `mirror` applies what concerns second
+# models (which mirror the slots, not the cache): a freed slot, pages behind the window.
 
 @dataclass(frozen=True)
 class RetainBlock:
@@ -70,10 +70,12 @@ class RetainBlock:
     slot: int
     page: int
     block: int
-    freed_slot = None
 
     def apply(self, kv) -> None:
         kv.retain_block(self.slot, self.page, self.block)
+
+    def mirror(self, model) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -81,10 +83,12 @@ class ReleaseBlocks:
     """The cache no longer holds these blocks (evicted or reset)."""
 
     blocks: Tuple[int, ...]
-    freed_slot = None
 
     def apply(self, kv) -> None:
         kv.release_blocks(self.blocks)
+
+    def mirror(self, model) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -96,10 +100,12 @@ class SharePrefix:
     blocks: Tuple[int, ...]
     copy_src: Optional[int]
     table: List[int]
-    freed_slot = None
 
     def apply(self, kv) -> None:
         kv.share_blocks(self.slot, self.blocks, self.copy_src, self.table)
+
+    def mirror(self, model) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -108,10 +114,12 @@ class ReleaseFront:
 
     slot: int
     pages: int
-    freed_slot = None
 
     def apply(self, kv) -> None:
         kv.release_front(self.slot, self.pages)
+
+    def mirror(self, model) -> None:
+        model.release_front(self.slot, self.pages)
 
 
 @dataclass(frozen=True)
@@ -120,12 +128,11 @@ class FreeSlot:
 
     slot: int
 
-    @property
-    def freed_slot(self) -> int:
-        return self.slot
-
     def apply(self, kv) -> None:
         kv.free_slot(self.slot)
+
+    def mirror(self, model) -> None:
+        model.free_slot(self.slot)
 
 
 KVOp = Union[RetainBlock, ReleaseBlocks, SharePrefix, ReleaseFront, FreeSlot]

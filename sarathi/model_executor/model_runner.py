@@ -98,6 +98,9 @@ class SecondModel(Protocol):
 
     def free_slot(self, slot: int) -> None: ...
 
+    def release_front(self, slot: int, pages: int) -> None:
+        """The served model's sliding window passed these pages of `slot` (see KVBackend)."""
+
     def close(self) -> None: ...
 
 
@@ -256,9 +259,8 @@ class ModelRunner:
     def _apply_kv_ops(self, ops, out: ModelRunnerOutput) -> None:
         for op in ops:
             op.apply(self.kv_backend)
-            if op.freed_slot is not None:
-                for model in self.second_models:
-                    model.free_slot(op.freed_slot)
+            for model in self.second_models:
+                op.mirror(model)
         out.retain_failed, self.kv_backend.retain_failed = self.kv_backend.retain_failed, []
 
     def _plan(self, item) -> SeqPlan:

@@ -39,6 +39,9 @@ class Target:
     def free_slot(self, slot: int) -> None:
         self.kv.free_slot(slot)
 
+    def release_front(self, slot: int, pages: int) -> None:
+        pass   # a model of its own keeps its pages (the engine releases none beside one)
+
     def close(self) -> None:
         self.kv.close()
 
@@ -48,6 +51,9 @@ class AdapterTarget(Target):
     model's forward, beside π_θ's), its own KV of the same geometry."""
 
     fused = True
+
+    def release_front(self, slot: int, pages: int) -> None:
+        self.kv.release_front(slot, pages)   # the served model's geometry and windows
 
     def __init__(self, runner: ModelRunner, adapter: str):
         self.name = self.adapter = adapter
@@ -186,6 +192,10 @@ class OptimalSampler:
     def free_slot(self, slot: int) -> None:
         for target in [*self.models.values(), *self._adapter_targets.values()]:
             target.free_slot(slot)
+
+    def release_front(self, slot: int, pages: int) -> None:
+        for target in [*self.models.values(), *self._adapter_targets.values()]:
+            target.release_front(slot, pages)
 
     def close(self) -> None:
         for target in [*self.models.values(), *self._adapter_targets.values()]:

@@ -118,7 +118,9 @@ class KVBackend:
     @classmethod
     def release_window(cls, spec: KVCacheSpec) -> int:
         """The window (tokens) behind which the KVManager may free a sequence's blocks: the
-        smallest window when every layer has one and this backend can drop them; 0 = never."""
+        smallest window when every layer has one and this backend can drop them; 0 = never.
+        Second KVs of the same spec (an adapter target's) release with it; the engine releases
+        nothing beside a second model of its own (its pages fall elsewhere)."""
         w = spec.sliding_windows
         return min(w) if cls.releases_behind_window and w and all(w) else 0
 

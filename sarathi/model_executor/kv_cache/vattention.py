@@ -164,7 +164,9 @@ class VAttentionBackend(KVBackend):
         self.cache.share_prefix(slot, handles, -1 if copy_src is None else copy_src)
 
     def release_front(self, slot: int, pages: int) -> None:
-        self.cache.release_front(slot, pages)
+        # A mirror (optimal sampling's adapter target) holds only the sequences that use it.
+        if self.cache.slot_active(slot):
+            self.cache.release_front(slot, pages)
 
     def free_slot(self, slot: int) -> None:
         # The scheduler may free a slot this cache never saw (aborted before its first step).
