@@ -23,6 +23,9 @@ FAMILIES = {
     "qwen2-window": ("Qwen2Config", "Qwen2ForCausalLM", dict(  # layers from max_window_layers on slide
         use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64, "rope_theta": 500000.0})),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
         head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW, attn_logit_softcapping=3.0,

@@ -14,7 +14,7 @@ from sarathi import LLM
 from test_model_families import MAX_NEW, PROMPTS, assert_matches, family, run  # noqa: F401
 
 GGUF_ARCH = {"qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "gemma2": "gemma2", "gemma3": "gemma3",
-             "phi3": "phi3"}
+             "phi3": "phi3", "llama3": "llama"}
 
 
 def _permute(w, heads):
@@ -30,7 +30,7 @@ def write_gguf(model_dir, out, tokenizer_gguf, quant=None):
     cfg = json.loads((model_dir / "config.json").read_text())
     arch = GGUF_ARCH[{"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral",
                       "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-                      "Phi3ForCausalLM": "phi3"}[cfg["architectures"][0]]]
+                      "Phi3ForCausalLM": "phi3", "LlamaForCausalLM": "llama3"}[cfg["architectures"][0]]]
     heads, kv, layers = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["num_hidden_layers"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     rope = cfg["rope_parameters"]
@@ -57,6 +57,16 @@ def write_gguf(model_dir, out, tokenizer_gguf, quant=None):
     if arch == "gemma3":
         w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
     tensors = {}
+    if rope.get("rope_type") == "llama3":  # the converter's rope_freqs: one divisor per frequency
+        inv = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim))
+        wavelen = 2 * math.pi / inv
+        low, high = rope["original_max_position_embeddings"] / np.array([rope["low_freq_factor"],
+                                                                          rope["high_freq_factor"]])
+        smooth = (rope["original_max_position_embeddings"] / wavelen - rope["low_freq_factor"]) / (
+            rope["high_freq_factor"] - rope["low_freq_factor"])
+        factors = np.where(wavelen < high, 1.0, np.where(wavelen > low, rope["factor"],
+                                                         1 / ((1 - smooth) / rope["factor"] + smooth)))
+        tensors["rope_freqs.weight"] = factors.astype(np.float32)
     if arch == "phi3":
         rot = int(head_dim * rope["partial_rotary_factor"])
         w.add_rope_dimension_count(rot)

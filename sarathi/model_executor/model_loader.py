@@ -107,7 +107,7 @@ _LAYER_PARTS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
                 "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_up_proj", "mlp.gate_proj", "mlp.up_proj",
                 "mlp.down_proj", "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                 "post_feedforward_layernorm"]
-_SKIPPED_TENSORS = ("rope_freqs", "rope_factors_long", "rope_factors_short")  # read into the config, or ignored
+_SKIPPED_TENSORS = ("rope_freqs", "rope_factors_long", "rope_factors_short")  # read into the config
 # llama.cpp knows Gemma's 27B models by their depth: their softmax scale is 1/sqrt(hidden / heads).
 _GEMMA_HIDDEN_SCALED = {("gemma2", 46), ("gemma3", 62)}
 
@@ -187,6 +187,9 @@ def gguf_hf_config(reader, path: Path) -> dict:
             cfg["architectures"], cfg["model_type"] = ["MistralForCausalLM"], "mistral"
     if _field(reader, a + "rope.scaling.type") == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
+    if "rope_freqs.weight" in tensors:  # llama3 scaling, as the converter precomputes it per frequency
+        cfg["rope_scaling"] = {"rope_type": "freq_factors",
+                               "factors": tensors["rope_freqs.weight"].data.astype(np.float64).tolist()}
     if arch in ("gemma2", "gemma3"):
         cfg["hidden_activation"] = "gelu_pytorch_tanh"
         cfg["query_pre_attn_scalar"] = hidden // n_head if (arch, n_layers) in _GEMMA_HIDDEN_SCALED else head_dim

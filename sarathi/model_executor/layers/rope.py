@@ -6,7 +6,8 @@
 
 Scaling variants: linear, llama3, yarn (static frequencies plus an attention factor),
 longrope / su (Phi-3: short factors below the original context, long factors from it on,
-chosen per position so a token's rotation never depends on its batch).
+chosen per position so a token's rotation never depends on its batch), and freq_factors
+(one divisor per frequency: the `rope_freqs` tensor llama.cpp's converter writes for llama3).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-SCALINGS = ("default", "linear", "llama3", "yarn", "longrope")
+SCALINGS = ("default", "linear", "llama3", "yarn", "longrope", "freq_factors")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ def rope_inv_freq(spec: RopeSpec, head_dim: int) -> Tuple[torch.Tensor, Optional
     kind = s["rope_type"]
     if kind == "linear":
         return inv / s["factor"], None, 1.0
+    if kind == "freq_factors":
+        return inv / torch.tensor(s["factors"], dtype=torch.float64), None, 1.0
     if kind == "llama3":
         factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
         old_len = s["original_max_position_embeddings"]
