@@ -307,7 +307,8 @@ class KVManager:
         for seq in list(seqs):
             slot, table = self._slots.get(seq.seq_id), self._tables.get(seq.seq_id)
             if slot is not None and table is not None:
-                rows.append({"slot": slot, "tokens": seq.num_computed_tokens, "blocks": len(table)})
+                held = sum(b != RELEASED for b in table)   # blocks behind a sliding window are freed
+                rows.append({"slot": slot, "tokens": seq.num_computed_tokens, "blocks": held})
         return sorted(rows, key=lambda r: r["slot"])
 
     # ---- block pool ----------------------------------------------------------

@@ -138,7 +138,7 @@ def read_hf_config(model_dir: Union[str, Path]) -> dict:
 
 
 def check_hf_config(where: str, cfg: dict) -> None:
-    """The hyperparameters a Llama model is built from: present, integers, in range, consistent."""
+    """The hyperparameters a model of any supported family is built from: integers in range, consistent."""
     # Families name some fields otherwise: what is present is checked, nothing is required here.
     for key, (low, high) in CONFIG_LIMITS.items():
         if cfg.get(key) is not None:
@@ -150,11 +150,31 @@ def check_hf_config(where: str, cfg: dict) -> None:
     if not cfg.get("head_dim") and (cfg.get("hidden_size") or heads) % heads:
         raise ValueError(f"{where}: hidden_size {cfg['hidden_size']} is not a multiple of num_attention_heads "
                          f"{heads}")
-    for key in ("rms_norm_eps", "rope_theta"):
+    for key in ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar",
+                "attn_logit_softcapping", "final_logit_softcapping"):
         value = cfg.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not 0 < value < 1e30):
             raise ValueError(f"{where}: {key} {json.dumps(value)[:40]} is not a positive finite number")
+    _check_family_fields(where, cfg)
+
+
+def _check_family_fields(where: str, cfg: dict) -> None:
+    """The fields beyond Llama's that the families read (sliding windows, partial rotary)."""
+    for key, high in (("sliding_window", 1 << 24), ("max_window_layers", 1024), ("sliding_window_pattern", 1024)):
+        if cfg.get(key) is not None:
+            _int_field(where, key, cfg[key], 1 if key != "max_window_layers" else 0, high)
+    partial = cfg.get("partial_rotary_factor")
+    if partial is not None and (isinstance(partial, bool) or not isinstance(partial, (int, float))
+                                or not 0 < partial <= 1):
+        raise ValueError(f"{where}: partial_rotary_factor {json.dumps(partial)[:40]} is not in (0, 1]")
+    types = cfg.get("layer_types")
+    if types is not None:
+        n = cfg.get("num_hidden_layers")
+        if not isinstance(types, list) or (isinstance(n, int) and len(types) != n) or not all(
+                t in ("sliding_attention", "full_attention") for t in types):
+            raise ValueError(f"{where}: layer_types must list 'sliding_attention' or 'full_attention' for each of "
+                             f"the {n} layers")
 
 
 def check_model_dir(model_dir: Union[str, Path], hf_config: dict) -> Header:

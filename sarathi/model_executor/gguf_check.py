@@ -2,7 +2,8 @@
 
 `check_gguf(path)` walks the header (magic, version, counts, key/value pairs, tensor infos)
 with reads whose sizes are checked against the bytes left in the file and against sane maxima,
-then cross-checks what the loader relies on: the llama hyperparameters are integers in range,
+then cross-checks what the loader relies on: the hyperparameters of every supported architecture
+(`<arch>.block_count`, ...) are integers in range,
 `block_count` matches the decoder layers the tensors name, tensor types are known, and each
 tensor's bytes (its type's block size times its shape) lie inside the data section, aligned and
 without overlap, and float tensors (F32 / F16 / BF16) hold no NaN or inf. A malformed file fails
@@ -26,15 +27,22 @@ MAX_STRING_BYTES = 1 << 24       # one string value (a chat template is a few KB
 MAX_ARRAY_DEPTH = 2
 MAX_DIMS = 4
 MAX_ELEMENTS = 1 << 40           # per tensor
-# What the llama loader reads, with the range it accepts.
-LLAMA_LIMITS = {
-    "llama.block_count": (1, 1024),
-    "llama.embedding_length": (1, 1 << 17),
-    "llama.feed_forward_length": (1, 1 << 20),
-    "llama.attention.head_count": (1, 1024),
-    "llama.attention.head_count_kv": (1, 1024),
-    "llama.context_length": (1, 1 << 24),
+# What the loader reads under `<arch>.` for every supported architecture, with the range it
+# accepts; the optional ones may be absent.
+HPARAM_LIMITS = {
+    "block_count": (1, 1024),
+    "embedding_length": (1, 1 << 17),
+    "feed_forward_length": (1, 1 << 20),
+    "attention.head_count": (1, 1024),
+    "attention.head_count_kv": (1, 1024),
+    "context_length": (1, 1 << 24),
+    "attention.key_length": (1, 1 << 12),
+    "attention.sliding_window": (0, 1 << 24),
+    "rope.dimension_count": (1, 1 << 12),
 }
+OPTIONAL = {"attention.head_count_kv", "context_length", "attention.key_length", "attention.sliding_window",
+            "rope.dimension_count"}
+LLAMA_LIMITS = {f"llama.{k}": v for k, v in HPARAM_LIMITS.items()}  # the llama names, as before
 
 # GGUF value types: id -> (name, struct format or None for string / array)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -213,7 +221,7 @@ def _check(r: _Reader, size: int) -> Dict[str, object]:
             raise r.fail(f"tensor {name[:200]} offset", f"{offset} + {nbytes} bytes runs past the end of the data "
                                                   f"section ({data_size} bytes)")
         end_prev, prev = offset + nbytes, name
-    _check_llama(r, meta, blocks, shapes)
+    _check_hparams(r, meta, blocks, shapes)
     for name, offset, nbytes, ttype in float_tensors:
         _check_finite(r, name, data_start + offset, nbytes, ttype)
     return {k: v for k, v in meta.items() if not isinstance(v, _Array)}
@@ -236,12 +244,18 @@ def _check_finite(r: _Reader, name: str, start: int, nbytes: int, ttype: int) ->
             raise r.fail(f"tensor {name[:200]}", "holds NaN or inf values")
 
 
-def _check_llama(r: _Reader, meta: Dict[str, object], blocks: set, shapes: Dict[str, List[int]]) -> None:
-    if meta.get("general.architecture") != "llama":
+def _check_hparams(r: _Reader, meta: Dict[str, object], blocks: set, shapes: Dict[str, List[int]]) -> None:
+    """The hyper-parameters of a supported architecture: integers in range, consistent with the tensors."""
+    from sarathi.model_executor.model_loader import GGUF_ARCHITECTURES
+
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
         return  # the converter names the unsupported architecture itself
-    for key, (low, high) in LLAMA_LIMITS.items():
+    a = f"{arch}."
+    for name, (low, high) in HPARAM_LIMITS.items():
+        key = a + name
         if key not in meta:
-            if key in ("llama.attention.head_count_kv", "llama.context_length"):
+            if name in OPTIONAL:
                 continue
             raise r.fail(key, "is missing")
         value = meta[key]
@@ -249,23 +263,30 @@ def _check_llama(r: _Reader, meta: Dict[str, object], blocks: set, shapes: Dict[
             raise r.fail(key, f"must be an integer, got {type(value).__name__}")
         if not low <= value <= high:
             raise r.fail(key, f"{value} is not in [{low}, {high}]")
-    n_layers = meta["llama.block_count"]
+    n_layers = meta[a + "block_count"]
     if blocks != set(range(n_layers)):
-        raise r.fail("llama.block_count", f"{n_layers}, but the tensors name {len(blocks)} decoder layers "
-                                          f"(blk.{min(blocks, default=0)}..blk.{max(blocks, default=-1)})")
-    heads = meta["llama.attention.head_count"]
-    kv = meta.get("llama.attention.head_count_kv", heads)
-    if heads % kv or meta["llama.embedding_length"] % heads:
-        raise r.fail("llama.attention.head_count", f"{heads} heads, {kv} kv heads and embedding_length "
-                                                   f"{meta['llama.embedding_length']} do not divide")
-    hidden = meta["llama.embedding_length"]
+        raise r.fail(a + "block_count", f"{n_layers}, but the tensors name {len(blocks)} decoder layers "
+                                        f"(blk.{min(blocks, default=0)}..blk.{max(blocks, default=-1)})")
+    heads = meta[a + "attention.head_count"]
+    kv = meta.get(a + "attention.head_count_kv", heads)
+    hidden = meta[a + "embedding_length"]
+    head_dim = meta.get(a + "attention.key_length")
+    if heads % kv or (head_dim is None and hidden % heads):
+        raise r.fail(a + "attention.head_count", f"{heads} heads, {kv} kv heads and embedding_length {hidden} "
+                                                 "do not divide")
     embed = shapes.get("token_embd.weight")
     if embed is None or len(embed) != 2 or embed[0] != hidden:
         raise r.fail("tensor token_embd.weight", f"shape {embed} does not match embedding_length {hidden}")
     for name, dims in shapes.items():
-        if name.endswith("_norm.weight") and dims != [hidden]:
-            raise r.fail(f"tensor {name[:200]}", f"shape {dims} is not [{hidden}] (embedding_length)")
-    for key in ("llama.attention.layer_norm_rms_epsilon", "llama.rope.freq_base"):
-        value = meta.get(key)
+        if not name.endswith("_norm.weight"):
+            continue
+        per_head = name.endswith(("attn_q_norm.weight", "attn_k_norm.weight"))  # Qwen3, Gemma 3: one head's width
+        want = [head_dim or hidden // heads] if per_head else [hidden]
+        if dims != want:
+            raise r.fail(f"tensor {name[:200]}", f"shape {dims} is not {want} "
+                                                 f"({'key_length' if per_head else 'embedding_length'})")
+    for key in ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.freq_base_swa",
+                "attn_logit_softcapping", "final_logit_softcapping"):
+        value = meta.get(a + key)
         if value is not None and (isinstance(value, (bool, str, _Array)) or not 0 < float(value) < 1e30):
-            raise r.fail(key, f"{value!r} is not a positive finite number")
+            raise r.fail(a + key, f"{value!r} is not a positive finite number")
