@@ -101,3 +101,38 @@ def test_gguf_unknown_architecture_and_tensor(tmp_path):
     with pytest.raises(ValueError) as e:
         convert_gguf(path)
     assert one_line(e) == f"{path}: tensor 'blk.0.ssm_conv1d.weight' is not part of a qwen2 model"
+
+
+def test_gguf_header_checks_cover_the_families(family, tmp_path, monkeypatch):
+    """The GGUF checker reads `<arch>.*` for every family: a block count that disagrees with
+    the tensors is refused before anything is converted, naming the file and the key."""
+    import shutil
+
+    from sarathi.model_executor.gguf_check import check_gguf
+    from sarathi.model_executor.model_loader import _embedded_smollm2
+    from test_model_families_gguf import write_gguf
+
+    monkeypatch.setenv("SARATHI_CACHE", str(tmp_path / "cache"))
+    d, _ = family("qwen3")
+    good = write_gguf(d, tmp_path / "qwen3.gguf", _embedded_smollm2())
+    assert check_gguf(good)["qwen3.attention.key_length"] == 32  # per-head q/k norms are key_length wide
+    lying = tmp_path / "lying"
+    shutil.copytree(d, lying)
+    cfg = json.loads((lying / "config.json").read_text())
+    (lying / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=3)))
+    bad = write_gguf(lying, tmp_path / "qwen3-3-layers.gguf", _embedded_smollm2())
+    with pytest.raises(ValueError) as e:
+        check_gguf(bad)
+    assert one_line(e).startswith(f"{bad}: GGUF qwen3.block_count: 3, but the tensors name 2 decoder layers")
+
+
+def test_family_config_fields_are_checked(family, tmp_path):
+    d, _ = family("gemma3")
+    bad = edited_copy(d, tmp_path, config=lambda c: dict(c, layer_types=["sliding_attention"]))
+    with pytest.raises(ValueError) as e:
+        load(bad)
+    assert "layer_types must list 'sliding_attention' or 'full_attention' for each of the 3 layers" in one_line(e)
+    bad = edited_copy(d, tmp_path / "2", config=lambda c: dict(c, sliding_window=-4))
+    with pytest.raises(ValueError) as e:
+        load(bad)
+    assert one_line(e) == f"{bad / 'config.json'}: sliding_window -4 is not in [1, 16777216]"
