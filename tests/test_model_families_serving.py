@@ -73,7 +73,7 @@ def test_optimal_sampling_with_an_adapter_target(name, family, tmp_path):
     base = sample()
     assert sample(alpha=0.0) == base
     assert sample(alpha=1.0) == sample(lora=LoRARequest("ad")) != base
-    for target in llm.engine.optimal_sampling._adapter_targets.values():
+    for target in llm.engine.plugins.optimal_sampling._adapter_targets.values():
         target.kv.cache.check_invariants()
 
 

@@ -198,7 +198,10 @@ class ModelRunner:
         return type(self.kv_backend).layout(self.kv_spec)
 
     def kv_release_window(self) -> int:
-        """The window behind which the scheduler may free blocks (0: it keeps them all)."""
+        """The window behind which the scheduler may free blocks (0: it keeps them all). None
+        beside a second model with runners of its own: its pages fall elsewhere than ours."""
+        if any(model.runners for model in self.second_models):
+            return 0
         return type(self.kv_backend).release_window(self.kv_spec)
 
     def kv_block_bytes(self) -> Tuple[int, int]:
