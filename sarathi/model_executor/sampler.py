@@ -1,8 +1,10 @@
 """Turn logits into tokens: penalties, bias, temperature, top-k/top-p/min-p, seeds, logprobs.
 
 Logprobs are reported from the model's raw distribution (log-softmax of the logits),
-as HF and vLLM report them. A seeded row draws its randomness from its own
-generator, so its tokens do not depend on what else shares the batch.
+as HF and vLLM report them; for a row a grammar constrains (structured outputs), from that
+distribution restricted to the tokens the grammar allows, the one the token is drawn from
+(before temperature and the top-k/p filters). A seeded row draws its randomness from its
+own generator, so its tokens do not depend on what else shares the batch.
 """
 from __future__ import annotations
 
@@ -136,7 +138,9 @@ def sample(logits: torch.Tensor, rows: Seq[SampleRequest], shared: torch.Generat
         for j, i in enumerate(want):
             ranks[i] = int(counts[j])
             n = rows[i].params.logprobs
-            tops[i] = list(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist())) if n else []
+            # a masked row (a grammar) may have fewer than n possible tokens: the impossible ones are left out
+            tops[i] = [(t, v) for t, v in zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist())
+                       if v != float("-inf")] if n else []
     chosen_l, lp_l = chosen.tolist(), chosen_lp.tolist()
     return [SampleResult(chosen_l[i], lp_l[i], ranks.get(i, 0), tops.get(i, [])) for i in range(len(rows))]
 
