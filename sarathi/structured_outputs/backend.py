@@ -111,12 +111,11 @@ class XGrammarBackend(GrammarBackend):
     def compile(self, spec: StructuredOutputsParams) -> Any:
         c, kind = self.compiler, spec.kind
         try:
-            if kind == "json":
-                return c.compile_json_schema(spec.json, any_whitespace=not spec.disable_any_whitespace,
+            if kind in ("json", "json_object"):   # json_object: any JSON object (OpenAI's JSON mode)
+                return c.compile_json_schema(spec.json if kind == "json" else '{"type": "object"}',
+                                             any_whitespace=not spec.disable_any_whitespace,
                                              max_whitespace_cnt=None if spec.disable_any_whitespace
                                              else MAX_JSON_WHITESPACE)
-            if kind == "json_object":
-                return c.compile_builtin_json_grammar()
             if kind == "regex":
                 return c.compile_regex(spec.regex)
             if kind == "choice":

@@ -49,13 +49,13 @@ def tool_constraint(tools: Sequence[Dict[str, Any]], choice: Any, parallel: bool
     if choice in (None, "none", "auto"):
         return None
     if choice != "required":
-        return StructuredOutputsParams(json=schemas[choice], param="tool_choice")
+        return StructuredOutputsParams(json=schemas[choice], param="tools")
     item = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
                        "required": ["name", "parameters"]} for name, schema in schemas.items()]}
     array: Dict[str, Any] = {"type": "array", "minItems": 1, "items": item}
     if not parallel:
         array["maxItems"] = 1
-    return StructuredOutputsParams(json=array, param="tool_choice")
+    return StructuredOutputsParams(json=array, param="tools")
 
 
 # ---------------------------------------------------------------------------- a partial JSON scanner
@@ -221,6 +221,8 @@ class Llama3JsonParser:
 
     def read(self, text: str, final: bool) -> Tuple[str, List[ToolCallText]]:
         j = _skip(text, 0)
+        if not final and self.tag.startswith(text[j:]):
+            return "", []   # may still become the tag
         if text.startswith(self.tag, j):
             j = _skip(text, j + len(self.tag))
         if j >= len(text):
