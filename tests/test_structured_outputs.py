@@ -7,6 +7,7 @@ hold, the tool-call readers."""
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import time
 from concurrent.futures import Future
@@ -232,6 +233,10 @@ def test_params_shape_checks():
     with pytest.raises(InvalidParam, match="optimal_sampling"):
         SamplingParams(optimal_sampling={"target_model": "t"}, structured_outputs={"regex": "a"})
     assert SamplingParams(structured_outputs={"choice": ["a"]}).structured_outputs.kind == "choice"
+    # plain dataclasses: they cross the Ray actor boundary as they are
+    p = SamplingParams(structured_outputs=SO(json=PERSON, disable_any_whitespace=True, param="guided_json"))
+    q = pickle.loads(pickle.dumps(p))
+    assert q.structured_outputs == p.structured_outputs and q.structured_outputs.param == "guided_json"
 
 
 def test_scheduler_holds_a_sequence_without_blocking_the_queue():
