@@ -6,9 +6,10 @@ and how long a new schema's compile holds up other streams.
 TPOT: the same prompts run with a JSON schema of 10 fields and without; each unconstrained request
 generates exactly as many tokens as its constrained twin did (ignore_eos, max_tokens = that length),
 so both runs have the same batch shapes step by step. Concurrency 1 runs the requests one after
-another; concurrency 32 submits them together. The constrained run is done twice (before and
-after the unconstrained one) and averaged, to cancel drift on a shared machine. The mask's own
-time (bitmask fill + apply + matcher advance) is measured per step too.
+another; concurrency 32 submits them together. Unconstrained and constrained runs alternate
+(--rounds of each) and the medians are compared, so that drift on a shared machine hits both
+alike. The manager's own time per step (bitmask fill + matcher advance; the native apply is
+not in it) is measured too: it is the overhead without the machine's noise.
 
 Compile: a schema never seen (cold: xgrammar's compile on a worker thread) and the same schema
 again (a cache hit). Stall: the longest gap between tokens of 8 running streams while a request
@@ -50,7 +51,7 @@ SLOW_SCHEMA = {"type": "object", "properties": {f"p{i}": {"type": "string", "pat
                                                 for i in range(4)}}
 PEOPLE = ["a baker", "a pilot", "a nurse", "a farmer", "a poet", "a chemist", "a sailor", "a judge", "a miner",
           "a dancer", "a coach", "a plumber", "a singer", "a writer", "a banker", "a tailor"]
-MAX_TOKENS = 256
+MAX_TOKENS = 384
 
 
 def prompts(engine: LLMEngine, n: int) -> List[str]:
@@ -89,45 +90,49 @@ class MaskTimer:
 
     def __init__(self, manager):
         self.seconds, self.calls = 0.0, 0
-        for name in ("mask", "accept"):
+        for name in ("bitmask", "accept"):
             fn = getattr(manager, name)
 
-            def timed(*args, _fn=fn, **kwargs):
+            def timed(*args, _fn=fn, _steps=name == "bitmask", **kwargs):
                 t0 = time.perf_counter()
                 try:
                     return _fn(*args, **kwargs)
                 finally:
                     self.seconds += time.perf_counter() - t0
-                    self.calls += name == "mask"
+                    self.calls += _steps
             setattr(manager, name, timed)
 
 
-def tpot_comparison(engine: LLMEngine, concurrency: int, count: int, timer: MaskTimer) -> dict:
+def tpot_comparison(engine: LLMEngine, concurrency: int, count: int, timer: MaskTimer, rounds: int) -> dict:
     texts = prompts(engine, count)
     spec = StructuredOutputsParams(json=SCHEMA)
     constrained = [SamplingParams(temperature=0.7, seed=i, max_tokens=MAX_TOKENS, structured_outputs=spec)
                    for i in range(count)]
-    timer.seconds, timer.calls = 0.0, 0
     first = run(engine, texts, constrained, concurrency)
-    mask_ms = 1e3 * timer.seconds / max(timer.calls, 1)
     plain = [SamplingParams(temperature=0.7, seed=i, max_tokens=r["tokens"], ignore_eos=True)
              for i, r in enumerate(first)]
-    unconstrained = run(engine, texts, plain, concurrency)
-    second = run(engine, texts, constrained, concurrency)
+    c_runs, u_runs, outputs = [], [], list(first)
+    timer.seconds, timer.calls = 0.0, 0
+    for _ in range(rounds):   # alternate, so that drift on a shared machine hits both alike
+        u_runs.append(mean_tpot(run(engine, texts, plain, concurrency)))
+        rows = run(engine, texts, constrained, concurrency)
+        c_runs.append(mean_tpot(rows))
+        outputs += rows
     valid = 0
-    for r in first + second:
+    for r in outputs:
         try:
-            obj = json.loads(r["text"])
-            valid += set(obj) == set(SCHEMA["properties"])
+            valid += set(json.loads(r["text"])) == set(SCHEMA["properties"])
         except ValueError:
             pass
-    c_tpot = (mean_tpot(first) + mean_tpot(second)) / 2
-    u_tpot = mean_tpot(unconstrained)
-    return {"concurrency": concurrency, "requests": count, "tokens_per_request": statistics.mean(r["tokens"] for r in first),
-            "tpot_constrained_ms": 1e3 * c_tpot, "tpot_constrained_runs_ms": [1e3 * mean_tpot(first), 1e3 * mean_tpot(second)],
-            "tpot_unconstrained_ms": 1e3 * u_tpot, "overhead_pct": 100 * (c_tpot / u_tpot - 1),
-            "mask_ms_per_step": mask_ms, "valid_json": f"{valid}/{2 * count}",
-            "finish_reasons": sorted({r["finish"] for r in first + second})}
+    c_tpot, u_tpot = statistics.median(c_runs), statistics.median(u_runs)
+    mask_ms = 1e3 * timer.seconds / max(timer.calls, 1)
+    return {"concurrency": concurrency, "requests": count, "rounds": rounds,
+            "tokens_per_request": statistics.mean(r["tokens"] for r in first),
+            "tpot_constrained_ms": 1e3 * c_tpot, "tpot_unconstrained_ms": 1e3 * u_tpot,
+            "tpot_constrained_runs_ms": [1e3 * t for t in c_runs],
+            "tpot_unconstrained_runs_ms": [1e3 * t for t in u_runs],
+            "overhead_pct": 100 * (c_tpot / u_tpot - 1), "mask_ms_per_step": mask_ms,
+            "valid_json": f"{valid}/{len(outputs)}", "finish_reasons": sorted({r["finish"] for r in outputs})}
 
 
 def compile_times(engine: LLMEngine) -> dict:
@@ -173,6 +178,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "structured_outputs.json"))
     ap.add_argument("--requests-c1", type=int, default=4)
     ap.add_argument("--requests-c32", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="unconstrained / constrained runs, alternating")
     args = ap.parse_args()
     engine = LLMEngine(EngineConfig(model=args.model, kv_cache_memory="1GiB", max_model_len=1024, max_num_seqs=64))
     t0 = time.perf_counter()
@@ -183,7 +189,8 @@ def main() -> None:
     run(engine, prompts(engine, 2), [SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(
         json=SCHEMA))] * 2, 2)
     compile_ = compile_times(engine)
-    rows = [tpot_comparison(engine, 1, args.requests_c1, timer), tpot_comparison(engine, 32, args.requests_c32, timer)]
+    rows = [tpot_comparison(engine, 1, args.requests_c1, timer, args.rounds),
+            tpot_comparison(engine, 32, args.requests_c32, timer, args.rounds)]
     stalls = [stall(engine, False), stall(engine, True)]
     peer = REPO / "benchmarks" / "peers" / "build" / "bin" / "llama-server"
     result = {"model": args.model, "backend": engine.structured_outputs.backend_name,
@@ -204,8 +211,8 @@ def main() -> None:
     print(f"compile: cold {compile_['cold_ms']:.1f} ms, cached {compile_['cached_ms']:.3f} ms "
           f"(backend init {backend_s:.2f} s, once)")
     for s in stalls:
-        wait = "" if s["newcomer_waited_ms"] is None else f" (the newcomer's first token {s['newcomer_waited_ms']:.0f} ms " \
-            "after it arrived)"
+        waited = s["newcomer_waited_ms"]
+        wait = "" if waited is None else f" (the newcomer's first token {waited:.0f} ms after it arrived)"
         print(f"8 streams, {'a new slow schema arrives' if s['with_new_schema'] else 'no new schema':>26}: "
               f"median step {s['median_step_ms']:.1f} ms, longest step {s['max_step_ms']:.1f} ms{wait}")
     print(f"llama-server: {result['llama_server']}")

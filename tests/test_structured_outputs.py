@@ -279,6 +279,32 @@ def test_vocabulary_bytes_of_a_patched_tokenizer():
     assert all(vocab[i] == b"" for i in tok.all_special_ids)
 
 
+def test_native_bitmask_apply_matches_xgrammar():
+    """The sampler's native pass and the torch path mask exactly what xgrammar's own apply masks."""
+    import torch
+    import xgrammar as xgr
+
+    from sarathi.model_executor.sampler import apply_token_bitmask
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 49152 + 7   # a vocabulary that does not end on a whole word
+    bitmask = torch.randint(-2**31, 2**31 - 1, (6, (vocab + 31) // 32), generator=g, dtype=torch.int64).to(torch.int32)
+    bitmask[1] = -1      # all allowed
+    bitmask[2] = 0       # none
+    rows = [0, 1, 2, 4]
+    logits = torch.randn(6, vocab, generator=g)
+    want = logits.clone()
+    xgr.apply_token_bitmask_inplace(want, bitmask, vocab_size=vocab, indices=rows)
+    native = logits.clone()
+    apply_token_bitmask(native, bitmask, rows)
+    torch_path = logits.clone().t().contiguous().t()   # not contiguous: the torch path
+    apply_token_bitmask(torch_path, bitmask, rows)
+    assert torch.equal(native, want) and torch.equal(torch_path, want)
+    assert torch.equal(native[3], logits[3]) and torch.isinf(native[2]).all()
+    with pytest.raises(ValueError):
+        apply_token_bitmask(native, bitmask, [6])
+
+
 def stream_of(reader, text: str):
     """Read text as a stream would, one character at a time: (content, [(name, arguments)]) joined
     from the deltas."""

@@ -9,9 +9,9 @@ Plug-in points (set by the engine, imported by nothing here):
 - `adapters`: activates per-row weights for a step's rows (the LoRA manager);
 - `second_models`: components that bring rows of another model into the step and draw the
   tokens of the sequences they claim (optimal sampling's target; a draft model next);
-- `masks`: components that restrict, in place and for all their rows at once, what the
-  sequences they constrain may sample next, and learn the tokens drawn (structured outputs'
-  grammars).
+- `masks`: components that say, in one token bitmask for all their rows, what the sequences
+  they constrain may sample next (the sampler's pass applies it), and learn the tokens drawn
+  (structured outputs' grammars).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from sarathi.config import EngineConfig, torch_dtype
 from sarathi.model_executor.kv_cache import KVBackend, KVCacheSpec, StepBatch, kv_backend_class
 from sarathi.model_executor.layers.linear import Linear
 from sarathi.model_executor.model_loader import gguf_source, load_hf_config, load_model, pick_quantization
-from sarathi.model_executor.sampler import SampleRequest, SampleResult, prompt_logprobs, sample
+from sarathi.model_executor.sampler import SampleRequest, SampleResult, apply_token_bitmask, prompt_logprobs, sample
 from vattention_ext.threads import set_native_threads
 
 _DEFAULT_THREADS = torch.get_num_threads()  # torch's default (the cores), before a runner changes it
@@ -110,9 +110,9 @@ class LogitsMask(Protocol):
     def claims(self, seq) -> bool:
         """This component constrains the sequence."""
 
-    def mask(self, seqs: Sequence[Any], logits: torch.Tensor) -> None:
-        """Set to -inf, in place, the logits of tokens row i (sequence seqs[i]) may not take next;
-        rows of sequences it does not claim stay as they are."""
+    def bitmask(self, seqs: Sequence[Any]) -> Optional[Tuple[torch.Tensor, List[int]]]:
+        """What the sequences it claims may sample next: an int32 bitmask (bit k of word w allows
+        token 32 w + k) whose row i belongs to seqs[i], and the rows it filled (None: none)."""
 
     def accept(self, seqs: Sequence[Any], tokens: Sequence[int]) -> Dict[int, str]:
         """The tokens drawn (tokens[i] for seqs[i]); returns {seq_id: why} for rows that failed."""
@@ -370,7 +370,9 @@ class ModelRunner:
         logits = torch.stack([rows[p] for p in plan])
         for m in self.masks:
             try:
-                m.mask([p.seq for p in plan], logits)
+                allowed = m.bitmask([p.seq for p in plan])
+                if allowed is not None:
+                    apply_token_bitmask(logits, *allowed)
             except Exception as e:  # noqa: BLE001 - the sequences it constrains fail, the rest sample
                 logger.exception("logits mask failed")
                 keep = [i for i, p in enumerate(plan) if not m.claims(p.seq)]

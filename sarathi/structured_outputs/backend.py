@@ -3,7 +3,8 @@
 A backend compiles a request's `StructuredOutputsParams` against the served tokenizer's real
 vocabulary (the bytes each token id stands for, an AdaptiVocab n-token's being its base
 tokens' bytes joined), makes a matcher per sequence, fills the allowed-token bitmask of many
-matchers in one call and applies it to the logits rows in one call. llguidance (guidance)
+matchers in one call (int32 words, bit k of word w = token 32 w + k; the sampler applies it)
+and advances many matchers in one call. llguidance (guidance) uses the same bitmask layout and
 would be a second class with the same methods.
 """
 from __future__ import annotations
@@ -45,10 +46,6 @@ class GrammarBackend:
 
     def fill(self, matchers: Sequence[Any], bitmask: torch.Tensor, rows: List[int]) -> None:
         """bitmask[rows[i]] = what matchers[i] allows next."""
-        raise NotImplementedError
-
-    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: List[int]) -> None:
-        """logits[r] = -inf where bitmask[r] forbids, for r in rows, in place."""
         raise NotImplementedError
 
     def accept(self, matchers: Sequence[Any], tokens: Sequence[int]) -> List[bool]:
@@ -137,10 +134,6 @@ class XGrammarBackend(GrammarBackend):
 
     def fill(self, matchers: Sequence[Any], bitmask: torch.Tensor, rows: List[int]) -> None:
         self.batch.batch_fill_next_token_bitmask(list(matchers), bitmask, rows)
-
-    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: List[int]) -> None:
-        self.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
-                                             indices=rows)
 
     def accept(self, matchers: Sequence[Any], tokens: Sequence[int]) -> List[bool]:
         return list(self.xgr.BatchGrammarMatcher.batch_accept_token(list(matchers), list(tokens)))

@@ -6,8 +6,8 @@
   hold, so the request waits in the queue, never the step; a grammar that fails to compile,
   or takes longer than the compile timeout, fails its own request with an InvalidParam;
 - a runner-side logits mask (`ModelRunner.masks`): in each step it fills one bitmask for every
-  constrained row with one batched call, applies it to the logits in one call before the
-  sampler runs, and advances each sequence's matcher with the token it drew. A grammar allows
+  constrained row with one batched call (the sampler's pass applies it, natively, before the
+  draw) and advances each sequence's matcher with the token it drew. A grammar allows
   the end-of-sequence token only where it is complete.
 
 Compiled grammars are cached by the constraint's text (one manager per engine, so per
@@ -186,17 +186,18 @@ class StructuredOutputManager:
     def claims(self, seq) -> bool:
         return seq.params.structured_outputs is not None
 
-    def mask(self, seqs: Sequence[Any], logits: torch.Tensor) -> None:
-        """Forbid, in place, what each constrained row's grammar does not allow next (row i is seqs[i])."""
+    def bitmask(self, seqs: Sequence[Any]) -> Optional[Tuple[torch.Tensor, List[int]]]:
+        """What each constrained row's grammar allows next (row i is seqs[i]), in one bitmask filled
+        by one batched call; the runner applies it in the sampler's pass."""
         rows = [i for i, s in enumerate(seqs) if s.params.structured_outputs is not None]
         if not rows:
-            return
+            return None
         backend = self.backend()
         matchers = [self._matcher(seqs[i]) for i in rows]
         if self._bitmask is None or self._bitmask.shape[0] < len(seqs):
             self._bitmask = backend.allocate_bitmask(max(len(seqs), 64))
         backend.fill(matchers, self._bitmask, rows)
-        backend.apply(logits, self._bitmask, rows)
+        return self._bitmask, rows
 
     def accept(self, seqs: Sequence[Any], tokens: Sequence[int]) -> Dict[int, str]:
         """Advance the constrained rows' matchers; {seq_id: why} for tokens a grammar refused."""
