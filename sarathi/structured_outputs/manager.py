@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +35,7 @@ from sarathi.structured_outputs.backend import GrammarBackend, make_backend
 logger = logging.getLogger("sarathi")
 
 MAX_COMPILES = 2                       # compiles running at once
+COMPILE_NICENESS = 10                  # a compile thread's Linux nice value
 CACHE_BYTES = 512 << 20                # compiled grammars kept (LRU) by memory ...
 CACHE_ENTRIES = 1024                   # ... and by count
 COMPILE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -111,6 +113,10 @@ class StructuredOutputManager:
         return future
 
     def _compile(self, spec: StructuredOutputsParams, future: Future) -> None:
+        try:   # the step loop comes first: on a machine of few cores a compile takes what the forward leaves
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COMPILE_NICENESS)
+        except (AttributeError, OSError):
+            pass
         with self._slots:
             try:
                 backend = self.backend()

@@ -151,6 +151,23 @@ def _call_in_object(t: str, i: int, final: bool, arg_keys: Sequence[str]) -> Opt
     return ToolCallText(name, t[args[0]:args[1] if args[1] is not None else len(t)], args[1] is not None)
 
 
+def _calls_from(t: str, j: int, final: bool, separator: str) -> List[ToolCallText]:
+    """The call objects from t[j] on, separated by `separator`, as far as the text goes."""
+    calls: List[ToolCallText] = []
+    while j < len(t) and t[j] == "{":
+        call = _call_in_object(t, j, final, ("parameters", "arguments"))
+        if call is None:
+            break
+        calls.append(call)
+        end = value_end(t, j, final)
+        if end is None:
+            break
+        j = _skip(t, end)
+        if j < len(t) and t[j] == separator:
+            j = _skip(t, j + 1)
+    return calls
+
+
 # ---------------------------------------------------------------------------- readers
 
 class NamedCall:
@@ -168,29 +185,16 @@ class RequiredCalls:
     """tool_choice "required": the output is [{"name": ..., "parameters": {...}}, ...]."""
 
     def read(self, text: str, final: bool) -> Tuple[str, List[ToolCallText]]:
-        calls: List[ToolCallText] = []
         j = _skip(text, 0)
         if j >= len(text) or text[j] != "[":
-            return "", calls
-        j = _skip(text, j + 1)
-        while j < len(text) and text[j] == "{":
-            call = _call_in_object(text, j, final, ("parameters", "arguments"))
-            if call is None:
-                break
-            calls.append(call)
-            end = value_end(text, j, final)
-            if end is None:
-                break
-            j = _skip(text, end)
-            if j < len(text) and text[j] == ",":
-                j = _skip(text, j + 1)
-        return "", calls
+            return "", []
+        return "", _calls_from(text, _skip(text, j + 1), final, ",")
 
 
 class HermesParser:
     """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks in free text (Hermes, Qwen)."""
 
-    start, end = "<tool_call>", "</tool_call>"
+    start = "<tool_call>"
 
     def read(self, text: str, final: bool) -> Tuple[str, List[ToolCallText]]:
         first = text.find(self.start)
@@ -229,18 +233,7 @@ class Llama3JsonParser:
             return "", []
         if text[j] != "{":
             return text, []
-        calls: List[ToolCallText] = []
-        while j < len(text) and text[j] == "{":
-            call = _call_in_object(text, j, final, ("parameters", "arguments"))
-            if call is None:
-                break
-            calls.append(call)
-            end = value_end(text, j, final)
-            if end is None:
-                break
-            j = _skip(text, end)
-            if j < len(text) and text[j] == ";":
-                j = _skip(text, j + 1)
+        calls = _calls_from(text, j, final, ";")
         if final and not calls:
             return text, []
         return "", calls
