@@ -174,15 +174,15 @@ def test_compile_timeout_and_cache(smollm2_dir):
     slow = {"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": "[a-z]{1,50}@[a-z]{1,50}\\.com"}
                                              for i in range(3)}}
     params = SamplingParams(structured_outputs=SO(json=slow))
-    hold = manager.bind(params).hold
+    hold = manager.bind(params).holds[0]
     with pytest.raises(InvalidParam, match="longer than 0.15s"):
         hold.result(5)
-    assert manager.bind(params).hold.exception() is not None   # remembered as failed
+    assert manager.bind(params).holds[0].exception() is not None   # remembered as failed
     t0 = time.perf_counter()
-    first = manager.bind(SamplingParams(structured_outputs=SO(json=PERSON))).hold.result(5)
+    first = manager.bind(SamplingParams(structured_outputs=SO(json=PERSON))).holds[0].result(5)
     cold = time.perf_counter() - t0
     t0 = time.perf_counter()
-    again = manager.bind(SamplingParams(structured_outputs=SO(json=json.dumps(PERSON)))).hold.result(5)
+    again = manager.bind(SamplingParams(structured_outputs=SO(json=json.dumps(PERSON)))).holds[0].result(5)
     assert again is first and time.perf_counter() - t0 < cold
 
 
