@@ -67,6 +67,7 @@ ext_modules = [ext for ext in (
     native("sarathi.model_executor.quantization._C", "quant", shared=["work_pool"]),
     # The exact optimal-sampling math (csrc/sampling/): alpha*, diagnostics, the draw.
     native("sarathi.optimal_sampling._C", "sampling", shared=["work_pool"]),
+    native("sarathi.model_executor._sampler", "sampler"),
 ) if ext is not None]
 
 setup(ext_modules=ext_modules)

@@ -242,10 +242,28 @@ class ServingConfig(_Part):
         self._at_least(0, "max_logprobs")
 
 
+@dataclass
+class StructuredOutputsConfig(_Part):
+    """Output constrained to a JSON schema, regex, choice or grammar (response_format, structured_outputs)."""
+
+    structured_outputs_backend: str = flag("auto", "grammar library (auto: xgrammar)", choices=("auto", "xgrammar"))
+    structured_outputs_compile_timeout: float = flag(10.0, "seconds a constraint may take to compile; the request "
+                                                     "gets a 400 after that", type=float)
+    structured_outputs_max_bytes: int = flag(65536, "largest schema / regex / grammar a request may send, in bytes",
+                                             type=int)
+
+    def _check(self) -> None:
+        if not self.structured_outputs_compile_timeout > 0:
+            raise ValueError(f"structured_outputs_compile_timeout must be > 0, got "
+                             f"{self.structured_outputs_compile_timeout!r}")
+        self._at_least(1, "structured_outputs_max_bytes")
+
+
 # EngineConfig's attribute -> part class, in --help order.
 PARTS: Dict[str, type] = {"model_config": ModelConfig, "cache_config": CacheConfig,
                           "scheduler_config": SchedulerConfig, "parallel_config": ParallelConfig,
-                          "lora_config": LoRAConfig, "serving_config": ServingConfig}
+                          "lora_config": LoRAConfig, "serving_config": ServingConfig,
+                          "structured_outputs_config": StructuredOutputsConfig}
 # Setting name -> the part that holds it.
 _OWNER: Dict[str, str] = {f.name: attr for attr, cls in PARTS.items() for f in fields(cls)}
 # Spellings documented by the original integration (and vLLM's), as LLM(...) keywords and preset keys.
@@ -255,8 +273,9 @@ _ALIASES = {alias.lstrip("-"): f.name for cls in PARTS.values() for f in fields(
 
 class EngineConfig:
     """Every engine setting, in parts (vLLM's VllmConfig pattern): `model_config`, `cache_config`,
-    `scheduler_config`, `parallel_config`, `lora_config`, `serving_config`. Built from flat
-    keywords (the CLI flags with underscores, aliases included), which each land in their part."""
+    `scheduler_config`, `parallel_config`, `lora_config`, `serving_config`,
+    `structured_outputs_config`. Built from flat keywords (the CLI flags with underscores,
+    aliases included), which each land in their part."""
 
     model_config: ModelConfig
     cache_config: CacheConfig
@@ -264,6 +283,7 @@ class EngineConfig:
     parallel_config: ParallelConfig
     lora_config: LoRAConfig
     serving_config: ServingConfig
+    structured_outputs_config: StructuredOutputsConfig
 
     def __init__(self, **settings: Any) -> None:
         grouped: Dict[str, Dict[str, Any]] = {attr: {} for attr in PARTS}

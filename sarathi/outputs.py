@@ -93,4 +93,5 @@ class RequestOutput:
     finished: bool
     metrics: Optional[RequestMetrics] = None
     error: Optional[str] = None   # set when the engine failed this request (it is finished, as aborted)
+    error_param: Optional[str] = None   # with error: the request field at fault (a 400, not a 500)
     num_cached_tokens: int = 0    # prompt tokens whose KV came from the prefix cache (vLLM's name)

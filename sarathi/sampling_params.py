@@ -1,9 +1,10 @@
 """Sampling parameters of one request (vLLM's names and meanings)."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 _GREEDY_EPS = 1e-5
 MAX_TEMPERATURE = 100.0          # beyond this every distribution is flat to float precision
@@ -68,6 +69,84 @@ class OptimalSamplingParams:
         return cls(target, value.get("alpha", "auto"), value.get("tol", 1e-6))
 
 
+# What a structured-outputs constraint can be, in the order a request's fields are read.
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain the output (vLLM's names): to a JSON schema (`json`, a dict or its JSON text), a
+    regular expression, one of the strings in `choice`, a grammar in EBNF / GBNF (`grammar`) or
+    any JSON object (`json_object=True`). Exactly one of them. `disable_any_whitespace`: JSON
+    without free whitespace between tokens. `param` is the request field it came from (named
+    in errors). Checked here for shape only; the grammar itself is parsed and compiled by the
+    engine (sarathi/structured_outputs), off the step loop."""
+
+    json: Union[None, str, Dict[str, Any]] = None
+    regex: Optional[str] = None
+    choice: Optional[Tuple[str, ...]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    disable_any_whitespace: bool = False
+    param: str = field(default="structured_outputs", compare=False)
+
+    def __post_init__(self):
+        p = self.param
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidParam(p, f"{p} needs exactly one of {', '.join(STRUCTURED_KINDS)}; got "
+                                  f"{', '.join(given) or 'none'}")
+        if self.json is not None:
+            # One canonical text (keys in the given order: they decide the order fields are generated in),
+            # so that equal schemas share a compiled grammar and the params stay hashable.
+            try:
+                value = json.loads(self.json) if isinstance(self.json, str) else self.json
+                text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            except (TypeError, ValueError, RecursionError) as e:
+                raise InvalidParam(p, f"{p}: the JSON schema is not valid JSON: {str(e)[:200]}") from None
+            if not isinstance(value, (dict, bool)):
+                raise InvalidParam(p, f"{p}: a JSON schema must be an object, got {type(value).__name__}")
+            object.__setattr__(self, "json", text)
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value or not _valid_text(value)):
+                raise InvalidParam(p, f"{p}: {name} must be a non-empty string of valid Unicode")
+        if self.choice is not None:
+            choice = self.choice
+            if isinstance(choice, str) or not isinstance(choice, (list, tuple)) or not choice or \
+                    not all(isinstance(c, str) and c and _valid_text(c) for c in choice):
+                raise InvalidParam(p, f"{p}: choice must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", tuple(choice))
+        if self.json_object not in (None, True, False):
+            raise InvalidParam(p, f"{p}: json_object must be true or false")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise InvalidParam(p, f"{p}: disable_any_whitespace must be true or false")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def spec(self) -> str:
+        """The constraint as text (what a size limit counts)."""
+        value = getattr(self, self.kind)
+        return "\n".join(value) if self.kind == "choice" else str(value)
+
+    @classmethod
+    def from_value(cls, value: Any, param: str = "structured_outputs") -> "StructuredOutputsParams":
+        """From the API's {"json" | "regex" | "choice" | "grammar" | "json_object", "disable_any_whitespace"}
+        (or an instance)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise InvalidParam(param, f"{param} must be an object like {{\"json\": {{...}}}} or {{\"regex\": \"...\"}}")
+        unknown = set(value) - {*STRUCTURED_KINDS, "disable_any_whitespace"}
+        if unknown:
+            raise InvalidParam(param, f"{param} has unsupported keys {sorted(map(str, unknown))[:5]}")
+        kwargs = {k: v for k, v in value.items() if v is not None}
+        return cls(**kwargs, param=param)
+
+
 @dataclass
 class SamplingParams:
     """How to sample the output of one request.
@@ -97,6 +176,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     optimal_sampling: Optional[OptimalSamplingParams] = None
+    structured_outputs: Optional[StructuredOutputsParams] = None
     # Prefix caching: requests share cached KV only with requests of the same salt (tenants).
     cache_salt: Optional[str] = None
     stop_strs: List[str] = field(init=False, repr=False, default_factory=list)
@@ -113,6 +193,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.optimal_sampling is not None:
             self.optimal_sampling = OptimalSamplingParams.from_value(self.optimal_sampling)
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
         if self.logit_bias:
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
@@ -195,6 +277,14 @@ class SamplingParams:
             if changed:
                 raise InvalidParam("optimal_sampling", f"optimal_sampling samples q* of the two models as they are; "
                                                        f"leave {', '.join(changed)} at their defaults")
+
+        if self.structured_outputs is not None:
+            p = self.structured_outputs.param
+            if self.optimal_sampling is not None:
+                raise InvalidParam(p, f"{p} cannot be combined with optimal_sampling")
+            if self.ignore_eos:
+                raise InvalidParam(p, f"{p} cannot be combined with ignore_eos: the grammar decides where the "
+                                      f"output ends")
 
     @property
     def reads_whole_prompt(self) -> bool:

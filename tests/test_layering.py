@@ -1,6 +1,6 @@
 """The package layering holds: read from the source with `ast`, no import is executed.
 
-entrypoints -> engine -> {core, model_executor, lora, optimal_sampling} -> vattention_ext;
+entrypoints -> engine -> {core, model_executor, lora, optimal_sampling, structured_outputs} -> vattention_ext;
 `core` is torch-free; serving never imports LoRA training; no import circle between modules
 (imports inside functions count: a lazy import still ties the two modules together).
 """
@@ -93,9 +93,11 @@ def test_core_is_torch_free():
 def test_layers_point_one_way():
     rules = {   # a package -> what it must not import
         "sarathi.core": ("sarathi.engine", "sarathi.entrypoints", "sarathi.model_executor", "sarathi.lora",
-                         "sarathi.optimal_sampling"),
+                         "sarathi.optimal_sampling", "sarathi.structured_outputs"),
         "sarathi.model_executor": ("sarathi.engine", "sarathi.entrypoints", "sarathi.lora",
-                                   "sarathi.optimal_sampling", "sarathi.lora_training"),
+                                   "sarathi.optimal_sampling", "sarathi.lora_training", "sarathi.structured_outputs"),
+        "sarathi.structured_outputs": ("sarathi.engine", "sarathi.entrypoints", "sarathi.model_executor",
+                                       "sarathi.lora", "sarathi.optimal_sampling"),
         "sarathi.engine": ("sarathi.entrypoints",),
         "sarathi.lora": ("sarathi.engine", "sarathi.entrypoints", "sarathi.lora_training"),
         "sarathi.optimal_sampling": ("sarathi.entrypoints", "sarathi.lora_training"),

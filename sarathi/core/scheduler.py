@@ -31,6 +31,10 @@ applies token-id stops, offers computed blocks to the prefix cache and frees wha
 finished. Sequences ended for other reasons (a stop string, an abort, a failure) leave
 through `finish()`.
 
+Holds: a sequence added with holds (futures: work its request waits for, such as a grammar
+compiling) stays in the queue, without blocking those behind it, until they are done; one
+whose hold failed is rejected (`SchedulerOutput.rejected`, with the error) and never runs.
+
 Memory pressure: recompute preemption of the newest running sequence. Admission
 keeps headroom: a new request must leave room for every running sequence to grow by
 one more block, and a request that was preempted comes back only when it can run to
@@ -41,8 +45,9 @@ No torch here: this runs on a fake clock in unit tests.
 from __future__ import annotations
 
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Deque, Dict, Iterable, List, Optional
+from typing import Deque, Dict, Iterable, List, Optional, Sequence as Seq, Tuple
 
 from sarathi.core.kv_manager import KVManager, KVOp, PrefixHit
 from sarathi.core.sequence import Sequence, SequenceStatus
@@ -68,7 +73,7 @@ class SchedulerOutput:
     preempted: List[Sequence] = field(default_factory=list)
     kv_ops: List[KVOp] = field(default_factory=list)      # memory operations, applied before the step
     finished_seq_ids: List[int] = field(default_factory=list)   # sequences gone since the last step
-
+    rejected: List[Tuple[Sequence, BaseException]] = field(default_factory=list)   # holds that failed
 
     @property
     def scheduled(self) -> List[ScheduledSeq]:
@@ -120,15 +125,19 @@ class Scheduler:
         self.running: List[Sequence] = []
         self.num_preemptions = 0
         self._finished_ids: List[int] = []
+        self._holds: Dict[int, List[Future]] = {}   # seq_id -> what it waits for before its first admission
 
     # ---- requests in and out -------------------------------------------------
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, holds: Seq[Future] = ()) -> None:
         """Queue a sequence. Entries check prompts first (EngineLimits.check_prompt); this only
-        guards the invariant that what is queued can run."""
+        guards the invariant that what is queued can run. holds: it is not admitted before these
+        futures are done (and is rejected if one failed)."""
         n = len(seq.prompt_token_ids)
         if not 0 < n < self.max_model_len or not self.kv.fits(n + 1):
             raise ValueError(f"a prompt of {n} tokens cannot be scheduled (max_model_len {self.max_model_len}, "
                              f"KV cache {self.kv.num_blocks} blocks): check it with EngineLimits.check_prompt")
+        if holds:
+            self._holds[seq.seq_id] = list(holds)
         self.waiting.append(seq)
 
     def finish(self, seqs: Iterable[Sequence], reason: Optional[str] = None) -> None:
@@ -144,6 +153,7 @@ class Scheduler:
                 self._release(seq)
             elif seq in self.waiting:
                 self.waiting.remove(seq)
+            self._holds.pop(seq.seq_id, None)
             self.kv.forget(seq.seq_id)
             seq.status = SequenceStatus.FINISHED
             self._finished_ids.append(seq.seq_id)
@@ -206,6 +216,11 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def has_runnable(self) -> bool:
+        """Something can run now: a running sequence, or a queued one no hold keeps waiting
+        (with nothing runnable, a loop can sleep instead of stepping)."""
+        return bool(self.running) or any(all(h.done() for h in self._holds.get(s.seq_id, ())) for s in self.waiting)
 
     def has_pending_memory_ops(self) -> bool:
         """Memory operations wait for the runner (a finish or abort freed a slot between steps)."""
@@ -271,6 +286,22 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
+    def _held(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        """The sequence still waits for a hold; one whose hold failed is rejected."""
+        holds = self._holds.get(seq.seq_id)
+        if holds is None:
+            return False
+        if not all(h.done() for h in holds):
+            return True
+        del self._holds[seq.seq_id]
+        error = next((h.exception() for h in holds if h.exception() is not None), None)
+        if error is None:
+            return False
+        seq.finish_reason = "abort"
+        self.finish([seq])
+        out.rejected.append((seq, error))
+        return True
+
     @staticmethod
     def _waits_for_leader(seq: Sequence) -> bool:
         """A later sample of a request waits until the first has computed the shared prompt."""
@@ -291,7 +322,7 @@ class Scheduler:
         budget). chunked: the last one admitted may get a partial prefill chunk; else whole
         prompts only. Returns the budget left."""
         for seq in list(self.waiting):
-            if self._lora_full(seq) or self._waits_for_leader(seq):
+            if self._held(seq, out) or self._lora_full(seq) or self._waits_for_leader(seq):
                 continue  # waits for a running adapter to finish (or its first sample); others may go
             if self._prefills_full(out, seq):
                 break
@@ -366,7 +397,11 @@ class VLLMScheduler(Scheduler):
     def _policy(self) -> SchedulerOutput:
         out = SchedulerOutput()
         self._admit_waiting(out, self.max_num_batched_tokens)
-        return out if out.prefills else self._running_decodes()
+        if out.prefills:
+            return out
+        decodes = self._running_decodes()
+        decodes.rejected = out.rejected
+        return decodes
 
 
 class OrcaScheduler(Scheduler):

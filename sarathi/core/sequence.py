@@ -9,11 +9,25 @@ from zero with its generated tokens folded into what it must prefill.
 from __future__ import annotations
 
 import enum
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, FrozenSet, List, Optional
+from typing import TYPE_CHECKING, Any, FrozenSet, List, Optional, Tuple
 
 if TYPE_CHECKING:
     from sarathi.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What a request plug-in (`bind`) says a new request needs: the LoRA adapter it runs with,
+    the salt of its cached KV, the adapters / models it keeps loaded, and work it must wait for
+    before it is scheduled (`holds`, futures that fail with the request's error: a grammar
+    compiling on a worker thread)."""
+
+    adapter: Optional[str] = None
+    cache_salt: str = ""
+    uses: FrozenSet[str] = frozenset()
+    holds: Tuple[Future, ...] = ()
 
 
 class SequenceStatus(enum.Enum):

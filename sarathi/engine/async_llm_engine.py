@@ -16,9 +16,11 @@ from sarathi.engine.engine_client import EngineDead, EngineLimits, RequestFailed
 from sarathi.engine.llm_engine import LLMEngine
 from sarathi.lora.request import LoRARequest
 from sarathi.outputs import RequestOutput
-from sarathi.sampling_params import SamplingParams
+from sarathi.sampling_params import InvalidParam, SamplingParams
 
 logger = logging.getLogger("sarathi")
+
+IDLE_POLL_S = 0.002   # how often a loop with nothing runnable looks again
 
 
 class AsyncLLMEngine:
@@ -88,7 +90,7 @@ class AsyncLLMEngine:
                     raise item
                 if item.error is not None:
                     finished = True
-                    raise RequestFailed(item.error)
+                    raise InvalidParam(item.error_param, item.error) if item.error_param else RequestFailed(item.error)
                 yield item
                 if item.finished:
                     finished = True
@@ -162,6 +164,8 @@ class AsyncLLMEngine:
                 q = self._streams.get(out.request_id)
                 if q is not None:
                     q.put_nowait(out)
+            if self.engine.is_waiting():   # every request waits for its hold (a grammar compiling)
+                await asyncio.sleep(IDLE_POLL_S)
             await asyncio.sleep(0)
 
     def _die(self, error: BaseException) -> None:

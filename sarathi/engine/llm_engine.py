@@ -4,7 +4,8 @@
 operations, forward, sampling), the scheduler takes the tokens, the output processor turns
 them into text. Features live behind those four: block reuse in the KV manager, the rest in
 `plugins.py` (wired onto the runner's seams at start-up, asked with `bind` what each new
-request needs: the adapter it runs with, what salts its cached KV, what it keeps loaded).
+request needs: the adapter it runs with, what salts its cached KV, what it keeps loaded, what
+it waits for before it may be scheduled).
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ class LLMEngine:
         self.tokenizer = get_tokenizer(self.model_dir, model.patch_tokenizer)
         self.runner = runner = ModelRunner(config, self.model_dir)
         self.max_model_len = runner.max_model_len
-        self.plugins = Plugins.attach(config, runner, self.tokenizer, [self.model_name])
+        self.eos_token_ids = eos_token_ids(self.tokenizer, runner.hf_config)
+        self.plugins = Plugins.attach(config, runner, self.tokenizer, [self.model_name], self.eos_token_ids)
 
         num_blocks, block_size, num_slots = runner.kv_layout()
         page_bytes, token_bytes = runner.kv_block_bytes()
@@ -101,7 +103,6 @@ class LLMEngine:
                                         self.plugins.lora.max_loras if self.plugins.lora else None, max_prefills)
         self.limits = EngineLimits(self.max_model_len, runner.vocab_size, serving.max_logprobs, serving.max_n,
                                    self.kv.whole_tokens_before(num_blocks))
-        self.eos_token_ids = eos_token_ids(self.tokenizer, runner.hf_config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.step_stats: Deque[StepStats] = deque(maxlen=10000)
         self.prompt_tokens_total = 0
@@ -130,12 +131,13 @@ class LLMEngine:
         p = sampling_params
         ids = self.encode_prompt(prompt, prompt_token_ids)
         self.limits.check(p)
-        adapter, salt, uses = self.plugins.bind(p, lora_request)
+        bound = self.plugins.bind(p, lora_request)
+        adapter, salt = bound.adapter, bound.cache_salt
         self.kv.root(salt)   # hashed here, where a failure is this request's error, not the step's
         room = self.max_model_len - len(ids)
         max_tokens = room if p.max_tokens is None else min(p.max_tokens, room)
         now = arrival_time if arrival_time is not None else time.monotonic()
-        req = RequestState(request_id, prompt, ids, p, [], RequestMetrics(arrival_time=now), uses)
+        req = RequestState(request_id, prompt, ids, p, [], RequestMetrics(arrival_time=now), bound.uses)
         for i in range(p.n):
             seq = Sequence(next(self._seq_ids), request_id, i, list(ids), now, max_tokens,
                            stop_token_ids=frozenset(p.stop_token_ids),
@@ -147,7 +149,7 @@ class LLMEngine:
             req.seqs.append(seq)
         self.output_processor.add(req)
         for seq in req.seqs:
-            self.scheduler.add(seq)
+            self.scheduler.add(seq, bound.holds)
         self.prompt_tokens_total += len(ids)
 
     def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
@@ -171,6 +173,12 @@ class LLMEngine:
     def has_pending_work(self) -> bool:
         """Requests in flight, or memory that finished ones hold until the next step frees it."""
         return self.has_unfinished_requests() or self.scheduler.has_pending_memory_ops()
+
+    def is_waiting(self) -> bool:
+        """Requests are in flight but none can run yet (each waits for its hold: a grammar
+        compiling): a loop may sleep a moment instead of stepping."""
+        return not self.scheduler.has_runnable() and not self.scheduler.has_pending_memory_ops() \
+            and not self._pending
 
     # ---- one step ------------------------------------------------------------
     def step(self) -> List[RequestOutput]:

@@ -98,9 +98,10 @@ class OutputProcessor:
             req.prompt_logprobs = [None]
         self.requests[req.request_id] = req
 
-    def end(self, request_id: str, error: Optional[str] = None) -> Optional[RequestOutput]:
+    def end(self, request_id: str, error: Optional[str] = None,
+            error_param: Optional[str] = None) -> Optional[RequestOutput]:
         """Abort (or fail, with error) a request: its final output. Its sequences are the
-        caller's to finish in the scheduler."""
+        caller's to finish in the scheduler. error_param: the request field at fault."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
@@ -109,7 +110,7 @@ class OutputProcessor:
                 seq.finish_reason = "abort"
         req.metrics.finished_time = time.monotonic()
         out = self.make_output(req)
-        out.error = error
+        out.error, out.error_param = error, error_param
         return out
 
     # ---- one step ------------------------------------------------------------------
@@ -120,7 +121,10 @@ class OutputProcessor:
         outputs: List[RequestOutput] = []
         to_finish: List[Sequence] = []
         touched: Dict[str, RequestState] = {}
-        failed: Dict[str, str] = {}
+        failed: Dict[str, Tuple[str, Optional[str]]] = {}   # request -> (error, the field at fault)
+        for seq, error in sched.rejected:   # a hold failed (its grammar did not compile): never ran
+            if seq.request_id in self.requests:
+                failed.setdefault(seq.request_id, (str(error), getattr(error, "param", None)))
         for seq in sched.preempted:
             req = self.requests.get(seq.request_id)
             if req is not None:
@@ -131,26 +135,26 @@ class OutputProcessor:
             if req is None:
                 continue
             if runner_out.error is not None:
-                failed[req.request_id] = f"the model step running this request failed: {runner_out.error}"
+                failed[req.request_id] = f"the model step running this request failed: {runner_out.error}", None
                 continue
             if seq.seq_id in runner_out.failed:
-                failed[req.request_id] = f"this request failed: {runner_out.failed[seq.seq_id]}"
+                failed[req.request_id] = f"this request failed: {runner_out.failed[seq.seq_id]}", None
                 continue
             try:
                 self._record(req, seq, item, runner_out, now)
             except Exception as e:  # noqa: BLE001 - e.g. a token the detokenizer cannot handle
                 logger.exception("output processing failed for request %s", req.request_id)
-                failed[req.request_id] = f"processing this request's output failed: {type(e).__name__}: {e}"
+                failed[req.request_id] = f"processing this request's output failed: {type(e).__name__}: {e}", None
                 continue
             if seq.seq_id in runner_out.sampled_token_ids or seq.finish_reason is not None:
                 touched[req.request_id] = req
             if seq.finish_reason is not None and not seq.is_finished:
                 to_finish.append(seq)
-        for rid, message in failed.items():
+        for rid, (message, param) in failed.items():
             touched.pop(rid, None)
             req = self.requests[rid]
             to_finish.extend(s for s in req.seqs if not s.is_finished)
-            outputs.append(self.end(rid, message))
+            outputs.append(self.end(rid, message, param))
         for req in touched.values():
             outputs.append(self.make_output(req))
             if req.finished:

@@ -1,30 +1,36 @@
 """The engine's feature rooms, wired onto the runner at start-up, asked about each new request.
 
-A request plug-in answers `bind(params, lora_request) -> (adapter, cache salt, names it keeps
-loaded)` (raising ValueError / InvalidParam fails that request alone, at admission) and
+A request plug-in answers `bind(params, lora_request) -> Binding` (core.sequence: the adapter,
+the cache salt, names it keeps loaded, futures the request waits for before it is scheduled;
+raising ValueError / InvalidParam fails that request alone, at admission) and
 `stats(scheduler) -> dict`. Runner-side parts plug into the runner's own seams: `runner.adapters`
-(the LoRA manager) and `runner.second_models` (optimal sampling; a proposer would go there too).
-A new feature is a new entry here; the engine only calls `attach`, `bind` and `stats`.
+(the LoRA manager), `runner.second_models` (optimal sampling; a proposer would go there too) and
+`runner.masks` (structured outputs' grammars). A new feature is a new entry here; the engine only
+calls `attach`, `bind` and `stats`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Collection, List, Optional
 
 from sarathi.config import EngineConfig
+from sarathi.core.sequence import Binding
 from sarathi.lora.manager import LoRAManager
 from sarathi.lora.request import LoRARequest
 from sarathi.model_executor.model_runner import ModelRunner, split_threads
 from sarathi.optimal_sampling.sampler import OptimalSampler, load_model_target
+from sarathi.structured_outputs import StructuredOutputManager
 
 
 @dataclass
 class Plugins:
     lora: Optional[LoRAManager]          # --enable-lora: adapters for the runner's rows
     optimal_sampling: OptimalSampler     # a second model beside the runner (its targets may be none)
+    structured_outputs: StructuredOutputManager   # grammars: compiled off the step loop, a mask in the runner
 
     @classmethod
-    def attach(cls, config: EngineConfig, runner: ModelRunner, tokenizer, served_names: List[str]) -> "Plugins":
+    def attach(cls, config: EngineConfig, runner: ModelRunner, tokenizer, served_names: List[str],
+               eos_token_ids: Collection[int]) -> "Plugins":
         lora_config, serving = config.lora_config, config.serving_config
         lora = LoRAManager.from_config(lora_config, runner.model, runner.device) if lora_config.enable_lora else None
         runner.adapters = lora
@@ -32,22 +38,29 @@ class Plugins:
             if serving.optimal_sampling_target else None
         optimal = OptimalSampler(runner, lora, target)
         runner.second_models.append(optimal)
-        split_threads(config.parallel_config.num_threads, [runner, *optimal.runners])
-        return cls(lora, optimal)
+        torch_threads = split_threads(config.parallel_config.num_threads, [runner, *optimal.runners])
+        so = config.structured_outputs_config
+        structured = StructuredOutputManager(
+            so.structured_outputs_backend, tokenizer, runner.vocab_size, eos_token_ids,
+            so.structured_outputs_compile_timeout, so.structured_outputs_max_bytes,
+            num_threads=config.parallel_config.num_threads or torch_threads)
+        runner.masks.append(structured)
+        return cls(lora, optimal, structured)
 
     @property
     def requests(self) -> list:
         """The request plug-ins, in the order they are asked."""
-        return [p for p in (self.lora, self.optimal_sampling) if p is not None]
+        return [p for p in (self.lora, self.optimal_sampling, self.structured_outputs) if p is not None]
 
-    def bind(self, params, lora_request: Optional[LoRARequest]) -> Tuple[Optional[str], str, frozenset]:
-        """A new request's (adapter, prefix-cache salt, names it keeps loaded), from every plug-in."""
+    def bind(self, params, lora_request: Optional[LoRARequest]) -> Binding:
+        """A new request's adapter, prefix-cache salt, names it keeps loaded and holds, from every plug-in."""
         bound = [plugin.bind(params, lora_request) for plugin in self.requests]
-        adapter = next((a for a, _, _ in bound if a is not None), None)
+        adapter = next((b.adapter for b in bound if b.adapter is not None), None)
         if lora_request is not None and adapter is None:
             raise ValueError("this engine was started without --enable-lora; it serves no adapters")
-        salt = "\0".join([*(s for _, s, _ in bound), params.cache_salt or ""])
-        return adapter, salt, frozenset().union(*(u for _, _, u in bound))
+        salt = "\0".join([*(b.cache_salt for b in bound), params.cache_salt or ""])
+        return Binding(adapter, salt, frozenset().union(*(b.uses for b in bound)),
+                       tuple(h for b in bound for h in b.holds))
 
     def stats(self, scheduler) -> dict:
         out: dict = {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Dict, List, Optional, Sequence, Union
 
 from tqdm import tqdm
@@ -91,6 +92,8 @@ class LLM:
                 if out.finished and out.request_id in wanted:
                     done[out.request_id] = out
                     bar.update(1)
+            if self.engine.is_waiting():   # every request waits for its grammar to compile
+                time.sleep(0.002)
         if self.engine.has_pending_work():
             self.engine.step()   # the memory of the last requests to finish goes back now
         bar.close()

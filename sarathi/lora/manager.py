@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from sarathi.config import LoRAConfig
+from sarathi.core.sequence import Binding
 from sarathi.lora.adapter import AdapterError, LoRAAdapter, load_adapter
 from sarathi.lora.layers import FUSED_PARTS, LoRABatch, LoRAStack
 from sarathi.lora.request import LoRARequest
@@ -98,12 +99,12 @@ class LoRAManager:
             self.add(lora_request)
         return name
 
-    def bind(self, params, lora_request: Optional[LoRARequest]) -> Tuple[Optional[str], str, frozenset]:
-        """A new request's (adapter, prefix-cache salt, names it keeps loaded)."""
+    def bind(self, params, lora_request: Optional[LoRARequest]) -> Binding:
+        """A new request's adapter, prefix-cache salt and the name it keeps loaded."""
         name = self.resolve(lora_request)
         if name is None:
-            return None, "", frozenset()
-        return name, self.cache_salt(name), frozenset([name])
+            return Binding()
+        return Binding(name, self.cache_salt(name), frozenset([name]))
 
     def stats(self, scheduler) -> dict:
         """Adapters running and waiting (for /metrics and the dashboard)."""

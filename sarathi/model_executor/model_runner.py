@@ -8,7 +8,10 @@ state (seeded generators) lives here, in the input batch, between steps.
 Plug-in points (set by the engine, imported by nothing here):
 - `adapters`: activates per-row weights for a step's rows (the LoRA manager);
 - `second_models`: components that bring rows of another model into the step and draw the
-  tokens of the sequences they claim (optimal sampling's target; a draft model next).
+  tokens of the sequences they claim (optimal sampling's target; a draft model next);
+- `masks`: components that say, in one token bitmask for all their rows, what the sequences
+  they constrain may sample next (the sampler's pass applies it), and learn the tokens drawn
+  (structured outputs' grammars).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from sarathi.config import EngineConfig, torch_dtype
 from sarathi.model_executor.kv_cache import KVBackend, KVCacheSpec, StepBatch, kv_backend_class
 from sarathi.model_executor.layers.linear import Linear
 from sarathi.model_executor.model_loader import gguf_source, load_hf_config, load_model, pick_quantization
-from sarathi.model_executor.sampler import SampleRequest, SampleResult, prompt_logprobs, sample
+from sarathi.model_executor.sampler import SampleRequest, SampleResult, apply_token_bitmask, prompt_logprobs, sample
 from vattention_ext.threads import set_native_threads
 
 _DEFAULT_THREADS = torch.get_num_threads()  # torch's default (the cores), before a runner changes it
@@ -104,6 +107,23 @@ class SecondModel(Protocol):
     def close(self) -> None: ...
 
 
+class LogitsMask(Protocol):
+    """A runner-side component that constrains what some sequences sample (see the module docstring)."""
+
+    def claims(self, seq) -> bool:
+        """This component constrains the sequence."""
+
+    def bitmask(self, seqs: Sequence[Any]) -> Optional[Tuple[torch.Tensor, List[int]]]:
+        """What the sequences it claims may sample next: an int32 bitmask (bit k of word w allows
+        token 32 w + k) whose row i belongs to seqs[i], and the rows it filled (None: none)."""
+
+    def accept(self, seqs: Sequence[Any], tokens: Sequence[int]) -> Dict[int, str]:
+        """The tokens drawn (tokens[i] for seqs[i]); returns {seq_id: why} for rows that failed."""
+
+    def drop(self, seq_ids: Sequence[int]) -> None:
+        """Forget finished sequences."""
+
+
 class InputBatch:
     """Per-sequence sampling state kept between steps: a seeded request's generator per
     sample (created on first sight, kept across preemption, dropped when it finishes)."""
@@ -163,6 +183,7 @@ class ModelRunner:
         self.batch = InputBatch(self.device, model.seed)
         self.adapters = None                      # set by the engine: activate(names, rows)
         self.second_models: List[SecondModel] = []
+        self.masks: List[LogitsMask] = []
         self.torch_threads = torch.get_num_threads()
 
     # ---- threads --------------------------------------------------------------
@@ -229,6 +250,8 @@ class ModelRunner:
         try:
             self._apply_kv_ops(sched.kv_ops, out)
             self.batch.drop(sched.finished_seq_ids)
+            for m in self.masks:
+                m.drop(sched.finished_seq_ids)
             if not sched.prefills and not sched.decodes:
                 return out
             plan = [self._plan(item) for item in sched.scheduled]
@@ -351,23 +374,46 @@ class ModelRunner:
         return rows
 
     def _sample(self, plan: List[SeqPlan], rows: Dict[SeqPlan, torch.Tensor], out: ModelRunnerOutput) -> None:
-        """One token per sequence with the plain sampler; a batch that fails is retried row by
-        row so that only the rows at fault fail."""
+        """One token per sequence with the plain sampler, after the masks (grammars) restricted
+        their rows; a batch that fails is retried row by row so that only the rows at fault fail."""
+        if not plan:
+            return
+        logits = torch.stack([rows[p] for p in plan])
+        for m in self.masks:
+            try:
+                allowed = m.bitmask([p.seq for p in plan])
+                if allowed is not None:
+                    apply_token_bitmask(logits, *allowed)
+            except Exception as e:  # noqa: BLE001 - the sequences it constrains fail, the rest sample
+                logger.exception("logits mask failed")
+                keep = [i for i, p in enumerate(plan) if not m.claims(p.seq)]
+                for p in plan:
+                    if m.claims(p.seq):
+                        out.failed[p.seq.seq_id] = f"{type(e).__name__}: {e}"
+                plan, logits = [plan[i] for i in keep], logits[keep]
         if not plan:
             return
         reqs = [SampleRequest(p.seq.params, p.seq.prompt_token_ids, p.seq.output_token_ids,
                               self.batch.generator(p.seq), tuple(p.seq.blocked_token_ids)) for p in plan]
-        logits = torch.stack([rows[p] for p in plan])
         try:
             out.samples.update((p.seq.seq_id, r) for p, r in zip(plan, sample(logits, reqs, self.batch.shared)))
-            return
         except Exception:  # noqa: BLE001 - find the rows at fault
             logger.exception("batched sampling failed; sampling row by row")
-        for i, (p, r) in enumerate(zip(plan, reqs)):
+            for i, (p, r) in enumerate(zip(plan, reqs)):
+                try:
+                    out.samples[p.seq.seq_id] = sample(logits[i:i + 1], [r], self.batch.shared)[0]
+                except Exception as e:  # noqa: BLE001
+                    out.failed[p.seq.seq_id] = f"sampling failed: {type(e).__name__}: {e}"
+        drawn = [p.seq for p in plan if p.seq.seq_id in out.samples]
+        for m in self.masks:
             try:
-                out.samples[p.seq.seq_id] = sample(logits[i:i + 1], [r], self.batch.shared)[0]
+                refused = m.accept(drawn, [out.samples[s.seq_id].token_id for s in drawn])
             except Exception as e:  # noqa: BLE001
-                out.failed[p.seq.seq_id] = f"sampling failed: {type(e).__name__}: {e}"
+                logger.exception("logits mask failed to take the drawn tokens")
+                refused = {s.seq_id: f"{type(e).__name__}: {e}" for s in drawn if m.claims(s)}
+            for sid, why in refused.items():
+                out.samples.pop(sid, None)
+                out.failed[sid] = why
 
     def close(self) -> None:
         """Release the KV memory now (the engine is shutting down)."""

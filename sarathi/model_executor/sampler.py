@@ -1,8 +1,10 @@
 """Turn logits into tokens: penalties, bias, temperature, top-k/top-p/min-p, seeds, logprobs.
 
 Logprobs are reported from the model's raw distribution (log-softmax of the logits),
-as HF and vLLM report them. A seeded row draws its randomness from its own
-generator, so its tokens do not depend on what else shares the batch.
+as HF and vLLM report them; for a row a grammar constrains (structured outputs), from that
+distribution restricted to the tokens the grammar allows, the one the token is drawn from
+(before temperature and the top-k/p filters). A seeded row draws its randomness from its
+own generator, so its tokens do not depend on what else shares the batch.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Dict, List, Optional, Sequence as Seq, Tuple
 
 import torch
 
+from sarathi.model_executor import _sampler
 from sarathi.sampling_params import SamplingParams
 
 
@@ -77,6 +80,28 @@ def _filter(logits: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
     return logits
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Seq[int]) -> None:
+    """logits[r] = -inf, in place, where bitmask[r] forbids the token (int32 words, bit k of word w is
+    token 32 w + k; a grammar's allowed tokens), for r in rows. On CPU one native pass per row
+    (csrc/sampler/bitmask.cpp; 32 rows of 49,152 tokens: 0.15 ms, where xgrammar's own CPU apply
+    took 8.7 ms on our 2-core machine); elsewhere torch unpacks the bits."""
+    rows = list(rows)
+    if not rows:
+        return
+    if bitmask.dim() != 2 or logits.dim() != 2 or bitmask.shape[1] * 32 < logits.shape[1]:
+        raise ValueError(f"bitmask {tuple(bitmask.shape)} does not cover logits {tuple(logits.shape)}")
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+        words = bitmask.to("cpu", torch.int32).contiguous()
+        _sampler.apply_token_bitmask(logits.data_ptr(), logits.shape[0], logits.shape[1], words.data_ptr(),
+                                     words.shape[0], words.shape[1], rows)
+        return
+    index = torch.tensor(rows, device=logits.device)
+    words = bitmask.to(logits.device, torch.int32)[index]
+    bits = (words.unsqueeze(-1) >> torch.arange(32, device=logits.device, dtype=torch.int32)) & 1
+    allowed = bits.reshape(len(rows), -1)[:, :logits.shape[1]].bool()
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
 def draw(probs: torch.Tensor, generators: Seq[torch.Generator]) -> List[int]:
     """One index per row of probs [n, V] (need not sum to 1), drawn with that row's generator by
     inverting the row's float64 cumulative sum at one uniform number: the first index whose
@@ -136,7 +161,9 @@ def sample(logits: torch.Tensor, rows: Seq[SampleRequest], shared: torch.Generat
         for j, i in enumerate(want):
             ranks[i] = int(counts[j])
             n = rows[i].params.logprobs
-            tops[i] = list(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist())) if n else []
+            # a masked row (a grammar) may have fewer than n possible tokens: the impossible ones are left out
+            tops[i] = [(t, v) for t, v in zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist())
+                       if v != float("-inf")] if n else []
     chosen_l, lp_l = chosen.tolist(), chosen_lp.tolist()
     return [SampleResult(chosen_l[i], lp_l[i], ranks.get(i, 0), tops.get(i, [])) for i in range(len(rows))]
 

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from sarathi.core.sequence import Binding
 from sarathi.model_executor.kv_cache import kv_backend_class
 from sarathi.model_executor.model_runner import ModelRunner, ModelRunnerOutput, SeqPlan
 from sarathi.model_executor.sampler import SampleResult, draw
@@ -120,12 +121,12 @@ class OptimalSampler:
         adapters = [] if self.adapters is None else self.adapters.names()
         return list(dict.fromkeys([*self.models, *adapters]))
 
-    def bind(self, params, lora_request=None) -> Tuple[None, str, frozenset]:
+    def bind(self, params, lora_request=None) -> Binding:
         """A new request's target must exist (InvalidParam otherwise); it keeps it loaded."""
         if params.optimal_sampling is None:
-            return None, "", frozenset()
+            return Binding()
         self._target(params.optimal_sampling.target)
-        return None, "", frozenset([params.optimal_sampling.target])
+        return Binding(uses=frozenset([params.optimal_sampling.target]))
 
     def stats(self, scheduler) -> dict:
         return {}

@@ -17,6 +17,7 @@ import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Awaitable, Callable, List, Optional
 
 import uvicorn
@@ -39,6 +40,10 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeReque
 from .serving_chat import OpenAIServingChat, render_messages
 from .serving_completion import OpenAIServingCompletion
 from .serving_engine import APIError, OpenAIServing, bad_request, internal_error, short
+from .tool_calls import PARSERS
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+SHIPPED_TEMPLATES = sorted(p.stem for p in TEMPLATES.glob("*.jinja"))
 
 logger = logging.getLogger("sarathi.entrypoints.openai")
 
@@ -49,6 +54,20 @@ _OPEN_PATHS = {"/health", "/metrics", "/version"}
 def version() -> str:
     from sarathi import __version__
     return __version__
+
+
+def load_chat_template(value: Optional[str]) -> Optional[str]:
+    """--chat-template: a shipped name, a file, or the template text itself (ValueError otherwise)."""
+    if value is None:
+        return None
+    if value in SHIPPED_TEMPLATES:
+        return (TEMPLATES / f"{value}.jinja").read_text()
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template {value!r} is neither a file, a template nor one of {SHIPPED_TEMPLATES}")
 
 
 def make_arg_parser() -> argparse.ArgumentParser:
@@ -72,6 +91,13 @@ def make_arg_parser() -> argparse.ArgumentParser:
                    help="seconds a client has to send a request's headers (default: 10)")
     g.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request body may stall before 408 (default: 30)")
+    g.add_argument("--chat-template", default=None,
+                   help="chat template to use instead of the model's: a file, the template text, or a shipped one "
+                        f"({', '.join(SHIPPED_TEMPLATES)}: ChatML with Hermes-style tool calls)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='allow tool_choice "auto": the model calls tools in free text, read by --tool-call-parser')
+    g.add_argument("--tool-call-parser", choices=PARSERS, default=None,
+                   help="how tool calls are written in the model's text (with --enable-auto-tool-choice)")
     g.add_argument("--allow-runtime-lora-updating", action="store_true",
                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with --enable-lora)")
     g.add_argument("--disable-ui", action="store_true",
@@ -301,8 +327,11 @@ def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], An
         try:
             engine = await asyncio.to_thread(engine_factory)
             names = [args.served_model_name or engine.model_name]
-            serving = await asyncio.to_thread(OpenAIServing, engine, names, metrics, args.max_queue_len,
-                                              args.log_prompts, args.max_prompt_tokens_per_request)
+            serving = await asyncio.to_thread(
+                OpenAIServing, engine, names, metrics, args.max_queue_len, args.log_prompts,
+                args.max_prompt_tokens_per_request,
+                chat_template=load_chat_template(getattr(args, "chat_template", None)),
+                tool_call_parser=args.tool_call_parser if getattr(args, "enable_auto_tool_choice", False) else None)
         except Exception as e:  # noqa: BLE001 - reported on /health and in the log, then we exit
             logger.exception("model failed to load")
             state.load_error = f"{type(e).__name__}: {e}"
@@ -315,6 +344,10 @@ def build_app(args: argparse.Namespace, engine_factory: Optional[Callable[[], An
         state.serving = serving
         logger.info("model %s ready in %.1fs (max_model_len %d)", names[0], time.perf_counter() - t0,
                     serving.max_model_len)
+        so = (engine.get_stats() or {}).get("structured_outputs") or {}
+        logger.info("structured outputs: backend %s; tool calls: %s", so.get("backend", "?"),
+                    f"auto with the {serving.tool_call_parser} parser" if serving.tool_call_parser
+                    else 'required / named function (start with --enable-auto-tool-choice for "auto")')
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -417,6 +450,12 @@ def main(argv: Optional[List[str]] = None) -> None:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser")
+    try:
+        load_chat_template(args.chat_template)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
     try:
         EngineConfig.from_cli_args(args)
     except (ValueError, TypeError, OSError) as e:

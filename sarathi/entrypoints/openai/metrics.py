@@ -10,7 +10,7 @@ import time
 from typing import Callable, Dict, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from sarathi.outputs import RequestOutput
 
@@ -70,6 +70,9 @@ class _EngineStatsCollector:
                 c = CounterMetricFamily(f"sarathi:{name}", doc)
                 c.add_metric([], float(stats[key]))
                 yield c
+        so = stats.get("structured_outputs")
+        if isinstance(so, dict):
+            yield from _structured_outputs(so)
         replicas = stats.get("replicas")
         if isinstance(replicas, list):   # engine replicas (Ray): one series per replica
             yield from _per_replica(replicas)
@@ -98,6 +101,27 @@ _REPLICA_COUNTERS = [
     ("replica_stream_items", "Ray items the replica streamed (each carries a step's outputs)", "stream_items_total"),
     ("replica_stream_outputs", "Request outputs the replica streamed", "stream_outputs_total"),
 ]
+
+
+_STRUCTURED_COUNTERS = [
+    ("structured_outputs_requests", "Requests with a structured-output constraint", "requests_total"),
+    ("structured_outputs_compile_cache_hits", "Constraints found compiled", "compile_cache_hits_total"),
+    ("structured_outputs_compile_cache_misses", "Constraints compiled", "compile_cache_misses_total"),
+    ("structured_outputs_compile_failures", "Constraints that failed to compile (or timed out)",
+     "compile_failures_total"),
+]
+
+
+def _structured_outputs(so: Dict):
+    for name, doc, key in _STRUCTURED_COUNTERS:
+        c = CounterMetricFamily(f"sarathi:{name}", doc)
+        c.add_metric([], float(so.get(key, 0)))
+        yield c
+    h = HistogramMetricFamily("sarathi:structured_outputs_compile_seconds", "Time to compile a constraint")
+    buckets = [(str(le), float(n)) for le, n in so.get("compile_seconds_buckets", [])]
+    h.add_metric([], buckets + [("+Inf", float(so.get("compile_seconds_count", 0)))],
+                 float(so.get("compile_seconds_sum", 0.0)))
+    yield h
 
 
 def _per_replica(replicas):

@@ -2,8 +2,9 @@
 
 Field names and defaults follow OpenAI's API plus vLLM's sampling extras
 (top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos, min_tokens,
-include_stop_str_in_output, skip_special_tokens). Unknown request fields are
-ignored (and logged), as vLLM does, so clients written for other servers work.
+include_stop_str_in_output, skip_special_tokens, structured_outputs and the older guided_*).
+Unknown request fields are ignored (and logged), as vLLM does, so clients written for other
+servers work.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import time
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_serializer, field_validator, model_validator
+
+from .tool_calls import TOOL_NAME
 
 
 # Limits every request field gets, whatever its type, before its own validation runs.
@@ -97,6 +100,20 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
+class JsonSchemaFormat(OpenAIBase):
+    """response_format's json_schema: the schema is always enforced (strict or not)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: Optional[str] = None
+    json_schema: Union[Dict[str, Any], bool] = Field(alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(OpenAIBase):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
 class SamplingFields(OpenAIBase):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -125,6 +142,13 @@ class SamplingFields(OpenAIBase):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     cache_salt: Optional[str] = None   # vLLM: only requests with the same salt share cached prefixes
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[Dict[str, Any]] = None
+    guided_json: Optional[Union[str, Dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[List[str]] = None
+    guided_grammar: Optional[str] = None
 
     @field_validator("n", "temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                      "repetition_penalty", "min_tokens", "include_stop_str_in_output", "ignore_eos",
@@ -176,9 +200,51 @@ class CompletionResponse(BaseModel):
 
 # ----------------------------------------------------------------------------- chat
 
+class FunctionCall(OpenAIBase):
+    name: str
+    arguments: Union[str, Dict[str, Any]]       # OpenAI sends JSON text; some clients an object
+
+
+class ToolCall(OpenAIBase):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIBase):
     role: str
     content: Optional[Union[str, List[Dict[str, Any]]]] = None
+    name: Optional[str] = None
+    tool_calls: Optional[List[ToolCall]] = None      # an assistant's earlier calls
+    tool_call_id: Optional[str] = None               # role "tool": the call this answers
+
+
+class FunctionDefinition(OpenAIBase):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[Dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not TOOL_NAME.match(name):
+            raise ValueError(f"function name {name[:80]!r} must be 1 to 64 letters, digits, '_' or '-'")
+        return name
+
+
+class ChatTool(OpenAIBase):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIBase):
+    name: str
+
+
+class NamedToolChoice(OpenAIBase):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -188,8 +254,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
-    tools: Optional[List[Any]] = None
-    response_format: Optional[Dict[str, Any]] = None
+    tools: Optional[List[ChatTool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 class TopLogprob(BaseModel):
@@ -206,9 +273,21 @@ class ChatLogprobs(BaseModel):
     content: Optional[List[ChatTokenLogprob]] = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str                      # JSON text
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: Optional[str] = None
+    tool_calls: List[ResponseToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -230,9 +309,22 @@ class ChatCompletionResponse(BaseModel):
     usage: Optional[UsageInfo] = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
 class DeltaMessage(BaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[List[DeltaToolCall]] = None
 
 
 class ChatChunkChoice(BaseModel):

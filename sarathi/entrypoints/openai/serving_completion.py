@@ -8,8 +8,8 @@ from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple, Union
 from sarathi.outputs import CompletionOutput, PromptLogprobs, RequestOutput, SampleLogprobs
 
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from .serving_engine import (ChoiceCursor, OpenAIServing, bad_request, optimal_sampling_fields, random_id, sse,
-                             stop_reason, usage_of)
+from .serving_engine import (ChoiceCursor, OpenAIServing, bad_request, first_output, optimal_sampling_fields,
+                             random_id, sse, stop_reason, usage_of)
 
 Prompt = Tuple[str, List[int]]  # (text, token ids)
 
@@ -63,6 +63,8 @@ class OpenAIServingCompletion:
                    for i, ((text, ids), p) in enumerate(zip(prompts, params))]
         merged = s.merge(streams)
         if req.stream:
+            if params[0].structured_outputs is not None:
+                merged = await first_output(merged)   # a constraint that does not compile: a 400, not a stream
             return sse(self._stream(req, model, request_id, prompts, merged))
         finals: List[Optional[RequestOutput]] = [None] * len(prompts)
         async for i, out in merged:

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 from sarathi.engine.engine_client import EngineClient, EngineDead, ReplicaFailed, RequestFailed
 from sarathi.lora.request import LoRARequest
 from sarathi.outputs import CompletionOutput, Logprob, RequestOutput
-from sarathi.sampling_params import InvalidParam, SamplingParams
+from sarathi.sampling_params import InvalidParam, SamplingParams, StructuredOutputsParams
 
 from .metrics import ServerMetrics
 from .protocol import PromptTokensDetails, SamplingFields, UsageInfo
@@ -26,8 +26,11 @@ logger = logging.getLogger("sarathi.entrypoints.openai")
 RETRY_AFTER_S = 1
 ADMISSION_TIMEOUT_S = 30.0   # a place reserved in the queue that never reached the engine lapses
 
+# Where a request may give its structured-output constraint: field -> StructuredOutputsParams key.
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 # Fields of SamplingFields that are not sampling parameters (or are set by the endpoint).
-_NOT_SAMPLING = {"model", "stream", "stream_options", "user", "logit_bias", "max_tokens", "logprobs"}
+_NOT_SAMPLING = {"model", "stream", "stream_options", "user", "logit_bias", "max_tokens", "logprobs",
+                 "response_format", "structured_outputs", *_GUIDED}
 
 
 class APIError(Exception):
@@ -75,6 +78,52 @@ def stop_reason(c: CompletionOutput) -> Optional[object]:
     return c.stop_reason if isinstance(c.stop_reason, (int, str)) else None
 
 
+def structured_outputs_of(req: SamplingFields) -> Optional[StructuredOutputsParams]:
+    """The request's constraint, from whichever field holds it: response_format (json_object,
+    json_schema), vLLM's structured_outputs, or guided_json / guided_regex / guided_choice /
+    guided_grammar. Two of them is a 400 naming the second."""
+    found: List[Tuple[str, Any]] = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        found.append(("response_format", {"json_object": True}))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None:
+            raise bad_request("response_format of type json_schema needs a json_schema object", param="response_format")
+        found.append(("response_format", {"json": rf.json_schema.json_schema}))
+    if req.structured_outputs is not None:
+        found.append(("structured_outputs", req.structured_outputs))
+    found += [(name, {key: getattr(req, name)}) for name, key in _GUIDED.items() if getattr(req, name) is not None]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise bad_request(f"give one structured-output constraint; this request has {found[0][0]} and "
+                          f"{found[1][0]}", param=found[1][0])
+    param, value = found[0]
+    try:
+        return StructuredOutputsParams.from_value(value, param)
+    except InvalidParam as e:
+        raise bad_request(str(e), param=e.param) from None
+    except TypeError:
+        raise bad_request(f"{param} is not a valid constraint", param=param) from None
+
+
+async def first_output(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """Wait for a stream's first item, so that a failure before it (a constraint that does not
+    compile) is a 400 before the response starts; then the stream as it was."""
+    it = stream.__aiter__()
+    try:
+        first = await it.__anext__()
+    except StopAsyncIteration:
+        first = None
+
+    async def rest() -> AsyncIterator[Any]:
+        if first is not None:
+            yield first
+        async for item in it:
+            yield item
+    return rest()
+
+
 def usage_of(finals: Sequence[Optional[RequestOutput]]) -> UsageInfo:
     """Prompt tokens once per prompt, completion tokens over every choice."""
     prompt = sum(len(o.prompt_token_ids) for o in finals if o is not None)
@@ -89,7 +138,10 @@ class OpenAIServing:
 
     def __init__(self, engine: EngineClient, served_model_names: Sequence[str], metrics: ServerMetrics,
                  max_queue_len: Optional[int] = None, log_prompts: bool = False,
-                 max_prompt_tokens: Optional[int] = None):
+                 max_prompt_tokens: Optional[int] = None, chat_template: Optional[str] = None,
+                 tool_call_parser: Optional[str] = None):
+        """chat_template: overrides the model's; tool_call_parser: reads tool calls from free text
+        (tool_choice "auto", --enable-auto-tool-choice)."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.served_model_names = list(served_model_names)
@@ -101,6 +153,8 @@ class OpenAIServing:
         self._admitting: Dict[int, float] = {}   # places reserved here, not yet in the engine's queue
         self._tickets = itertools.count(1)
         self.log_prompts = log_prompts
+        self.chat_template = chat_template
+        self.tool_call_parser = tool_call_parser
         self.vocab_size = len(self.tokenizer)
         # Longest text one token stands for: a text of more than max_model_len times this many
         # characters cannot fit the context, whatever its tokens, so it is refused untokenised.
@@ -181,8 +235,10 @@ class OpenAIServing:
         return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
     def sampling_params(self, req: SamplingFields, max_tokens: Optional[int], logprobs: Optional[int],
-                        prompt_logprobs: Optional[int] = None) -> SamplingParams:
-        """SamplingParams from the request body, checked against this engine's limits."""
+                        prompt_logprobs: Optional[int] = None,
+                        structured: Optional[StructuredOutputsParams] = None) -> SamplingParams:
+        """SamplingParams from the request body, checked against this engine's limits. structured:
+        the constraint tool_choice implies (the request's own constraint fields must be empty)."""
         if req.model_extra:
             logger.warning("ignoring unknown request fields: %s", sorted(req.model_extra)[:20])
         if req.stream_options is not None and not req.stream:
@@ -195,10 +251,15 @@ class OpenAIServing:
                 raise bad_request("logit_bias keys must be token ids", param="logit_bias") from None
         for stop in ([req.stop] if isinstance(req.stop, str) else req.stop or []):
             check_text(stop, "stop")
+        own = structured_outputs_of(req)
+        if own is not None and structured is not None:
+            raise bad_request(f"{own.param} cannot be combined with tool_choice 'required' or a named function "
+                              f"(it constrains the output already)", param=own.param)
         fields = {k: v for k, v in req.model_dump(exclude=_NOT_SAMPLING).items() if k not in req.model_extra}
         try:
             params = SamplingParams.from_request(fields, max_tokens=max_tokens, logprobs=logprobs,
-                                                 prompt_logprobs=prompt_logprobs, logit_bias=logit_bias)
+                                                 prompt_logprobs=prompt_logprobs, logit_bias=logit_bias,
+                                                 structured_outputs=structured or own)
             self.limits.check(params)
         except InvalidParam as e:
             raise bad_request(str(e), param=e.param) from None
