@@ -246,7 +246,7 @@ def _check_finite(r: _Reader, name: str, start: int, nbytes: int, ttype: int) ->
 
 def _check_hparams(r: _Reader, meta: Dict[str, object], blocks: set, shapes: Dict[str, List[int]]) -> None:
     """The hyper-parameters of a supported architecture: integers in range, consistent with the tensors."""
-    from sarathi.model_executor.model_loader import GGUF_ARCHITECTURES
+    from sarathi.model_executor.models import GGUF_ARCHITECTURES
 
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:

@@ -21,6 +21,7 @@ import numpy as np
 
 from sarathi.model_executor.checkpoint_check import check_model_dir, read_hf_config, safetensors_files
 from sarathi.model_executor.gguf_check import check_gguf
+from sarathi.model_executor.models import GGUF_ARCHITECTURES
 
 logger = logging.getLogger("sarathi")
 
@@ -98,10 +99,6 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-# general.architecture as llama.cpp's converter writes it -> the HF architecture it is read as
-# (Mistral is written as "llama").
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                      "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 # The HF tensors of a layer; gguf's own TensorNameMap gives each one's GGUF name.
 _LAYER_PARTS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj", "self_attn.o_proj",
                 "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_up_proj", "mlp.gate_proj", "mlp.up_proj",

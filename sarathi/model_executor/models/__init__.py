@@ -25,6 +25,10 @@ ARCHITECTURES: Dict[str, tuple] = {
     "Gemma3ForCausalLM": ("gemma3_text", gemma3_args),
     "Phi3ForCausalLM": ("phi3", phi3_args),
 }
+# general.architecture as llama.cpp's converter writes it -> the HF architecture it is read as
+# (Mistral is written as "llama").
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                      "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 _BY_MODEL_TYPE: Dict[str, str] = {t: arch for arch, (t, _) in ARCHITECTURES.items()}
 
 
@@ -51,4 +55,4 @@ def build_model(args: ModelArgs) -> DecoderLM:
     return DecoderLM(args)
 
 
-__all__ = ["ARCHITECTURES", "DecoderLM", "ModelArgs", "architecture", "build_model", "model_args"]
+__all__ = ["ARCHITECTURES", "GGUF_ARCHITECTURES", "DecoderLM", "ModelArgs", "architecture", "build_model", "model_args"]
