@@ -229,3 +229,50 @@ def test_prefill_limit_random_workload_finishes(max_prefills):
     prompts = [rng.randint(1, 300) for _ in range(40)]
     first, widest = _first_token_steps(max_prefills, prompts, chunk=96)
     assert len(first) == 40 and widest <= max_prefills
+
+
+def _arrivals(max_prefills, long_len=2000, chunk=64, short=8, every=3):
+    """A long prompt starts at step 0; a short request arrives every `every` steps while it runs.
+    Returns {seq_id: (arrival step, first-token step)}, every step's decoded ids and the steps."""
+    kv = KVManager(1024, 16, 16)
+    sched = make_scheduler("sarathi", kv, 16, 8192, chunk, None, max_prefills=max_prefills)
+    sched.add(_seq(0, long_len, 4, t=0.0))
+    arrived, first, decoded, finished = {0: 0}, {}, [], []
+    step, next_id = 0, 1
+    while sched.has_unfinished():
+        if next_id <= short and step == next_id * every:
+            sched.add(_seq(next_id, 20, 30, t=float(step)))
+            arrived[next_id] = step
+            next_id += 1
+        out = sched.schedule()
+        decoded.append({d.seq.seq_id for d in out.decodes})
+        for item in out.scheduled:
+            if item.samples:
+                first.setdefault(item.seq.seq_id, step)
+        _run_step(sched, out, finished)
+        step += 1
+        assert step < 2000
+    assert len(finished) == short + 1
+    return {i: (arrived[i], first[i]) for i in arrived}, decoded, step
+
+
+@pytest.mark.parametrize("max_prefills", [0, 1])
+def test_prompts_take_turns_behind_a_long_one(max_prefills):
+    # A 2000-token prompt needs 32 chunks of 64: FIFO, every short request arriving meanwhile
+    # would wait for all of them. Taking turns, each gets its first token within two steps.
+    times, _, _ = _arrivals(max_prefills)
+    for i in range(1, 9):
+        arrival, first = times[i]
+        assert first - arrival <= 2, (i, times)
+    # The long prompt keeps at least every other turn: at most twice its 32 chunk steps (plus
+    # the budget that running decodes take from each step).
+    assert times[0][1] <= 2 * 32 + 8, times[0]
+
+
+def test_streams_decode_every_step_while_a_long_prompt_prefills():
+    # No stream ever waits a step: every running decode is in every step, prompts or not.
+    times, decoded, steps = _arrivals(1)
+    for i in range(1, 9):
+        first = times[i][1]
+        running = [t for t in range(first + 1, steps) if i in decoded[t]]
+        assert running == list(range(first + 1, first + 1 + len(running))) and len(running) >= 29, (i, running)
