@@ -100,6 +100,22 @@ def test_same_seed_same_text_on_either_replica(client):
     assert len(outs[0].outputs) == 2
 
 
+def test_structured_outputs_hold_on_either_replica(client, tiny_model_dir):
+    import re
+
+    from sarathi.sampling_params import StructuredOutputsParams as SO
+
+    date = r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    params = SamplingParams(temperature=0.0, max_tokens=24, structured_outputs=SO(regex=date))
+    before = routed(client)
+    outs = run(many(client, PROMPTS[:4], params, "constrained"))
+    assert min(a - b for a, b in zip(routed(client), before)) >= 1   # both replicas constrained some
+    single = LLM(model=str(tiny_model_dir), **ENGINE_ARGS).generate(PROMPTS[:4], params)
+    for got, want in zip(outs, single):
+        assert re.fullmatch(date, got.outputs[0].text), got.outputs[0].text
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+
+
 def test_bad_input_is_refused_before_any_replica(client):
     with pytest.raises(ValueError):
         run(collect(client, "", SamplingParams(max_tokens=4), "empty"))
