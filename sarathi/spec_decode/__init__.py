@@ -1,0 +1,8 @@
+"""Speculative decoding: a proposer drafts the next tokens of a sequence after a step samples,
+the scheduler runs them as extra positions of that sequence's next decode, and the runner
+verifies them all in one forward (greedy: the target's argmax; sampling: modified rejection
+sampling), so the output is exactly what decoding without speculation gives.
+
+`config` (no torch, read by `sarathi.config`), `ngram` (prompt lookup), `early_exit` (the
+served model's first layers as the draft), `rejection` (verification), `speculator` (the
+runner-side component the engine plugs in)."""

@@ -1,0 +1,188 @@
+"""The runner-side component of speculative decoding (`runner.proposer`) and its request
+plug-in face (`bind`, `stats`): verifies the drafts a step ran, proposes the next ones, and
+adapts each sequence's k to how many of its drafts were accepted."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from sarathi.core.sequence import Binding
+from sarathi.model_executor.model_runner import InputBatch, ModelRunner, ModelRunnerOutput, SeqPlan
+from sarathi.model_executor.sampler import SampleRequest
+from sarathi.spec_decode.config import SpeculativeConfig
+from sarathi.spec_decode.early_exit import EarlyExitDrafter
+from sarathi.spec_decode.ngram import propose_ngram
+from sarathi.spec_decode.rejection import Verification, verify
+
+logger = logging.getLogger("sarathi")
+
+MAX_BACKOFF_STEPS = 16   # a sequence whose drafts all failed rests at most this many steps
+LOG_INTERVAL_S = 10.0    # how often the acceptance rate goes to the log while drafts are verified
+
+
+@dataclass
+class SeqSpec:
+    """One sequence's speculation state: its current k, a rest after misses, and the draft
+    distributions of its pending drafts (model drafts of a sampled row)."""
+
+    k: int
+    rest: int = 0
+    misses: int = 0
+    drafts: List[int] = field(default_factory=list)
+    draft_probs: Optional[torch.Tensor] = None
+
+
+class Speculator:
+    """Drafts by prompt lookup (ngram) or the model's first layers (early_exit), verified exactly."""
+
+    def __init__(self, config: SpeculativeConfig, runner: ModelRunner):
+        self.config = config
+        self.runner = runner
+        self.k = config.num_speculative_tokens
+        self.drafter = EarlyExitDrafter(runner, config.num_early_exit_layers) \
+            if config.method == "early_exit" else None
+        self.seqs: Dict[int, SeqSpec] = {}
+        self.num_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.accepted_per_pos = [0] * self.k
+        self._logged_at = time.monotonic()
+        logger.info(self.describe())
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """KV positions past a step the drafter writes (early exit drafts through the KV)."""
+        return self.k if self.drafter is not None else 0
+
+    def describe(self) -> str:
+        c = self.config
+        what = f"ngram n={c.prompt_lookup_min}..{c.prompt_lookup_max}" if c.method == "ngram" else \
+            f"early_exit L={self.drafter.num_layers}" if self.drafter else c.method
+        return f"speculative decoding: {what}, k={self.k}" + \
+            (f", off at batch size >= {c.disable_by_batch_size}" if c.disable_by_batch_size else "")
+
+    # ---- request plug-in --------------------------------------------------------
+    def bind(self, params, lora_request) -> Binding:
+        if getattr(params, "optimal_sampling", None) is not None:
+            raise ValueError("optimal_sampling cannot be combined with speculative decoding "
+                             "(this engine was started with --speculative-config)")
+        return Binding()
+
+    def stats(self, scheduler) -> dict:
+        return {"spec_decode_num_drafts_total": self.num_drafts,
+                "spec_decode_num_draft_tokens_total": self.num_draft_tokens,
+                "spec_decode_num_accepted_tokens_total": self.num_accepted_tokens,
+                "spec_decode_num_accepted_tokens_per_pos": list(self.accepted_per_pos)}
+
+    # ---- runner seam -------------------------------------------------------------
+    def drop(self, seq_ids: Sequence[int]) -> None:
+        for sid in seq_ids:
+            self.seqs.pop(sid, None)
+
+    def _request(self, p: SeqPlan, extra: List[int]) -> SampleRequest:
+        seq = p.seq
+        output = seq.output_token_ids + extra
+        blocked = seq.stop_token_ids | seq.eos_token_ids if len(output) < seq.min_tokens else frozenset()
+        return SampleRequest(seq.params, seq.prompt_token_ids, output, self.runner.batch.generator(seq),
+                             tuple(blocked))
+
+    def verify(self, plan: List[SeqPlan], rows: Dict[SeqPlan, torch.Tensor], batch: InputBatch,
+               out: ModelRunnerOutput) -> None:
+        items = []
+        for p in plan:
+            state = self.seqs.get(p.seq.seq_id)
+            q = None
+            if state is not None and state.draft_probs is not None and \
+                    state.drafts[:len(p.draft_token_ids)] == p.draft_token_ids:
+                q = state.draft_probs[:len(p.draft_token_ids)]
+            reqs = [self._request(p, p.draft_token_ids[:j]) for j in range(len(p.draft_token_ids) + 1)]
+            items.append(Verification(rows[p], p.draft_token_ids, q, reqs))
+        for p, kept in zip(plan, verify(items, batch.shared)):
+            sid, k = p.seq.seq_id, len(p.draft_token_ids)
+            out.samples[sid], out.verified[sid] = kept[0], kept[1:]
+            accepted = len(kept) - 1
+            self.num_drafts += 1
+            self.num_draft_tokens += k
+            self.num_accepted_tokens += accepted
+            for j in range(accepted):
+                self.accepted_per_pos[j] += 1
+            self._adapt(sid, k, accepted)
+        if time.monotonic() - self._logged_at >= LOG_INTERVAL_S:
+            self._logged_at = time.monotonic()
+            logger.info(self.summary())
+
+    def summary(self) -> str:
+        rate = self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+        mean = 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+        per_pos = ", ".join(f"{n / self.num_drafts:.2f}" if self.num_drafts else "0" for n in self.accepted_per_pos)
+        return (f"speculative decoding: {self.num_drafts} drafts, {self.num_draft_tokens} draft tokens, acceptance "
+                f"rate {rate:.1%}, {mean:.2f} tokens per verifying step; accepted by position: {per_pos}")
+
+    def _adapt(self, sid: int, k: int, accepted: int) -> None:
+        """Acceptance-driven k: one more after a fully accepted draft, else what was accepted
+        plus one; after drafts that all failed, rest 1, 2, 4 ... steps (a miss costs a drafter
+        its passes)."""
+        state = self.seqs.setdefault(sid, SeqSpec(self.k))
+        state.k = min(k + 1, self.k) if accepted == k else max(accepted + 1, 1)
+        if accepted == 0:
+            state.misses += 1
+            state.rest = min(2 ** (state.misses - 1), MAX_BACKOFF_STEPS) if self.drafter is not None else 0
+        else:
+            state.misses = 0
+        state.drafts, state.draft_probs = [], None
+
+    def propose(self, plan: List[SeqPlan], out: ModelRunnerOutput) -> None:
+        limit = self.config.disable_by_batch_size
+        if limit is not None and len(plan) >= limit:
+            return
+        wanted: List[Tuple[SeqPlan, List[int], int]] = []
+        for p in plan:
+            seq, sid = p.seq, p.seq.seq_id
+            if sid not in out.samples or self._claimed(seq):
+                continue
+            state = self.seqs.setdefault(sid, SeqSpec(self.k))
+            if state.rest > 0:
+                state.rest -= 1
+                continue
+            new = [out.samples[sid].token_id] + [r.token_id for r in out.verified.get(sid, ())]
+            if any(t in seq.eos_token_ids or t in seq.stop_token_ids for t in new):
+                continue   # it may stop here (the scheduler decides): no drafts spent on it
+            room = seq.max_tokens - len(seq.output_token_ids) - len(new) - 1
+            k = min(state.k, room)
+            if k <= 0:
+                continue
+            wanted.append((p, seq.token_ids() + new, k))
+        if not wanted:
+            return
+        if self.drafter is None:
+            c = self.config
+            for p, tokens, k in wanted:
+                drafts = propose_ngram(tokens, k, c.prompt_lookup_min, c.prompt_lookup_max)
+                if drafts:
+                    out.draft_token_ids[p.seq.seq_id] = drafts
+            return
+        runs = []
+        for p, tokens, k in wanted:
+            k = min(k, p.mapped_len - (len(tokens) - 1))   # only into KV the scheduler mapped
+            if k > 0:
+                runs.append((p.run, tokens, k, self._request(p, tokens[len(p.seq.token_ids()):])))
+        if not runs:
+            return
+        by_slot = {p.run.slot: p for p, _, _ in wanted}
+        for (run, _, _, _), (drafts, q) in zip(runs, self.drafter.draft(runs, self.runner.batch.shared)):
+            sid = by_slot[run.slot].seq.seq_id
+            out.draft_token_ids[sid] = drafts
+            state = self.seqs[sid]
+            state.drafts, state.draft_probs = drafts, q
+
+    def _claimed(self, seq) -> bool:
+        """Another component draws or constrains this sequence's tokens: no drafts for it."""
+        return any(m.claims(seq) for m in self.runner.masks) or \
+            any(m.claims(seq) for m in self.runner.second_models)
+
+    def close(self) -> None:
+        pass
