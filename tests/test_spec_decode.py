@@ -205,15 +205,19 @@ def test_greedy_equal_tiny_chunked_n_and_penalties(tiny_model_dir, spec):
         assert _run(_llm(tiny_model_dir, spec, chunk_size=8), prompts, params) == want
 
 
-@pytest.mark.parametrize("spec", [NGRAM, EARLY_EXIT])
-def test_preemption_under_a_tight_kv_budget(tiny_model_dir, spec):
+@pytest.mark.parametrize("spec", [NGRAM, EARLY_EXIT, "draft"])
+def test_preemption_under_a_tight_kv_budget(tiny_model_dir, spec, tmp_path, smollm2_dir):
     """KV memory for 400 tokens, 4 slots, six sequences growing to ~110 tokens each: running
     sequences are preempted, some mid-speculation; nothing is lost and the allocator's
     accounting holds after every step's rollbacks."""
     prompts = [p * 2 for p in REPEATING] + OPEN + [REPEATING[0]]
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     want = _run(_llm(tiny_model_dir, max_model_len=512), prompts, params)
-    llm = _llm(tiny_model_dir, spec, max_model_len=512, kv_cache_memory=400 * 512, page_size=4096, chunk_size=16,
+    if spec == "draft":   # a draft that is mostly wrong: sequences grow about a token a step, as without
+        from conftest import make_tiny_llama
+
+        spec = _draft(make_tiny_llama(tmp_path / "draft", smollm2_dir, seed=5, num_hidden_layers=1))
+    llm = _llm(tiny_model_dir, spec, max_model_len=512, kv_cache_memory=320 * 512, page_size=4096, chunk_size=16,
                max_num_seqs=4)
     engine = llm.engine
     for i, p in enumerate(prompts):
@@ -272,9 +276,42 @@ def test_optimal_sampling_with_speculation_is_refused(tiny_model_dir):
         _llm(tiny_model_dir, NGRAM, optimal_sampling_target=str(tiny_model_dir))
 
 
-def test_draft_model_is_refused_clearly(tiny_model_dir):
-    with pytest.raises(ValueError, match="draft_model"):
-        _llm(tiny_model_dir, json.dumps({"method": "draft_model", "model": str(tiny_model_dir)}))
+def _draft(model_dir, k=3):
+    return json.dumps({"method": "draft_model", "model": str(model_dir), "num_speculative_tokens": k})
+
+
+def test_draft_model_with_another_tokenizer_is_refused(tiny_model_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_model_dir, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    first = next(iter(vocab))
+    vocab["zz-not-the-same"] = vocab.pop(first)
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="different tokenizer"):
+        _llm(tiny_model_dir, _draft(other))
+
+
+def test_draft_model_greedy_equal(tiny_model_dir, tmp_path, smollm2_dir):
+    from conftest import make_tiny_llama
+
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = REPEATING + OPEN
+    want = _run(_llm(tiny_model_dir, chunk_size=8), prompts, params)
+    # the target itself as its draft: every greedy draft is accepted
+    same = _llm(tiny_model_dir, _draft(tiny_model_dir), chunk_size=8)
+    assert _run(same, prompts, params) == want
+    s = same.engine.get_stats()
+    assert s["spec_decode_num_accepted_tokens_total"] == s["spec_decode_num_draft_tokens_total"] > 50
+    # another model as the draft: most drafts rejected, the output is still the target's
+    other = make_tiny_llama(tmp_path / "draft", smollm2_dir, seed=5, num_hidden_layers=1)
+    llm = _llm(tiny_model_dir, _draft(other), chunk_size=8)
+    assert _run(llm, prompts, params) == want
+    assert _run(llm, prompts, SamplingParams(temperature=0, max_tokens=10, n=2, ignore_eos=True)) == \
+        _run(_llm(tiny_model_dir, chunk_size=8), prompts, SamplingParams(temperature=0, max_tokens=10, n=2,
+                                                                         ignore_eos=True))
 
 
 def test_structured_output_requests_run_without_drafts(tiny_model_dir):

@@ -20,6 +20,7 @@ from sarathi.lora.manager import LoRAManager
 from sarathi.lora.request import LoRARequest
 from sarathi.model_executor.model_runner import ModelRunner, split_threads
 from sarathi.optimal_sampling.sampler import OptimalSampler, load_model_target
+from sarathi.spec_decode.draft_model import load_draft_model
 from sarathi.spec_decode.speculator import Speculator
 from sarathi.structured_outputs import StructuredOutputManager
 
@@ -47,7 +48,16 @@ class Plugins:
             if serving.optimal_sampling_target else None
         optimal = OptimalSampler(runner, lora, target)
         runner.second_models.append(optimal)
-        torch_threads = split_threads(config.parallel_config.num_threads, [runner, *optimal.runners])
+        spec = config.speculative_decoding_config.speculative_config
+        if spec is not None and serving.optimal_sampling_target:
+            raise ValueError("--speculative-config cannot be combined with --optimal-sampling-target: "
+                             "optimal sampling draws from a mix of two models that drafts are not verified against")
+        draft = load_draft_model(config, runner, tokenizer, spec.model) \
+            if spec is not None and spec.method == "draft_model" else None
+        if draft is not None:
+            runner.second_models.append(draft)
+        torch_threads = split_threads(config.parallel_config.num_threads,
+                                      [runner, *optimal.runners, *(draft.runners if draft else ())])
         so = config.structured_outputs_config
         structured = StructuredOutputManager(
             so.structured_outputs_backend, tokenizer, runner.vocab_size, eos_token_ids,
@@ -55,16 +65,8 @@ class Plugins:
             num_threads=config.parallel_config.num_threads or torch_threads)
         runner.masks.append(structured)
         speculative = None
-        spec = config.speculative_decoding_config.speculative_config
         if spec is not None:
-            if serving.optimal_sampling_target:
-                raise ValueError("--speculative-config cannot be combined with --optimal-sampling-target: "
-                                 "optimal sampling draws from a mix of two models that drafts are not verified "
-                                 "against")
-            if spec.method == "draft_model":
-                raise ValueError("--speculative-config: method draft_model is not implemented yet "
-                                 "(use ngram or early_exit; see docs/speculative-decoding.md)")
-            speculative = runner.proposer = Speculator(spec, runner)
+            speculative = runner.proposer = Speculator(spec, runner, draft)
         return cls(lora, optimal, structured, speculative)
 
     @property

@@ -14,6 +14,8 @@ from sarathi.core.sequence import Binding
 from sarathi.model_executor.model_runner import InputBatch, ModelRunner, ModelRunnerOutput, SeqPlan
 from sarathi.model_executor.sampler import SampleRequest
 from sarathi.spec_decode.config import SpeculativeConfig
+from sarathi.spec_decode.draft_model import DraftModel
+from sarathi.spec_decode.drafting import DraftRun
 from sarathi.spec_decode.early_exit import EarlyExitDrafter
 from sarathi.spec_decode.ngram import propose_ngram
 from sarathi.spec_decode.rejection import Verification, verify
@@ -37,14 +39,15 @@ class SeqSpec:
 
 
 class Speculator:
-    """Drafts by prompt lookup (ngram) or the model's first layers (early_exit), verified exactly."""
+    """Drafts by prompt lookup (ngram), the model's first layers (early_exit) or a smaller model
+    (draft_model), verified exactly."""
 
-    def __init__(self, config: SpeculativeConfig, runner: ModelRunner):
+    def __init__(self, config: SpeculativeConfig, runner: ModelRunner, draft_model: Optional[DraftModel] = None):
         self.config = config
         self.runner = runner
         self.k = config.num_speculative_tokens
         self.drafter = EarlyExitDrafter(runner, config.num_early_exit_layers) \
-            if config.method == "early_exit" else None
+            if config.method == "early_exit" else draft_model
         self.seqs: Dict[int, SeqSpec] = {}
         self.num_drafts = 0
         self.num_draft_tokens = 0
@@ -55,13 +58,13 @@ class Speculator:
 
     @property
     def num_lookahead_tokens(self) -> int:
-        """KV positions past a step the drafter writes (early exit drafts through the KV)."""
+        """KV positions past a step a model drafter writes (its KV positions are the target's)."""
         return self.k if self.drafter is not None else 0
 
     def describe(self) -> str:
         c = self.config
         what = f"ngram n={c.prompt_lookup_min}..{c.prompt_lookup_max}" if c.method == "ngram" else \
-            f"early_exit L={self.drafter.num_layers}" if self.drafter else c.method
+            f"early_exit L={self.drafter.num_layers}" if c.method == "early_exit" else f"draft_model {c.model}"
         return f"speculative decoding: {what}, k={self.k}" + \
             (f", off at batch size >= {c.disable_by_batch_size}" if c.disable_by_batch_size else "")
 
@@ -165,16 +168,21 @@ class Speculator:
                 if drafts:
                     out.draft_token_ids[p.seq.seq_id] = drafts
             return
-        runs = []
-        for p, tokens, k in wanted:
-            k = min(k, p.mapped_len - (len(tokens) - 1))   # only into KV the scheduler mapped
-            if k > 0:
-                runs.append((p.run, tokens, k, self._request(p, tokens[len(p.seq.token_ids()):])))
-        if not runs:
+        # only into KV positions the scheduler mapped
+        wanted = [(p, tokens, min(k, p.mapped_len - (len(tokens) - 1))) for p, tokens, k in wanted]
+        wanted = [w for w in wanted if w[2] > 0]
+        if not wanted:
             return
-        by_slot = {p.run.slot: p for p, _, _ in wanted}
-        for (run, _, _, _), (drafts, q) in zip(runs, self.drafter.draft(runs, self.runner.batch.shared)):
-            sid = by_slot[run.slot].seq.seq_id
+        requests = [self._request(p, tokens[len(p.seq.token_ids()):]) for p, tokens, _ in wanted]
+        shared = self.runner.batch.shared
+        if isinstance(self.drafter, EarlyExitDrafter):
+            runs = [DraftRun(p.run.slot, p.run.block_table, p.run.lora_name, len(tokens) - 1, tokens[-1:], k, r)
+                    for (p, tokens, k), r in zip(wanted, requests)]
+            drafted = self.drafter.draft(runs, shared)
+        else:
+            drafted = self.drafter.draft(wanted, requests, shared)
+        for (p, _, _), (drafts, q) in zip(wanted, drafted):
+            sid = p.seq.seq_id
             out.draft_token_ids[sid] = drafts
             state = self.seqs[sid]
             state.drafts, state.draft_probs = drafts, q
