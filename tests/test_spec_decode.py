@@ -321,3 +321,20 @@ def test_structured_output_requests_run_without_drafts(tiny_model_dir):
     params = SamplingParams(temperature=0, max_tokens=8, structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
     out = llm.generate(["answer: "], params)[0].outputs[0]
     assert out.text in ("yes", "no")
+
+
+def test_metrics_expose_the_spec_decode_counters(tiny_model_dir):
+    from sarathi.entrypoints.openai.metrics import ServerMetrics
+
+    llm = _llm(tiny_model_dir, _draft(tiny_model_dir))
+    llm.generate(REPEATING, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    stats = llm.engine.get_stats()
+    text = ServerMetrics(llm.engine.get_stats).render().decode()
+    drafts = stats["spec_decode_num_drafts_total"]
+    assert drafts > 0
+    assert f"sarathi:spec_decode_num_drafts_total {float(drafts)}" in text
+    assert f"sarathi:spec_decode_num_draft_tokens_total {float(stats['spec_decode_num_draft_tokens_total'])}" in text
+    assert f"sarathi:spec_decode_num_accepted_tokens_total {float(stats['spec_decode_num_accepted_tokens_total'])}" \
+        in text
+    assert 'sarathi:spec_decode_num_accepted_tokens_per_pos_total{position="0"}' in text
+    assert "acceptance rate" in llm.engine.runner.proposer.summary()
