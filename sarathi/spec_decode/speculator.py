@@ -127,13 +127,13 @@ class Speculator:
 
     def _adapt(self, sid: int, k: int, accepted: int) -> None:
         """Acceptance-driven k: one more after a fully accepted draft, else what was accepted
-        plus one; after drafts that all failed, rest 1, 2, 4 ... steps (a miss costs a drafter
-        its passes)."""
+        plus one; after drafts that all failed, rest 1, 2, 4 ... 16 steps (a miss costs the
+        step its verified positions, and a model drafter its passes)."""
         state = self.seqs.setdefault(sid, SeqSpec(self.k))
         state.k = min(k + 1, self.k) if accepted == k else max(accepted + 1, 1)
         if accepted == 0:
             state.misses += 1
-            state.rest = min(2 ** (state.misses - 1), MAX_BACKOFF_STEPS) if self.drafter is not None else 0
+            state.rest = min(2 ** (state.misses - 1), MAX_BACKOFF_STEPS)
         else:
             state.misses = 0
         state.drafts, state.draft_probs = [], None
