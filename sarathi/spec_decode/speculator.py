@@ -23,6 +23,8 @@ from sarathi.spec_decode.rejection import Verification, verify
 logger = logging.getLogger("sarathi")
 
 MAX_BACKOFF_STEPS = 16   # a sequence whose drafts all failed rests at most this many steps
+MAX_PROBE_INTERVAL = 32  # a model drafter that does not pay drafts once in at most this many steps
+RATE_EMA = 0.3           # weight of a step's acceptance rate in the running rate
 LOG_INTERVAL_S = 10.0    # how often the acceptance rate goes to the log while drafts are verified
 
 
@@ -53,8 +55,22 @@ class Speculator:
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.accepted_per_pos = [0] * self.k
+        # A model drafter runs its passes for the whole batch at once: it pays only while the
+        # acceptance rate beats what a drafted position costs (a fraction of a target pass).
+        self.cost = self._draft_cost()
+        self.rate = 1.0
+        self._skip = 0
+        self._probes = 0
         self._logged_at = time.monotonic()
         logger.info(self.describe())
+
+    def _draft_cost(self) -> float:
+        """What one drafted position costs, as a fraction of a target pass (0: prompt lookup)."""
+        if isinstance(self.drafter, EarlyExitDrafter):
+            return self.drafter.num_layers / self.runner.model.args.num_layers
+        if self.drafter is not None:
+            return self.drafter.runner.weight_bytes() / max(self.runner.weight_bytes(), 1)
+        return 0.0
 
     @property
     def num_lookahead_tokens(self) -> int:
@@ -104,6 +120,7 @@ class Speculator:
                 q = state.draft_probs[:len(p.draft_token_ids)]
             reqs = [self._request(p, p.draft_token_ids[:j]) for j in range(len(p.draft_token_ids) + 1)]
             items.append(Verification(rows[p], p.draft_token_ids, q, reqs))
+        step_drafted = step_accepted = 0
         for p, kept in zip(plan, verify(items, batch.shared)):
             sid, k = p.seq.seq_id, len(p.draft_token_ids)
             out.samples[sid], out.verified[sid] = kept[0], kept[1:]
@@ -113,7 +130,11 @@ class Speculator:
             self.num_accepted_tokens += accepted
             for j in range(accepted):
                 self.accepted_per_pos[j] += 1
+            step_drafted += k
+            step_accepted += accepted
             self._adapt(sid, k, accepted)
+        if step_drafted:
+            self.rate = (1 - RATE_EMA) * self.rate + RATE_EMA * step_accepted / step_drafted
         if time.monotonic() - self._logged_at >= LOG_INTERVAL_S:
             self._logged_at = time.monotonic()
             logger.info(self.summary())
@@ -133,7 +154,8 @@ class Speculator:
         state.k = min(k + 1, self.k) if accepted == k else max(accepted + 1, 1)
         if accepted == 0:
             state.misses += 1
-            state.rest = min(2 ** (state.misses - 1), MAX_BACKOFF_STEPS)
+            # a model drafter's passes cost the same for fewer sequences: it is gated per step instead
+            state.rest = min(2 ** (state.misses - 1), MAX_BACKOFF_STEPS) if self.drafter is None else 0
         else:
             state.misses = 0
         state.drafts, state.draft_probs = [], None
@@ -141,6 +163,8 @@ class Speculator:
     def propose(self, plan: List[SeqPlan], out: ModelRunnerOutput) -> None:
         limit = self.config.disable_by_batch_size
         if limit is not None and len(plan) >= limit:
+            return
+        if self._gated():
             return
         wanted: List[Tuple[SeqPlan, List[int], int]] = []
         for p in plan:
@@ -186,6 +210,19 @@ class Speculator:
             out.draft_token_ids[sid] = drafts
             state = self.seqs[sid]
             state.drafts, state.draft_probs = drafts, q
+
+    def _gated(self) -> bool:
+        """A model drafter whose acceptance rate does not cover its cost drafts only in probe
+        steps, 2, 4 ... MAX_PROBE_INTERVAL steps apart, to notice when the text turns easy."""
+        if self.drafter is None or self.rate >= self.cost:
+            self._probes = self._skip = 0
+            return False
+        if self._skip > 0:
+            self._skip -= 1
+            return True
+        self._probes += 1
+        self._skip = min(2 ** self._probes, MAX_PROBE_INTERVAL)
+        return False
 
     def _claimed(self, seq) -> bool:
         """Another component draws or constrains this sequence's tokens: no drafts for it."""
