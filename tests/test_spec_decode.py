@@ -338,3 +338,20 @@ def test_metrics_expose_the_spec_decode_counters(tiny_model_dir):
         in text
     assert 'sarathi:spec_decode_num_accepted_tokens_per_pos_total{position="0"}' in text
     assert "acceptance rate" in llm.engine.runner.proposer.summary()
+
+
+def test_server_streams_speculated_tokens_and_counts_them(tiny_model_dir, tmp_path):
+    import httpx
+    from server_harness import engine_flags, running_server, sse_events
+
+    flags = ["--model", str(tiny_model_dir), "--speculative-config", _draft(tiny_model_dir)] + \
+        engine_flags(dict(max_model_len=512, kv_cache_memory="64MiB"))
+    body = dict(model=str(tiny_model_dir), prompt=REPEATING[0], max_tokens=20, temperature=0, ignore_eos=True)
+    with running_server(flags, tmp_path / "server.log") as proc, httpx.Client(base_url=proc.base_url, timeout=120) as c:
+        whole = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            chunks = [e["choices"][0]["text"] for e in sse_events(r.iter_lines()) if e.get("choices")]
+        assert "".join(chunks) == whole
+        assert len([t for t in chunks if t]) < 20   # several tokens per chunk: every draft is accepted
+        metrics = c.get("/metrics").text
+        assert "sarathi:spec_decode_num_accepted_tokens_total" in metrics
