@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
+from sarathi.spec_decode.config import parse_speculative_config
+
 SCHEDULERS = ("sarathi", "vllm", "orca")
 EXECUTOR_BACKENDS = ("uni", "ray")
 ROUTING_POLICIES = ("least-outstanding", "prefix-affinity")
@@ -259,11 +261,25 @@ class StructuredOutputsConfig(_Part):
         self._at_least(1, "structured_outputs_max_bytes")
 
 
+@dataclass
+class SpeculativeDecodingConfig(_Part):
+    """Speculative decoding (docs/speculative-decoding.md)."""
+
+    speculative_config: Optional[Any] = flag(
+        None, "speculative decoding as JSON, vLLM's keys: {\"method\": \"ngram\" | \"early_exit\" | "
+        "\"draft_model\", \"num_speculative_tokens\": k, \"prompt_lookup_min\", \"prompt_lookup_max\", "
+        "\"model\", \"disable_by_batch_size\", \"num_early_exit_layers\"}")
+
+    def _check(self) -> None:
+        self.speculative_config = parse_speculative_config(self.speculative_config)
+
+
 # EngineConfig's attribute -> part class, in --help order.
 PARTS: Dict[str, type] = {"model_config": ModelConfig, "cache_config": CacheConfig,
                           "scheduler_config": SchedulerConfig, "parallel_config": ParallelConfig,
                           "lora_config": LoRAConfig, "serving_config": ServingConfig,
-                          "structured_outputs_config": StructuredOutputsConfig}
+                          "structured_outputs_config": StructuredOutputsConfig,
+                          "speculative_decoding_config": SpeculativeDecodingConfig}
 # Setting name -> the part that holds it.
 _OWNER: Dict[str, str] = {f.name: attr for attr, cls in PARTS.items() for f in fields(cls)}
 # Spellings documented by the original integration (and vLLM's), as LLM(...) keywords and preset keys.
@@ -274,7 +290,7 @@ _ALIASES = {alias.lstrip("-"): f.name for cls in PARTS.values() for f in fields(
 class EngineConfig:
     """Every engine setting, in parts (vLLM's VllmConfig pattern): `model_config`, `cache_config`,
     `scheduler_config`, `parallel_config`, `lora_config`, `serving_config`,
-    `structured_outputs_config`. Built from flat keywords (the CLI flags with underscores,
+    `structured_outputs_config`, `speculative_decoding_config`. Built from flat keywords (the CLI flags with underscores,
     aliases included), which each land in their part."""
 
     model_config: ModelConfig
@@ -284,6 +300,7 @@ class EngineConfig:
     lora_config: LoRAConfig
     serving_config: ServingConfig
     structured_outputs_config: StructuredOutputsConfig
+    speculative_decoding_config: SpeculativeDecodingConfig
 
     def __init__(self, **settings: Any) -> None:
         grouped: Dict[str, Dict[str, Any]] = {attr: {} for attr in PARTS}

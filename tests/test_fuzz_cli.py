@@ -89,11 +89,19 @@ def path_values(w) -> List[str]:
             "\udc80", "x" * 5000, "a\tb", "/proc/self/mem", str(w["work"] / "out" / "deeper")]
 
 
+SPEC_JSON = ['{"method": "ngram"}', '{"method": "early_exit", "num_early_exit_layers": 1}', "{", "[]", "null", "1e999",
+             '{"method": "ngram", "num_speculative_tokens": -1}', '{"method": "draft_model", "model": "/proc/self/mem"}',
+             '{"method": "ngram", "prompt_lookup_max": 99999999999999999999}', '{"method": "ngram", "x": 1}',
+             '{"method": "early_exit", "num_early_exit_layers": 1000}', '{"method": "' + "x" * 5000 + '"}']
+
+
 def value_for(action: argparse.Action, w, rnd: random.Random, cheap: bool) -> List[str]:
     """Values for one flag, chosen by what the parser says it takes."""
     if action.nargs == 0:
         return []
-    if action.choices:
+    if action.dest == "speculative_config":   # JSON: hostile documents as well as paths
+        pool = SPEC_JSON + path_values(w)
+    elif action.choices:
         pool = [str(c) for c in action.choices] + ["bogus", ""]
     elif action.type is int or getattr(action.type, "__name__", "") == "parse":
         pool = SYNTAX if rnd.random() < 0.2 else EDGE_INTS + ([] if cheap else BIG_NUMBERS)

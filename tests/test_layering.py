@@ -1,6 +1,8 @@
 """The package layering holds: read from the source with `ast`, no import is executed.
 
-entrypoints -> engine -> {core, model_executor, lora, optimal_sampling, structured_outputs} -> vattention_ext;
+entrypoints -> engine -> {core, model_executor, lora, optimal_sampling, structured_outputs, spec_decode} -> vattention_ext;
+spec_decode sits on model_executor (a runner-side component) and core; `sarathi.config` reads only its
+torch-free `spec_decode.config`;
 `core` is torch-free; serving never imports LoRA training; no import circle between modules
 (imports inside functions count: a lazy import still ties the two modules together).
 """
@@ -93,14 +95,17 @@ def test_core_is_torch_free():
 def test_layers_point_one_way():
     rules = {   # a package -> what it must not import
         "sarathi.core": ("sarathi.engine", "sarathi.entrypoints", "sarathi.model_executor", "sarathi.lora",
-                         "sarathi.optimal_sampling", "sarathi.structured_outputs"),
+                         "sarathi.optimal_sampling", "sarathi.structured_outputs", "sarathi.spec_decode"),
         "sarathi.model_executor": ("sarathi.engine", "sarathi.entrypoints", "sarathi.lora",
-                                   "sarathi.optimal_sampling", "sarathi.lora_training", "sarathi.structured_outputs"),
-        "sarathi.structured_outputs": ("sarathi.engine", "sarathi.entrypoints", "sarathi.model_executor",
-                                       "sarathi.lora", "sarathi.optimal_sampling"),
+                                   "sarathi.optimal_sampling", "sarathi.lora_training", "sarathi.structured_outputs",
+                                   "sarathi.spec_decode"),
+        "sarathi.spec_decode": ("sarathi.engine", "sarathi.entrypoints", "sarathi.lora", "sarathi.optimal_sampling",
+                                "sarathi.structured_outputs", "sarathi.lora_training"),
         "sarathi.engine": ("sarathi.entrypoints",),
         "sarathi.lora": ("sarathi.engine", "sarathi.entrypoints", "sarathi.lora_training"),
-        "sarathi.optimal_sampling": ("sarathi.entrypoints", "sarathi.lora_training"),
+        "sarathi.optimal_sampling": ("sarathi.entrypoints", "sarathi.lora_training", "sarathi.spec_decode"),
+        "sarathi.structured_outputs": ("sarathi.engine", "sarathi.entrypoints", "sarathi.model_executor",
+                                       "sarathi.lora", "sarathi.optimal_sampling", "sarathi.spec_decode"),
         "vattention_ext": ("sarathi",),
     }
     broken = []

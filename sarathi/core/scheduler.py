@@ -41,6 +41,14 @@ Holds: a sequence added with holds (futures: work its request waits for, such as
 compiling) stays in the queue, without blocking those behind it, until they are done; one
 whose hold failed is rejected (`SchedulerOutput.rejected`, with the error) and never runs.
 
+Speculative decoding: a running decode with draft tokens (`Sequence.spec_token_ids`, from the
+runner's last output) is scheduled with 1 + k positions, which the token budget counts; the
+runner returns the tokens it verified (`StepResult.verified_token_ids`: accepted drafts and
+the token after them), which are appended here, and `num_computed_tokens` moves past the
+accepted positions only (a rejected position's KV is overwritten later; its pages stay).
+`num_lookahead_tokens` more positions are mapped for a proposer that writes KV while it
+drafts (early exit), when memory allows.
+
 Memory pressure: recompute preemption of the newest running sequence. Admission
 keeps headroom: a new request must leave room for every running sequence to grow by
 one more block, and a request that was preempted comes back only when it can run to
@@ -65,11 +73,15 @@ class ScheduledSeq:
     num_scheduled_tokens: int
     slot: int = -1                             # filled in when the schedule is final
     block_table: Optional[List[int]] = None
+    draft_token_ids: List[int] = field(default_factory=list)   # run after the last token, to verify
+    mapped_len: int = 0                        # with lookahead: positions of KV mapped after this step's ops
+    num_new_tokens: int = 0                    # tokens the step appended (update_from_output)
 
     @property
     def samples(self) -> bool:
         """This chunk reaches the sequence's last token, so the step samples its next one."""
-        return self.seq.num_computed_tokens + self.num_scheduled_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_scheduled_tokens - len(self.draft_token_ids) \
+            == self.seq.num_tokens
 
 
 @dataclass
@@ -92,7 +104,11 @@ class SchedulerOutput:
 
     @property
     def num_decode_tokens(self) -> int:
-        return len(self.decodes)
+        return sum(s.num_scheduled_tokens for s in self.decodes)
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return sum(len(s.draft_token_ids) for s in self.decodes)
 
     @property
     def is_empty(self) -> bool:
@@ -106,10 +122,13 @@ class SchedulerOutput:
 @dataclass
 class StepResult:
     """What the scheduler reads of the runner's output (ModelRunnerOutput has these fields):
-    the token each sampling sequence drew, by seq_id; whether the step failed as a whole;
+    the token each sampling sequence drew, by seq_id (speculating: the first it verified, the
+    rest in verified_token_ids); drafts for the next step; whether the step failed as a whole;
     cached blocks the backend could not retain."""
 
     sampled_token_ids: Dict[int, int] = field(default_factory=dict)
+    verified_token_ids: Dict[int, List[int]] = field(default_factory=dict)
+    draft_token_ids: Dict[int, List[int]] = field(default_factory=dict)
     error: Optional[str] = None
     retain_failed: List[int] = field(default_factory=list)
 
@@ -119,8 +138,9 @@ class Scheduler:
 
     def __init__(self, kv: KVManager, max_num_seqs: int, max_model_len: int,
                  chunk_size: int = 512, max_num_batched_tokens: Optional[int] = None,
-                 max_loras: Optional[int] = None, max_prefills: int = 0):
+                 max_loras: Optional[int] = None, max_prefills: int = 0, num_lookahead_tokens: int = 0):
         self.kv = kv
+        self.num_lookahead_tokens = num_lookahead_tokens
         self.max_prefills = max_prefills  # most requests with prompt chunks in one step (0: no limit)
         self.max_loras = max_loras  # most distinct LoRA adapters running at once (None: no LoRA)
         self.max_num_seqs = max_num_seqs
@@ -186,12 +206,22 @@ class Scheduler:
             return []
         for item in out.scheduled:
             seq = item.seq
-            seq.num_computed_tokens += item.num_scheduled_tokens
+            seq.num_computed_tokens += item.num_scheduled_tokens - len(item.draft_token_ids)
             if seq.max_tokens == 0 and seq.num_uncomputed_tokens == 0:
                 seq.finish_reason = "length"  # prompt scoring only: nothing to sample
             token = result.sampled_token_ids.get(seq.seq_id)
+            seq.spec_token_ids = []
             if token is not None:
-                self._append(seq, token)
+                appended = 0
+                for t in (token, *result.verified_token_ids.get(seq.seq_id, ())):
+                    self._append(seq, t)
+                    appended += 1
+                    if seq.finish_reason is not None:
+                        break
+                seq.num_computed_tokens += appended - 1   # the accepted drafts' KV was computed
+                item.num_new_tokens = appended
+                if seq.finish_reason is None:
+                    seq.spec_token_ids = list(result.draft_token_ids.get(seq.seq_id, ()))
         finished = []
         for item in out.scheduled:
             seq = item.seq
@@ -239,14 +269,27 @@ class Scheduler:
         self._release(seq)
         out._drop(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
-    def _schedule_decodes(self, out: SchedulerOutput) -> None:
-        """Every running decode, oldest first; preempt the newest when a block is short."""
+    def _drafts(self, seq: Sequence, budget: Optional[int]) -> List[int]:
+        """The sequence's drafts this step can verify: within its max_tokens and the context
+        (a draft past either could not be kept), the token budget and free memory."""
+        drafts = seq.spec_token_ids[:max(min(seq.max_tokens - len(seq.output_token_ids),
+                                             self.max_model_len - seq.num_tokens) - 1, 0)]
+        if budget is not None:
+            drafts = drafts[:max(budget - 1, 0)]
+        while drafts and not self.kv.can_grow(seq.seq_id, seq.num_tokens + len(drafts)):
+            drafts = drafts[:-1]
+        return drafts
+
+    def _schedule_decodes(self, out: SchedulerOutput, budget: Optional[int] = None) -> None:
+        """Every running decode, oldest first, with its drafts while the budget lasts (None:
+        no budget); preempt the newest when a block is short."""
         for seq in list(self.running):
             if seq not in self.running or seq.is_prefill:
                 continue
@@ -256,8 +299,11 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                self.kv.grow(seq.seq_id, seq.num_tokens)
-                out.decodes.append(ScheduledSeq(seq, 1))
+                drafts = self._drafts(seq, budget)
+                self.kv.grow(seq.seq_id, seq.num_tokens + len(drafts))
+                out.decodes.append(ScheduledSeq(seq, 1 + len(drafts), draft_token_ids=drafts))
+                if budget is not None:
+                    budget -= 1 + len(drafts)
 
     def _can_admit(self, seq: Sequence, hit: PrefixHit) -> bool:
         if len(self.running) >= self.max_num_seqs:
@@ -345,17 +391,32 @@ class Scheduler:
             out.prefills.append(ScheduledSeq(seq, n))
         return budget
 
-    def _running_decodes(self) -> SchedulerOutput:
-        """A new step holding every running decode, oldest first."""
+    def _running_decodes(self, budget: Optional[int] = None) -> SchedulerOutput:
+        """A new step holding every running decode, oldest first (drafts within budget)."""
         out = SchedulerOutput()
         self.running.sort(key=lambda s: (s.arrival_time, s.seq_id))
-        self._schedule_decodes(out)
+        self._schedule_decodes(out, budget)
         return out
+
+    def _map_lookahead(self, out: SchedulerOutput) -> None:
+        """Map num_lookahead_tokens positions past what each sampling sequence may reach this
+        step, for a proposer that writes KV while drafting; none where memory is short."""
+        for item in out.scheduled:
+            seq = item.seq
+            if not item.samples:
+                continue
+            reach = min(seq.num_tokens + len(item.draft_token_ids) + 1 + self.num_lookahead_tokens,
+                        self.max_model_len)
+            if self.kv.can_grow(seq.seq_id, reach):
+                self.kv.grow(seq.seq_id, reach)
+                item.mapped_len = reach
 
     def schedule(self) -> SchedulerOutput:
         """The next step: the policy's batch, each sequence's slot and block table, and the
         memory operations the runner applies before running it."""
         out = self._policy()
+        if self.num_lookahead_tokens:
+            self._map_lookahead(out)
         for item in out.scheduled:
             item.slot = self.kv.slot(item.seq.seq_id)
             item.block_table = self.kv.block_table(item.seq.seq_id)
@@ -386,8 +447,8 @@ class SarathiScheduler(Scheduler):
         self._queue_served = -1             # the step the queue last admitted a request
 
     def _policy(self) -> SchedulerOutput:
-        out = self._running_decodes()
-        budget = max(self.chunk_size - len(out.decodes), 0)
+        out = self._running_decodes(self.chunk_size)
+        budget = max(self.chunk_size - out.num_decode_tokens, 0)
         step, self._steps = self._steps, self._steps + 1
         live = {s.seq_id for s in self.running}
         self._served = {sid: t for sid, t in self._served.items() if sid in live}
@@ -421,7 +482,7 @@ class VLLMScheduler(Scheduler):
         self._admit_waiting(out, self.max_num_batched_tokens)
         if out.prefills:
             return out
-        decodes = self._running_decodes()
+        decodes = self._running_decodes(self.max_num_batched_tokens)
         decodes.rejected = out.rejected
         return decodes
 
@@ -437,9 +498,10 @@ class OrcaScheduler(Scheduler):
 
 def make_scheduler(name: str, kv: KVManager, max_num_seqs: int, max_model_len: int,
                    chunk_size: int, max_num_batched_tokens: Optional[int],
-                   max_loras: Optional[int] = None, max_prefills: int = 0) -> Scheduler:
+                   max_loras: Optional[int] = None, max_prefills: int = 0,
+                   num_lookahead_tokens: int = 0) -> Scheduler:
     cls = {"sarathi": SarathiScheduler, "vllm": VLLMScheduler, "orca": OrcaScheduler}.get(name)
     if cls is None:
         raise ValueError(f"unknown scheduler {name!r}")
     return cls(kv, max_num_seqs, max_model_len, chunk_size, max_num_batched_tokens, max_loras,
-               max_prefills if name == "sarathi" else 0)
+               max_prefills if name == "sarathi" else 0, num_lookahead_tokens)

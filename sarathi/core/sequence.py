@@ -64,6 +64,10 @@ class Sequence:
     num_cached_tokens: Optional[int] = None   # prompt tokens found in the cache at first admission
     # How the runner samples this sequence (read there; the scheduler only uses the stops above).
     params: Optional["SamplingParams"] = None
+    # Draft tokens a proposer guessed follow the output (speculative decoding): the next
+    # decode runs them as extra positions and keeps those the model verifies. Never part of
+    # token_ids(), never cached; dropped on preemption.
+    spec_token_ids: List[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

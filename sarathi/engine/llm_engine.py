@@ -100,7 +100,8 @@ class LLMEngine:
             max_prefills = 1 if runner.device.type == "cpu" else 0
         self.scheduler = make_scheduler(sched.scheduler, self.kv, sched.max_num_seqs, self.max_model_len,
                                         sched.chunk_size, sched.max_num_batched_tokens,
-                                        self.plugins.lora.max_loras if self.plugins.lora else None, max_prefills)
+                                        self.plugins.lora.max_loras if self.plugins.lora else None, max_prefills,
+                                        self.plugins.num_lookahead_tokens)
         self.limits = EngineLimits(self.max_model_len, runner.vocab_size, serving.max_logprobs, serving.max_n,
                                    self.kv.whole_tokens_before(num_blocks))
         self.output_processor = OutputProcessor(self.tokenizer)

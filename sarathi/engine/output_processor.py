@@ -173,15 +173,27 @@ class OutputProcessor:
         if lps is not None:
             req.prompt_logprobs.extend(self._to_logprobs(d) for d in lps)
         res = runner_out.samples.get(seq.seq_id)
-        if res is not None:
-            self._token(req, seq, res, runner_out.token_info.get(seq.seq_id), now)
+        if res is None:
+            return
+        # A speculating step may have appended several tokens (accepted drafts): each is
+        # turned into text in order, and a stop string inside them ends the output there.
+        results = [res, *runner_out.verified.get(seq.seq_id, ())][:max(getattr(item, "num_new_tokens", 1), 1)]
+        base = len(seq.output_token_ids) - len(results)
+        info = runner_out.token_info.get(seq.seq_id)
+        for i, r in enumerate(results):
+            if self._token(req, seq, r, info, now, base + i + 1, last=i == len(results) - 1):
+                del seq.output_token_ids[base + i + 1:]   # tokens after the stop string never happened
+                seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
+                break
 
     def _to_logprobs(self, d: Dict[int, tuple]) -> Dict[int, Logprob]:
         """{token id: (logprob, rank)} -> {token id: Logprob with its text}."""
         return {tid: Logprob(lp, rank, self.tokenizer.decode([tid])) for tid, (lp, rank) in d.items()}
 
-    def _token(self, req: RequestState, seq: Sequence, res: SampleResult, info, now: float) -> None:
-        """Record the token the scheduler appended last; may stop the sequence at a stop string."""
+    def _token(self, req: RequestState, seq: Sequence, res: SampleResult, info, now: float,
+                num_output: int, last: bool = True) -> bool:
+        """Record output token num_output - 1 (last: the last the scheduler appended this step,
+        the one a token-id stop ended on); True when a stop string ends the sequence on it."""
         p, st = req.params, req.texts[seq.seq_id]
         self.generation_tokens += 1
         m = req.metrics
@@ -200,20 +212,23 @@ class OutputProcessor:
             st.optimal.alpha_history.append(info.alpha)
             st.optimal.diagnostics.append(info.diagnostics)
 
-        if seq.finish_reason == "stop":  # a token-id stop: its text shows only when asked for
+        ids = seq.token_ids()[:len(seq.prompt_token_ids) + num_output]
+        if last and seq.finish_reason == "stop":  # a token-id stop: its text shows only when asked for
             if p.include_stop_str_in_output and seq.stop_reason is not None:
-                st.text += st.detok.step(seq.token_ids())
-            return
-        new_text = st.detok.step(seq.token_ids())
+                st.text += st.detok.step(ids)
+            return False
+        new_text = st.detok.step(ids)
         if new_text:
             prev_len = len(st.text)
             st.text += new_text
-            if p.stop_strs and len(seq.output_token_ids) >= p.min_tokens:
+            if p.stop_strs and num_output >= p.min_tokens:
                 hit = find_stop(st.text, prev_len, p.stop_strs)
                 if hit is not None:
                     idx, s = hit
                     st.text = st.text[:idx + len(s)] if p.include_stop_str_in_output else st.text[:idx]
                     seq.finish_reason, seq.stop_reason = "stop", s
+                    return True
+        return False
 
     def make_output(self, req: RequestState) -> RequestOutput:
         outs = []

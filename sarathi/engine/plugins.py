@@ -5,7 +5,8 @@ the cache salt, names it keeps loaded, futures the request waits for before it i
 raising ValueError / InvalidParam fails that request alone, at admission) and
 `stats(scheduler) -> dict`. Runner-side parts plug into the runner's own seams: `runner.adapters`
 (the LoRA manager), `runner.second_models` (optimal sampling; a proposer would go there too) and
-`runner.masks` (structured outputs' grammars). A new feature is a new entry here; the engine only
+`runner.masks` (structured outputs' grammars) and `runner.proposer` (speculative decoding's
+drafts and their verification). A new feature is a new entry here; the engine only
 calls `attach`, `bind` and `stats`.
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ from sarathi.lora.manager import LoRAManager
 from sarathi.lora.request import LoRARequest
 from sarathi.model_executor.model_runner import ModelRunner, split_threads
 from sarathi.optimal_sampling.sampler import OptimalSampler, load_model_target
+from sarathi.spec_decode.draft_model import load_draft_model
+from sarathi.spec_decode.speculator import Speculator
 from sarathi.structured_outputs import StructuredOutputManager
 
 
@@ -27,6 +30,13 @@ class Plugins:
     lora: Optional[LoRAManager]          # --enable-lora: adapters for the runner's rows
     optimal_sampling: OptimalSampler     # a second model beside the runner (its targets may be none)
     structured_outputs: StructuredOutputManager   # grammars: compiled off the step loop, a mask in the runner
+    speculative: Optional[Speculator] = None     # --speculative-config: drafts proposed and verified in the runner
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """KV positions the scheduler maps past each step for a runner-side component that
+        writes ahead (an early-exit drafter)."""
+        return self.speculative.num_lookahead_tokens if self.speculative else 0
 
     @classmethod
     def attach(cls, config: EngineConfig, runner: ModelRunner, tokenizer, served_names: List[str],
@@ -38,19 +48,32 @@ class Plugins:
             if serving.optimal_sampling_target else None
         optimal = OptimalSampler(runner, lora, target)
         runner.second_models.append(optimal)
-        torch_threads = split_threads(config.parallel_config.num_threads, [runner, *optimal.runners])
+        spec = config.speculative_decoding_config.speculative_config
+        if spec is not None and serving.optimal_sampling_target:
+            raise ValueError("--speculative-config cannot be combined with --optimal-sampling-target: "
+                             "optimal sampling draws from a mix of two models that drafts are not verified against")
+        draft = load_draft_model(config, runner, tokenizer, spec.model) \
+            if spec is not None and spec.method == "draft_model" else None
+        if draft is not None:
+            runner.second_models.append(draft)
+        torch_threads = split_threads(config.parallel_config.num_threads,
+                                      [runner, *optimal.runners, *(draft.runners if draft else ())])
         so = config.structured_outputs_config
         structured = StructuredOutputManager(
             so.structured_outputs_backend, tokenizer, runner.vocab_size, eos_token_ids,
             so.structured_outputs_compile_timeout, so.structured_outputs_max_bytes,
             num_threads=config.parallel_config.num_threads or torch_threads)
         runner.masks.append(structured)
-        return cls(lora, optimal, structured)
+        speculative = None
+        if spec is not None:
+            speculative = runner.proposer = Speculator(spec, runner, draft)
+        return cls(lora, optimal, structured, speculative)
 
     @property
     def requests(self) -> list:
         """The request plug-ins, in the order they are asked."""
-        return [p for p in (self.lora, self.optimal_sampling, self.structured_outputs) if p is not None]
+        return [p for p in (self.lora, self.optimal_sampling, self.structured_outputs, self.speculative)
+                if p is not None]
 
     def bind(self, params, lora_request: Optional[LoRARequest]) -> Binding:
         """A new request's adapter, prefix-cache salt, names it keeps loaded and holds, from every plug-in."""

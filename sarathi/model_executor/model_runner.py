@@ -11,7 +11,10 @@ Plug-in points (set by the engine, imported by nothing here):
   tokens of the sequences they claim (optimal sampling's target; a draft model next);
 - `masks`: components that say, in one token bitmask for all their rows, what the sequences
   they constrain may sample next (the sampler's pass applies it), and learn the tokens drawn
-  (structured outputs' grammars).
+  (structured outputs' grammars);
+- `proposer`: a component that verifies the draft tokens a sequence runs this step (it gets
+  their 1 + k logits rows) and proposes drafts for the next step once every token is drawn
+  (speculative decoding).
 """
 from __future__ import annotations
 
@@ -65,6 +68,8 @@ class SeqPlan:
     run: RunSeq
     samples: bool                 # the chunk ends at the last token: sample the next one
     want_prompt_logprobs: bool
+    draft_token_ids: List[int] = field(default_factory=list)   # run after the last token, to verify
+    mapped_len: int = 0           # KV positions mapped for this sequence (scheduler lookahead; 0: unknown)
 
 
 # A group of rows that runs in one forward pass: (sequences, how many are prefills, their KV).
@@ -77,6 +82,12 @@ class ModelRunnerOutput:
 
     sampled_token_ids: Dict[int, int] = field(default_factory=dict)
     samples: Dict[int, SampleResult] = field(default_factory=dict)       # the token's logprob, rank, top-N
+    # Speculating sequences: the tokens verified after the first (accepted drafts, then the
+    # target's own token), and the drafts proposed for the next step.
+    verified_token_ids: Dict[int, List[int]] = field(default_factory=dict)
+    verified: Dict[int, List[SampleResult]] = field(default_factory=dict)
+    draft_token_ids: Dict[int, List[int]] = field(default_factory=dict)
+    spec_stats: Optional[Any] = None                           # what the proposer counted this step
     prompt_logprobs: Dict[int, List[Dict[int, Tuple[float, int]]]] = field(default_factory=dict)
     token_info: Dict[int, Any] = field(default_factory=dict)   # what a second model adds to a token (e.g. α)
     failed: Dict[int, str] = field(default_factory=dict)       # rows that failed: their requests fail
@@ -122,6 +133,20 @@ class LogitsMask(Protocol):
 
     def drop(self, seq_ids: Sequence[int]) -> None:
         """Forget finished sequences."""
+
+
+class Proposer(Protocol):
+    """Speculative decoding's runner-side component (see the module docstring)."""
+
+    def verify(self, plan: List[SeqPlan], rows: Dict[SeqPlan, torch.Tensor], batch: "InputBatch",
+               out: ModelRunnerOutput) -> None:
+        """Draw the tokens of the plans with drafts (rows[p]: their 1 + k logits rows): the
+        first in out.samples, the rest in out.verified; failures in out.failed."""
+
+    def propose(self, plan: List[SeqPlan], out: ModelRunnerOutput) -> None:
+        """Drafts for the next step of the sequences that drew tokens (out.draft_token_ids)."""
+
+    def drop(self, seq_ids: Sequence[int]) -> None: ...
 
 
 class InputBatch:
@@ -184,6 +209,7 @@ class ModelRunner:
         self.adapters = None                      # set by the engine: activate(names, rows)
         self.second_models: List[SecondModel] = []
         self.masks: List[LogitsMask] = []
+        self.proposer: Optional[Proposer] = None
         self.torch_threads = torch.get_num_threads()
 
     # ---- threads --------------------------------------------------------------
@@ -252,6 +278,8 @@ class ModelRunner:
             self.batch.drop(sched.finished_seq_ids)
             for m in self.masks:
                 m.drop(sched.finished_seq_ids)
+            if self.proposer is not None:
+                self.proposer.drop(sched.finished_seq_ids)
             if not sched.prefills and not sched.decodes:
                 return out
             plan = [self._plan(item) for item in sched.scheduled]
@@ -277,10 +305,33 @@ class ModelRunner:
                     if p in rows and model.claims(p.seq) and p.seq.seq_id not in out.samples:
                         out.failed.setdefault(p.seq.seq_id, f"{type(e).__name__}: {e}")
             offset += n
-        self._sample([p for p in plan if p in rows and p.seq.seq_id not in out.samples
+        verify = [p for p in plan if p.draft_token_ids and p in rows and p.seq.seq_id not in out.failed]
+        if verify:
+            self._verify(verify, rows, out)
+        self._sample([p for p in plan if p in rows and not p.draft_token_ids and p.seq.seq_id not in out.samples
                       and p.seq.seq_id not in out.failed], rows, out)
+        if self.proposer is not None:
+            try:
+                self.proposer.propose(plan, out)
+            except Exception:  # noqa: BLE001 - no drafts this step; the tokens drawn stand
+                logger.exception("proposing drafts failed")
+                out.draft_token_ids = {}
         out.sampled_token_ids = {sid: r.token_id for sid, r in out.samples.items()}
+        out.verified_token_ids = {sid: [r.token_id for r in rs] for sid, rs in out.verified.items()}
         return out
+
+    def _verify(self, plan: List[SeqPlan], rows: Dict[SeqPlan, torch.Tensor], out: ModelRunnerOutput) -> None:
+        """The proposer verifies the drafts of `plan`; a failure fails those sequences only."""
+        try:
+            if self.proposer is None:
+                raise RuntimeError("draft tokens were scheduled but no proposer verifies them")
+            self.proposer.verify(plan, rows, self.batch, out)
+        except Exception as e:  # noqa: BLE001
+            logger.exception("verifying drafts failed")
+            for p in plan:
+                out.samples.pop(p.seq.seq_id, None)
+                out.verified.pop(p.seq.seq_id, None)
+                out.failed.setdefault(p.seq.seq_id, f"{type(e).__name__}: {e}")
 
     def _apply_kv_ops(self, ops, out: ModelRunnerOutput) -> None:
         for op in ops:
@@ -292,20 +343,22 @@ class ModelRunner:
     def _plan(self, item) -> SeqPlan:
         """What the forward computes for one scheduled sequence, and which logits rows come back."""
         seq, n = item.seq, item.num_scheduled_tokens
+        drafts = list(getattr(item, "draft_token_ids", ()))
         start = seq.num_computed_tokens
         samples = item.samples and seq.max_tokens > 0  # max_tokens 0: scoring the prompt only
         want_plp = (seq.params.prompt_logprobs is not None and seq.index == 0 and seq.num_preemptions == 0
                     and start < len(seq.prompt_token_ids) - 1)
-        first_row = 0 if want_plp else n - 1
+        first_row = 0 if want_plp else n - 1 - len(drafts)   # a speculating decode: all 1 + k rows
         last_row = n if (samples or want_plp) else first_row
-        run = RunSeq(item.slot, seq.token_ids()[start:start + n], start, (first_row, last_row),
+        run = RunSeq(item.slot, (seq.token_ids() + drafts)[start:start + n], start, (first_row, last_row),
                      item.block_table if self.needs_block_tables else None, seq.lora_name)
-        return SeqPlan(seq, run, samples, want_plp)
+        return SeqPlan(seq, run, samples, want_plp, drafts, getattr(item, "mapped_len", 0))
 
-    def forward(self, groups: Sequence[Group]) -> torch.Tensor:
+    def forward(self, groups: Sequence[Group], num_layers: Optional[int] = None) -> torch.Tensor:
         """Float32 logits for the requested rows of every group, in order. Every linear layer
         multiplies all groups' rows at once (the weights are read once); each group attends
-        over its own KV."""
+        over its own KV. num_layers: only the first layers run (then the final norm and LM
+        head), writing only their KV."""
         ids: List[int] = []
         positions, spans, lora_names, query_lens = [], [], [], []
         start = 0
@@ -337,7 +390,8 @@ class ModelRunner:
                 return torch.cat([g_kv.attend(layer, q[a:b], k[a:b], v[a:b], step, scale)
                                   for a, b, g_kv, step in spans])
 
-        hidden = self.model(input_ids, positions[0] if len(positions) == 1 else torch.cat(positions), attend)
+        hidden = self.model(input_ids, positions[0] if len(positions) == 1 else torch.cat(positions), attend,
+                            num_layers)
         rows, start = [], 0
         for g_seqs, _, _ in groups:
             for s in g_seqs:
@@ -365,12 +419,14 @@ class ModelRunner:
 
     @staticmethod
     def _last_rows(plan: List[SeqPlan], logits: torch.Tensor) -> Dict[SeqPlan, torch.Tensor]:
-        """The logits row each sampling sequence draws its next token from."""
+        """The logits row each sampling sequence draws its next token from (a speculating
+        decode: its 1 + k rows, one per position it verifies)."""
         rows, offset = {}, 0
         for p in plan:
             offset += p.run.num_logits
             if p.samples:
-                rows[p] = logits[offset - 1]
+                k = len(p.draft_token_ids)
+                rows[p] = logits[offset - 1 - k:offset] if k else logits[offset - 1]
         return rows
 
     def _sample(self, plan: List[SeqPlan], rows: Dict[SeqPlan, torch.Tensor], out: ModelRunnerOutput) -> None:

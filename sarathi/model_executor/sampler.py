@@ -121,9 +121,8 @@ def draw(probs: torch.Tensor, generators: Seq[torch.Generator]) -> List[int]:
     return out
 
 
-def sample(logits: torch.Tensor, rows: Seq[SampleRequest], shared: torch.Generator) -> List[SampleResult]:
-    """Sample one token per row of logits [N, V] (float32)."""
-    raw = logits
+def processed_logits(logits: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
+    """logit_bias, ids blocked before min_tokens and the penalties, applied (a copy where any applies)."""
     if any(r.params.logit_bias or r.block_ids or r.params.needs_penalties for r in rows):
         logits = logits.clone()
     for i, r in enumerate(rows):
@@ -135,24 +134,41 @@ def sample(logits: torch.Tensor, rows: Seq[SampleRequest], shared: torch.Generat
         if r.block_ids:
             logits[i, list(r.block_ids)] = float("-inf")
     apply_penalties(logits, rows)
+    return logits
 
-    chosen = logits.argmax(dim=-1)
+
+def sampling_probs(logits: torch.Tensor, rows: Seq[SampleRequest]) -> torch.Tensor:
+    """The distribution a non-greedy row draws from, given its processed logits: temperature,
+    top-k, top-p, min-p, softmax."""
+    return _filter(logits, rows).softmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, rows: Seq[SampleRequest], shared: torch.Generator) -> List[SampleResult]:
+    """Sample one token per row of logits [N, V] (float32)."""
+    processed = processed_logits(logits, rows)
+    chosen = processed.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
         sub = [rows[i] for i in random_rows]
-        probs = _filter(logits[random_rows], sub).softmax(dim=-1)
+        probs = sampling_probs(processed[random_rows], sub)
         drawn = draw(probs, [r.generator or shared for r in sub])
         chosen[random_rows] = torch.tensor(drawn, dtype=chosen.dtype, device=chosen.device)
+    return describe(logits, chosen.tolist(), rows)
 
+
+def describe(raw: torch.Tensor, chosen: Seq[int], rows: Seq[SampleRequest]) -> List[SampleResult]:
+    """The SampleResult of token chosen[i] drawn from row i: its logprob in the raw distribution
+    (log-softmax of raw), and its rank and the top-N where the row asks for logprobs."""
+    chosen_t = torch.tensor(list(chosen), dtype=torch.long, device=raw.device)
     # Logprobs of the raw distribution: one logsumexp pass; ranks and top-N only where asked.
     lse = torch.logsumexp(raw, dim=-1)
-    chosen_lp = raw.gather(1, chosen.unsqueeze(1)).squeeze(1) - lse
+    chosen_lp = raw.gather(1, chosen_t.unsqueeze(1)).squeeze(1) - lse
     want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     ranks: Dict[int, int] = {}
     tops: Dict[int, List[Tuple[int, float]]] = {}
     if want:
         sub_raw = raw[want]
-        sub_chosen = raw.gather(1, chosen.unsqueeze(1))[want]
+        sub_chosen = raw.gather(1, chosen_t.unsqueeze(1))[want]
         counts = (sub_raw > sub_chosen).sum(dim=-1) + 1
         max_n = max(rows[i].params.logprobs for i in want)
         if max_n > 0:
@@ -164,7 +180,7 @@ def sample(logits: torch.Tensor, rows: Seq[SampleRequest], shared: torch.Generat
             # a masked row (a grammar) may have fewer than n possible tokens: the impossible ones are left out
             tops[i] = [(t, v) for t, v in zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist())
                        if v != float("-inf")] if n else []
-    chosen_l, lp_l = chosen.tolist(), chosen_lp.tolist()
+    chosen_l, lp_l = chosen_t.tolist(), chosen_lp.tolist()
     return [SampleResult(chosen_l[i], lp_l[i], ranks.get(i, 0), tops.get(i, [])) for i in range(len(rows))]
 
 

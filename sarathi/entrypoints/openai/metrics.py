@@ -64,12 +64,19 @@ class _EngineStatsCollector:
                     ("num_preemptions", "Requests preempted (recompute)", "num_preemptions_total"),
                     ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", "prefix_cache_queries"),
                     ("prefix_cache_hits", "Prompt tokens found in the prefix cache", "prefix_cache_hits")]
-        counters += _ROUTER_COUNTERS
+        counters += _ROUTER_COUNTERS + _SPEC_DECODE_COUNTERS
         for name, doc, key in counters:
             if key in stats:
                 c = CounterMetricFamily(f"sarathi:{name}", doc)
                 c.add_metric([], float(stats[key]))
                 yield c
+        per_pos = stats.get("spec_decode_num_accepted_tokens_per_pos")
+        if isinstance(per_pos, list):   # vLLM's name: accepted drafts by their position in the draft
+            c = CounterMetricFamily("sarathi:spec_decode_num_accepted_tokens_per_pos",
+                                    "Accepted draft tokens by position in the draft", labels=["position"])
+            for pos, n in enumerate(per_pos):
+                c.add_metric([str(pos)], float(n))
+            yield c
         so = stats.get("structured_outputs")
         if isinstance(so, dict):
             yield from _structured_outputs(so)
@@ -85,6 +92,11 @@ _ROUTER_COUNTERS = [
     ("router_affinity_hits", "Requests routed to the replica holding their prefix", "router_affinity_hits_total"),
     ("router_imbalance_fallbacks", "Prefix-affine requests sent to the least loaded replica instead",
      "router_imbalance_fallbacks_total"),
+]
+_SPEC_DECODE_COUNTERS = [
+    ("spec_decode_num_drafts", "Drafts verified (one per speculating sequence per step)", "spec_decode_num_drafts_total"),
+    ("spec_decode_num_draft_tokens", "Draft tokens verified", "spec_decode_num_draft_tokens_total"),
+    ("spec_decode_num_accepted_tokens", "Draft tokens accepted", "spec_decode_num_accepted_tokens_total"),
 ]
 _REPLICA_GAUGES = [
     ("replica_up", "1 while the replica serves, 0 while Ray restarts it", "up"),

@@ -164,14 +164,16 @@ class DecoderLM(nn.Module):
         self._ropes = [RotaryEmbedding(specs[k], args.head_dim) for k in keys]
         self._layer_rope = [keys.index(args.layer_rope(i).key()) for i in range(args.num_layers)]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        """Hidden states [T, hidden] after the final norm."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
+                num_layers: Optional[int] = None) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm (num_layers: after only the first
+        num_layers layers, as an early-exit draft reads them)."""
         x = self.embed_tokens(input_ids)
         if self.args.embed_scale is not None:
             x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
         dtype = self.embed_tokens.weight.dtype
         tables = [rope(positions, dtype) for rope in self._ropes]
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:num_layers]):
             cos, sin = tables[self._layer_rope[i]]
             x = layer(i, x, cos, sin, attend)
         return self.norm(x)

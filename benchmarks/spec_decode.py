@@ -1,0 +1,204 @@
+"""Speculative decoding benchmark: output tokens per second of the offline engine on the
+embedded model with speculation off, ngram (prompt lookup) and early_exit, greedy and at
+temperature 0.7, one stream (concurrency 1, requests one after another) and 32 at once.
+
+Workloads (fixed, in this file):
+  grounded   the output copies spans of the prompt: repeat a passage, rewrite code with
+             one identifier renamed, quote a sentence list back (chat template applied)
+  open       open-ended questions (stories, explanations): little to copy
+
+Every method is loaded in the same process; each cell (workload, temperature, concurrency)
+runs the methods in turn, --repeats times interleaved, and reports the median, so that a
+method and its baseline see the same machine load. Ratios are against "off" of the same
+cell. Writes benchmarks/results/spec_decode.json and .png.
+
+    flock /tmp/sarathi-bench.lock .venv/bin/python benchmarks/spec_decode.py
+    .venv/bin/python benchmarks/spec_decode.py --sweep-layers      # early_exit acceptance by L
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from sarathi import LLM, SamplingParams  # noqa: E402
+
+RESULTS = HERE / "results"
+
+PASSAGE = ("The vAttention design keeps the KV cache of each request in virtually contiguous memory. "
+           "Physical pages are mapped into a request's virtual range on demand, as the sequence grows, "
+           "from a fixed pool. Attention kernels see a plain contiguous tensor per request slot, so no "
+           "block tables are needed and existing kernels work unchanged.")
+CODE = '''def total_price(items, tax_rate):
+    subtotal = 0
+    for item in items:
+        subtotal += item.price * item.quantity
+    tax = subtotal * tax_rate
+    return subtotal + tax
+'''
+GROUNDED = [
+    f"Repeat the following passage exactly, word for word:\n\n{PASSAGE}",
+    f"Rewrite this Python function, renaming the variable `subtotal` to `net`. Output only the code.\n\n{CODE}",
+    "Copy this list exactly, one item per line:\n- apples\n- oranges\n- bananas\n- grapes\n- pears\n- plums\n"
+    "- cherries\n- lemons",
+    f"Quote the first two sentences of this text:\n\n{PASSAGE}",
+    "Convert to uppercase: the quick brown fox jumps over the lazy dog. the quick brown fox jumps over the lazy dog.",
+    f"Here is some code:\n{CODE}\nWrite it again, adding a docstring at the top of the function.",
+    "Repeat after me: one two three four five six seven eight nine ten, one two three four five six seven "
+    "eight nine ten.",
+    f"Fix the indentation of this code and print it back:\n{CODE}",
+]
+OPEN = [
+    "Write a short story about a robot learning to paint.",
+    "Explain why the sky is blue to a ten year old.",
+    "What are three good habits for staying healthy?",
+    "Describe your ideal weekend.",
+    "Give me some ideas for a birthday party.",
+    "Why do cats purr?",
+    "Write a poem about the sea.",
+    "What is the history of the bicycle?",
+]
+METHODS = {
+    "off": None,
+    "ngram": '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}',
+    "early_exit": '{"method": "early_exit", "num_speculative_tokens": 3}',
+}
+
+
+def chat_prompts(llm, texts):
+    tok = llm.engine.tokenizer
+    return [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+            for t in texts]
+
+
+def run(llm, prompts, concurrency, temperature, max_tokens):
+    """Output tok/s: `concurrency` requests at once, until every prompt ran."""
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=0 if temperature else None)
+    tokens, t0 = 0, time.perf_counter()
+    for i in range(0, len(prompts), concurrency):
+        outs = llm.generate(prompts[i:i + concurrency], params)
+        tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
+    elapsed = time.perf_counter() - t0
+    return tokens / elapsed, tokens, elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.7])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--repeats", type=int, default=3, help="runs per method and cell, interleaved; the median counts")
+    ap.add_argument("--sweep-layers", action="store_true", help="early_exit: acceptance and tok/s by exit layer")
+    ap.add_argument("--out", default=str(RESULTS / "spec_decode.json"))
+    args = ap.parse_args()
+    engine_args = dict(kv_cache_memory="512MiB", max_model_len=2048)
+
+    if args.sweep_layers:
+        sweep(engine_args, args)
+        return
+    # Every method is loaded once, then each cell runs the methods back to back, `--repeats`
+    # times in turn (off, ngram, early_exit, off, ...), and the median counts: on a shared
+    # machine the load drifts over minutes, and a method measured at another time than its
+    # baseline measures the drift.
+    llms = {m: LLM(speculative_config=METHODS[m], **engine_args) for m in args.methods}
+    any_llm = next(iter(llms.values()))
+    workloads = {"grounded": chat_prompts(any_llm, GROUNDED), "open": chat_prompts(any_llm, OPEN)}
+    for llm in llms.values():
+        llm.generate(workloads["open"][:1], SamplingParams(max_tokens=8))   # warm-up
+    results = []
+    for name, prompts in workloads.items():
+        for temperature in args.temperatures:
+            for c in args.concurrency:
+                batch = prompts * max(1, c // len(prompts)) if c > 1 else prompts
+                runs = {m: [] for m in llms}
+                for _ in range(args.repeats):
+                    for method, llm in llms.items():
+                        before = llm.engine.get_stats()
+                        tps, tokens, elapsed = run(llm, batch, c, temperature, args.max_tokens)
+                        after = llm.engine.get_stats()
+                        runs[method].append((tps, tokens, elapsed, *(
+                            after.get(k, 0) - before.get(k, 0) for k in
+                            ("spec_decode_num_draft_tokens_total", "spec_decode_num_accepted_tokens_total"))))
+                for method, rs in runs.items():
+                    rs.sort()
+                    tps, tokens, elapsed, drafted, accepted = rs[len(rs) // 2]
+                    row = dict(method=method, workload=name, temperature=temperature, concurrency=c,
+                               output_tok_s=round(tps, 2), runs_tok_s=[round(r[0], 2) for r in rs], tokens=tokens,
+                               seconds=round(elapsed, 2), draft_tokens=drafted, accepted_tokens=accepted,
+                               acceptance=round(accepted / drafted, 3) if drafted else None)
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+    for llm in llms.values():
+        llm.engine.close()
+    base = {(r["workload"], r["temperature"], r["concurrency"]): r["output_tok_s"]
+            for r in results if r["method"] == "off"}
+    for r in results:
+        b = base.get((r["workload"], r["temperature"], r["concurrency"]))
+        r["speedup"] = round(r["output_tok_s"] / b, 3) if b else None
+    print("\n| workload | temp | conc | method | output tok/s | vs off | acceptance |")
+    print("|---|---:|---:|---|---:|---:|---:|")
+    for r in results:
+        acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
+        print(f"| {r['workload']} | {r['temperature']} | {r['concurrency']} | {r['method']} | {r['output_tok_s']:.1f} "
+              f"| {r['speedup']:.2f}x | {acc} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"max_tokens": args.max_tokens, "repeats": args.repeats, "engine_args": engine_args,
+                               "methods": {k: v for k, v in METHODS.items() if k in args.methods},
+                               "results": results}, indent=2))
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def plot(results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["workload"], r["temperature"], r["concurrency"]) for r in results})
+    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    fig, ax = plt.subplots(figsize=(max(6, len(keys) * 1.2), 4))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        vals = [next((r["speedup"] for r in results if r["method"] == m and
+                      (r["workload"], r["temperature"], r["concurrency"]) == k), 0) for k in keys]
+        ax.bar([i + j * width for i in range(len(keys))], vals, width, label=m)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
+    ax.set_xticklabels([f"{w}\nT={t} c={c}" for w, t, c in keys], fontsize=7)
+    ax.set_ylabel("output tok/s vs off")
+    ax.set_title("Speculative decoding, SmolLM2-135M Q4_1, CPU")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def sweep(engine_args, args) -> None:
+    """Greedy acceptance of early-exit drafts and tok/s at concurrency 1, by exit layer."""
+    rows = []
+    for layers in (None, 6, 10, 14, 18, 22, 26):
+        spec = None if layers is None else json.dumps({"method": "early_exit", "num_speculative_tokens": 3,
+                                                       "num_early_exit_layers": layers})
+        llm = LLM(speculative_config=spec, **engine_args)
+        prompts = chat_prompts(llm, OPEN[:4] + GROUNDED[:4])
+        tps, tokens, elapsed = run(llm, prompts, 1, 0.0, args.max_tokens)
+        s = llm.engine.get_stats()
+        drafted = s.get("spec_decode_num_draft_tokens_total", 0)
+        acc = s.get("spec_decode_num_accepted_tokens_total", 0) / drafted if drafted else None
+        rows.append(dict(layers=layers, output_tok_s=round(tps, 2), acceptance=acc))
+        print(json.dumps(rows[-1]), flush=True)
+        llm.engine.close()
+    out = RESULTS / "spec_decode_layers.json"
+    out.write_text(json.dumps(rows, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

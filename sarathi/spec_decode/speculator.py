@@ -1,0 +1,233 @@
+"""The runner-side component of speculative decoding (`runner.proposer`) and its request
+plug-in face (`bind`, `stats`): verifies the drafts a step ran, proposes the next ones, and
+adapts each sequence's k to how many of its drafts were accepted."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from sarathi.core.sequence import Binding
+from sarathi.model_executor.model_runner import InputBatch, ModelRunner, ModelRunnerOutput, SeqPlan
+from sarathi.model_executor.sampler import SampleRequest
+from sarathi.spec_decode.config import SpeculativeConfig
+from sarathi.spec_decode.draft_model import DraftModel
+from sarathi.spec_decode.drafting import DraftRun
+from sarathi.spec_decode.early_exit import EarlyExitDrafter
+from sarathi.spec_decode.ngram import propose_ngram
+from sarathi.spec_decode.rejection import Verification, verify
+
+logger = logging.getLogger("sarathi")
+
+MAX_BACKOFF_STEPS = 16   # a sequence whose drafts all failed rests at most this many steps
+MAX_PROBE_INTERVAL = 32  # a model drafter that does not pay drafts once in at most this many steps
+RATE_EMA = 0.3           # weight of a step's acceptance rate in the running rate
+LOG_INTERVAL_S = 10.0    # how often the acceptance rate goes to the log while drafts are verified
+
+
+@dataclass
+class SeqSpec:
+    """One sequence's speculation state: its current k, a rest after misses, and the draft
+    distributions of its pending drafts (model drafts of a sampled row)."""
+
+    k: int
+    rest: int = 0
+    misses: int = 0
+    drafts: List[int] = field(default_factory=list)
+    draft_probs: Optional[torch.Tensor] = None
+
+
+class Speculator:
+    """Drafts by prompt lookup (ngram), the model's first layers (early_exit) or a smaller model
+    (draft_model), verified exactly."""
+
+    def __init__(self, config: SpeculativeConfig, runner: ModelRunner, draft_model: Optional[DraftModel] = None):
+        self.config = config
+        self.runner = runner
+        self.k = config.num_speculative_tokens
+        self.drafter = EarlyExitDrafter(runner, config.num_early_exit_layers) \
+            if config.method == "early_exit" else draft_model
+        self.seqs: Dict[int, SeqSpec] = {}
+        self.num_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.accepted_per_pos = [0] * self.k
+        # A model drafter runs its passes for the whole batch at once: it pays only while the
+        # acceptance rate beats what a drafted position costs (a fraction of a target pass).
+        self.cost = self._draft_cost()
+        self.rate = 1.0
+        self._skip = 0
+        self._probes = 0
+        self._logged_at = time.monotonic()
+        logger.info(self.describe())
+
+    def _draft_cost(self) -> float:
+        """What one drafted position costs, as a fraction of a target pass (0: prompt lookup)."""
+        if isinstance(self.drafter, EarlyExitDrafter):
+            return self.drafter.num_layers / self.runner.model.args.num_layers
+        if self.drafter is not None:
+            return self.drafter.runner.weight_bytes() / max(self.runner.weight_bytes(), 1)
+        return 0.0
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """KV positions past a step a model drafter writes (its KV positions are the target's)."""
+        return self.k if self.drafter is not None else 0
+
+    def describe(self) -> str:
+        c = self.config
+        what = f"ngram n={c.prompt_lookup_min}..{c.prompt_lookup_max}" if c.method == "ngram" else \
+            f"early_exit L={self.drafter.num_layers}" if c.method == "early_exit" else f"draft_model {c.model}"
+        return f"speculative decoding: {what}, k={self.k}" + \
+            (f", off at batch size >= {c.disable_by_batch_size}" if c.disable_by_batch_size else "")
+
+    # ---- request plug-in --------------------------------------------------------
+    def bind(self, params, lora_request) -> Binding:
+        if getattr(params, "optimal_sampling", None) is not None:
+            raise ValueError("optimal_sampling cannot be combined with speculative decoding "
+                             "(this engine was started with --speculative-config)")
+        return Binding()
+
+    def stats(self, scheduler) -> dict:
+        return {"spec_decode_num_drafts_total": self.num_drafts,
+                "spec_decode_num_draft_tokens_total": self.num_draft_tokens,
+                "spec_decode_num_accepted_tokens_total": self.num_accepted_tokens,
+                "spec_decode_num_accepted_tokens_per_pos": list(self.accepted_per_pos)}
+
+    # ---- runner seam -------------------------------------------------------------
+    def drop(self, seq_ids: Sequence[int]) -> None:
+        for sid in seq_ids:
+            self.seqs.pop(sid, None)
+
+    def _request(self, p: SeqPlan, extra: List[int]) -> SampleRequest:
+        seq = p.seq
+        output = seq.output_token_ids + extra
+        blocked = seq.stop_token_ids | seq.eos_token_ids if len(output) < seq.min_tokens else frozenset()
+        return SampleRequest(seq.params, seq.prompt_token_ids, output, self.runner.batch.generator(seq),
+                             tuple(blocked))
+
+    def verify(self, plan: List[SeqPlan], rows: Dict[SeqPlan, torch.Tensor], batch: InputBatch,
+               out: ModelRunnerOutput) -> None:
+        items = []
+        for p in plan:
+            state = self.seqs.get(p.seq.seq_id)
+            q = None
+            if state is not None and state.draft_probs is not None and \
+                    state.drafts[:len(p.draft_token_ids)] == p.draft_token_ids:
+                q = state.draft_probs[:len(p.draft_token_ids)]
+            reqs = [self._request(p, p.draft_token_ids[:j]) for j in range(len(p.draft_token_ids) + 1)]
+            items.append(Verification(rows[p], p.draft_token_ids, q, reqs))
+        step_drafted = step_accepted = 0
+        for p, kept in zip(plan, verify(items, batch.shared)):
+            sid, k = p.seq.seq_id, len(p.draft_token_ids)
+            out.samples[sid], out.verified[sid] = kept[0], kept[1:]
+            accepted = len(kept) - 1
+            self.num_drafts += 1
+            self.num_draft_tokens += k
+            self.num_accepted_tokens += accepted
+            for j in range(accepted):
+                self.accepted_per_pos[j] += 1
+            step_drafted += k
+            step_accepted += accepted
+            self._adapt(sid, k, accepted)
+        if step_drafted:
+            self.rate = (1 - RATE_EMA) * self.rate + RATE_EMA * step_accepted / step_drafted
+        if time.monotonic() - self._logged_at >= LOG_INTERVAL_S:
+            self._logged_at = time.monotonic()
+            logger.info(self.summary())
+
+    def summary(self) -> str:
+        rate = self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+        mean = 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+        per_pos = ", ".join(f"{n / self.num_drafts:.2f}" if self.num_drafts else "0" for n in self.accepted_per_pos)
+        return (f"speculative decoding: {self.num_drafts} drafts, {self.num_draft_tokens} draft tokens, acceptance "
+                f"rate {rate:.1%}, {mean:.2f} tokens per verifying step; accepted by position: {per_pos}")
+
+    def _adapt(self, sid: int, k: int, accepted: int) -> None:
+        """Acceptance-driven k: one more after a fully accepted draft, else what was accepted
+        plus one; after drafts that all failed, rest 1, 2, 4 ... 16 steps (a miss costs the
+        step its verified positions, and a model drafter its passes)."""
+        state = self.seqs.setdefault(sid, SeqSpec(self.k))
+        state.k = min(k + 1, self.k) if accepted == k else max(accepted + 1, 1)
+        if accepted == 0:
+            state.misses += 1
+            # a model drafter's passes cost the same for fewer sequences: it is gated per step instead
+            state.rest = min(2 ** (state.misses - 1), MAX_BACKOFF_STEPS) if self.drafter is None else 0
+        else:
+            state.misses = 0
+        state.drafts, state.draft_probs = [], None
+
+    def propose(self, plan: List[SeqPlan], out: ModelRunnerOutput) -> None:
+        limit = self.config.disable_by_batch_size
+        if limit is not None and len(plan) >= limit:
+            return
+        if self._gated():
+            return
+        wanted: List[Tuple[SeqPlan, List[int], int]] = []
+        for p in plan:
+            seq, sid = p.seq, p.seq.seq_id
+            if sid not in out.samples or self._claimed(seq):
+                continue
+            state = self.seqs.setdefault(sid, SeqSpec(self.k))
+            if state.rest > 0:
+                state.rest -= 1
+                continue
+            new = [out.samples[sid].token_id] + [r.token_id for r in out.verified.get(sid, ())]
+            if any(t in seq.eos_token_ids or t in seq.stop_token_ids for t in new):
+                continue   # it may stop here (the scheduler decides): no drafts spent on it
+            room = seq.max_tokens - len(seq.output_token_ids) - len(new) - 1
+            k = min(state.k, room)
+            if k <= 0:
+                continue
+            wanted.append((p, seq.token_ids() + new, k))
+        if not wanted:
+            return
+        if self.drafter is None:
+            c = self.config
+            for p, tokens, k in wanted:
+                drafts = propose_ngram(tokens, k, c.prompt_lookup_min, c.prompt_lookup_max)
+                if drafts:
+                    out.draft_token_ids[p.seq.seq_id] = drafts
+            return
+        # only into KV positions the scheduler mapped
+        wanted = [(p, tokens, min(k, p.mapped_len - (len(tokens) - 1))) for p, tokens, k in wanted]
+        wanted = [w for w in wanted if w[2] > 0]
+        if not wanted:
+            return
+        requests = [self._request(p, tokens[len(p.seq.token_ids()):]) for p, tokens, _ in wanted]
+        shared = self.runner.batch.shared
+        if isinstance(self.drafter, EarlyExitDrafter):
+            runs = [DraftRun(p.run.slot, p.run.block_table, p.run.lora_name, len(tokens) - 1, tokens[-1:], k, r)
+                    for (p, tokens, k), r in zip(wanted, requests)]
+            drafted = self.drafter.draft(runs, shared)
+        else:
+            drafted = self.drafter.draft(wanted, requests, shared)
+        for (p, _, _), (drafts, q) in zip(wanted, drafted):
+            sid = p.seq.seq_id
+            out.draft_token_ids[sid] = drafts
+            state = self.seqs[sid]
+            state.drafts, state.draft_probs = drafts, q
+
+    def _gated(self) -> bool:
+        """A model drafter whose acceptance rate does not cover its cost drafts only in probe
+        steps, 2, 4 ... MAX_PROBE_INTERVAL steps apart, to notice when the text turns easy."""
+        if self.drafter is None or self.rate >= self.cost:
+            self._probes = self._skip = 0
+            return False
+        if self._skip > 0:
+            self._skip -= 1
+            return True
+        self._probes += 1
+        self._skip = min(2 ** self._probes, MAX_PROBE_INTERVAL)
+        return False
+
+    def _claimed(self, seq) -> bool:
+        """Another component draws or constrains this sequence's tokens: no drafts for it."""
+        return any(m.claims(seq) for m in self.runner.masks) or \
+            any(m.claims(seq) for m in self.runner.second_models)
+
+    def close(self) -> None:
+        pass
