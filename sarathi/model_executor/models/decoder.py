@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sarathi.model_executor.layers.fused import fused_layer
 from sarathi.model_executor.layers.linear import Linear
 from sarathi.model_executor.layers.norm import RMSNorm
 from sarathi.model_executor.layers.rope import RopeSpec, RotaryEmbedding, apply_rope
@@ -136,8 +137,26 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm()
         self.sandwich = a.sandwich_norms
         self.mlp = MLP(a)
+        self.activation = a.activation
+        self.use_fused = True  # the fused native path where it applies (layers/fused.py)
+        self._fused = (None, None)  # (the quantized weights it was built for, FusedLayer or None)
 
     def forward(self, layer, x, cos, sin, attend):
+        if self.use_fused and x.dtype is torch.float32 and cos.dtype is torch.float32:
+            fused = self._fused_layer()
+            if fused is not None and fused.usable(x):
+                return fused.forward(layer, x, cos, sin, attend)
+        return self.reference_forward(layer, x, cos, sin, attend)
+
+    def _fused_layer(self):
+        key = (self.self_attn.qkv_proj.qweight, self.self_attn.o_proj.qweight, self.mlp.gate_up_proj.qweight,
+               self.mlp.down_proj.qweight)
+        if self._fused[0] is None or any(a is not b for a, b in zip(self._fused[0], key)):
+            self._fused = (key, fused_layer(self, self.activation) if key[0] is not None else None)
+        return self._fused[1]
+
+    def reference_forward(self, layer, x, cos, sin, attend):
+        """The layer in plain torch ops: the reference the fused path must match."""
         h = self.self_attn(layer, self.input_layernorm(x), cos, sin, attend)
         if not self.sandwich:
             x = x + h
@@ -163,6 +182,11 @@ class DecoderLM(nn.Module):
         keys = list(specs)
         self._ropes = [RotaryEmbedding(specs[k], args.head_dim) for k in keys]
         self._layer_rope = [keys.index(args.layer_rope(i).key()) for i in range(args.num_layers)]
+
+    def set_fused(self, on: bool) -> None:
+        """Use the fused native layer path where it applies (default), or the reference torch ops."""
+        for layer in self.layers:
+            layer.use_fused = bool(on)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
