@@ -55,6 +55,7 @@ class FusedLayer:
         self.native_silu = activation == "silu" and native_silu_matches_torch(mlp.intermediate)
         self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.q_size, self.kv_size = attn.q_size, attn.kv_size
+        self.head_split = [attn.num_heads, attn.num_kv_heads, attn.num_kv_heads]
 
     def usable(self, x: torch.Tensor) -> bool:
         """Whether the fused path computes this call (LoRA may be attached after loading)."""
@@ -73,6 +74,13 @@ class FusedLayer:
                               w.out_features, threads)
         return out
 
+    @staticmethod
+    def _norm(norm, x: torch.Tensor) -> torch.Tensor:
+        # RMSNorm.forward's own float32 branch, without the module call.
+        if norm.unit_offset:
+            return norm(x)
+        return torch.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
     def _mlp(self, h: torch.Tensor, residual: Optional[torch.Tensor], threads: int) -> torch.Tensor:
         """down(act(gate) * up) (+ residual) from h = [gate | up]."""
         if self.native_silu:
@@ -85,23 +93,23 @@ class FusedLayer:
         L, threads = self.layer, native_threads()
         attn = L.self_attn
         t = x.shape[0]
-        x = x.contiguous()
-        qkv = self._linear(self.qkv, L.input_layernorm(x), threads=threads)
-        qs, kvs, D = self.q_size, self.kv_size, self.head_dim
+        if not x.is_contiguous():
+            x = x.contiguous()
+        qkv = self._linear(self.qkv, self._norm(L.input_layernorm, x), threads=threads)
+        D = self.head_dim
         if attn.qk_norm:
-            q, k = qkv[:, :qs + kvs].view(t, -1, D).split([self.heads, self.kv_heads], dim=1)
+            q, k, v = qkv.view(t, -1, D).split(self.head_split, dim=1)
             q, k = apply_rope(attn.q_norm(q), cos, sin), apply_rope(attn.k_norm(k), cos, sin)
         else:
-            cos, sin = cos.contiguous(), sin.contiguous()
+            if not (cos.is_contiguous() and sin.is_contiguous()):
+                cos, sin = cos.contiguous(), sin.contiguous()
             self._C.rope_inplace(qkv.data_ptr(), t, self.heads + self.kv_heads, qkv.stride(0), D, cos.data_ptr(),
                                  sin.data_ptr(), cos.shape[-1])
-            q = qkv[:, :qs].view(t, self.heads, D)
-            k = qkv[:, qs:qs + kvs].view(t, self.kv_heads, D)
-        v = qkv[:, qs + kvs:].view(t, self.kv_heads, D)
-        out = attend(layer, q, k, v).reshape(t, qs)
+            q, k, v = qkv.view(t, -1, D).split(self.head_split, dim=1)
+        out = attend(layer, q, k, v).reshape(t, self.q_size)
         if not L.sandwich:
             x = self._linear(self.o, out, residual=x, threads=threads)
-            h = self._linear(self.gate_up, L.post_attention_layernorm(x), threads=threads)
+            h = self._linear(self.gate_up, self._norm(L.post_attention_layernorm, x), threads=threads)
             return self._mlp(h, x, threads)
         x = x + L.post_attention_layernorm(self._linear(self.o, out, threads=threads))
         h = self._linear(self.gate_up, L.pre_feedforward_layernorm(x), threads=threads)
