@@ -171,3 +171,16 @@ def test_fused_token_same_bits_in_any_batch(name):
     with_prefill = cache.step(model, [(3, 0, list(range(200, 217))), (0, n0, [5])])
     assert torch.equal(with_decodes[1], alone[0])
     assert torch.equal(with_prefill[17], alone[0])
+
+
+def test_fused_layer_follows_requantized_weights():
+    """A linear quantized again after the layer ran gets a new fused plan (Linear.version)."""
+    model = tiny("llama3", "q4_1")
+    run_both(model, [5, 6, 7], 1)
+    g = torch.Generator().manual_seed(5)
+    a = model.args
+    for layer in model.layers:
+        layer.mlp.down_proj.quantize([q4_1(0.2 * torch.randn(a.hidden_size, a.intermediate_size, generator=g))])
+    ref, fused = run_both(model, [5, 6, 7], 1)
+    assert torch.equal(fused, ref)
+    assert model.layers[0]._fused_layer().down.data is model.layers[0].mlp.down_proj.qweight.packed[0].data

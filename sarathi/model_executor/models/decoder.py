@@ -1,4 +1,6 @@
 """The decoder-only transformer every supported family is built from, in plain PyTorch.
+(Where a layer's weights are quantized on the CPU, it runs the fused native path of
+layers/fused.py instead, which gives this file's bits.)
 
 A family is a `ModelArgs`: which norm (plain or Gemma's 1 + w), whether norms also
 follow attention and the MLP (Gemma 2/3), q/k biases (Qwen2) or per-head q/k norms
@@ -139,7 +141,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(a)
         self.activation = a.activation
         self.use_fused = True  # the fused native path where it applies (layers/fused.py)
-        self._fused = (None, None)  # (the quantized weights it was built for, FusedLayer or None)
+        self._linears = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+        self._fused = (None, None)  # (the linears' versions it was built for, FusedLayer or None)
 
     def forward(self, layer, x, cos, sin, attend):
         if self.use_fused and x.dtype is torch.float32 and cos.dtype is torch.float32:
@@ -149,10 +152,10 @@ class DecoderLayer(nn.Module):
         return self.reference_forward(layer, x, cos, sin, attend)
 
     def _fused_layer(self):
-        key = (self.self_attn.qkv_proj.qweight, self.self_attn.o_proj.qweight, self.mlp.gate_up_proj.qweight,
-               self.mlp.down_proj.qweight)
-        if self._fused[0] is None or any(a is not b for a, b in zip(self._fused[0], key)):
-            self._fused = (key, fused_layer(self, self.activation) if key[0] is not None else None)
+        qkv, o, gate_up, down = self._linears
+        versions = (qkv.version, o.version, gate_up.version, down.version)  # plain attributes: cheap per call
+        if versions != self._fused[0]:
+            self._fused = (versions, fused_layer(self, self.activation))
         return self._fused[1]
 
     def reference_forward(self, layer, x, cos, sin, attend):
