@@ -114,13 +114,15 @@ def test_fused_layer_matches_reference(name, fmt):
     model = tiny(name, fmt)
     assert all(layer._fused_layer() is not None for layer in model.layers), "fused path not taken"
     assert model.layers[0]._fused_layer().native_silu == (model.args.activation == "silu")
+    assert model.layers[0]._fused_layer().norm_lanes
     prompt = list(range(40, 80))  # longer than the sliding windows
     ref, fused = run_both(model, prompt, 8)
     assert torch.equal(fused, ref), (fused - ref).abs().max().item()
 
 
 def test_fused_parts_give_torch_bits():
-    """RoPE in place gives apply_rope's bits, the residual add x + h's, silu(gate) * up torch's."""
+    """RoPE in place gives apply_rope's bits, the residual add x + h's, silu(gate) * up and
+    RMSNorm (plain and Gemma's 1 + w) torch's."""
     from sarathi.model_executor.layers.rope import apply_rope
 
     g = torch.Generator().manual_seed(1)
@@ -137,7 +139,7 @@ def test_fused_parts_give_torch_bits():
     x, res, bias = torch.randn(3, 64, generator=g), torch.randn(3, 80, generator=g), torch.randn(80, generator=g)
     out = torch.empty(3, 80)
     _C.qlinear_fused(x.data_ptr(), 3, 64, 64, pw.data.data_ptr(), pw.data.numel(), 80, 4, 32, True, pw.half_scales,
-                     bias.data_ptr(), 0, res.data_ptr(), 80, out.data_ptr(), 80, 1)
+                     bias.data_ptr(), 0, 0, 0.0, False, 8, res.data_ptr(), 80, out.data_ptr(), 80, 1)
     assert torch.equal(out, res + qlinear(x, pw, bias))
     from sarathi.model_executor.layers.fused import native_silu_matches_torch
 
@@ -148,13 +150,31 @@ def test_fused_parts_give_torch_bits():
     _C.silu_mul(gate_up.data_ptr(), 3, 64, 128, out.data_ptr())
     want = torch.nn.functional.silu(gate_up[:, :64]) * gate_up[:, 64:]
     assert torch.equal(out.nan_to_num(7.0), want.nan_to_num(7.0))
+    from sarathi.model_executor.layers.fused import native_rms_norm_lanes
+    from sarathi.model_executor.layers.norm import RMSNorm
+
+    for width in (64, 576, 2048, 3000):
+        lanes = native_rms_norm_lanes(width)
+        assert lanes in (8, 16)  # torch's order of summing a row, found on every x86-64 build measured
+        x = torch.randn(9, width, generator=g) * 5
+        for unit in (False, True):
+            norm = RMSNorm(width, 1e-6, unit)
+            with torch.no_grad():
+                norm.weight.normal_(generator=g)
+            out = torch.empty(9, width)
+            _C.rms_norm(x.data_ptr(), 9, width, width, norm.weight.data_ptr(), 1e-6, unit, lanes, out.data_ptr(),
+                        width)
+            with torch.no_grad():
+                assert torch.equal(out, norm(x)), (width, unit)
 
 
 def test_fused_refuses_bad_arguments():
     with pytest.raises(ValueError, match="pre_kind"):
-        _C.qlinear_fused(0, 1, 32, 32, 0, 0, 16, 4, 32, False, False, 0, 7, 0, 16, 0, 16, 1)
+        _C.qlinear_fused(0, 1, 32, 32, 0, 0, 16, 4, 32, False, False, 0, 7, 0, 0.0, False, 8, 0, 16, 0, 16, 1)
     with pytest.raises(ValueError, match="stride"):  # a silu(gate) * up row holds 2K values
-        _C.qlinear_fused(0, 1, 32, 32, 0, 0, 16, 4, 32, False, False, 0, 1, 0, 16, 0, 16, 1)
+        _C.qlinear_fused(0, 1, 32, 32, 0, 0, 16, 4, 32, False, False, 0, 1, 0, 0.0, False, 8, 0, 16, 0, 16, 1)
+    with pytest.raises(ValueError, match="RMSNorm"):
+        _C.qlinear_fused(0, 1, 32, 32, 0, 0, 16, 4, 32, False, False, 0, 2, 0, 0.0, False, 8, 0, 16, 0, 16, 1)
 
 
 @pytest.mark.parametrize("name", ["llama3", "gemma3", "qwen2"])

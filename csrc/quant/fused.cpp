@@ -1,6 +1,6 @@
 // The elementwise neighbours of the quantized linear layers, fused into its call on the
-// decode path (qlinear_fused in qgemm.cpp): the MLP's silu(gate) * up applied to a row just
-// before it is quantized, the residual add applied to the output panels a
+// decode path (qlinear_fused in qgemm.cpp): RMSNorm and the MLP's silu(gate) * up applied to
+// a row just before it is quantized, the residual add applied to the output panels a
 // thread has just written, and RoPE in place on the q/k heads of the fused qkv output.
 // Every operation is per row, so a token's result never depends on its batch.
 //
@@ -49,15 +49,76 @@ inline float exp_sleef(float d) {
 // torch's silu: x / (1 + exp(-x)).
 inline float silu(float x) { return x / (1.0f + exp_sleef(-x)); }
 
+// sum(v[0..K)) in the order torch's CPU sum adds a contiguous row (ATen SumKernel.cpp:
+// vectorized_inner_sum -> row_sum -> multi_row_sum, for vectors of L lanes): four vector
+// accumulators over groups of four vectors with a cascade of levels, the leftover vectors into
+// the first, the four summed in order, then the scalar tail and the lanes added one by one.
+constexpr int kMaxLanes = 16;
+
+float torch_row_sum(const float* v, int64_t K, int L) {
+  const int64_t nvec = K / L, size = nvec / 4;  // size: groups of four vectors
+  int ceil_log2 = 0;
+  while ((int64_t(1) << ceil_log2) < size) ++ceil_log2;
+  const int level_power = std::max(4, ceil_log2 / 4);
+  const int64_t level_step = int64_t(1) << level_power, level_mask = level_step - 1;
+  float acc[4][4][kMaxLanes] = {};
+  auto add_group = [&](float(*a)[kMaxLanes], int64_t g) {
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < L; ++l) a[k][l] += v[(g * 4 + k) * L + l];
+  };
+  int64_t i = 0;
+  while (i + level_step <= size) {
+    for (int64_t j = 0; j < level_step; ++j, ++i) add_group(acc[0], i);
+    for (int j = 1; j < 4; ++j) {
+      for (int k = 0; k < 4; ++k)
+        for (int l = 0; l < L; ++l) {
+          acc[j][k][l] += acc[j - 1][k][l];
+          acc[j - 1][k][l] = 0.0f;
+        }
+      if ((i & (level_mask << (j * level_power))) != 0) break;
+    }
+  }
+  for (; i < size; ++i) add_group(acc[0], i);
+  for (int j = 1; j < 4; ++j)
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < L; ++l) acc[0][k][l] += acc[j][k][l];
+  float* part = acc[0][0];
+  for (int64_t t = size * 4; t < nvec; ++t)
+    for (int l = 0; l < L; ++l) part[l] += v[t * L + l];
+  for (int k = 1; k < 4; ++k)
+    for (int l = 0; l < L; ++l) part[l] += acc[0][k][l];
+  float total = 0.0f;
+  for (int64_t t = nvec * L; t < K; ++t) total += v[t];
+  for (int l = 0; l < L; ++l) total += part[l];
+  return total;
+}
+
+// One row of torch.rms_norm (unit_offset: Gemma's RMSNorm, x * r * (1 + w)); o doubles as
+// the scratch for the squares.
+inline void rms_norm_row(const float* xr, int64_t K, const float* w, float eps, bool unit_offset, int lanes,
+                         float* o) {
+  for (int64_t k = 0; k < K; ++k) o[k] = xr[k] * xr[k];
+  const float r = 1.0f / std::sqrt(torch_row_sum(o, K, lanes) / float(K) + eps);
+  if (unit_offset) {
+    for (int64_t k = 0; k < K; ++k) o[k] = (xr[k] * r) * (1.0f + w[k]);
+  } else {
+    for (int64_t k = 0; k < K; ++k) o[k] = (xr[k] * r) * w[k];
+  }
+}
+
 template <int Dummy>
-inline __attribute__((always_inline)) void pre_rows_body(const PreOp&, const float* x, int64_t ldx, int64_t K,
+inline __attribute__((always_inline)) void pre_rows_body(const PreOp& pre, const float* x, int64_t ldx, int64_t K,
                                                          int64_t m0, int64_t m1, float* out) {
-  for (int64_t m = m0; m < m1; ++m) {  // SiluMul, the only kind
-    const float* gate = x + m * ldx;
-    const float* up = gate + K;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * ldx;
     float* o = out + m * K;
+    if (pre.kind == PreOp::RmsNorm) {
+      rms_norm_row(xr, K, pre.norm_w, pre.eps, pre.unit_offset, pre.lanes, o);
+      continue;
+    }
+    const float* up = xr + K;
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) o[k] = silu(gate[k]) * up[k];
+    for (int64_t k = 0; k < K; ++k) o[k] = silu(xr[k]) * up[k];
   }
 }
 
@@ -87,6 +148,11 @@ void apply_pre(const PreOp& pre, const float* x, int64_t ldx, int64_t K, int64_t
   if (has_avx2()) return pre_rows_avx2(pre, x, ldx, K, m0, m1, out);
 #endif
   pre_rows_base(pre, x, ldx, K, m0, m1, out);
+}
+
+void rms_norm_torch(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, float eps, bool unit_offset,
+                    int lanes, float* out, int64_t ldo) {
+  for (int64_t m = 0; m < M; ++m) rms_norm_row(x + m * ldx, K, w, eps, unit_offset, lanes, out + m * ldo);
 }
 
 void add_residual(const float* res, int64_t ldr, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1) {

@@ -229,6 +229,8 @@ void qlinear_fused(const float* x, int64_t M, int64_t K, int64_t ldx, const uint
   if (K < 1 || N < 1) fail("K and N must be >= 1, got K=" + std::to_string(K) + " N=" + std::to_string(N));
   const int64_t x_width = pre.kind == PreOp::SiluMul ? checked_mul(K, 2, "qlinear: K") : K;
   if (ldx < x_width) fail("x row stride " + std::to_string(ldx) + " < " + std::to_string(x_width));
+  if (pre.kind == PreOp::RmsNorm && (!pre.norm_w || (pre.lanes != 8 && pre.lanes != 16)))
+    fail("RMSNorm needs a weight and 8 or 16 lanes");
   if (res && ldr < N) fail("residual row stride " + std::to_string(ldr) + " < N " + std::to_string(N));
   if (ldy < N) fail("out row stride " + std::to_string(ldy) + " < N " + std::to_string(N));
   if (int(isa) > int(best_isa())) fail(std::string("ISA ") + isa_name(isa) + " is not supported by this CPU");

@@ -25,7 +25,7 @@ import torch
 from sarathi.model_executor.layers.rope import apply_rope
 from vattention_ext.threads import native_threads
 
-_NONE, _SILU_MUL = 0, 1
+_NONE, _SILU_MUL, _RMS_NORM = 0, 1, 2
 
 
 class _Weight:
@@ -53,6 +53,10 @@ class FusedLayer:
         self.gate_up, self.down = _Weight(mlp.gate_up_proj), _Weight(mlp.down_proj)
         self.linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         self.native_silu = activation == "silu" and native_silu_matches_torch(mlp.intermediate)
+        norms = [layer.input_layernorm, layer.post_attention_layernorm] + (
+            [layer.pre_feedforward_layernorm] if layer.sandwich else [])
+        self.norm_lanes = native_rms_norm_lanes(attn.qkv_proj.in_features) if all(
+            n.weight.dtype == torch.float32 and n.weight.is_contiguous() for n in norms) else 0
         self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.q_size, self.kv_size = attn.q_size, attn.kv_size
         self.head_split = [attn.num_heads, attn.num_kv_heads, attn.num_kv_heads]
@@ -62,17 +66,25 @@ class FusedLayer:
         return x.dtype is torch.float32 and x.device.type == "cpu" and all(li.lora is None for li in self.linears)
 
     def _linear(self, w: _Weight, x: torch.Tensor, pre: int = _NONE, residual: Optional[torch.Tensor] = None,
-                threads: int = 1) -> torch.Tensor:
+                threads: int = 1, norm=None) -> torch.Tensor:
         if x.stride(-1) != 1:
             x = x.contiguous()
         m = x.shape[0]
         out = x.new_empty(m, w.out_features)
         if m == 0:
             return out
+        norm_args = (0, 0.0, False, 8) if norm is None else (norm.weight.data_ptr(), norm.eps, norm.unit_offset,
+                                                             self.norm_lanes)
         self._C.qlinear_fused(x.data_ptr(), m, w.in_features, x.stride(0) if m > 1 else x.shape[1], *w.args, pre,
-                              0 if residual is None else residual.data_ptr(), w.out_features, out.data_ptr(),
-                              w.out_features, threads)
+                              *norm_args, 0 if residual is None else residual.data_ptr(), w.out_features,
+                              out.data_ptr(), w.out_features, threads)
         return out
+
+    def _normed_linear(self, w: _Weight, norm, x: torch.Tensor, threads: int) -> torch.Tensor:
+        """qlinear(norm(x)), the norm inside the call where it gives torch's bits."""
+        if self.norm_lanes:
+            return self._linear(w, x, _RMS_NORM, threads=threads, norm=norm)
+        return self._linear(w, self._norm(norm, x), threads=threads)
 
     @staticmethod
     def _norm(norm, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +107,7 @@ class FusedLayer:
         t = x.shape[0]
         if not x.is_contiguous():
             x = x.contiguous()
-        qkv = self._linear(self.qkv, self._norm(L.input_layernorm, x), threads=threads)
+        qkv = self._normed_linear(self.qkv, L.input_layernorm, x, threads)
         D = self.head_dim
         if attn.qk_norm:
             q, k, v = qkv.view(t, -1, D).split(self.head_split, dim=1)
@@ -109,7 +121,7 @@ class FusedLayer:
         out = attend(layer, q, k, v).reshape(t, self.q_size)
         if not L.sandwich:
             x = self._linear(self.o, out, residual=x, threads=threads)
-            h = self._linear(self.gate_up, self._norm(L.post_attention_layernorm, x), threads=threads)
+            h = self._normed_linear(self.gate_up, L.post_attention_layernorm, x, threads)
             return self._mlp(h, x, threads)
         x = x + L.post_attention_layernorm(self._linear(self.o, out, threads=threads))
         h = self._linear(self.gate_up, L.pre_feedforward_layernorm(x), threads=threads)
@@ -132,6 +144,29 @@ def native_silu_matches_torch(width: int) -> bool:
     _C.silu_mul(gate_up.data_ptr(), rows, width, 2 * width, out.data_ptr())
     gate, up = gate_up.split(width, dim=1)
     return bool(torch.equal(out, torch.nn.functional.silu(gate) * up))
+
+
+@functools.lru_cache(maxsize=None)
+def native_rms_norm_lanes(width: int) -> int:
+    """The vector width (8 or 16 floats) with which the native RMSNorm gives torch.rms_norm's bits
+    (and RMSNorm's (1 + w) branch's) for rows of `width` on this machine, or 0: torch sums a row
+    in an order that depends on its vector width (the native sum follows it). Checked once."""
+    from sarathi.model_executor.quantization import _C
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, width, generator=g) * 4
+    w = torch.randn(width, generator=g)
+    out = torch.empty(64, width)
+    want = torch.rms_norm(x, (width,), w, 1e-6)
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    want_unit = (x * r) * (1.0 + w)
+    for lanes in (8, 16):
+        _C.rms_norm(x.data_ptr(), 64, width, width, w.data_ptr(), 1e-6, False, lanes, out.data_ptr(), width)
+        if torch.equal(out, want):
+            _C.rms_norm(x.data_ptr(), 64, width, width, w.data_ptr(), 1e-6, True, lanes, out.data_ptr(), width)
+            if torch.equal(out, want_unit):
+                return lanes
+    return 0
 
 
 def fused_layer(layer, activation: str) -> Optional[FusedLayer]:
