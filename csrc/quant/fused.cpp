@@ -106,7 +106,7 @@ inline void rms_norm_row(const float* xr, int64_t K, const float* w, float eps, 
   }
 }
 
-template <int Dummy>
+// Inlined into both entry points below, so each is compiled for its own target.
 inline __attribute__((always_inline)) void pre_rows_body(const PreOp& pre, const float* x, int64_t ldx, int64_t K,
                                                          int64_t m0, int64_t m1, float* out) {
   for (int64_t m = m0; m < m1; ++m) {
@@ -123,13 +123,13 @@ inline __attribute__((always_inline)) void pre_rows_body(const PreOp& pre, const
 }
 
 void pre_rows_base(const PreOp& pre, const float* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1, float* out) {
-  pre_rows_body<0>(pre, x, ldx, K, m0, m1, out);
+  pre_rows_body(pre, x, ldx, K, m0, m1, out);
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
 __attribute__((target("avx2,fma"))) void pre_rows_avx2(const PreOp& pre, const float* x, int64_t ldx, int64_t K,
                                                        int64_t m0, int64_t m1, float* out) {
-  pre_rows_body<1>(pre, x, ldx, K, m0, m1, out);
+  pre_rows_body(pre, x, ldx, K, m0, m1, out);
 }
 
 bool has_avx2() {
