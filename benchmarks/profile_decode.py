@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/profile_decode.py --batch 32 --prompt-len 256 --steps 20
 
 Admits `--batch` requests of random `--prompt-len`-token prompts, runs until all are
-decoding, then profiles `--steps` decode steps and groups the time by stage (model
-matmuls, attention, sampler, detokenizer, scheduler, the rest). Prints a table and
-writes benchmarks/results/profile-decode.json.
+decoding, times `--steps` decode steps plainly, then profiles as many and groups the profiled
+time by stage (quantized matmuls, attention, RoPE, norms, the model's other Python and
+elementwise ops, sampler, detokenizer, scheduler, the rest). The ~ms column spreads the plain
+step time by the profiled shares (an estimate: cProfile slows Python more than native calls).
+Prints a table and writes benchmarks/results/profile-decode.json.
 """
 from __future__ import annotations
 
@@ -27,14 +29,18 @@ from adaptivocab.outdir import write_result_file  # noqa: E402
 # Tensor arithmetic written as operators (x * y) has no profile entry of its own: it is
 # counted in the Python function that does it (the model's forward functions).
 STAGES = [
-    ("matmul (linear layers, lm_head)", ("_nn.linear", "matmul", ".mm>", "addmm", "bmm")),
-    ("attention + KV cache", ("_C.attention", "attention_reference", "scaled_dot_product", "kv_cache")),
+    ("quantized matmuls (native kernel calls)", ("qlinear",)),
+    ("float matmuls (torch)", ("_nn.linear", "matmul", ".mm>", "addmm", "bmm")),
+    ("attention + KV store (native)", ("vattention_ext._C", "attention_reference", "scaled_dot_product",
+                                       "kv_cache", "vattention_ext/kernel.py")),
+    ("RoPE (tables + rotation)", ("rope.py", "rope_inplace")),
+    ("RMSNorm", ("norm.py", "rms_norm", "rsqrt", "'mean'", "'pow'")),
+    ("SiLU, residual adds, views (model Python)", ("silu", "decoder.py", "layers/fused.py", "linear.py", "split",
+                                                   "torch.cat", "contiguous", "'view'", "'reshape'", "new_empty")),
     ("logits gather + sampler", ("sampler.py", "softmax", "topk", "sort", "multinomial", "argmax",
                                  "torch.stack", "'sum'", "'clone'")),
     ("detokenizer", ("detokenizer.py", "tokenizers", "decode")),
     ("scheduler + KV accounting", ("scheduler.py", "kv_manager.py", "sequence.py")),
-    ("other tensor ops (norms, RoPE, SiLU, elementwise)", ("silu", "models/llama.py", "'mean'", "'pow'",
-                                                           "rsqrt", "torch.cat", "split", "contiguous")),
 ]
 
 
@@ -57,7 +63,7 @@ def main() -> None:
     engine = LLMEngine(EngineConfig.from_kwargs(model=args.model, max_num_seqs=max(args.batch, 1), **extra))
     rng = random.Random(0)
     vocab = engine.runner.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=args.steps + 64, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=2 * args.steps + 64, ignore_eos=True)  # timed + profiled
     for i in range(args.batch):
         ids = [rng.randrange(3, vocab) for _ in range(args.prompt_len)]
         engine.add_request(f"r{i}", None, params, prompt_token_ids=ids)
@@ -65,6 +71,12 @@ def main() -> None:
     while any(s.is_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
     engine.step()
+
+    # Wall time without the profiler (cProfile slows Python-heavy code more than native calls).
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    plain_ms = 1e3 * (time.perf_counter() - t0) / args.steps
 
     prof = cProfile.Profile()
     t0 = time.perf_counter()
@@ -87,15 +99,30 @@ def main() -> None:
             stage_time["python (engine loop, outputs)"] += own
     profiled = sum(stage_time.values())
     step_ms = 1e3 * wall / args.steps
-    print(f"decode steps at batch {args.batch}, context ~{args.prompt_len}: {step_ms:.1f} ms/step "
-          f"= {args.batch / (wall / args.steps):.1f} output tok/s (wall time under cProfile)")
-    print(f"{'stage':<52}{'share':>8}")
+    print(f"decode steps at batch {args.batch}, context ~{args.prompt_len}: {plain_ms:.2f} ms/step = "
+          f"{1e3 * args.batch / plain_ms:.1f} output tok/s ({step_ms:.2f} ms/step under cProfile)")
+    print(f"{'stage':<52}{'share':>8}{'calls/step':>12}{'~ms/step':>10}")
     rows = sorted(stage_time.items(), key=lambda kv: -kv[1])
+    calls = {name: 0 for name in stage_time}
+    for (file, _line, func), (_cc, nc, _own, _cum, _callers) in stats.stats.items():
+        where = f"{file}:{func}"
+        calls[next((name for name, keys in STAGES if any(k in where for k in keys)),
+                   "python (engine loop, outputs)")] += nc
     for name, t in rows:
-        print(f"{name:<52}{100 * t / profiled:>7.1f}%")
-    write_result_file(args.out, json.dumps({"batch": args.batch, "prompt_len": args.prompt_len, "steps": args.steps,
-                                            "ms_per_step_profiled": step_ms,
-                                            "share": {k: v / profiled for k, v in rows}}, indent=1))
+        print(f"{name:<52}{100 * t / profiled:>7.1f}%{calls[name] / args.steps:>12.0f}"
+              f"{plain_ms * t / profiled:>10.2f}")
+    top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:15]
+    print("top functions by own time (ms/step under cProfile, calls/step):")
+    for (file, line, func), (_cc, nc, own, _cum, _callers) in top:
+        print(f"  {1e3 * own / args.steps:7.3f} {nc / args.steps:7.0f}  {Path(file).name}:{line}:{func}")
+    write_result_file(args.out, json.dumps({
+        "batch": args.batch, "prompt_len": args.prompt_len, "steps": args.steps, "ms_per_step": plain_ms,
+        "ms_per_step_profiled": step_ms, "share": {k: v / profiled for k, v in rows},
+        "ms_per_step_by_stage": {k: plain_ms * v / profiled for k, v in rows},
+        "calls_per_step": {k: calls[k] / args.steps for k, _ in rows},
+        "top_functions": [{"where": f"{Path(f).name}:{ln}:{fn}", "own_ms_per_step_profiled": 1e3 * own / args.steps,
+                           "calls_per_step": nc / args.steps} for (f, ln, fn), (_c, nc, own, _u, _r) in top],
+    }, indent=1))
     print(f"saved {args.out}")
 
 

@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "qgemm.h"
 
@@ -43,6 +44,73 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("w"), py::arg("w_nbytes"), py::arg("N"),
         py::arg("bits"), py::arg("block"), py::arg("has_min"), py::arg("half_scales"), py::arg("bias"),
         py::arg("out"), py::arg("ldo"), py::arg("threads"), py::arg("isa") = "");
+
+  m.def("qlinear_fused",
+        [](uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w, int64_t w_nbytes, int64_t N, int bits,
+           int block, bool has_min, bool half_scales, uintptr_t bias, int pre_kind, uintptr_t norm_w, float eps,
+           bool unit_offset, int lanes, uintptr_t res, int64_t ldr, uintptr_t out, int64_t ldo, int threads,
+           const std::string& isa) {
+          sqk::WeightFormat f;
+          f.bits = bits;
+          f.block = block;
+          f.has_min = has_min;
+          f.half_scales = half_scales;
+          if (pre_kind < 0 || pre_kind > 2) throw std::invalid_argument("qlinear_fused: pre_kind must be 0, 1 or 2");
+          sqk::PreOp pre;
+          pre.kind = sqk::PreOp::Kind(pre_kind);
+          pre.norm_w = ptr<const float>(norm_w);
+          pre.eps = eps;
+          pre.unit_offset = unit_offset;
+          pre.lanes = lanes;
+          const sqk::Isa which = isa_arg(isa);
+          py::gil_scoped_release nogil;
+          sqk::qlinear_fused(ptr<const float>(x), M, K, ldx, ptr<const uint8_t>(w), w_nbytes, N, f,
+                             ptr<const float>(bias), pre, ptr<const float>(res), ldr, ptr<float>(out), ldo, threads,
+                             which);
+        },
+        py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("w"), py::arg("w_nbytes"), py::arg("N"),
+        py::arg("bits"), py::arg("block"), py::arg("has_min"), py::arg("half_scales"), py::arg("bias"),
+        py::arg("pre_kind"), py::arg("norm_w"), py::arg("eps"), py::arg("unit_offset"), py::arg("lanes"),
+        py::arg("res"), py::arg("ldr"), py::arg("out"), py::arg("ldo"), py::arg("threads"), py::arg("isa") = "");
+
+  m.def("silu_mul",
+        [](uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t out) {
+          if (M < 0 || K < 0 || ldx < 2 * K) throw std::invalid_argument("silu_mul: bad sizes");
+          if (M == 0 || K == 0) return;
+          if (!x || !out) throw std::invalid_argument("silu_mul: null pointer");
+          sqk::PreOp pre;
+          pre.kind = sqk::PreOp::SiluMul;
+          py::gil_scoped_release nogil;
+          sqk::apply_pre(pre, ptr<const float>(x), ldx, K, 0, M, ptr<float>(out));
+        },
+        py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("out"),
+        "out [M][K] = silu(x[:, :K]) * x[:, K:2K], as qlinear_fused's pre_kind 1 computes it.");
+
+  m.def("rms_norm",
+        [](uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w, float eps, bool unit_offset, int lanes,
+           uintptr_t out, int64_t ldo) {
+          if (M < 0 || K < 1 || ldx < K || ldo < K) throw std::invalid_argument("rms_norm: bad sizes");
+          if (lanes != 8 && lanes != 16) throw std::invalid_argument("rms_norm: lanes must be 8 or 16");
+          if (M == 0) return;
+          if (!x || !w || !out) throw std::invalid_argument("rms_norm: null pointer");
+          py::gil_scoped_release nogil;
+          sqk::rms_norm_torch(ptr<const float>(x), M, K, ldx, ptr<const float>(w), eps, unit_offset, lanes,
+                              ptr<float>(out), ldo);
+        },
+        py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("w"), py::arg("eps"),
+        py::arg("unit_offset"), py::arg("lanes"), py::arg("out"), py::arg("ldo"),
+        "out = torch.rms_norm(x, (K,), w, eps) with torch's CPU order of float operations (see qgemm.h).");
+
+  m.def("rope_inplace",
+        [](uintptr_t x, int64_t T, int64_t H, int64_t st, int64_t sh, uintptr_t cos, uintptr_t sin, int64_t half) {
+          if (T < 0 || H < 0 || half < 0 || st < 0 || sh < 0) throw std::invalid_argument("rope_inplace: bad sizes");
+          if (T == 0 || H == 0 || half == 0) return;
+          if (!x || !cos || !sin) throw std::invalid_argument("rope_inplace: null pointer");
+          py::gil_scoped_release nogil;
+          sqk::rope_inplace(ptr<float>(x), T, H, st, sh, ptr<const float>(cos), ptr<const float>(sin), half);
+        },
+        py::arg("x"), py::arg("T"), py::arg("H"), py::arg("st"), py::arg("sh"), py::arg("cos"), py::arg("sin"),
+        py::arg("half"));
 
   m.def("lora_sgmv",
         [](uintptr_t x, int64_t ldx, int64_t in, uintptr_t A, uintptr_t B, int64_t S, int64_t W, int64_t out,

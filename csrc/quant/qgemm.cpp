@@ -216,12 +216,22 @@ inline size_t align64(int64_t n) { return size_t((n + 63) & ~int64_t(63)); }
 
 void qlinear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t w_nbytes, int64_t N,
              const WeightFormat& fmt, const float* bias, float* y, int64_t ldy, int threads, Isa isa) {
+  qlinear_fused(x, M, K, ldx, w, w_nbytes, N, fmt, bias, PreOp{}, nullptr, 0, y, ldy, threads, isa);
+}
+
+void qlinear_fused(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t w_nbytes,
+                   int64_t N, const WeightFormat& fmt, const float* bias, const PreOp& pre, const float* res,
+                   int64_t ldr, float* y, int64_t ldy, int threads, Isa isa) {
   auto fail = [](const std::string& msg) { throw std::invalid_argument("qlinear: " + msg); };
   if (fmt.bits != 4 && fmt.bits != 8) fail("bits must be 4 or 8, got " + std::to_string(fmt.bits));
   if (fmt.block != 16 && fmt.block != 32) fail("block must be 16 or 32, got " + std::to_string(fmt.block));
   if (M < 0) fail("M must be >= 0, got " + std::to_string(M));
   if (K < 1 || N < 1) fail("K and N must be >= 1, got K=" + std::to_string(K) + " N=" + std::to_string(N));
-  if (ldx < K) fail("x row stride " + std::to_string(ldx) + " < K " + std::to_string(K));
+  const int64_t x_width = pre.kind == PreOp::SiluMul ? checked_mul(K, 2, "qlinear: K") : K;
+  if (ldx < x_width) fail("x row stride " + std::to_string(ldx) + " < " + std::to_string(x_width));
+  if (pre.kind == PreOp::RmsNorm && (!pre.norm_w || (pre.lanes != 8 && pre.lanes != 16)))
+    fail("RMSNorm needs a weight and 8 or 16 lanes");
+  if (res && ldr < N) fail("residual row stride " + std::to_string(ldr) + " < N " + std::to_string(N));
   if (ldy < N) fail("out row stride " + std::to_string(ldy) + " < N " + std::to_string(N));
   if (int(isa) > int(best_isa())) fail(std::string("ISA ") + isa_name(isa) + " is not supported by this CPU");
   const int64_t nb = checked_add(K, fmt.block - 1, "qlinear: K") / fmt.block;
@@ -232,7 +242,8 @@ void qlinear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w
   if (M == 0) return;
   if (!x || !w || !y) fail("null pointer");
   // Every x and y element addressed must fit in int64 (the caller owns the memory).
-  checked_add(checked_mul(M - 1, ldx, "qlinear: x size"), K, "qlinear: x size");
+  checked_add(checked_mul(M - 1, ldx, "qlinear: x size"), x_width, "qlinear: x size");
+  if (res) checked_add(checked_mul(M - 1, ldr, "qlinear: residual size"), N, "qlinear: residual size");
   checked_add(checked_mul(M - 1, ldy, "qlinear: out size"), N, "qlinear: out size");
   // Helpers cost a wake-up (microseconds, far more when other processes hold the cores, and
   // a helper descheduled mid-item stalls the caller): give each thread >= ~25 us of work,
@@ -255,9 +266,12 @@ void qlinear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w
   const int64_t q_bytes = checked_mul(M, c.Kp, "qlinear: activation buffer");
   const int64_t f_bytes = checked_mul(checked_mul(M, nb, "qlinear: activation buffer"), 4, "qlinear: activation buffer");
   const size_t off_d = 0, off_s = off_d + align64(f_bytes), off_c = off_s + align64(f_bytes),
-               off_q = off_c + align64(f_bytes);
+               off_q = off_c + align64(f_bytes), off_pre = off_q + align64(q_bytes);
+  const int64_t pre_bytes = pre.kind == PreOp::None ? 0 : checked_mul(checked_mul(M, K, "qlinear: pre buffer"), 4,
+                                                                      "qlinear: pre buffer");
   thread_local Scratch scratch;
-  uint8_t* buf = scratch.get(off_q + align64(q_bytes) + 64);
+  uint8_t* buf = scratch.get(off_pre + align64(pre_bytes) + 64);
+  float* pre_rows = reinterpret_cast<float*>(buf + off_pre);  // [M][K]: x after `pre`
   c.xd = reinterpret_cast<const float*>(buf + off_d);
   c.xs = reinterpret_cast<const float*>(buf + off_s);
   c.xc = reinterpret_cast<const int32_t*>(buf + off_c);
@@ -275,7 +289,13 @@ void qlinear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w
   const int64_t rows_per_item = std::max<int64_t>(1, 16384 / K);
   const int64_t qitems = (M + rows_per_item - 1) / rows_per_item;
   auto quant_item = [&](int64_t i) {
-    k.quantize(x, ldx, c, i * rows_per_item, std::min(M, (i + 1) * rows_per_item));
+    const int64_t m0 = i * rows_per_item, m1 = std::min(M, (i + 1) * rows_per_item);
+    if (pre.kind == PreOp::None) {
+      k.quantize(x, ldx, c, m0, m1);
+    } else {
+      apply_pre(pre, x, ldx, K, m0, m1, pre_rows);
+      k.quantize(pre_rows, K, c, m0, m1);
+    }
   };
   if (threads == 1 || qitems == 1) {
     for (int64_t i = 0; i < qitems; ++i) quant_item(i);
@@ -291,7 +311,9 @@ void qlinear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w
   const int64_t n_items = (steps + steps_per_item - 1) / steps_per_item;
   auto gemm_item = [&](int64_t i) {
     const int64_t p0 = i * steps_per_item * step;
-    k.gemm(c, p0, std::min(panels, p0 + steps_per_item * step));
+    const int64_t p1 = std::min(panels, p0 + steps_per_item * step);
+    k.gemm(c, p0, p1);
+    if (res) add_residual(res, ldr, y, ldy, M, p0 * kPanel, std::min(N, p1 * kPanel));
   };
   if (n_items == 1) {
     gemm_item(0);

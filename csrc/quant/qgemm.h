@@ -81,9 +81,51 @@ Kernels avx512_kernels(const WeightFormat& f);
 // a block with max |x| < 2^-96 is flushed to zero.
 float quantize_block_ref(const float* x, int n, int B, int8_t* q, int32_t* sum);
 
+// What a fused decode call does to x's rows before they are quantized (fused.cpp). Each
+// kind gives the bits of the torch ops it replaces: the int8 activation rounding would turn a
+// last-bit difference into a quantization step (measured: 0.9 points less top-1 agreement).
+struct PreOp {
+  enum Kind : int { None = 0, SiluMul = 1, RmsNorm = 2 };
+  Kind kind = None;
+  // SiluMul: x rows hold [gate (K) | up (K)]; the row quantized is silu(gate) * up, with the
+  // float operations of torch's vectorised F.silu (so the same bits where torch has AVX2).
+  // RmsNorm: x * (1 / sqrt(mean(x^2) + eps)) * w (unit_offset: * (1 + w)), the mean summed in
+  // torch's CPU order with vectors of `lanes` floats (see rms_norm_torch).
+  const float* norm_w = nullptr;
+  float eps = 0.f;
+  bool unit_offset = false;
+  int lanes = 8;
+};
+
+// Rows [m0, m1) of x (row stride ldx; SiluMul: 2K values a row) through `pre` into out [.][K].
+void apply_pre(const PreOp& pre, const float* x, int64_t ldx, int64_t K, int64_t m0, int64_t m1, float* out);
+
+// torch.rms_norm(x, (K,), w, eps) for float32 rows (unit_offset: RMSNorm's Gemma branch,
+// * (1 + w)) with torch's order of operations: its CPU sum over a contiguous row with vectors
+// of `lanes` floats (8 on the x86-64 builds measured), then / K, + eps, 1 / sqrt, x * r, * w.
+void rms_norm_torch(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, float eps, bool unit_offset,
+                    int lanes, float* out, int64_t ldo);
+
+// y[m, n] = res[m, n] + y[m, n] for columns [n0, n1) of all M rows.
+void add_residual(const float* res, int64_t ldr, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1);
+
+// In place, HF's rotate_half RoPE over the first 2 * half dims of each head:
+// x: [T][H][D] with strides (st, sh, 1); cos / sin: [T][half]. The same float operations
+// as layers/rope.py's apply_rope (two products, then one subtraction or addition), so the
+// bits are the same.
+void rope_inplace(float* x, int64_t T, int64_t H, int64_t st, int64_t sh, const float* cos, const float* sin,
+                  int64_t half);
+
 // y = x @ W^T (+ bias). x: [M][K] fp32 with row stride ldx; y: [M][ldy].
 void qlinear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t w_nbytes, int64_t N,
              const WeightFormat& fmt, const float* bias, float* y, int64_t ldy, int threads, Isa isa);
+
+// qlinear with the decode path's neighbours fused in: x's rows go through `pre` (RMSNorm, or
+// silu(gate) * up with x [M][2K]) before quantization, and, when res is given,
+// y = res + (x @ W^T + bias) (res [M][ldr], not aliasing y; x may alias y). One call instead of three torch ops.
+void qlinear_fused(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t w_nbytes,
+                   int64_t N, const WeightFormat& fmt, const float* bias, const PreOp& pre, const float* res,
+                   int64_t ldr, float* y, int64_t ldy, int threads, Isa isa);
 
 // Many LoRA adapters at once (lora.cpp): for each segment (slot, begin, end) of segs
 // [nseg][3], the rows rows[begin:end) of x ([T][in], row stride ldx) get

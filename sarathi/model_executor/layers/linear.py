@@ -69,6 +69,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.qweight: Optional[QuantLinear] = None
         self.lora = None  # a sarathi.lora.layers.LoRAStack once LoRA is enabled
+        self.version = 0  # bumped when the weight's storage changes (plans built from it are then stale)
 
     def quantize(self, parts: List[QuantTensor]) -> None:
         """Store the weight as these quantized parts (stacked along the output) instead of floats."""
@@ -78,6 +79,7 @@ class Linear(nn.Module):
                              f"{self.out_features}x{self.in_features}")
         self.qweight = q
         self.weight = None
+        self.version += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:

@@ -1,4 +1,6 @@
 """The decoder-only transformer every supported family is built from, in plain PyTorch.
+(Where a layer's weights are quantized on the CPU, it runs the fused native path of
+layers/fused.py instead, which gives this file's bits.)
 
 A family is a `ModelArgs`: which norm (plain or Gemma's 1 + w), whether norms also
 follow attention and the MLP (Gemma 2/3), q/k biases (Qwen2) or per-head q/k norms
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sarathi.model_executor.layers.fused import fused_layer
 from sarathi.model_executor.layers.linear import Linear
 from sarathi.model_executor.layers.norm import RMSNorm
 from sarathi.model_executor.layers.rope import RopeSpec, RotaryEmbedding, apply_rope
@@ -136,8 +139,27 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm()
         self.sandwich = a.sandwich_norms
         self.mlp = MLP(a)
+        self.activation = a.activation
+        self.use_fused = True  # the fused native path where it applies (layers/fused.py)
+        self._linears = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+        self._fused = (None, None)  # (the linears' versions it was built for, FusedLayer or None)
 
     def forward(self, layer, x, cos, sin, attend):
+        if self.use_fused and x.dtype is torch.float32 and cos.dtype is torch.float32:
+            fused = self._fused_layer()
+            if fused is not None and fused.usable(x):
+                return fused.forward(layer, x, cos, sin, attend)
+        return self.reference_forward(layer, x, cos, sin, attend)
+
+    def _fused_layer(self):
+        qkv, o, gate_up, down = self._linears
+        versions = (qkv.version, o.version, gate_up.version, down.version)  # plain attributes: cheap per call
+        if versions != self._fused[0]:
+            self._fused = (versions, fused_layer(self, self.activation))
+        return self._fused[1]
+
+    def reference_forward(self, layer, x, cos, sin, attend):
+        """The layer in plain torch ops: the reference the fused path must match."""
         h = self.self_attn(layer, self.input_layernorm(x), cos, sin, attend)
         if not self.sandwich:
             x = x + h
@@ -163,6 +185,11 @@ class DecoderLM(nn.Module):
         keys = list(specs)
         self._ropes = [RotaryEmbedding(specs[k], args.head_dim) for k in keys]
         self._layer_rope = [keys.index(args.layer_rope(i).key()) for i in range(args.num_layers)]
+
+    def set_fused(self, on: bool) -> None:
+        """Use the fused native layer path where it applies (default), or the reference torch ops."""
+        for layer in self.layers:
+            layer.use_fused = bool(on)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
                 num_layers: Optional[int] = None) -> torch.Tensor:
