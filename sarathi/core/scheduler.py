@@ -1,16 +1,10 @@
 """Which sequences run in the next step, and how many of their tokens.
 
 `sarathi` (default): a token budget of `chunk_size` per step; running decodes go
-first and are never refused for budget (so no prompt, however long, delays a stream by more
-than the one step it shares), then prompt chunks from what budget remains, at most
-`max_prefills` requests per step (0: as many as the budget holds). The batch lists prefill
-chunks first, then decodes.
-
-Prompts take turns: each ongoing prefill and the queue of new requests (admitted FIFO) is
-one turn, served least recently first (ties: ongoing prompts first, in arrival order). A
-prompt that spans many chunks so leaves every other step to the queue, and a short request
-that arrives behind it gets its first token within a couple of steps instead of after the
-whole prompt; the long prompt still gets at least every other turn.
+first and are never refused for budget, then ongoing prefills take the next chunk
+of what budget remains, then new requests FIFO, prompts of at most `max_prefills`
+requests per step (0: as many as the budget holds). The batch lists prefill chunks
+first, then decodes.
 
 Why the engine asks for one prompt per step on a CPU (and 0 on CUDA): on a CPU a step's
 time grows with every token in it (no idle lanes to fill, as a GPU has at small
@@ -440,33 +434,17 @@ class SarathiScheduler(Scheduler):
     def token_budget(self) -> Optional[int]:
         return self.chunk_size
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._steps = 0
-        self._served: Dict[int, int] = {}   # seq_id -> the step its prompt last got a chunk
-        self._queue_served = -1             # the step the queue last admitted a request
-
     def _policy(self) -> SchedulerOutput:
         out = self._running_decodes(self.chunk_size)
         budget = max(self.chunk_size - out.num_decode_tokens, 0)
-        step, self._steps = self._steps, self._steps + 1
-        live = {s.seq_id for s in self.running}
-        self._served = {sid: t for sid, t in self._served.items() if sid in live}
-        # Turns, least recently served first: each ongoing prompt, and the queue (None).
-        turns = [(self._served.get(s.seq_id, -1), 0, i, s) for i, s in enumerate(self.running) if s.is_prefill]
-        turns.append((self._queue_served, 1, 0, None))
-        for _, _, _, seq in sorted(turns, key=lambda t: t[:3]):
-            if seq is None:   # also with no budget left: it rejects requests whose holds failed
-                admitted = len(out.prefills)
-                budget = self._admit_waiting(out, budget, chunked=True)
-                if len(out.prefills) > admitted:
-                    self._queue_served = step
-                    self._served.update((item.seq.seq_id, step) for item in out.prefills[admitted:])
-            elif budget > 0 and not self._prefills_full(out, seq):
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.is_prefill and not self._prefills_full(out, seq):
                 n = min(seq.num_uncomputed_tokens, budget)
                 out.prefills.append(ScheduledSeq(seq, n))
-                self._served[seq.seq_id] = step
                 budget -= n
+        self._admit_waiting(out, budget, chunked=True)
         return out
 
 
