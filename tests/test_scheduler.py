@@ -229,3 +229,28 @@ def test_prefill_limit_random_workload_finishes(max_prefills):
     prompts = [rng.randint(1, 300) for _ in range(40)]
     first, widest = _first_token_steps(max_prefills, prompts, chunk=96)
     assert len(first) == 40 and widest <= max_prefills
+
+
+def test_streams_decode_every_step_while_a_long_prompt_prefills():
+    # A 2,000-token prompt takes 32 chunks of 64; short requests arriving meanwhile decode in
+    # every step once they have their first token: no stream waits a step for a prompt.
+    kv = KVManager(1024, 16, 16)
+    sched = make_scheduler("sarathi", kv, 16, 8192, 64, None, max_prefills=1)
+    sched.add(_seq(0, 2000, 4, t=0.0))
+    first, decoded, finished, step = {}, [], [], 0
+    while sched.has_unfinished():
+        if 1 <= step // 3 <= 8 and step % 3 == 0:
+            sched.add(_seq(step // 3, 20, 30, t=float(step)))
+        out = sched.schedule()
+        assert out.num_prefill_tokens + out.num_decode_tokens <= 64
+        decoded.append({d.seq.seq_id for d in out.decodes})
+        for item in out.scheduled:
+            if item.samples:
+                first.setdefault(item.seq.seq_id, step)
+        _run_step(sched, out, finished)
+        step += 1
+        assert step < 2000
+    assert len(finished) == 9
+    for i in range(1, 9):
+        steps = [t for t in range(first[i] + 1, step) if i in decoded[t]]
+        assert steps == list(range(first[i] + 1, first[i] + 30)), (i, steps[:5])
