@@ -15,8 +15,8 @@ Compile: a schema never seen (cold: xgrammar's compile on a worker thread) and t
 again (a cache hit). Stall: the longest gap between tokens of 8 running streams while a request
 with a new, slow-to-compile schema arrives, against the same run without it.
 
-The llama-server side by side (json_schema validity and tok/s) needs benchmarks/peers/build_llama_server.sh's
-binary; it is run when benchmarks/peers/build/bin/llama-server exists, and reported as not run otherwise.
+The llama-server side by side (json_schema validity and tok/s, each server alone) is
+benchmarks/peers/structured_compare.py.
 """
 from __future__ import annotations
 
@@ -195,13 +195,10 @@ def main() -> None:
     rows = [tpot_comparison(engine, 1, args.requests_c1, timer, args.rounds),
             tpot_comparison(engine, 32, args.requests_c32, timer, args.rounds)]
     stalls = [stall(engine, False), stall(engine, True)]
-    peer = REPO / "benchmarks" / "peers" / "build" / "bin" / "llama-server"
     result = {"model": args.model, "backend": engine.structured_outputs.backend_name,
               "backend_version": getattr(engine.structured_outputs.backend(), "version", ""),
               "backend_init_s": backend_s, "schema_fields": len(SCHEMA["properties"]), "tpot": rows,
               "compile": compile_, "stall": stalls,
-              "llama_server": "not run: no llama-server binary (benchmarks/peers/build_llama_server.sh builds it)"
-              if not peer.exists() else "binary present but this script does not drive it yet",
               "machine": {"threads": engine.runner.torch_threads, "kernel_isa": engine.runner.kernel_isa}}
     print(f"structured outputs ({result['backend']} {result['backend_version']}), {args.model}, JSON schema of "
           f"{result['schema_fields']} fields")
@@ -218,7 +215,6 @@ def main() -> None:
         wait = "" if waited is None else f" (the newcomer's first token {waited:.0f} ms after it arrived)"
         print(f"8 streams, {'a new slow schema arrives' if s['with_new_schema'] else 'no new schema':>26}: "
               f"median step {s['median_step_ms']:.1f} ms, longest step {s['max_step_ms']:.1f} ms{wait}")
-    print(f"llama-server: {result['llama_server']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"saved {args.out}")
