@@ -86,3 +86,43 @@ def test_same_tokens_with_release_on_and_off(family, monkeypatch, caching, block
     assert got == want
     assert preempted_off > 0   # the budget is tight without release
     assert preempted_on < preempted_off   # and released pages admit more work
+
+
+def test_kv_manager_counts_layer_pages():
+    """The KVManager alone (no torch): 10 blocks of 3 layers, 2 sliding with a 16-token window."""
+    from sarathi.core.kv_manager import KVManager, ReleaseBlocks, ReleaseFront
+
+    kv = KVManager(10, 16, 2, watermark=0.0, window=16, window_layers=(2, 3), enable_prefix_caching=True)
+    assert kv.mixed and kv.num_ids == 30   # every block without its sliding part: 30 units / 1 full layer
+    tokens = list(range(160))
+    kv.admit(0, 160)
+    assert kv.num_free_blocks == 0
+    kv.slide(0, 160)   # the next query reads from 145 on: blocks 0..8 lose their sliding part
+    assert kv.take_ops() == [ReleaseFront(0, 9)]
+    assert kv.num_free_blocks == (30 - 9 * 1 - 3) // 3 == 6
+    kv.check_invariants()
+    kv.cache_blocks(0, tokens, 160)   # only the block that still has its sliding part is cached
+    assert kv.num_cached_blocks == 1
+    kv.admit(1, 96)
+    kv.check_invariants()
+    assert kv.num_free_blocks == 0 and not kv.can_grow(1, 97)
+    kv.free(1)
+    kv.free(0)
+    kv.check_invariants()
+    assert kv.num_free_blocks == 10
+    # A later request with that prefix shares all 10 blocks' full part and the cached one's both.
+    hit = kv.match(2, tokens + [1], "")
+    assert hit.num_cached_tokens == 0   # blocks 0..8 are not cached: nothing to start on
+    kv.take_ops()
+    # Cached blocks whose sliding part nobody reads count free and are evicted when needed.
+    kv.uncache(next(iter(kv._evictable)))   # (seq 0's last block: leave only what follows)
+    kv.admit(3, 48)
+    kv.cache_blocks(3, tokens, 48)
+    kv.slide(3, 48)                 # blocks 0 and 1 behind the window: cached, sliding parts idle
+    assert kv.num_free_blocks == (30 - 2 * 1 - 3) // 3 == 8
+    kv.take_ops()
+    kv.admit(4, 16 * 8)             # 7 blocks are physically free: the 8th takes both idle parts
+    ops = kv.take_ops()             # (2 units each), and their blocks leave the cache
+    assert sum(isinstance(op, ReleaseBlocks) for op in ops) == 2 and kv.num_cached_blocks == 1
+    assert kv.num_free_blocks == 0
+    kv.check_invariants()

@@ -36,6 +36,9 @@ def _page_size(spec: KVCacheSpec) -> int:
     return default_page_size(token_bytes, spec.kv_cache_memory, cuda=spec.device.type == "cuda")
 
 
+FLASH_KEY_TILE = 256   # the widest key tile of flash-attn 2's kernels
+
+
 def _mixed(spec: KVCacheSpec) -> bool:
     """Some layers slide and some attend to everything (Gemma 2/3, Qwen2's max_window_layers)."""
     return any(spec.sliding_windows) and not all(spec.sliding_windows)
@@ -53,9 +56,11 @@ class VAttentionBackend(KVBackend):
 
     @classmethod
     def release_window(cls, spec: KVCacheSpec) -> int:
-        # On CPU both attention paths read only the window; flash-attn on CUDA is not checked
-        # to leave the unmapped pages before it alone, so CUDA keeps them.
-        return super().release_window(spec) if spec.device.type == "cpu" else 0
+        # On CPU both attention paths read only the window. On CUDA, flash-attn's decode reads
+        # whole key tiles (kBlockN <= 256 keys), the first starting up to 255 keys before the
+        # window's first key (masked, but read): those pages stay mapped too.
+        w = super().release_window(spec)
+        return w + FLASH_KEY_TILE if w and spec.device.type == "cuda" else w
 
     @staticmethod
     def group_budgets(spec: KVCacheSpec) -> Tuple[int, int]:
@@ -109,17 +114,21 @@ class VAttentionBackend(KVBackend):
 
         self.layout(spec)  # validates before reserving anything
         device = "cpu" if spec.device.type == "cpu" else f"cuda:{spec.device.index or 0}"
-        def cache(layers: int, budget: int):
+        def cache(layers: int, budget: int, commit: bool = True):
             return vattention_ext.KVCache(
                 layers, spec.num_kv_heads, spec.head_dim, spec.max_num_seqs, spec.max_model_len,
-                dtype=spec.dtype, device=device, page_size=_page_size(spec), kv_cache_memory=budget)
+                dtype=spec.dtype, device=device, page_size=_page_size(spec), kv_cache_memory=budget,
+                commit_pool=commit)
 
         self.sliding = None   # mixed models: the sliding layers' cache (self.cache holds the full ones)
-        if _mixed(spec) and spec.device.type == "cpu":
+        if _mixed(spec) and type(self).release_window(spec):
             full_layers = [i for i, w in enumerate(spec.sliding_windows) if not w]
             sliding_layers = [i for i, w in enumerate(spec.sliding_windows) if w]
             full_budget, sliding_budget = self.group_budgets(spec)
-            self.cache, self.sliding = cache(len(full_layers), full_budget), cache(len(sliding_layers), sliding_budget)
+            # Together the pools could exceed the budget: on CUDA too, pages take memory only
+            # while mapped (the KVManager keeps the mapped ones within the budget).
+            self.cache = cache(len(full_layers), full_budget, commit=False)
+            self.sliding = cache(len(sliding_layers), sliding_budget, commit=False)
             where = {layer: (self.cache, j) for j, layer in enumerate(full_layers)}
             where.update({layer: (self.sliding, j) for j, layer in enumerate(sliding_layers)})
             # Mapped pages are exactly the live ones (what the KVManager counts): no pages kept
