@@ -39,7 +39,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<KVCache>(m, "KVCacheCore")
       .def(py::init([](int64_t num_layers, int64_t num_kv_heads, int64_t head_dim, int64_t elem_size,
                        int64_t max_batch_size, int64_t max_context_len, int64_t page_size, int device,
-                       int64_t map_ahead_tokens) {
+                       int64_t map_ahead_tokens, bool commit_pool) {
              CacheConfig c;
              c.num_layers = num_layers;
              c.num_kv_heads = num_kv_heads;
@@ -50,11 +50,12 @@ PYBIND11_MODULE(_C, m) {
              c.page_size = page_size;
              c.device = device;
              c.map_ahead_tokens = map_ahead_tokens;
+             c.commit_pool = commit_pool;
              return new KVCache(c);
            }),
            py::arg("num_layers"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("elem_size"),
            py::arg("max_batch_size"), py::arg("max_context_len"), py::arg("page_size"), py::arg("device") = -1,
-           py::arg("map_ahead_tokens") = 0)
+           py::arg("map_ahead_tokens") = 0, py::arg("commit_pool") = true)
       .def("reserve_physical_pages", &KVCache::reserve_physical_pages, py::arg("nbytes"),
            py::call_guard<py::gil_scoped_release>())
       .def("alloc_slot", &KVCache::alloc_slot, py::arg("seqlen"), py::call_guard<py::gil_scoped_release>())

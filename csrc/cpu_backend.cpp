@@ -69,7 +69,7 @@ class CpuBackend : public MemoryBackend {
     return reservations_.back()->base();
   }
 
-  void create_pool(size_t num_pages, size_t page_size) override {
+  void create_pool(size_t num_pages, size_t page_size, bool) override {  // a memfd commits on touch
     if (pool_) throw std::logic_error("the physical page pool already exists");
     pool_ = std::make_unique<Memfd>(num_pages * page_size);
     page_size_ = page_size;

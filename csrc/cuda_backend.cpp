@@ -147,7 +147,8 @@ class CudaBackend : public MemoryBackend {
     // then drv_, go last as members).
     drv_.cuCtxSetCurrent(ctx_.get());
     for (auto addr : mapped_) drv_.cuMemUnmap(addr, page_size_);
-    for (auto h : pages_) drv_.cuMemRelease(h);
+    for (auto h : pages_)
+      if (h) drv_.cuMemRelease(h);
     for (auto& r : reservations_) drv_.cuMemAddressFree(r.first, r.second);
   }
 
@@ -161,10 +162,15 @@ class CudaBackend : public MemoryBackend {
     return static_cast<uintptr_t>(base);
   }
 
-  void create_pool(size_t num_pages, size_t page_size) override {
+  void create_pool(size_t num_pages, size_t page_size, bool commit) override {
     if (!pages_.empty()) throw std::logic_error("the physical page pool already exists");
     make_current();
     page_size_ = page_size;
+    committed_ = commit;
+    if (!commit) {  // handles are created by map() and released by discard()
+      pages_.assign(num_pages, 0);
+      return;
+    }
     pages_.reserve(num_pages);
     for (size_t i = 0; i < num_pages; ++i) {
       CUmemHandle h = 0;
@@ -181,7 +187,7 @@ class CudaBackend : public MemoryBackend {
   void map(uintptr_t addr, size_t page) override {
     make_current();
     CUdeviceptr a = static_cast<CUdeviceptr>(addr);
-    drv_.check(drv_.cuMemMap(a, page_size_, 0, pages_.at(page), 0), "cuMemMap");
+    drv_.check(drv_.cuMemMap(a, page_size_, 0, handle(page), 0), "cuMemMap");
     CUresult r = drv_.cuMemSetAccess(a, page_size_, &access_, 1);
     if (r != 0) {
       drv_.cuMemUnmap(a, page_size_);
@@ -199,7 +205,18 @@ class CudaBackend : public MemoryBackend {
     mapped_.erase(a);
   }
 
-  void discard(size_t) override {}
+  // A page nothing maps any more: an uncommitted pool gives its memory back to the driver
+  // (cuMemRelease; the next map creates a fresh handle), as the CPU backend punches a hole.
+  void discard(size_t page) override {
+    if (committed_) return;
+    std::lock_guard<std::mutex> lk(mapped_mu_);
+    CUmemHandle& h = pages_.at(page);
+    if (!h) return;
+    const CUmemHandle gone = h;
+    h = 0;
+    live_--;
+    drv_.check(drv_.cuMemRelease(gone), "cuMemRelease");
+  }
 
   // Prefix caching's copy on write. A pool handle has no address of its own, so both pages
   // are mapped (a handle may be mapped at several addresses at once) into a two-page scratch
@@ -227,11 +244,30 @@ class CudaBackend : public MemoryBackend {
     drv_.check(drv_.cuCtxSynchronize(), "cuCtxSynchronize");
   }
 
-  // cuMemCreate commits device memory at creation: the whole pool is resident.
-  size_t pool_resident_bytes() const override { return pages_.size() * page_size_; }
+  // cuMemCreate commits device memory at creation: a committed pool is resident as a whole,
+  // an uncommitted one page by page while a handle exists.
+  size_t pool_resident_bytes() const override {
+    if (committed_) return pages_.size() * page_size_;
+    std::lock_guard<std::mutex> lk(mapped_mu_);
+    return live_ * page_size_;
+  }
   bool is_cuda() const override { return true; }
 
  private:
+  // The pool page's handle, created on first use in an uncommitted pool (the background
+  // mapping thread maps without the cache's lock, but never the same page as another thread).
+  CUmemHandle handle(size_t page) {
+    std::lock_guard<std::mutex> lk(mapped_mu_);
+    CUmemHandle& h = pages_.at(page);
+    if (!h) {
+      CUmemHandle fresh = 0;
+      drv_.check(drv_.cuMemCreate(&fresh, page_size_, &prop_, 0), "cuMemCreate of a pool page");
+      h = fresh;
+      live_++;
+    }
+    return h;
+  }
+
   // The mapping thread may be the background one: make the context current there too.
   void make_current() { drv_.check(drv_.cuCtxSetCurrent(ctx_.get()), "cuCtxSetCurrent"); }
 
@@ -243,9 +279,11 @@ class CudaBackend : public MemoryBackend {
   uintptr_t scratch_ = 0;  // two pages of address space for copy_page
   size_t granularity_ = 0;
   size_t page_size_ = 0;
-  std::vector<CUmemHandle> pages_;
+  std::vector<CUmemHandle> pages_;  // 0: no memory behind the page yet (uncommitted pool)
+  bool committed_ = true;
+  size_t live_ = 0;                 // handles of an uncommitted pool
   std::vector<std::pair<CUdeviceptr, size_t>> reservations_;
-  std::mutex mapped_mu_;  // the background thread maps without the cache's lock
+  mutable std::mutex mapped_mu_;  // the background thread maps without the cache's lock
   std::unordered_set<CUdeviceptr> mapped_;
 };
 

@@ -148,7 +148,7 @@ int64_t KVCache::reserve_physical_pages(int64_t bytes) {
                                   " kernel mappings, more than half of vm.max_map_count=" + std::to_string(max_maps) +
                                   ": use a larger page_size or a smaller KV budget");
   }
-  backend_->create_pool(static_cast<size_t>(pages), static_cast<size_t>(cfg_.page_size));
+  backend_->create_pool(static_cast<size_t>(pages), static_cast<size_t>(cfg_.page_size), cfg_.commit_pool);
   blocks_total_ = blocks;
   free_blocks_.reserve(blocks);
   refs_.assign(blocks, 0);

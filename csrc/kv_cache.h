@@ -35,6 +35,10 @@ struct CacheConfig {
   int64_t page_size = 0;       // bytes
   int device = -1;             // -1 = CPU, otherwise CUDA ordinal
   int64_t map_ahead_tokens = 0;  // step_async maps this many tokens beyond the step
+  // CUDA: create every pool page up front (true), or when first mapped and given back to the
+  // driver when freed (false: several caches may then share one budget, as a model's layer
+  // groups do). CPU pages are always committed on first touch and given back when freed.
+  bool commit_pool = true;
 };
 
 // stats(): named figures, in a stable order (Python gets them as a dict).

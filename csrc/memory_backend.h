@@ -15,14 +15,15 @@ class MemoryBackend {
   virtual size_t granularity() const = 0;
   // Reserve `bytes` of virtual address space with nothing behind it; returns its base.
   virtual uintptr_t reserve(size_t bytes) = 0;
-  // Create the physical pool of `num_pages` pages of `page_size` bytes (once).
-  virtual void create_pool(size_t num_pages, size_t page_size) = 0;
+  // Create the physical pool of `num_pages` pages of `page_size` bytes (once). commit: its
+  // memory is taken now; else each page takes it when first mapped and `discard` gives it back.
+  virtual void create_pool(size_t num_pages, size_t page_size, bool commit) = 0;
   // Back the page at `addr` (inside a reservation, page aligned) with pool page `page`.
   virtual void map(uintptr_t addr, size_t page) = 0;
   // Put the reservation back at `addr`: the pool page stays in the pool.
   virtual void unmap(uintptr_t addr) = 0;
-  // The pool page's contents are no longer needed: give its memory back to the OS
-  // (CPU: punch a hole in the memfd; CUDA: nothing, pages are committed at creation).
+  // The pool page's contents are no longer needed and nothing maps it: give its memory back
+  // (CPU: punch a hole in the memfd; CUDA: release its handle, unless the pool was committed).
   virtual void discard(size_t page) = 0;
   // Copy the contents of pool page `src` into pool page `dst`.
   virtual void copy_page(size_t src, size_t dst) = 0;

@@ -90,3 +90,30 @@ def test_cuda_shared_pages_and_copy_on_write():
     cache.free_slot(0)
     cache.free_slot(1)
     cache.check_invariants()
+
+
+@need_gpu
+@pytest.mark.cuda
+def test_cuda_uncommitted_pool_releases_pages_behind_the_window():
+    """commit_pool=False (a layer group's pool): a page takes device memory when first mapped;
+    release_front unmaps pages behind a sliding window and their handles go back to the driver,
+    while the pages after them keep their data."""
+    torch.cuda.init()
+    page = 2 << 20
+    cache = va.KVCache(1, 2, 64, 2, 16384, dtype=torch.float16, device="cuda:0", page_size=page,
+                       kv_cache_memory=16 * 2 * page, commit_pool=False)
+    assert cache.stats()["pool_resident_bytes"] == 0
+    tb = 2 * 64 * 2
+    per_page = page // tb
+    cache.step([4 * per_page, 0])
+    assert cache.stats()["pool_resident_bytes"] == 4 * 2 * page
+    k = cache.k_cache(0)
+    k[0, 3 * per_page:4 * per_page] = 3.0
+    torch.cuda.synchronize()
+    cache.release_front(0, 3)
+    st = cache.stats()
+    assert st["pool_resident_bytes"] == 1 * 2 * page and st["pages_released"] == 3 * 2
+    assert torch.all(k[0, 3 * per_page:4 * per_page] == 3.0).item()
+    cache.check_invariants()
+    cache.free_slot(0)
+    assert cache.stats()["pool_resident_bytes"] == 0

@@ -59,11 +59,14 @@ class KVCache:
     kv_cache_memory: physical budget in bytes; if given, the pool is created now,
     otherwise call `reserve_physical_pages` before the first `step`.
     map_ahead_tokens: how far `step_async` maps beyond each sequence in the background.
+    commit_pool: on CUDA, create every pool page now (True) or each when first mapped, giving
+    it back to the driver when freed (False; CPU pages always commit on first touch).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_batch_size: int,
                  max_context_len: int, dtype="float32", device="cpu", page_size: int | None = None,
-                 kv_cache_memory: int | None = None, map_ahead_tokens: int | None = None):
+                 kv_cache_memory: int | None = None, map_ahead_tokens: int | None = None,
+                 commit_pool: bool = True):
         self.dtype_name = dtype_name(dtype)
         elem = DTYPE_SIZES[self.dtype_name]
         self.device_index = parse_device(device)
@@ -75,7 +78,7 @@ class KVCache:
         if map_ahead_tokens is None:  # about one page ahead
             map_ahead_tokens = max(1, page_size // max(1, token_bytes))
         self._core = _C.KVCacheCore(num_layers, num_kv_heads, head_dim, elem, max_batch_size, max_context_len,
-                                    page_size, self.device_index, map_ahead_tokens)
+                                    page_size, self.device_index, map_ahead_tokens, bool(commit_pool))
         self.page_size = page_size
         self.bytes_per_token_per_layer = token_bytes
         self.tokens_per_page = page_size // token_bytes

@@ -137,6 +137,15 @@ class FreeSlot:
 
 KVOp = Union[RetainBlock, ReleaseBlocks, SharePrefix, ReleaseFront, FreeSlot]
 RELEASED = -1   # a block-table entry behind every layer's sliding window: freed, never read
+# Models that mix sliding and full-attention layers (Gemma 2/3, Qwen2 with max_window_layers)
+# count memory in units of one layer's page (K and V): a block costs one unit per layer while
+# its sliding layers' part is held, one per full layer after that part was released.
+
+
+def mixed_block_ids(num_blocks: int, sliding: int, layers: int) -> int:
+    """Block ids a mixed-window budget of num_blocks whole blocks can need: every block may
+    have let go of its sliding layers' part, costing only the full layers' units."""
+    return num_blocks * layers // (layers - sliding)
 
 
 def _digest(parent: bytes, tokens: Sequence[int]) -> bytes:
@@ -146,9 +155,14 @@ def _digest(parent: bytes, tokens: Sequence[int]) -> bytes:
 class KVManager:
     def __init__(self, num_blocks: int, block_size: int, num_slots: int, watermark: float = 0.01,
                  page_bytes: Optional[int] = None, token_bytes: int = 1, enable_prefix_caching: bool = False,
-                 namespace: bytes = b"", window: int = 0):
-        """window > 0: every layer attends to the last `window` tokens only, and the backend
-        can drop memory behind them: `slide` frees the blocks all queries have left behind."""
+                 namespace: bytes = b"", window: int = 0, window_layers: Tuple[int, int] = (0, 0)):
+        """window > 0: sliding layers attend to the last `window` tokens only, and the backend
+        can drop memory behind them: `slide` frees what all queries have left behind.
+        window_layers = (sliding, total) layers: when some layers do not slide, a block is a
+        page in every layer (`num_blocks` of them fit the budget) but only its sliding layers'
+        part is let go behind the window, so the budget is counted in layer pages (units): two
+        pools in one, the full layers' and the sliding layers'. Default: every layer slides and
+        whole blocks are freed (their table entries become RELEASED)."""
         if num_blocks < 1 or block_size < 1 or num_slots < 1:
             raise ValueError(f"KV layout needs at least one block and slot, got num_blocks={num_blocks}, "
                              f"block_size={block_size}, num_slots={num_slots}")
@@ -163,11 +177,27 @@ class KVManager:
         self.namespace = namespace
         self.window = window
         self.watermark_blocks = max(1, int(watermark * num_blocks)) if num_blocks > 1 else 0
-        self._free_blocks: List[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives 0 first
+        sliding, layers = window_layers
+        if window and 0 < sliding < layers:
+            self.mixed = True
+            self.layers, self.sliding_layers = layers, sliding
+            self.num_ids = mixed_block_ids(num_blocks, sliding, layers)
+        else:
+            self.mixed = False
+            self.layers, self.sliding_layers = 1, 0
+            self.num_ids = num_blocks
+        self._units_total = num_blocks * self.layers
+        self._held_units = 0                  # units of blocks some table holds
+        self._idle_units = 0                  # units cached but free to evict (counted free)
+        self._contrib: Dict[int, Tuple[int, int]] = {}        # block -> (held, idle) units it adds
+        self._sref: List[int] = [0] * self.num_ids            # mixed: tables holding the sliding part
+        self._behind: Dict[int, int] = {}                     # mixed: seq -> entries whose sliding part it let go
+        self._slide_idle: "OrderedDict[int, None]" = OrderedDict()  # mixed: held, cached, sliding part unread
+        self._free_blocks: List[int] = list(range(self.num_ids - 1, -1, -1))  # pop() gives 0 first
         self._free_slots: List[int] = list(range(num_slots - 1, -1, -1))
         self._tables: Dict[int, List[int]] = {}
         self._slots: Dict[int, int] = {}
-        self._ref: List[int] = [0] * num_blocks
+        self._ref: List[int] = [0] * self.num_ids
         self._evictable: "OrderedDict[int, None]" = OrderedDict()  # cached, unreferenced; first = next victim
         self._cached: Dict[int, CachedBlock] = {}
         self._by_hash: Dict[bytes, int] = {}
@@ -194,7 +224,10 @@ class KVManager:
     # ---- counts --------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        """Free blocks, counting cached blocks no sequence holds (they are evicted on demand)."""
+        """Free blocks, counting cached blocks no sequence holds (they are evicted on demand).
+        Mixed windows: whole blocks (a page in every layer) the free units make."""
+        if self.mixed:
+            return (self._units_total - self._held_units) // self.layers
         return len(self._free_blocks) + len(self._evictable)
 
     @property
@@ -232,7 +265,7 @@ class KVManager:
         slot = self._free_slots.pop()
         self._slots[seq_id] = slot
         for b in hit.shared:
-            self._take_ref(b)
+            self._take_ref(b, sliding=True)
         if hit.copy_src is not None:
             self._take_ref(hit.copy_src)
             self._copy_refs.append(hit.copy_src)
@@ -253,6 +286,9 @@ class KVManager:
         for _ in range(need):
             b = self._allocate()
             self._ref[b] = 1
+            if self.mixed:
+                self._sref[b] = 1
+                self._reindex(b)
             table.append(b)
 
     def slide(self, seq_id: int, num_computed: int) -> None:
@@ -264,6 +300,16 @@ class KVManager:
         table = self._tables[seq_id]
         first_read = max(0, num_computed - self.window + 1)
         behind = min(first_read * self.token_bytes // self.page_bytes, len(table))
+        if self.mixed:   # the full layers still read these blocks: only their sliding part goes
+            done = self._behind.get(seq_id, 0)
+            if behind <= done:
+                return
+            for i in range(done, behind):
+                self._sref[table[i]] -= 1
+                self._reindex(table[i])
+            self._behind[seq_id] = behind
+            self._ops.append(ReleaseFront(self._slots[seq_id], behind))
+            return
         done = next((i for i, b in enumerate(table) if b != RELEASED), len(table))
         if behind <= done:
             return
@@ -275,8 +321,12 @@ class KVManager:
     def free(self, seq_id: int) -> int:
         """Drop a sequence's references and its slot (cached blocks stay, evictable); returns the slot."""
         # Tail first: among blocks freed together, the longer prefix's tail is evicted first.
-        for b in reversed(self._tables.pop(seq_id)):
+        table, behind = self._tables.pop(seq_id), self._behind.pop(seq_id, 0)
+        for i in range(len(table) - 1, -1, -1):
+            b = table[i]
             if b != RELEASED:
+                if self.mixed and i >= behind:
+                    self._sref[b] -= 1
                 self._drop_ref(b)
         self._chains.pop(seq_id, None)
         slot = self._slots.pop(seq_id)
@@ -313,16 +363,31 @@ class KVManager:
 
     # ---- block pool ----------------------------------------------------------
     def _allocate(self) -> int:
+        if self.mixed:
+            # Evict (oldest first) until a whole block's units are physically free: cached
+            # blocks nobody holds, then the sliding part of cached blocks behind every window
+            # (the block leaves the cache; its full layers' part stays with its holders).
+            while self._units_total - self._held_units - self._idle_units < self.layers:
+                idle = self._evictable or self._slide_idle
+                b, _ = idle.popitem(last=False)
+                self._uncache(b)
+                if self._ref[b] == 0:
+                    self._free_blocks.append(b)
+                self._reindex(b)
+            return self._free_blocks.pop()
         if self._free_blocks:
             return self._free_blocks.pop()
         b, _ = self._evictable.popitem(last=False)
         self._uncache(b)
         return b
 
-    def _take_ref(self, b: int) -> None:
+    def _take_ref(self, b: int, sliding: bool = False) -> None:
         if self._ref[b] == 0:
             del self._evictable[b]
         self._ref[b] += 1
+        if self.mixed:
+            self._sref[b] += sliding
+            self._reindex(b)
 
     def _drop_ref(self, b: int) -> None:
         self._ref[b] -= 1
@@ -331,9 +396,39 @@ class KVManager:
                 self._evictable[b] = None
             else:
                 self._free_blocks.append(b)
+        self._reindex(b)
+
+    def _units(self, b: int) -> Tuple[int, int]:
+        """(held, idle) units block b adds (mixed windows): its full layers' part while held,
+        its sliding part while read or cached; cached parts nobody reads count idle (free)."""
+        full, sliding = self.layers - self.sliding_layers, self.sliding_layers
+        cached = b in self._cached
+        if self._ref[b] > 0:
+            if self._sref[b] > 0:
+                return full + sliding, 0
+            return full, sliding if cached else 0
+        return 0, self.layers if cached else 0
+
+    def _reindex(self, b: int) -> None:
+        """Recount block b's units after its references or cache state changed (mixed windows)."""
+        if not self.mixed:
+            return
+        old_held, old_idle = self._contrib.get(b, (0, 0))
+        held, idle = self._units(b)
+        self._held_units += held - old_held
+        self._idle_units += idle - old_idle
+        if held or idle:
+            self._contrib[b] = (held, idle)
+        else:
+            self._contrib.pop(b, None)
+        if self._ref[b] > 0 and self._sref[b] == 0 and b in self._cached:
+            self._slide_idle.setdefault(b, None)
+        else:
+            self._slide_idle.pop(b, None)
 
     def _uncache(self, b: int) -> None:
         e = self._cached.pop(b)
+        self._slide_idle.pop(b, None)
         if e.hash is not None and self._by_hash.get(e.hash) == b:
             del self._by_hash[e.hash]
         siblings = self._children.get(e.parent)
@@ -392,7 +487,8 @@ class KVManager:
         write_block = cached * self.token_bytes // self.page_bytes   # where the next token's bytes start
         shared = matched[:write_block]
         copy_src = matched[write_block] if write_block < len(matched) else None
-        evictable = sum(1 for b in shared if self._ref[b] == 0)
+        # (Mixed windows: a held block whose sliding part is idle costs that part again.)
+        evictable = sum(1 for b in shared if self._ref[b] == 0 or b in self._slide_idle)
         if copy_src is not None and self._ref[copy_src] == 0:
             evictable += 1
         return PrefixHit(cached, shared, copy_src, evictable)
@@ -423,7 +519,9 @@ class KVManager:
         full = 0
         while full < len(chain) and self.span(full)[1] <= num_computed and full < len(table):
             b, h = table[full], chain[full]
-            if b == RELEASED:   # behind the window: already let go (and cached then, if it could be)
+            if b == RELEASED or full < self._behind.get(seq_id, 0):
+                # Behind the window: already let go (and cached then, if it could be); a mixed
+                # model's block without its sliding layers' part cannot start a later request.
                 full += 1
                 continue
             parent = chain[full - 1] if full else root
@@ -435,7 +533,7 @@ class KVManager:
                 e.hash, e.tokens = h, tuple(tokens[slice(*self.span(full))])
                 self._by_hash[h] = b
             full += 1
-        if partial and full < len(table) and table[full] != RELEASED:
+        if partial and full < len(table) and table[full] != RELEASED and full >= self._behind.get(seq_id, 0):
             first, _ = self.span(full)
             if num_computed > first:
                 b, parent = table[full], chain[full - 1] if full else root
@@ -452,6 +550,7 @@ class KVManager:
 
     def _register(self, e: CachedBlock) -> None:
         self._cached[e.block] = e
+        self._reindex(e.block)
         if e.hash is not None:
             self._by_hash[e.hash] = e.block
         self._children.setdefault(e.parent, {})[e.block] = None
@@ -463,6 +562,7 @@ class KVManager:
             if self._ref[block] == 0:
                 del self._evictable[block]
                 self._free_blocks.append(block)
+            self._reindex(block)
 
     def take_ops(self) -> List[KVOp]:
         """What the backend must do to memory since the last call, in order."""
@@ -490,18 +590,25 @@ class KVManager:
     def check_invariants(self) -> None:
         """Raise AssertionError unless every block is free, evictable or referenced exactly
         as the tables say, and the cache's indexes agree with each other."""
-        refs = [0] * self.num_blocks
-        for table in self._tables.values():
-            for b in table:
+        refs, srefs = [0] * self.num_ids, [0] * self.num_ids
+        for seq_id, table in self._tables.items():
+            for i, b in enumerate(table):
                 if b != RELEASED:
                     refs[b] += 1
+                    srefs[b] += self.mixed and i >= self._behind.get(seq_id, 0)
         for b in self._copy_refs:
             refs[b] += 1
         assert refs == self._ref, "reference counts disagree with the block tables"
+        if self.mixed:
+            assert srefs == self._sref, "sliding-part references disagree with the block tables"
+            units = [self._units(b) for b in range(self.num_ids)]
+            assert sum(h for h, _ in units) == self._held_units, "held units disagree with the blocks"
+            assert sum(i for _, i in units) == self._idle_units, "idle units disagree with the blocks"
+            assert self._held_units + self._idle_units <= self._units_total, "more units in use than exist"
         free = set(self._free_blocks)
         assert len(free) == len(self._free_blocks), "a block is free twice"
         assert not free & set(self._evictable), "a block is both free and evictable"
-        for b in range(self.num_blocks):
+        for b in range(self.num_ids):
             where = (b in free) + (b in self._evictable) + (refs[b] > 0)
             assert where == 1, f"block {b} is free={b in free} evictable={b in self._evictable} refs={refs[b]}"
             assert (b in self._evictable) <= (b in self._cached), f"evictable block {b} is not cached"

@@ -94,7 +94,7 @@ class LLMEngine:
         namespace = cache_namespace(self.model_dir, runner.quantization, str(runner.dtype), self.tokenizer)
         self.kv = KVManager(num_blocks, block_size, min(num_slots, sched.max_num_seqs), page_bytes=page_bytes,
                             token_bytes=token_bytes, enable_prefix_caching=caching, namespace=namespace,
-                            window=runner.kv_release_window())
+                            window=runner.kv_release_window(), window_layers=runner.kv_window_layers())
         max_prefills = sched.max_prefills_per_step
         if max_prefills is None:   # packing prompts is nearly free on a GPU, not on a CPU (scheduler.py)
             max_prefills = 1 if runner.device.type == "cpu" else 0

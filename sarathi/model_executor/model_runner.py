@@ -251,6 +251,10 @@ class ModelRunner:
             return 0
         return type(self.kv_backend).release_window(self.kv_spec)
 
+    def kv_window_layers(self) -> Tuple[int, int]:
+        """(sliding layers, layers): what a released window gives back (KVBackend.window_layers)."""
+        return type(self.kv_backend).window_layers(self.kv_spec)
+
     def kv_block_bytes(self) -> Tuple[int, int]:
         """(bytes per block, bytes per token) in one layer: how tokens fall into blocks."""
         return type(self.kv_backend).block_bytes(self.kv_spec)

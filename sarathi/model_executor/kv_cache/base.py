@@ -112,21 +112,31 @@ class KVBackend:
 
     # Sliding windows: when every layer slides, the blocks all windows have passed are never
     # read again; the KVManager frees them (its table keeps RELEASED in their place) and
-    # `release_front` lets the backend drop the memory at those pages.
+    # `release_front` lets the backend drop the memory at those pages. A backend with a pool
+    # per layer group (`releases_per_group`) also releases the sliding layers' pages of models
+    # that mix them with full-attention layers; the KVManager then counts both pools.
     releases_behind_window = False
+    releases_per_group = False
 
     @classmethod
     def release_window(cls, spec: KVCacheSpec) -> int:
-        """The window (tokens) behind which the KVManager may free a sequence's blocks: the
-        smallest window when every layer has one and this backend can drop them; 0 = never.
-        Second KVs of the same spec (an adapter target's) release with it; the engine releases
-        nothing beside a second model of its own (its pages fall elsewhere)."""
+        """The window (tokens) behind which the KVManager may free a sequence's blocks (or, mixed,
+        their sliding layers' part): the largest window, so no layer loses a key it reads; 0 =
+        never. Second KVs of the same spec (an adapter target's) release with it; the engine
+        releases nothing beside a second model of its own (its pages fall elsewhere)."""
         w = spec.sliding_windows
-        return min(w) if cls.releases_behind_window and w and all(w) else 0
+        if not cls.releases_behind_window or not any(w):
+            return 0
+        return max(w) if all(w) or cls.releases_per_group else 0
+
+    @classmethod
+    def window_layers(cls, spec: KVCacheSpec) -> Tuple[int, int]:
+        """(sliding layers, layers) for the KVManager's accounting when `release_window` > 0."""
+        return sum(1 for x in spec.sliding_windows if x), spec.num_layers
 
     def release_front(self, slot: int, pages: int) -> None:
-        """The first `pages` pages of `slot` are behind every layer's window. Default: nothing to
-        do (a paged backend's freed blocks are just reused; the table names them no more)."""
+        """The first `pages` pages of `slot` are behind every sliding layer's window. Default:
+        nothing to do (a paged backend's freed blocks are just reused; the table names them no more)."""
 
     # Prefix caching: blocks shared by several sequences. `retain` keeps the block at a
     # computed page of a slot for the cache and returns the backend's handle for it;

@@ -36,15 +36,42 @@ def _page_size(spec: KVCacheSpec) -> int:
     return default_page_size(token_bytes, spec.kv_cache_memory, cuda=spec.device.type == "cuda")
 
 
+FLASH_KEY_TILE = 256   # the widest key tile of flash-attn 2's kernels
+
+
+def _mixed(spec: KVCacheSpec) -> bool:
+    """Some layers slide and some attend to everything (Gemma 2/3, Qwen2's max_window_layers)."""
+    return any(spec.sliding_windows) and not all(spec.sliding_windows)
+
+
 class VAttentionBackend(KVBackend):
     name = "vattention"
     releases_behind_window = True
+    # A model mixing sliding and full layers gets a cache (region set and page pool) per
+    # layer group: the sliding group's pages behind the window are unmapped while the full
+    # group keeps its own. Each pool can take the whole budget in its own blocks; the
+    # scheduler's KVManager keeps their sum within it (it counts layer pages), and both pools
+    # commit memory only as pages are mapped (memfd holes on CPU).
+    releases_per_group = True
 
     @classmethod
     def release_window(cls, spec: KVCacheSpec) -> int:
-        # On CPU both attention paths read only the window; flash-attn on CUDA is not checked
-        # to leave the unmapped pages before it alone, so CUDA keeps them.
-        return super().release_window(spec) if spec.device.type == "cpu" else 0
+        # On CPU both attention paths read only the window. On CUDA, flash-attn's decode reads
+        # whole key tiles (kBlockN <= 256 keys), the first starting up to 255 keys before the
+        # window's first key (masked, but read): those pages stay mapped too.
+        w = super().release_window(spec)
+        return w + FLASH_KEY_TILE if w and spec.device.type == "cuda" else w
+
+    @staticmethod
+    def group_budgets(spec: KVCacheSpec) -> Tuple[int, int]:
+        """Bytes of the full layers' pool and of the sliding layers' pool (mixed models): the
+        full one holds every block the KVManager may count (its ids), the sliding one the
+        budget's whole blocks."""
+        num_blocks = VAttentionBackend.layout(spec)[0]
+        page, layers = _page_size(spec), spec.num_layers
+        sliding = sum(1 for w in spec.sliding_windows if w)
+        ids = num_blocks * layers // (layers - sliding)   # KVManager's mixed_block_ids
+        return ids * page * 2 * (layers - sliding), num_blocks * page * 2 * sliding
 
     @classmethod
     def layout(cls, spec: KVCacheSpec) -> Tuple[int, int, int]:
@@ -87,11 +114,33 @@ class VAttentionBackend(KVBackend):
 
         self.layout(spec)  # validates before reserving anything
         device = "cpu" if spec.device.type == "cpu" else f"cuda:{spec.device.index or 0}"
-        self.cache = vattention_ext.KVCache(
-            spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.max_num_seqs, spec.max_model_len,
-            dtype=spec.dtype, device=device, page_size=_page_size(spec), kv_cache_memory=spec.kv_cache_memory)
-        self.k = [self.cache.k_cache(i) for i in range(spec.num_layers)]
-        self.v = [self.cache.v_cache(i) for i in range(spec.num_layers)]
+        def cache(layers: int, budget: int, commit: bool = True):
+            return vattention_ext.KVCache(
+                layers, spec.num_kv_heads, spec.head_dim, spec.max_num_seqs, spec.max_model_len,
+                dtype=spec.dtype, device=device, page_size=_page_size(spec), kv_cache_memory=budget,
+                commit_pool=commit)
+
+        self.sliding = None   # mixed models: the sliding layers' cache (self.cache holds the full ones)
+        if _mixed(spec) and type(self).release_window(spec):
+            full_layers = [i for i, w in enumerate(spec.sliding_windows) if not w]
+            sliding_layers = [i for i, w in enumerate(spec.sliding_windows) if w]
+            full_budget, sliding_budget = self.group_budgets(spec)
+            # Together the pools could exceed the budget: on CUDA too, pages take memory only
+            # while mapped (the KVManager keeps the mapped ones within the budget).
+            self.cache = cache(len(full_layers), full_budget, commit=False)
+            self.sliding = cache(len(sliding_layers), sliding_budget, commit=False)
+            where = {layer: (self.cache, j) for j, layer in enumerate(full_layers)}
+            where.update({layer: (self.sliding, j) for j, layer in enumerate(sliding_layers)})
+            # Mapped pages are exactly the live ones (what the KVManager counts): no pages kept
+            # by freed slots, no mapping ahead.
+            for c in (self.cache, self.sliding):
+                c.set_deferred_reclamation(False)
+        else:
+            self.cache = cache(spec.num_layers, spec.kv_cache_memory)
+            where = {layer: (self.cache, layer) for layer in range(spec.num_layers)}
+        self.caches = [c for c in (self.cache, self.sliding) if c is not None]
+        self.k = [where[i][0].k_cache(where[i][1]) for i in range(spec.num_layers)]
+        self.v = [where[i][0].v_cache(where[i][1]) for i in range(spec.num_layers)]
         self._seq_lens = [0] * spec.max_num_seqs
         self._native = spec.device.type == "cpu" and spec.dtype in KERNEL_DTYPES
         self._flash = None
@@ -108,7 +157,10 @@ class VAttentionBackend(KVBackend):
             lens[i] = 0
         for slot, n in zip(batch.slots, batch.seq_lens):
             lens[slot] = n
-        if self.spec.async_mapping:
+        if self.sliding is not None:
+            for c in self.caches:
+                c.step(lens)
+        elif self.spec.async_mapping:
             self.cache.step_async(lens)  # maps this step's pages, then maps ahead in the background
         else:
             self.cache.step(lens)
@@ -153,29 +205,51 @@ class VAttentionBackend(KVBackend):
     # cache pins; the partly filled last page is copied (memfd pread/pwrite, cuMemcpyDtoD).
     supports_prefix_caching = True
 
-    def retain(self, slot: int, page: int, block: int) -> int:
-        return self.cache.pin(slot, page)
+    # Mixed models: a handle is the pair of blocks pinned in both caches at the same page.
+    def retain(self, slot: int, page: int, block: int):
+        if self.sliding is None:
+            return self.cache.pin(slot, page)
+        full = self.cache.pin(slot, page)
+        try:
+            return full, self.sliding.pin(slot, page)
+        except Exception:
+            self.cache.unpin(full)
+            raise
 
     def release(self, handles) -> None:
         for h in handles:
-            self.cache.unpin(h)
+            for c, b in zip(self.caches, h if self.sliding is not None else (h,)):
+                c.unpin(b)
 
     def share_prefix(self, slot, table, handles, copy_src) -> None:
-        self.cache.share_prefix(slot, handles, -1 if copy_src is None else copy_src)
+        if self.sliding is None:
+            self.cache.share_prefix(slot, handles, -1 if copy_src is None else copy_src)
+            return
+        for g, c in enumerate(self.caches):
+            c.share_prefix(slot, [h[g] for h in handles], -1 if copy_src is None else copy_src[g])
 
     def release_front(self, slot: int, pages: int) -> None:
-        # A mirror (optimal sampling's adapter target) holds only the sequences that use it.
-        if self.cache.slot_active(slot):
-            self.cache.release_front(slot, pages)
+        # Every layer slides, or (mixed) the sliding layers' cache; a mirror (optimal sampling's
+        # adapter target) holds only the sequences that use it.
+        cache = self.sliding or self.cache
+        if cache.slot_active(slot):
+            cache.release_front(slot, pages)
 
     def free_slot(self, slot: int) -> None:
         # The scheduler may free a slot this cache never saw (aborted before its first step).
-        if self.cache.slot_active(slot):
-            self.cache.free_slot(slot)
+        for c in self.caches:
+            if c.slot_active(slot):
+                c.free_slot(slot)
+
+    def check_invariants(self) -> None:
+        """The native caches' own checks (tests)."""
+        for c in self.caches:
+            c.check_invariants()
 
     def stats(self) -> Dict[str, int]:
-        st = self.cache.stats()
-        page = st["page_size"]
+        sts = [c.stats() for c in self.caches]
+        st = {k: sum(x[k] for x in sts) if isinstance(v, int) else v for k, v in sts[0].items()}
+        page = st["page_size"] = sts[0]["page_size"]
         out = {
             "kv_bytes_total": st["physical_bytes_pool"],
             "kv_bytes_mapped": st["pages_mapped"] * page,
@@ -193,8 +267,15 @@ class VAttentionBackend(KVBackend):
         out["kv_bytes_committed"] = st["pool_resident_bytes"]
         if "rss_bytes_mapped" in st:
             out["kv_bytes_rss_mapped"] = st["rss_bytes_mapped"]
+        if self.sliding is not None:   # the two layer groups' pools, as the kernel counts them
+            # Each pool could take the whole budget; the budget is what the KVManager shares out.
+            out["kv_bytes_total"] = self.layout(self.spec)[0] * page * 2 * self.spec.num_layers
+            out["kv_bytes_free"] = out["kv_bytes_total"] - out["kv_bytes_mapped"]
+            out["kv_bytes_mapped_global"] = sts[0]["pages_mapped"] * page
+            out["kv_bytes_mapped_sliding"] = sts[1]["pages_mapped"] * page
         return out
 
     def close(self) -> None:
         super().close()
-        self.cache.close()
+        for c in self.caches:
+            c.close()
