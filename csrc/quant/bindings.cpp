@@ -21,6 +21,15 @@ T* ptr(uintptr_t p) {
 
 sqk::Isa isa_arg(const std::string& name) { return name.empty() ? sqk::default_isa() : sqk::parse_isa(name); }
 
+sqk::WeightFormat weight_format(int bits, int block, bool has_min, bool half_scales) {
+  sqk::WeightFormat f;
+  f.bits = bits;
+  f.block = block;
+  f.has_min = has_min;
+  f.half_scales = half_scales;
+  return f;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -31,11 +40,7 @@ PYBIND11_MODULE(_C, m) {
         [](uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w, int64_t w_nbytes, int64_t N, int bits,
            int block, bool has_min, bool half_scales, uintptr_t bias, uintptr_t out, int64_t ldo, int threads,
            const std::string& isa) {
-          sqk::WeightFormat f;
-          f.bits = bits;
-          f.block = block;
-          f.has_min = has_min;
-          f.half_scales = half_scales;
+          const sqk::WeightFormat f = weight_format(bits, block, has_min, half_scales);
           const sqk::Isa which = isa_arg(isa);
           py::gil_scoped_release nogil;
           sqk::qlinear(ptr<const float>(x), M, K, ldx, ptr<const uint8_t>(w), w_nbytes, N, f, ptr<const float>(bias),
@@ -50,11 +55,7 @@ PYBIND11_MODULE(_C, m) {
            int block, bool has_min, bool half_scales, uintptr_t bias, int pre_kind, uintptr_t norm_w, float eps,
            bool unit_offset, int lanes, uintptr_t res, int64_t ldr, uintptr_t out, int64_t ldo, int threads,
            const std::string& isa) {
-          sqk::WeightFormat f;
-          f.bits = bits;
-          f.block = block;
-          f.has_min = has_min;
-          f.half_scales = half_scales;
+          const sqk::WeightFormat f = weight_format(bits, block, has_min, half_scales);
           if (pre_kind < 0 || pre_kind > 2) throw std::invalid_argument("qlinear_fused: pre_kind must be 0, 1 or 2");
           sqk::PreOp pre;
           pre.kind = sqk::PreOp::Kind(pre_kind);
@@ -128,8 +129,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads"), py::arg("isa") = "");
 
   m.def("record_bytes", [](int bits, int block, bool has_min, bool half_scales) {
-    sqk::WeightFormat f{bits, block, has_min, half_scales};
-    return f.record();
+    return weight_format(bits, block, has_min, half_scales).record();
   });
   m.def("kernel_isa", [] { return std::string(sqk::isa_name(sqk::default_isa())); },
         "The kernel path qlinear uses (SARATHI_QUANT_ISA caps it).");
