@@ -41,6 +41,7 @@ MODELS = {  # name: {shape: (K in, N out)}
     "gemma": {"qkv": (640, 1536), "o": (1024, 640), "gate_up": (640, 4096), "down": (2048, 640),
               "lm_head": (640, 262144)},
 }
+BLOCK_ELEMS = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "gptq4-g128": 128}
 FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q6_K", "Q8_0", "gptq4-g128", "gptq8-g32", "int8")
 
 
@@ -77,11 +78,17 @@ def build(fmt: str, N: int, K: int, rng, gen) -> formats.QuantTensor:
 
 
 def read_bandwidth(threads: int) -> float:
+    """GB/s of torch's sum over 1 GiB, best of 5."""
     torch.set_num_threads(threads)
     a = torch.ones(1 << 28, dtype=torch.float32)
     a.sum()
     best = min(_timed(a.sum) for _ in range(5))
+    torch.set_num_threads(max(args_threads_default(), 1))
     return a.numel() * 4 / best / 1e9
+
+
+def args_threads_default() -> int:
+    return os.cpu_count() or 1
 
 
 def _timed(fn) -> float:
@@ -126,6 +133,8 @@ def main() -> None:
             if args.shapes and shape not in args.shapes:
                 continue
             for fmt in args.formats:
+                if K % BLOCK_ELEMS.get(fmt, 32):
+                    continue  # a K-quant needs K % 256 == 0 (Gemma's 640-input layers are Q5_0 / Q8_0)
                 qt = build(fmt, N, K, rng, gen)
                 w0 = qk.pack(qt.q, qt.scale, qt.min, qt.bits, qt.block)
                 del qt

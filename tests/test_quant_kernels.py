@@ -225,6 +225,24 @@ def test_isas_agree():
             assert ((y - ys[0]).abs() <= 1e-5 * scale_ref + 1e-30).all()
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_row_bits_do_not_depend_on_the_batch(isa):
+    """Decode batches (M <= 8: one panel streamed for all rows) and larger ones (register tiles)
+    give every row the same bits as computing it alone, for every format, with and without bias."""
+    gen = torch.Generator().manual_seed(29)
+    for bits, has_min, block in FORMATS:
+        for half in (False, True):
+            q, scale, mn = make_weight(83, 4 * block + 7, bits, has_min, block, gen, half=half)
+            wq = kernels.pack(q, scale, mn, bits, block)
+            bias = torch.randn(83, generator=gen)
+            x = torch.randn(40, q.shape[1], generator=gen)
+            alone = torch.cat([kernels.qlinear(x[i:i + 1], wq, bias, isa=isa) for i in range(40)])
+            for M in (2, 3, 5, 8, 9, 13, 40):
+                for threads in (1, 2):
+                    assert torch.equal(kernels.qlinear(x[:M], wq, bias, num_threads=threads, isa=isa), alone[:M]), \
+                        (bits, has_min, block, half, M, threads)
+
+
 def test_nonfinite_and_degenerate_activations():
     gen = torch.Generator().manual_seed(17)
     q, scale, mn = make_weight(20, 100, 8, False, 32, gen)

@@ -188,7 +188,7 @@ float quantize_block_ref(const float* x, int n, int B, int8_t* q, int32_t* sum) 
   return d;
 }
 
-Kernels scalar_kernels(const WeightFormat&) { return Kernels{quantize_scalar, gemm_scalar, 1, 1}; }
+Kernels scalar_kernels(const WeightFormat&) { return Kernels{quantize_scalar, gemm_scalar, 1, 0}; }
 
 // ---------------------------------------------------------------- driver
 
@@ -304,7 +304,7 @@ void qlinear_fused(const float* x, int64_t M, int64_t K, int64_t ldx, const uint
   }
 
   // Output panels in items of whole micro-kernel steps; a few items per thread for balance.
-  const int64_t step = M == 1 ? k.gemv_panels : k.panels_per_step;
+  const int64_t step = M <= k.gemv_rows ? 1 : k.panels_per_step;
   const int64_t steps = (panels + step - 1) / step;
   const int64_t items = threads == 1 ? 1 : std::min<int64_t>(steps, int64_t(threads) * 4);
   const int64_t steps_per_item = (steps + items - 1) / items;

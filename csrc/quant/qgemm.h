@@ -69,7 +69,7 @@ struct Kernels {
   QuantizeFn quantize = nullptr;
   GemmFn gemm = nullptr;
   int panels_per_step = 1;  // panels a micro-kernel covers at once (work-split granularity)
-  int gemv_panels = 1;      // the same at M = 1
+  int gemv_rows = 0;        // at M <= gemv_rows the kernel streams one panel at a time (granularity 1)
 };
 
 Kernels scalar_kernels(const WeightFormat& f);

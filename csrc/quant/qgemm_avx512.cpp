@@ -155,72 +155,85 @@ SQK_AVX512 void rows(const Ctx& c, int64_t p0, int64_t p_end, int64_t m_begin, i
   if (m < m_end) tail<BITS, B, MIN, HALF, NP, MR - 1>(c, p0, m, m_end - m, pf(t), step);
 }
 
-// One activation row (decode at concurrency 1: memory bound) x NP panels. A block's int32 dot
-// product is split over two accumulators (low / high nibble groups; even / odd groups for
-// bits 8), halving the chain of dependent vpdpbusd; the integer sums are exact, so the float
-// operations per block (and the bits) are those of micro(). The weights are prefetched a fixed
-// kPfDist bytes ahead of the loads. micro()'s M = 1 use prefetched the whole next panel while
-// streaming this one: with long K (8192: 73 KB panels) that ran past L1 and evicted the
-// activations; a fixed distance measured 5-15 % faster there and no slower elsewhere (2 KB of
-// 1, 2, 3, 4, 8 KB; 4 panels as 4 streams measured slower than one stream at K = 2048).
+// Decode (M <= kGemvRows rows: memory bound): all MR rows against one panel at a time, the
+// weights one sequential stream read once, prefetched a fixed kPfDist bytes ahead of the loads.
+// micro()'s tiles (4 rows x 2 panels, the next strip prefetched in whole) read a panel once per
+// 4 rows and, with long K (8192: 73 KB panels), prefetched past L1 and evicted the activations.
+// At MR = 1 a block's int32 dot product is split over two accumulators (low / high nibble
+// groups; even / odd groups for bits 8) to halve the chain of dependent vpdpbusd; with MR >= 2
+// the rows' chains interleave. The integer sums are exact and the float operations per row and
+// block are those of micro(), so the bits are the same.
 constexpr int64_t kPfDist = 2048;
+constexpr int kGemvRows = 8;
 
-template <int BITS, int B, bool MIN, bool HALF, int NP>
-SQK_AVX512 void gemv(const Ctx& c, int64_t p0) {
+template <int BITS, int B, bool MIN, bool HALF, int MR>
+SQK_AVX512 void gemv(const Ctx& c, int64_t p) {
   using F = Fmt<BITS, B, MIN, HALF>;
+  constexpr int S = MR == 1 ? 2 : 1;  // int32 accumulators per row
   const int64_t nb = c.nb;
-  const uint8_t* wp[NP];
-  for (int p = 0; p < NP; ++p) wp[p] = c.w + (p0 + p) * nb * F::REC;
-  const int8_t* xr = c.xq;
-  __m512 acc[NP];
-  for (int p = 0; p < NP; ++p) acc[p] = _mm512_setzero_ps();
+  const uint8_t* wp = c.w + p * nb * F::REC;
+  __m512 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
   const __m512i m4 = _mm512_set1_epi8(0x0f);
   constexpr int kLines = (F::REC + 63) / 64;
   for (int64_t b = 0; b < nb; ++b) {
-    for (int p = 0; p < NP; ++p)
-      for (int l = 0; l < kLines; ++l)
-        _mm_prefetch(reinterpret_cast<const char*>(wp[p]) + kPfDist + 64 * l, _MM_HINT_T0);
-    __m512i ia[NP], ib[NP];
-    for (int p = 0; p < NP; ++p) {
-      ia[p] = BITS == 8 ? _mm512_set1_epi32(c.xc[b]) : _mm512_setzero_si512();
-      ib[p] = _mm512_setzero_si512();
+    for (int l = 0; l < kLines; ++l) _mm_prefetch(reinterpret_cast<const char*>(wp) + kPfDist + 64 * l, _MM_HINT_T0);
+    __m512i ia[MR][S];
+    for (int i = 0; i < MR; ++i) {
+      ia[i][0] = BITS == 8 ? _mm512_set1_epi32(c.xc[i * nb + b]) : _mm512_setzero_si512();
+      if constexpr (S == 2) ia[i][S - 1] = _mm512_setzero_si512();
     }
-    const int8_t* xb = xr + b * B;
+    const int8_t* xb = c.xq + b * B;
     if constexpr (BITS == 4) {
       for (int h = 0; h < F::G / 2; ++h) {
-        const __m512i xl = bcast4(xb + 4 * h);
-        const __m512i xh = bcast4(xb + 4 * (h + F::G / 2));
-        for (int p = 0; p < NP; ++p) {
-          const __m512i raw = _mm512_loadu_si512(wp[p] + h * 64);
-          ia[p] = _mm512_dpbusd_epi32(ia[p], _mm512_and_si512(raw, m4), xl);
-          ib[p] = _mm512_dpbusd_epi32(ib[p], _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4), xh);
+        const __m512i raw = _mm512_loadu_si512(wp + h * 64);
+        const __m512i lo = _mm512_and_si512(raw, m4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+        for (int i = 0; i < MR; ++i) {
+          const int8_t* xr = xb + i * c.Kp;
+          ia[i][0] = _mm512_dpbusd_epi32(ia[i][0], lo, bcast4(xr + 4 * h));
+          ia[i][S - 1] = _mm512_dpbusd_epi32(ia[i][S - 1], hi, bcast4(xr + 4 * (h + F::G / 2)));
         }
       }
     } else {
       for (int g = 0; g < F::G; g += 2) {
-        const __m512i x0 = bcast4(xb + 4 * g);
-        const __m512i x1 = bcast4(xb + 4 * (g + 1));
-        for (int p = 0; p < NP; ++p) {
-          ia[p] = _mm512_dpbusd_epi32(ia[p], _mm512_loadu_si512(wp[p] + g * 64), x0);
-          ib[p] = _mm512_dpbusd_epi32(ib[p], _mm512_loadu_si512(wp[p] + (g + 1) * 64), x1);
+        const __m512i w0 = _mm512_loadu_si512(wp + g * 64);
+        const __m512i w1 = _mm512_loadu_si512(wp + (g + 1) * 64);
+        for (int i = 0; i < MR; ++i) {
+          const int8_t* xr = xb + i * c.Kp;
+          ia[i][0] = _mm512_dpbusd_epi32(ia[i][0], w0, bcast4(xr + 4 * g));
+          ia[i][S - 1] = _mm512_dpbusd_epi32(ia[i][S - 1], w1, bcast4(xr + 4 * (g + 1)));
         }
       }
     }
-    const __m512 dx = _mm512_set1_ps(c.xd[b]);
-    for (int p = 0; p < NP; ++p) {
-      const __m512 s = _mm512_mul_ps(load16f<HALF>(wp[p] + F::QB), dx);
-      acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ia[p], ib[p])), s, acc[p]);
-      if constexpr (MIN)
-        acc[p] = _mm512_fmadd_ps(load16f<HALF>(wp[p] + F::QB + kPanel * F::SB), _mm512_set1_ps(c.xs[b]), acc[p]);
-      wp[p] += F::REC;
+    const __m512 dw = load16f<HALF>(wp + F::QB);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i isum = S == 2 ? _mm512_add_epi32(ia[i][0], ia[i][S - 1]) : ia[i][0];
+      const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(c.xd[i * nb + b]));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[i]);
     }
+    if constexpr (MIN) {
+      const __m512 mw = load16f<HALF>(wp + F::QB + kPanel * F::SB);
+      for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(c.xs[i * nb + b]), acc[i]);
+    }
+    wp += F::REC;
   }
-  for (int p = 0; p < NP; ++p) {
-    const int64_t n0 = (p0 + p) * kPanel;
-    const int64_t cols = std::min<int64_t>(kPanel, c.N - n0);
-    const __mmask16 mask = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
-    const __m512 bias = c.bias ? _mm512_maskz_loadu_ps(mask, c.bias + n0) : _mm512_setzero_ps();
-    _mm512_mask_storeu_ps(c.y + n0, mask, _mm512_add_ps(acc[p], bias));
+  const int64_t n0 = p * kPanel;
+  const int64_t cols = std::min<int64_t>(kPanel, c.N - n0);
+  const __mmask16 mask = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
+  const __m512 bias = c.bias ? _mm512_maskz_loadu_ps(mask, c.bias + n0) : _mm512_setzero_ps();
+  for (int i = 0; i < MR; ++i) _mm512_mask_storeu_ps(c.y + i * c.ldy + n0, mask, _mm512_add_ps(acc[i], bias));
+}
+
+// Panels [p0, p1) for M = R rows (R <= kGemvRows), gemv<R>.
+template <int BITS, int B, bool MIN, bool HALF, int R>
+SQK_AVX512 void gemv_rows(const Ctx& c, int64_t p0, int64_t p1) {
+  if constexpr (R > 0) {
+    if (c.M == R) {
+      for (int64_t p = p0; p < p1; ++p) gemv<BITS, B, MIN, HALF, R>(c, p);
+    } else {
+      gemv_rows<BITS, B, MIN, HALF, R - 1>(c, p0, p1);
+    }
   }
 }
 
@@ -228,8 +241,6 @@ SQK_AVX512 void gemv(const Ctx& c, int64_t p0) {
 // 4x2, 5x2, 6x2, 8x1 on Zen 5: ~700 GOP/s per thread with the weights in cache).
 constexpr int kMR = 4;
 constexpr int kNP = 2;
-// Panels per M = 1 step: one sequential weight stream per thread.
-constexpr int kGemvNP = 1;
 // Rows per chunk: quantized activations of a chunk (chunk x Kp bytes) stay <= 256 KiB in L2.
 constexpr int64_t kXChunkBytes = 256 << 10;
 
@@ -237,10 +248,8 @@ constexpr int64_t kXChunkBytes = 256 << 10;
 // bytes) stay in L2 next to this thread's weights; each chunk sweeps all the panels.
 template <int BITS, int B, bool MIN, bool HALF>
 SQK_AVX512 void gemm(const Ctx& c, int64_t p0, int64_t p1) {
-  if (c.M == 1) {  // memory bound: the weights as one sequential stream
-    int64_t p = p0;
-    for (; p + kGemvNP <= p1; p += kGemvNP) gemv<BITS, B, MIN, HALF, kGemvNP>(c, p);
-    for (; p < p1; ++p) gemv<BITS, B, MIN, HALF, 1>(c, p);
+  if (c.M <= kGemvRows) {  // decode: memory bound, the weights as one sequential stream
+    gemv_rows<BITS, B, MIN, HALF, kGemvRows>(c, p0, p1);
     return;
   }
   const int64_t chunk = std::max<int64_t>(kMR, kXChunkBytes / c.Kp / kMR * kMR);
@@ -302,7 +311,7 @@ SQK_AVX512 void quantize(const float* x, int64_t ldx, const Ctx& c, int64_t m0, 
 
 template <int BITS, int B, bool MIN, bool HALF>
 Kernels make() {
-  return Kernels{quantize<B>, gemm<BITS, B, MIN, HALF>, kNP, kGemvNP};
+  return Kernels{quantize<B>, gemm<BITS, B, MIN, HALF>, kNP, kGemvRows};
 }
 
 template <int BITS, int B>
