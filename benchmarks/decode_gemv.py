@@ -139,7 +139,8 @@ def main() -> None:
                 w0 = qk.pack(qt.q, qt.scale, qt.min, qt.bits, qt.block)
                 del qt
                 copies = max(1, -(-(args.cold_mb << 20) // w0.nbytes()))
-                ws = [w0] + [qk.PackedWeight(w0.data.clone(), w0.bits, w0.block, N, K, w0.has_min, w0.half_scales)
+                ws = [w0] + [qk.PackedWeight(w0.data.clone(), w0.bits, w0.block, N, K, w0.has_min, w0.half_scales,
+                                             w0.implied_min)
                              for _ in range(copies - 1)]
                 for T in args.threads:
                     set_native_threads(T)
@@ -147,7 +148,7 @@ def main() -> None:
                         med, best = time_cell(ws, M, K, N, T, args.reps)
                         row = {"model": model, "shape": shape, "K": K, "N": N, "format": fmt, "M": M, "threads": T,
                                "bytes": w0.nbytes(), "bits_per_weight": 8 * w0.nbytes() / (N * K),
-                               "layout": f"{w0.bits}b/B{w0.block}{'+min' if w0.has_min else ''}/"
+                               "layout": f"{w0.bits}b/B{w0.block}{'+min' if w0.has_min and not w0.implied_min else ''}/"
                                          f"{'fp16' if w0.half_scales else 'fp32'}",
                                "us_median": med * 1e6, "us_best": best * 1e6,
                                "gbs_median": w0.nbytes() / med / 1e9, "gbs_best": w0.nbytes() / best / 1e9,

@@ -243,6 +243,37 @@ def test_row_bits_do_not_depend_on_the_batch(isa):
                         (bits, has_min, block, half, M, threads)
 
 
+def test_q4_0_min_is_implied_not_stored():
+    """A 4-bit weight whose min is exactly -8 x scale (GGUF Q4_0) streams no mins (4.5 bits per weight at
+    fp16 scales instead of 5) and gives the bits of the same weight with its mins stored."""
+    gen = torch.Generator().manual_seed(31)
+    N, K = 70, 200
+    for block in (32, 16):
+        for half in (True, False):
+            q, scale, _ = make_weight(N, K, 4, False, block, gen, half=half)
+            wq = kernels.pack(q, scale, scale * -8.0, 4, block)
+            assert wq.implied_min and wq.has_min and wq.half_scales == half
+            nb, P = -(-K // block), -(-N // 16)
+            assert wq.nbytes() == P * nb * (16 * block // 2 + 16 * (2 if half else 4))
+            q2, s2, m2 = wq.unpack()
+            assert torch.equal(q2, q) and torch.equal(s2, scale) and torch.equal(m2, scale * -8.0)
+            # The same weight with the mins stored in each record (the layout before implied mins).
+            sb = 2 if half else 4
+            qb = 16 * block // 2
+            d = wq.data
+            mins = (d[:, :, qb:qb + 16 * sb].contiguous().view(torch.float16 if half else torch.float32) * -8.0)
+            stored = kernels.PackedWeight(torch.cat([d, mins.view(torch.uint8)], dim=2).contiguous(), 4, block, N, K,
+                                          True, half)
+            assert torch.equal(stored.dequantize(), wq.dequantize())
+            bias = torch.randn(N, generator=gen)
+            for M in (1, 5, 40):
+                x = torch.randn(M, K, generator=gen)
+                for isa in ISAS:
+                    assert torch.equal(kernels.qlinear(x, wq, bias, isa=isa), kernels.qlinear(x, stored, bias, isa=isa))
+    q, scale, _ = make_weight(8, 64, 8, False, 32, gen)
+    assert not kernels.pack(q, scale, scale * -8.0, 8, 32).implied_min  # bits 8: an ordinary stored min
+
+
 def test_nonfinite_and_degenerate_activations():
     gen = torch.Generator().manual_seed(17)
     q, scale, mn = make_weight(20, 100, 8, False, 32, gen)

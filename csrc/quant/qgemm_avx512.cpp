@@ -38,16 +38,16 @@ SQK_AVX512 SQK_INLINE __m512 load16f(const uint8_t* p) {
     return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
 }
 
-template <int BITS, int B, bool MIN, bool HALF>
+template <int BITS, int B, int MIN, bool HALF>
 struct Fmt {
   static constexpr int G = B / 4;
   static constexpr int QB = kPanel * B * BITS / 8;
   static constexpr int SB = HALF ? 2 : 4;
-  static constexpr int REC = QB + kPanel * SB * (MIN ? 2 : 1);
+  static constexpr int REC = QB + kPanel * SB * (MIN == 1 ? 2 : 1);
 };
 
 // Rows [m0, m0 + MR) x panels [p0, p0 + NP) -> y.
-template <int BITS, int B, bool MIN, bool HALF, int MR, int NP>
+template <int BITS, int B, int MIN, bool HALF, int MR, int NP>
 SQK_AVX512 void micro(const Ctx& c, int64_t p0, int64_t m0, const uint8_t* pf, int64_t pf_step) {
   using F = Fmt<BITS, B, MIN, HALF>;
   const int64_t nb = c.nb;
@@ -107,8 +107,9 @@ SQK_AVX512 void micro(const Ctx& c, int64_t p0, int64_t m0, const uint8_t* pf, i
         const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(xd[i * nb + b]));
         acc[i][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][p]), s, acc[i][p]);
       }
-      if constexpr (MIN) {
-        const __m512 mw = load16f<HALF>(wp[p] + F::QB + kPanel * F::SB);
+      if constexpr (MIN != 0) {
+        const __m512 mw = MIN == 1 ? load16f<HALF>(wp[p] + F::QB + kPanel * F::SB)
+                                   : _mm512_mul_ps(dw, _mm512_set1_ps(-8.f));  // exact
         for (int i = 0; i < MR; ++i) acc[i][p] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs[i * nb + b]), acc[i][p]);
       }
       wp[p] += F::REC;
@@ -126,7 +127,7 @@ SQK_AVX512 void micro(const Ctx& c, int64_t p0, int64_t m0, const uint8_t* pf, i
 }
 
 // The M % MR leftover rows: micro<R> for R = rem.
-template <int BITS, int B, bool MIN, bool HALF, int NP, int R>
+template <int BITS, int B, int MIN, bool HALF, int NP, int R>
 SQK_AVX512 void tail(const Ctx& c, int64_t p0, int64_t m, int64_t rem, const uint8_t* pf, int64_t step) {
   if constexpr (R > 0) {
     if (rem == R)
@@ -139,7 +140,7 @@ SQK_AVX512 void tail(const Ctx& c, int64_t p0, int64_t m, int64_t rem, const uin
 // All rows for panels [p0, p0 + NP), MR at a time. While they run, the next NP panels'
 // weights (the next contiguous strip) are prefetched, spread evenly over the row tiles, so
 // the memory stream overlaps the compute instead of stalling the first tile of each strip.
-template <int BITS, int B, bool MIN, bool HALF, int MR, int NP>
+template <int BITS, int B, int MIN, bool HALF, int MR, int NP>
 SQK_AVX512 void rows(const Ctx& c, int64_t p0, int64_t p_end, int64_t m_begin, int64_t m_end) {
   using F = Fmt<BITS, B, MIN, HALF>;
   const int64_t tiles = (m_end - m_begin + MR - 1) / MR;
@@ -166,7 +167,7 @@ SQK_AVX512 void rows(const Ctx& c, int64_t p0, int64_t p_end, int64_t m_begin, i
 constexpr int64_t kPfDist = 2048;
 constexpr int kGemvRows = 8;
 
-template <int BITS, int B, bool MIN, bool HALF, int MR>
+template <int BITS, int B, int MIN, bool HALF, int MR>
 SQK_AVX512 void gemv(const Ctx& c, int64_t p) {
   using F = Fmt<BITS, B, MIN, HALF>;
   constexpr int S = MR == 1 ? 2 : 1;  // int32 accumulators per row
@@ -212,8 +213,8 @@ SQK_AVX512 void gemv(const Ctx& c, int64_t p) {
       const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(c.xd[i * nb + b]));
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[i]);
     }
-    if constexpr (MIN) {
-      const __m512 mw = load16f<HALF>(wp + F::QB + kPanel * F::SB);
+    if constexpr (MIN != 0) {
+      const __m512 mw = MIN == 1 ? load16f<HALF>(wp + F::QB + kPanel * F::SB) : _mm512_mul_ps(dw, _mm512_set1_ps(-8.f));
       for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(c.xs[i * nb + b]), acc[i]);
     }
     wp += F::REC;
@@ -226,7 +227,7 @@ SQK_AVX512 void gemv(const Ctx& c, int64_t p) {
 }
 
 // Panels [p0, p1) for M = R rows (R <= kGemvRows), gemv<R>.
-template <int BITS, int B, bool MIN, bool HALF, int R>
+template <int BITS, int B, int MIN, bool HALF, int R>
 SQK_AVX512 void gemv_rows(const Ctx& c, int64_t p0, int64_t p1) {
   if constexpr (R > 0) {
     if (c.M == R) {
@@ -246,7 +247,7 @@ constexpr int64_t kXChunkBytes = 256 << 10;
 
 // Panels [p0, p1) for all rows. Rows go in chunks whose quantized activations (chunk x Kp
 // bytes) stay in L2 next to this thread's weights; each chunk sweeps all the panels.
-template <int BITS, int B, bool MIN, bool HALF>
+template <int BITS, int B, int MIN, bool HALF>
 SQK_AVX512 void gemm(const Ctx& c, int64_t p0, int64_t p1) {
   if (c.M <= kGemvRows) {  // decode: memory bound, the weights as one sequential stream
     gemv_rows<BITS, B, MIN, HALF, kGemvRows>(c, p0, p1);
@@ -309,15 +310,18 @@ SQK_AVX512 void quantize(const float* x, int64_t ldx, const Ctx& c, int64_t m0, 
   }
 }
 
-template <int BITS, int B, bool MIN, bool HALF>
+template <int BITS, int B, int MIN, bool HALF>
 Kernels make() {
   return Kernels{quantize<B>, gemm<BITS, B, MIN, HALF>, kNP, kGemvRows};
 }
 
 template <int BITS, int B>
 Kernels pick_min_half(const WeightFormat& f) {
-  if (f.has_min) return f.half_scales ? make<BITS, B, true, true>() : make<BITS, B, true, false>();
-  return f.half_scales ? make<BITS, B, false, true>() : make<BITS, B, false, false>();
+  if constexpr (BITS == 4) {
+    if (f.implied_min) return f.half_scales ? make<BITS, B, 2, true>() : make<BITS, B, 2, false>();
+  }
+  if (f.has_min) return f.half_scales ? make<BITS, B, 1, true>() : make<BITS, B, 1, false>();
+  return f.half_scales ? make<BITS, B, 0, true>() : make<BITS, B, 0, false>();
 }
 
 SQK_AVX512 int32_t peak_loop(int64_t iters, int32_t seed) {

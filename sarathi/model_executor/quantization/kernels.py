@@ -56,15 +56,19 @@ class PackedWeight:
     in_features: int
     has_min: bool
     half_scales: bool
+    implied_min = False  # min = -8 * scale exactly (GGUF Q4_0), not stored
 
     def __init__(self, data: torch.Tensor, bits: int, block: int, out_features: int, in_features: int,
-                 has_min: bool, half_scales: bool):
+                 has_min: bool, half_scales: bool, implied_min: bool = False):
         self.bits = int(bits)
         self.block = int(block)
         self.out_features = int(out_features)
         self.in_features = int(in_features)
         self.has_min = bool(has_min)
         self.half_scales = bool(half_scales)
+        self.implied_min = bool(implied_min)
+        if self.implied_min and (self.bits != 4 or not self.has_min):
+            raise ValueError("an implied min (-8 * scale) needs bits=4 and has_min")
         self.data = data
 
     @property
@@ -101,7 +105,9 @@ class PackedWeight:
         q = g.permute(0, 3, 1, 2, 4).reshape(P * PANEL, nb * B)
         scale = d[:, :, qb:qb + PANEL * sb].contiguous().view(sdt).float().permute(0, 2, 1).reshape(P * PANEL, nb)
         mn = None
-        if self.has_min:
+        if self.implied_min:
+            mn = scale * -8.0
+        elif self.has_min:
             mn = d[:, :, qb + PANEL * sb:qb + 2 * PANEL * sb].contiguous().view(sdt).float()
             mn = mn.permute(0, 2, 1).reshape(P * PANEL, nb)
         return q, scale, mn
@@ -125,7 +131,8 @@ class PackedWeight:
 
     def __repr__(self) -> str:
         return (f"PackedWeight({self.out_features}x{self.in_features}, bits={self.bits}, block={self.block}, "
-                f"min={self.has_min}, {'fp16' if self.half_scales else 'fp32'} scales, {self.nbytes()} bytes)")
+                f"min={'-8 x scale' if self.implied_min else self.has_min}, {'fp16' if self.half_scales else 'fp32'} "
+                f"scales, {self.nbytes()} bytes)")
 
 
 def _check_tensor(name: str, t, dtype, shape) -> None:
@@ -187,14 +194,17 @@ def pack(q: torch.Tensor, scale: torch.Tensor, min: Optional[torch.Tensor], bits
 
     half = _exact_half(scale) and (min is None or _exact_half(min))
     sdt = torch.float16 if half else torch.float32
-    for s in (scale,) if min is None else (scale, min):
+    # GGUF Q4_0 (q - 8) * d: the min is -8 * scale, computed by the kernel instead of streamed
+    # (4.5 instead of 5 bits per weight at fp16 scales; the same float operations).
+    implied = bits == 4 and min is not None and bool(torch.equal(min, scale * -8.0))
+    for s in (scale,) if min is None or implied else (scale, min):
         spad = torch.zeros(Np, nb, dtype=torch.float32)
         spad[:N] = s
         parts.append(spad.view(P, PANEL, nb).permute(0, 2, 1).to(sdt).contiguous().view(torch.uint8))
     data = torch.cat(parts, dim=2).contiguous()
-    rec = int(_C.record_bytes(bits, block, min is not None, half))
+    rec = int(_C.record_bytes(bits, block, min is not None, half, implied))
     assert data.shape == (P, nb, rec), (data.shape, rec)
-    return PackedWeight(data, bits, block, N, K, min is not None, half)
+    return PackedWeight(data, bits, block, N, K, min is not None, half, implied)
 
 
 def qlinear(x: torch.Tensor, w: PackedWeight, bias: Optional[torch.Tensor] = None,
@@ -242,7 +252,7 @@ def qlinear(x: torch.Tensor, w: PackedWeight, bias: Optional[torch.Tensor] = Non
         return out
     d = w._data
     _C.qlinear(x.data_ptr(), M, K, sx[0] if M > 1 else K, d.data_ptr(), d.numel(), N, w.bits, w.block,
-               w.has_min, w.half_scales, 0 if bias is None else bias.data_ptr(), out.data_ptr(), ldo,
+               w.has_min, w.half_scales, w.implied_min, 0 if bias is None else bias.data_ptr(), out.data_ptr(), ldo,
                native_threads() if num_threads is None else int(num_threads), isa or "")
     return out
 
