@@ -46,15 +46,15 @@ FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q6_K", "Q8_0", "gptq4-g128", "gptq8-
 
 
 def gguf_weight(kind: str, N: int, K: int, rng: np.random.Generator) -> formats.QuantTensor:
-    """A GGUF tensor of random raw blocks (fp16 fields set to small finite scales)."""
+    """A GGUF tensor of random raw blocks (fp16 fields set to small finite values)."""
     import gguf
 
     elems, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
     raw = rng.integers(0, 256, size=(N * K // elems, nbytes), dtype=np.uint8)
-    half = np.float16(rng.uniform(1e-3, 2e-3))
     fields = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
-    for off in fields[kind]:
-        raw[:, off:off + 2] = np.frombuffer(half.tobytes(), dtype=np.uint8)
+    for off in fields[kind]:  # a random finite fp16 per block
+        half = rng.uniform(1e-3, 2e-3, size=raw.shape[0]).astype(np.float16)
+        raw[:, off:off + 2] = half.view(np.uint8).reshape(-1, 2)
     return formats.from_gguf(raw.reshape(N, -1), kind, (N, K), f"bench {kind}")
 
 
@@ -140,7 +140,7 @@ def main() -> None:
                 del qt
                 copies = max(1, -(-(args.cold_mb << 20) // w0.nbytes()))
                 ws = [w0] + [qk.PackedWeight(w0.data.clone(), w0.bits, w0.block, N, K, w0.has_min, w0.half_scales,
-                                             w0.implied_min)
+                                             w0.implied_min, w0.int_min)
                              for _ in range(copies - 1)]
                 for T in args.threads:
                     set_native_threads(T)
@@ -148,7 +148,7 @@ def main() -> None:
                         med, best = time_cell(ws, M, K, N, T, args.reps)
                         row = {"model": model, "shape": shape, "K": K, "N": N, "format": fmt, "M": M, "threads": T,
                                "bytes": w0.nbytes(), "bits_per_weight": 8 * w0.nbytes() / (N * K),
-                               "layout": f"{w0.bits}b/B{w0.block}{'+min' if w0.has_min and not w0.implied_min else ''}/"
+                               "layout": f"{w0.bits}b/B{w0.block}{'+min' if w0.has_min and not w0.implied_min and not w0.int_min else '+z8' if w0.int_min else ''}/"
                                          f"{'fp16' if w0.half_scales else 'fp32'}",
                                "us_median": med * 1e6, "us_best": best * 1e6,
                                "gbs_median": w0.nbytes() / med / 1e9, "gbs_best": w0.nbytes() / best / 1e9,

@@ -264,6 +264,7 @@ def test_q4_0_min_is_implied_not_stored():
             mins = (d[:, :, qb:qb + 16 * sb].contiguous().view(torch.float16 if half else torch.float32) * -8.0)
             stored = kernels.PackedWeight(torch.cat([d, mins.view(torch.uint8)], dim=2).contiguous(), 4, block, N, K,
                                           True, half)
+            assert not stored.int_min and stored.min_kind == 0
             assert torch.equal(stored.dequantize(), wq.dequantize())
             bias = torch.randn(N, generator=gen)
             for M in (1, 5, 40):
@@ -272,6 +273,51 @@ def test_q4_0_min_is_implied_not_stored():
                     assert torch.equal(kernels.qlinear(x, wq, bias, isa=isa), kernels.qlinear(x, stored, bias, isa=isa))
     q, scale, _ = make_weight(8, 64, 8, False, 32, gen)
     assert not kernels.pack(q, scale, scale * -8.0, 8, 32).implied_min  # bits 8: an ordinary stored min
+
+
+def _with_float_mins(wq, scale, mn):
+    """The same weight as a PackedWeight with fp32 scales and its mins stored as fp32 (the layout
+    without implied or int8 mins)."""
+    qb = 16 * wq.block * wq.bits // 8
+    P, nb, _ = wq.data.shape
+    parts = [wq.data[:, :, :qb]]
+    for t in (scale, mn):
+        pad = torch.zeros(P * 16, nb)
+        pad[:wq.out_features] = t
+        parts.append(pad.view(P, 16, nb).permute(0, 2, 1).contiguous().view(torch.uint8))
+    data = torch.cat(parts, dim=2).contiguous()
+    return kernels.PackedWeight(data, wq.bits, wq.block, wq.out_features, wq.in_features, True, False)
+
+
+def test_zero_point_mins_stream_as_int8():
+    """GPTQ / AWQ mins, -(scale x integer zero point), are stored as one int8 per column and block
+    (8-bit g32 at fp16 scales: 8.75 bits per weight instead of 10 with fp32 mins) and give the bits of
+    the same weight with float mins; mins that are not such multiples stay floats."""
+    gen = torch.Generator().manual_seed(37)
+    N, K = 70, 200
+    for bits in (4, 8):
+        for block in (32, 16):
+            for half in (True, False):
+                q, scale, _ = make_weight(N, K, bits, False, block, gen, half=half)
+                zmax = 15 if bits == 4 else 127
+                zero = torch.randint(-128 if bits == 8 else 0, zmax + 1, scale.shape, generator=gen).float()
+                mn = -(scale * zero)
+                wq = kernels.pack(q, scale, mn, bits, block)
+                assert wq.int_min and wq.min_kind == 2 and wq.half_scales == half
+                nb, P = -(-K // block), -(-N // 16)
+                assert wq.nbytes() == P * nb * (16 * block * bits // 8 + 16 * (2 if half else 4) + 16)
+                q2, s2, m2 = wq.unpack()
+                assert torch.equal(q2, q) and torch.equal(s2, scale) and torch.equal(m2, mn)
+                stored = _with_float_mins(wq, scale, mn)
+                assert torch.equal(stored.dequantize(), wq.dequantize())
+                bias = torch.randn(N, generator=gen)
+                for M in (1, 5, 40):
+                    x = torch.randn(M, K, generator=gen)
+                    for isa in ISAS:
+                        assert torch.equal(kernels.qlinear(x, wq, bias, isa=isa),
+                                           kernels.qlinear(x, stored, bias, isa=isa)), (bits, block, half, M, isa)
+    q, scale, mn = make_weight(N, K, 4, True, 32, gen)
+    assert not kernels.pack(q, scale, mn, 4, 32).int_min  # arbitrary float mins
 
 
 def test_nonfinite_and_degenerate_activations():

@@ -153,8 +153,13 @@ void gemm_scalar(const Ctx& c, int64_t p0, int64_t p1) {
           for (int k = 0; k < B; ++k) s += wq[j][k] * int32_t(xb[k]);
           const float dw = load_scale(r + qb, j, f.half_scales);
           acc[j] += float(s) * (dw * dx);
-          if (f.has_min)
-            acc[j] += (f.implied_min ? dw * -8.f : load_scale(r + qb + kPanel * f.scale_bytes(), j, f.half_scales)) * sx;
+          if (f.has_min) {
+            const uint8_t* mp = r + qb + kPanel * f.scale_bytes();
+            const float mw = f.implied_min ? dw * -8.f
+                             : f.int_min   ? -(dw * float(int8_t(mp[j])))
+                                           : load_scale(mp, j, f.half_scales);
+            acc[j] += mw * sx;
+          }
         }
       }
       float* yr = c.y + m * c.ldy + p * kPanel;
@@ -227,6 +232,7 @@ void qlinear_fused(const float* x, int64_t M, int64_t K, int64_t ldx, const uint
   if (fmt.bits != 4 && fmt.bits != 8) fail("bits must be 4 or 8, got " + std::to_string(fmt.bits));
   if (fmt.block != 16 && fmt.block != 32) fail("block must be 16 or 32, got " + std::to_string(fmt.block));
   if (fmt.implied_min && (fmt.bits != 4 || !fmt.has_min)) fail("an implied min (-8 * scale) needs bits 4 and has_min");
+  if (fmt.int_min && (!fmt.has_min || fmt.implied_min)) fail("int8 min multipliers need has_min (and no implied min)");
   if (M < 0) fail("M must be >= 0, got " + std::to_string(M));
   if (K < 1 || N < 1) fail("K and N must be >= 1, got K=" + std::to_string(K) + " N=" + std::to_string(N));
   const int64_t x_width = pre.kind == PreOp::SiluMul ? checked_mul(K, 2, "qlinear: K") : K;

@@ -37,12 +37,23 @@ SQK_AVX2 SQK_INLINE __m256 load8f(const uint8_t* p, int half) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(p) + half * 8);
 }
 
+// Half a panel's minimums (see the AVX-512 file's min16): MIN 1 stored floats, 2 -8 * scale,
+// 3 -(scale * z) with int8 z.
+template <int MIN, bool HALF>
+SQK_AVX2 SQK_INLINE __m256 min8(const uint8_t* mins, int half, __m256 dw) {
+  if constexpr (MIN == 1) return load8f<HALF>(mins, half);
+  if constexpr (MIN == 2) return _mm256_mul_ps(dw, _mm256_set1_ps(-8.f));
+  const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mins + half * 8));
+  const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(z8));
+  return _mm256_xor_ps(_mm256_mul_ps(dw, z), _mm256_set1_ps(-0.f));
+}
+
 template <int BITS, int B, int MIN, bool HALF>
 struct Fmt {
   static constexpr int G = B / 4;
   static constexpr int QB = kPanel * B * BITS / 8;
   static constexpr int SB = HALF ? 2 : 4;
-  static constexpr int REC = QB + kPanel * SB * (MIN == 1 ? 2 : 1);
+  static constexpr int REC = QB + kPanel * SB * (MIN == 1 ? 2 : 1) + (MIN == 3 ? kPanel : 0);
 };
 
 // Rows [m0, m0 + MR) x NC half-panels starting at half-panel v0 (panel v0 / 2, half v0 % 2).
@@ -120,8 +131,7 @@ SQK_AVX2 void micro(const Ctx& c, int64_t v0, int64_t m0, const uint8_t* pf, int
         acc[i][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][v]), s, acc[i][v]);
       }
       if constexpr (MIN != 0) {
-        const __m256 mw = MIN == 1 ? load8f<HALF>(wp[v] + F::QB + kPanel * F::SB, hf[v])
-                                   : _mm256_mul_ps(dw, _mm256_set1_ps(-8.f));  // exact
+        const __m256 mw = min8<MIN, HALF>(wp[v] + F::QB + kPanel * F::SB, hf[v], dw);
         for (int i = 0; i < MR; ++i) acc[i][v] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[i * nb + b]), acc[i][v]);
       }
       wp[v] += F::REC;
@@ -268,6 +278,7 @@ Kernels make() {
 
 template <int BITS, int B>
 Kernels pick_min_half(const WeightFormat& f) {
+  if (f.int_min) return f.half_scales ? make<BITS, B, 3, true>() : make<BITS, B, 3, false>();
   if constexpr (BITS == 4) {
     if (f.implied_min) return f.half_scales ? make<BITS, B, 2, true>() : make<BITS, B, 2, false>();
   }

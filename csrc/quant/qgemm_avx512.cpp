@@ -38,13 +38,27 @@ SQK_AVX512 SQK_INLINE __m512 load16f(const uint8_t* p) {
     return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
 }
 
+// The 16 columns' minimums of a block record at p (after the q bytes): MIN 1 stored floats,
+// 2 -8 * scale (GGUF Q4_0), 3 -(scale * z) with int8 z (zero points). Each is exact where the
+// packer chose it (kernels.pack checks the same float operations), so every MIN gives one result.
+template <int MIN, bool HALF>
+SQK_AVX512 SQK_INLINE __m512 min16(const uint8_t* mins, __m512 dw);
+
 template <int BITS, int B, int MIN, bool HALF>
 struct Fmt {
   static constexpr int G = B / 4;
   static constexpr int QB = kPanel * B * BITS / 8;
   static constexpr int SB = HALF ? 2 : 4;
-  static constexpr int REC = QB + kPanel * SB * (MIN == 1 ? 2 : 1);
+  static constexpr int REC = QB + kPanel * SB * (MIN == 1 ? 2 : 1) + (MIN == 3 ? kPanel : 0);
 };
+
+template <int MIN, bool HALF>
+SQK_AVX512 SQK_INLINE __m512 min16(const uint8_t* mins, __m512 dw) {
+  if constexpr (MIN == 1) return load16f<HALF>(mins);
+  if constexpr (MIN == 2) return _mm512_mul_ps(dw, _mm512_set1_ps(-8.f));
+  const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins))));
+  return _mm512_xor_ps(_mm512_mul_ps(dw, z), _mm512_set1_ps(-0.f));
+}
 
 // Rows [m0, m0 + MR) x panels [p0, p0 + NP) -> y.
 template <int BITS, int B, int MIN, bool HALF, int MR, int NP>
@@ -108,8 +122,7 @@ SQK_AVX512 void micro(const Ctx& c, int64_t p0, int64_t m0, const uint8_t* pf, i
         acc[i][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][p]), s, acc[i][p]);
       }
       if constexpr (MIN != 0) {
-        const __m512 mw = MIN == 1 ? load16f<HALF>(wp[p] + F::QB + kPanel * F::SB)
-                                   : _mm512_mul_ps(dw, _mm512_set1_ps(-8.f));  // exact
+        const __m512 mw = min16<MIN, HALF>(wp[p] + F::QB + kPanel * F::SB, dw);
         for (int i = 0; i < MR; ++i) acc[i][p] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs[i * nb + b]), acc[i][p]);
       }
       wp[p] += F::REC;
@@ -214,7 +227,7 @@ SQK_AVX512 void gemv(const Ctx& c, int64_t p) {
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[i]);
     }
     if constexpr (MIN != 0) {
-      const __m512 mw = MIN == 1 ? load16f<HALF>(wp + F::QB + kPanel * F::SB) : _mm512_mul_ps(dw, _mm512_set1_ps(-8.f));
+      const __m512 mw = min16<MIN, HALF>(wp + F::QB + kPanel * F::SB, dw);
       for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(c.xs[i * nb + b]), acc[i]);
     }
     wp += F::REC;
@@ -317,6 +330,7 @@ Kernels make() {
 
 template <int BITS, int B>
 Kernels pick_min_half(const WeightFormat& f) {
+  if (f.int_min) return f.half_scales ? make<BITS, B, 3, true>() : make<BITS, B, 3, false>();
   if constexpr (BITS == 4) {
     if (f.implied_min) return f.half_scales ? make<BITS, B, 2, true>() : make<BITS, B, 2, false>();
   }

@@ -35,7 +35,7 @@ class _Weight:
         p = linear.qweight.packed[0]
         self.data = p.data  # keeps the buffer alive
         self.args = (p.data.data_ptr(), p.data.numel(), p.out_features, p.bits, p.block, p.has_min, p.half_scales,
-                     p.implied_min, 0 if linear.bias is None else linear.bias.data_ptr())
+                     p.min_kind, 0 if linear.bias is None else linear.bias.data_ptr())
         self.bias = linear.bias
         self.in_features, self.out_features = p.in_features, p.out_features
 
