@@ -1,9 +1,10 @@
 """The documented LoRA chain end to end, then served against llama-server.
 
 fine-tuned adapter -> `sarathi lora merge` (HF safetensors) -> two 8-bit copies of the same
-merged weights: `sarathi quantize --method rtn --bits 8` (a GPTQ checkpoint, what our server
-loads from the chain) and llama.cpp's `convert_hf_to_gguf.py --outtype q8_0` (written with the
-gguf package's writer). Our server serves the GPTQ checkpoint, llama-server the GGUF; each runs
+merged weights: `sarathi quantize --method rtn --bits 8 --lm-head` (a GPTQ checkpoint, what our
+server loads from the chain; its LM head quantized as the GGUF's Q8_0 one is: a float head was
+113 of the ~250 MB streamed per token) and llama.cpp's `convert_hf_to_gguf.py --outtype q8_0`
+(written with the gguf package's writer). Our server serves the GPTQ checkpoint, llama-server the GGUF; each runs
 alone and gets the same client and prompts (benchmarks/peers/compare.py), two full waves per
 concurrency level.
 
@@ -41,12 +42,12 @@ def main() -> None:
     args = p.parse_args()
     py = sys.executable
     work = Path(args.work)
-    merged, quant, gguf = work / "merged", work / "merged-rtn8", work / "merged.q8_0.gguf"
+    merged, quant, gguf = work / "merged", work / "merged-rtn8-head", work / "merged.q8_0.gguf"
     if not (merged / "config.json").is_file():
         run([py, "-m", "sarathi.lora", "merge", "--base", args.base, "--adapter", args.adapter, "--out", merged])
     if not (quant / "config.json").is_file():
         run([py, "-m", "sarathi.quantize", "--model", merged, "--method", "rtn", "--bits", "8", "--group-size", "32",
-             "--out", quant, "--overwrite"])
+             "--lm-head", "--out", quant, "--overwrite"])
     if not gguf.is_file():
         run([py, LLAMA_CPP / "convert_hf_to_gguf.py", merged, "--outtype", "q8_0", "--outfile", gguf])
     run([py, HERE / "peers" / "compare.py", "--systems", "sarathi", "llama-server", "--gguf", gguf,

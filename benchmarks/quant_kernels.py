@@ -85,7 +85,8 @@ def make_q(K, N, bits, gen):
 
 
 def clone_q(w):
-    return qk.PackedWeight(w.data.clone(), w.bits, w.block, w.out_features, w.in_features, w.has_min, w.half_scales)
+    return qk.PackedWeight(w.data.clone(), w.bits, w.block, w.out_features, w.in_features, w.has_min, w.half_scales,
+                           w.implied_min, w.int_min)
 
 
 class Variant:

@@ -139,7 +139,7 @@ def test_fused_parts_give_torch_bits():
     x, res, bias = torch.randn(3, 64, generator=g), torch.randn(3, 80, generator=g), torch.randn(80, generator=g)
     out = torch.empty(3, 80)
     _C.qlinear_fused(x.data_ptr(), 3, 64, 64, pw.data.data_ptr(), pw.data.numel(), 80, 4, 32, True, pw.half_scales,
-                     bias.data_ptr(), 0, 0, 0.0, False, 8, res.data_ptr(), 80, out.data_ptr(), 80, 1)
+                     pw.min_kind, bias.data_ptr(), 0, 0, 0.0, False, 8, res.data_ptr(), 80, out.data_ptr(), 80, 1)
     assert torch.equal(out, res + qlinear(x, pw, bias))
     from sarathi.model_executor.layers.fused import native_silu_matches_torch
 
@@ -170,11 +170,11 @@ def test_fused_parts_give_torch_bits():
 
 def test_fused_refuses_bad_arguments():
     with pytest.raises(ValueError, match="pre_kind"):
-        _C.qlinear_fused(0, 1, 32, 32, 0, 0, 16, 4, 32, False, False, 0, 7, 0, 0.0, False, 8, 0, 16, 0, 16, 1)
+        _C.qlinear_fused(0, 1, 32, 32, 0, 0, 16, 4, 32, False, False, 0, 0, 7, 0, 0.0, False, 8, 0, 16, 0, 16, 1)
     with pytest.raises(ValueError, match="stride"):  # a silu(gate) * up row holds 2K values
-        _C.qlinear_fused(0, 1, 32, 32, 0, 0, 16, 4, 32, False, False, 0, 1, 0, 0.0, False, 8, 0, 16, 0, 16, 1)
+        _C.qlinear_fused(0, 1, 32, 32, 0, 0, 16, 4, 32, False, False, 0, 0, 1, 0, 0.0, False, 8, 0, 16, 0, 16, 1)
     with pytest.raises(ValueError, match="RMSNorm"):
-        _C.qlinear_fused(0, 1, 32, 32, 0, 0, 16, 4, 32, False, False, 0, 2, 0, 0.0, False, 8, 0, 16, 0, 16, 1)
+        _C.qlinear_fused(0, 1, 32, 32, 0, 0, 16, 4, 32, False, False, 0, 0, 2, 0, 0.0, False, 8, 0, 16, 0, 16, 1)
 
 
 @pytest.mark.parametrize("name", ["llama3", "gemma3", "qwen2"])

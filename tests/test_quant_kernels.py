@@ -225,6 +225,101 @@ def test_isas_agree():
             assert ((y - ys[0]).abs() <= 1e-5 * scale_ref + 1e-30).all()
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_row_bits_do_not_depend_on_the_batch(isa):
+    """Decode batches (M <= 8: one panel streamed for all rows) and larger ones (register tiles)
+    give every row the same bits as computing it alone, for every format, with and without bias."""
+    gen = torch.Generator().manual_seed(29)
+    for bits, has_min, block in FORMATS:
+        for half in (False, True):
+            q, scale, mn = make_weight(83, 4 * block + 7, bits, has_min, block, gen, half=half)
+            wq = kernels.pack(q, scale, mn, bits, block)
+            bias = torch.randn(83, generator=gen)
+            x = torch.randn(40, q.shape[1], generator=gen)
+            alone = torch.cat([kernels.qlinear(x[i:i + 1], wq, bias, isa=isa) for i in range(40)])
+            for M in (2, 3, 5, 8, 9, 13, 40):
+                for threads in (1, 2):
+                    assert torch.equal(kernels.qlinear(x[:M], wq, bias, num_threads=threads, isa=isa), alone[:M]), \
+                        (bits, has_min, block, half, M, threads)
+
+
+def test_q4_0_min_is_implied_not_stored():
+    """A 4-bit weight whose min is exactly -8 x scale (GGUF Q4_0) streams no mins (4.5 bits per weight at
+    fp16 scales instead of 5) and gives the bits of the same weight with its mins stored."""
+    gen = torch.Generator().manual_seed(31)
+    N, K = 70, 200
+    for block in (32, 16):
+        for half in (True, False):
+            q, scale, _ = make_weight(N, K, 4, False, block, gen, half=half)
+            wq = kernels.pack(q, scale, scale * -8.0, 4, block)
+            assert wq.implied_min and wq.has_min and wq.half_scales == half
+            nb, P = -(-K // block), -(-N // 16)
+            assert wq.nbytes() == P * nb * (16 * block // 2 + 16 * (2 if half else 4))
+            q2, s2, m2 = wq.unpack()
+            assert torch.equal(q2, q) and torch.equal(s2, scale) and torch.equal(m2, scale * -8.0)
+            # The same weight with the mins stored in each record (the layout before implied mins).
+            sb = 2 if half else 4
+            qb = 16 * block // 2
+            d = wq.data
+            mins = (d[:, :, qb:qb + 16 * sb].contiguous().view(torch.float16 if half else torch.float32) * -8.0)
+            stored = kernels.PackedWeight(torch.cat([d, mins.view(torch.uint8)], dim=2).contiguous(), 4, block, N, K,
+                                          True, half)
+            assert not stored.int_min and stored.min_kind == 0
+            assert torch.equal(stored.dequantize(), wq.dequantize())
+            bias = torch.randn(N, generator=gen)
+            for M in (1, 5, 40):
+                x = torch.randn(M, K, generator=gen)
+                for isa in ISAS:
+                    assert torch.equal(kernels.qlinear(x, wq, bias, isa=isa), kernels.qlinear(x, stored, bias, isa=isa))
+    q, scale, _ = make_weight(8, 64, 8, False, 32, gen)
+    assert not kernels.pack(q, scale, scale * -8.0, 8, 32).implied_min  # bits 8: an ordinary stored min
+
+
+def _with_float_mins(wq, scale, mn):
+    """The same weight as a PackedWeight with fp32 scales and its mins stored as fp32 (the layout
+    without implied or int8 mins)."""
+    qb = 16 * wq.block * wq.bits // 8
+    P, nb, _ = wq.data.shape
+    parts = [wq.data[:, :, :qb]]
+    for t in (scale, mn):
+        pad = torch.zeros(P * 16, nb)
+        pad[:wq.out_features] = t
+        parts.append(pad.view(P, 16, nb).permute(0, 2, 1).contiguous().view(torch.uint8))
+    data = torch.cat(parts, dim=2).contiguous()
+    return kernels.PackedWeight(data, wq.bits, wq.block, wq.out_features, wq.in_features, True, False)
+
+
+def test_zero_point_mins_stream_as_int8():
+    """GPTQ / AWQ mins, -(scale x integer zero point), are stored as one int8 per column and block
+    (8-bit g32 at fp16 scales: 8.75 bits per weight instead of 10 with fp32 mins) and give the bits of
+    the same weight with float mins; mins that are not such multiples stay floats."""
+    gen = torch.Generator().manual_seed(37)
+    N, K = 70, 200
+    for bits in (4, 8):
+        for block in (32, 16):
+            for half in (True, False):
+                q, scale, _ = make_weight(N, K, bits, False, block, gen, half=half)
+                zmax = 15 if bits == 4 else 127
+                zero = torch.randint(-128 if bits == 8 else 0, zmax + 1, scale.shape, generator=gen).float()
+                mn = -(scale * zero)
+                wq = kernels.pack(q, scale, mn, bits, block)
+                assert wq.int_min and wq.min_kind == 2 and wq.half_scales == half
+                nb, P = -(-K // block), -(-N // 16)
+                assert wq.nbytes() == P * nb * (16 * block * bits // 8 + 16 * (2 if half else 4) + 16)
+                q2, s2, m2 = wq.unpack()
+                assert torch.equal(q2, q) and torch.equal(s2, scale) and torch.equal(m2, mn)
+                stored = _with_float_mins(wq, scale, mn)
+                assert torch.equal(stored.dequantize(), wq.dequantize())
+                bias = torch.randn(N, generator=gen)
+                for M in (1, 5, 40):
+                    x = torch.randn(M, K, generator=gen)
+                    for isa in ISAS:
+                        assert torch.equal(kernels.qlinear(x, wq, bias, isa=isa),
+                                           kernels.qlinear(x, stored, bias, isa=isa)), (bits, block, half, M, isa)
+    q, scale, mn = make_weight(N, K, 4, True, 32, gen)
+    assert not kernels.pack(q, scale, mn, 4, 32).int_min  # arbitrary float mins
+
+
 def test_nonfinite_and_degenerate_activations():
     gen = torch.Generator().manual_seed(17)
     q, scale, mn = make_weight(20, 100, 8, False, 32, gen)

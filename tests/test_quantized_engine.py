@@ -220,3 +220,38 @@ def test_quantize_cli_output_loads_and_matches_its_dequantisation(tiny_model_dir
         assert "act-order" in runner.formats
     text = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0].outputs[0]
     assert len(text.token_ids) == 4
+
+
+def test_quantize_cli_lm_head_is_served_quantized(tiny_model_dir, tmp_path, capsys):
+    """`sarathi quantize --lm-head`: the (tied) LM head is written as its own GPTQ tensor, the
+    embedding stays float, and the engine runs the head through the quantized kernel with exactly
+    the checkpoint's values (the float head of a GPTQ checkpoint was most of a small model's
+    bytes per token). AWQ has no such head: refused."""
+    import torch
+
+    from sarathi.quantize import main as quantize_main
+    from sarathi.quantize.checkpoint import dequantize_checkpoint, load_safetensors_dir
+
+    out = tmp_path / "rtn8-head"
+    assert quantize_main(["--model", str(tiny_model_dir), "--method", "rtn", "--bits", "8", "--group-size", "32",
+                          "--lm-head", "--out", str(out), "--quiet"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["lm_head"] is True and cfg["tie_word_embeddings"] is False
+    tensors = load_safetensors_dir(out)
+    assert "lm_head.qweight" in tensors and "lm_head.weight" not in tensors
+    assert tensors["model.embed_tokens.weight"].is_floating_point()
+    llm = LLM(model=str(out), **ARGS)
+    model = llm.engine.runner.model
+    assert model.lm_head.qweight is not None
+    want = dequantize_checkpoint(out)
+    assert torch.equal(model.lm_head.qweight.dequantize(), want["lm_head.weight"].float())
+    assert torch.equal(model.embed_tokens.weight, want["model.embed_tokens.weight"].float())
+    # Served: greedy tokens agree with the same checkpoint dequantised to float for most steps.
+    plain = LLM(model=str(out), quantization="none", **ARGS)
+    wins = [list(range(200 + 30 * i, 264 + 30 * i)) for i in range(4)]
+    _, top_q = score(llm, wins)
+    _, top_f = score(plain, wins)
+    assert sum(a == b for a, b in zip(top_q, top_f)) / len(top_f) >= 0.9
+    assert quantize_main(["--model", str(tiny_model_dir), "--method", "awq", "--lm-head", "--out",
+                          str(tmp_path / "x")]) == 2
+    assert "--lm-head writes a GPTQ-format head" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 #include "qgemm.h"
@@ -21,6 +22,19 @@ T* ptr(uintptr_t p) {
 
 sqk::Isa isa_arg(const std::string& name) { return name.empty() ? sqk::default_isa() : sqk::parse_isa(name); }
 
+// min_kind: 0 stored floats (or none: has_min false), 1 implied -8 * scale, 2 int8 z (min = -(scale * z)).
+sqk::WeightFormat weight_format(int bits, int block, bool has_min, bool half_scales, int min_kind) {
+  if (min_kind < 0 || min_kind > 2) throw std::invalid_argument("min_kind must be 0, 1 or 2");
+  sqk::WeightFormat f;
+  f.bits = bits;
+  f.block = block;
+  f.has_min = has_min;
+  f.half_scales = half_scales;
+  f.implied_min = min_kind == 1;
+  f.int_min = min_kind == 2;
+  return f;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -29,32 +43,26 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("qlinear",
         [](uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w, int64_t w_nbytes, int64_t N, int bits,
-           int block, bool has_min, bool half_scales, uintptr_t bias, uintptr_t out, int64_t ldo, int threads,
-           const std::string& isa) {
-          sqk::WeightFormat f;
-          f.bits = bits;
-          f.block = block;
-          f.has_min = has_min;
-          f.half_scales = half_scales;
+           int block, bool has_min, bool half_scales, int min_kind, uintptr_t bias, uintptr_t out, int64_t ldo,
+           int threads, const std::string& isa) {
+          const sqk::WeightFormat f = weight_format(bits, block, has_min, half_scales, min_kind);
           const sqk::Isa which = isa_arg(isa);
           py::gil_scoped_release nogil;
           sqk::qlinear(ptr<const float>(x), M, K, ldx, ptr<const uint8_t>(w), w_nbytes, N, f, ptr<const float>(bias),
                        ptr<float>(out), ldo, threads, which);
         },
         py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("w"), py::arg("w_nbytes"), py::arg("N"),
-        py::arg("bits"), py::arg("block"), py::arg("has_min"), py::arg("half_scales"), py::arg("bias"),
+        py::arg("bits"), py::arg("block"), py::arg("has_min"), py::arg("half_scales"), py::arg("min_kind"),
+        py::arg("bias"),
         py::arg("out"), py::arg("ldo"), py::arg("threads"), py::arg("isa") = "");
 
   m.def("qlinear_fused",
         [](uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w, int64_t w_nbytes, int64_t N, int bits,
-           int block, bool has_min, bool half_scales, uintptr_t bias, int pre_kind, uintptr_t norm_w, float eps,
+           int block, bool has_min, bool half_scales, int min_kind, uintptr_t bias, int pre_kind, uintptr_t norm_w,
+           float eps,
            bool unit_offset, int lanes, uintptr_t res, int64_t ldr, uintptr_t out, int64_t ldo, int threads,
            const std::string& isa) {
-          sqk::WeightFormat f;
-          f.bits = bits;
-          f.block = block;
-          f.has_min = has_min;
-          f.half_scales = half_scales;
+          const sqk::WeightFormat f = weight_format(bits, block, has_min, half_scales, min_kind);
           if (pre_kind < 0 || pre_kind > 2) throw std::invalid_argument("qlinear_fused: pre_kind must be 0, 1 or 2");
           sqk::PreOp pre;
           pre.kind = sqk::PreOp::Kind(pre_kind);
@@ -69,7 +77,8 @@ PYBIND11_MODULE(_C, m) {
                              which);
         },
         py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("w"), py::arg("w_nbytes"), py::arg("N"),
-        py::arg("bits"), py::arg("block"), py::arg("has_min"), py::arg("half_scales"), py::arg("bias"),
+        py::arg("bits"), py::arg("block"), py::arg("has_min"), py::arg("half_scales"), py::arg("min_kind"),
+        py::arg("bias"),
         py::arg("pre_kind"), py::arg("norm_w"), py::arg("eps"), py::arg("unit_offset"), py::arg("lanes"),
         py::arg("res"), py::arg("ldr"), py::arg("out"), py::arg("ldo"), py::arg("threads"), py::arg("isa") = "");
 
@@ -127,10 +136,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("nseg"), py::arg("parts"), py::arg("P"), py::arg("R"), py::arg("ranks"), py::arg("y"), py::arg("ldy"),
         py::arg("threads"), py::arg("isa") = "");
 
-  m.def("record_bytes", [](int bits, int block, bool has_min, bool half_scales) {
-    sqk::WeightFormat f{bits, block, has_min, half_scales};
-    return f.record();
-  });
+  m.def("record_bytes", [](int bits, int block, bool has_min, bool half_scales, int min_kind) {
+    return weight_format(bits, block, has_min, half_scales, min_kind).record();
+  }, py::arg("bits"), py::arg("block"), py::arg("has_min"), py::arg("half_scales"), py::arg("min_kind") = 0);
   m.def("kernel_isa", [] { return std::string(sqk::isa_name(sqk::default_isa())); },
         "The kernel path qlinear uses (SARATHI_QUANT_ISA caps it).");
   m.def("best_isa", [] { return std::string(sqk::isa_name(sqk::best_isa())); });

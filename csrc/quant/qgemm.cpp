@@ -153,7 +153,13 @@ void gemm_scalar(const Ctx& c, int64_t p0, int64_t p1) {
           for (int k = 0; k < B; ++k) s += wq[j][k] * int32_t(xb[k]);
           const float dw = load_scale(r + qb, j, f.half_scales);
           acc[j] += float(s) * (dw * dx);
-          if (f.has_min) acc[j] += load_scale(r + qb + kPanel * f.scale_bytes(), j, f.half_scales) * sx;
+          if (f.has_min) {
+            const uint8_t* mp = r + qb + kPanel * f.scale_bytes();
+            const float mw = f.implied_min ? dw * -8.f
+                             : f.int_min   ? -(dw * float(int8_t(mp[j])))
+                                           : load_scale(mp, j, f.half_scales);
+            acc[j] += mw * sx;
+          }
         }
       }
       float* yr = c.y + m * c.ldy + p * kPanel;
@@ -188,7 +194,7 @@ float quantize_block_ref(const float* x, int n, int B, int8_t* q, int32_t* sum) 
   return d;
 }
 
-Kernels scalar_kernels(const WeightFormat&) { return Kernels{quantize_scalar, gemm_scalar, 1}; }
+Kernels scalar_kernels(const WeightFormat&) { return Kernels{quantize_scalar, gemm_scalar, 1, 0}; }
 
 // ---------------------------------------------------------------- driver
 
@@ -225,6 +231,8 @@ void qlinear_fused(const float* x, int64_t M, int64_t K, int64_t ldx, const uint
   auto fail = [](const std::string& msg) { throw std::invalid_argument("qlinear: " + msg); };
   if (fmt.bits != 4 && fmt.bits != 8) fail("bits must be 4 or 8, got " + std::to_string(fmt.bits));
   if (fmt.block != 16 && fmt.block != 32) fail("block must be 16 or 32, got " + std::to_string(fmt.block));
+  if (fmt.implied_min && (fmt.bits != 4 || !fmt.has_min)) fail("an implied min (-8 * scale) needs bits 4 and has_min");
+  if (fmt.int_min && (!fmt.has_min || fmt.implied_min)) fail("int8 min multipliers need has_min (and no implied min)");
   if (M < 0) fail("M must be >= 0, got " + std::to_string(M));
   if (K < 1 || N < 1) fail("K and N must be >= 1, got K=" + std::to_string(K) + " N=" + std::to_string(N));
   const int64_t x_width = pre.kind == PreOp::SiluMul ? checked_mul(K, 2, "qlinear: K") : K;
@@ -304,7 +312,7 @@ void qlinear_fused(const float* x, int64_t M, int64_t K, int64_t ldx, const uint
   }
 
   // Output panels in items of whole micro-kernel steps; a few items per thread for balance.
-  const int64_t step = k.panels_per_step;
+  const int64_t step = M <= k.gemv_rows ? 1 : k.panels_per_step;
   const int64_t steps = (panels + step - 1) / step;
   const int64_t items = threads == 1 ? 1 : std::min<int64_t>(steps, int64_t(threads) * 4);
   const int64_t steps_per_item = (steps + items - 1) / items;

@@ -8,7 +8,9 @@
 //   input elements of one panel, in this order:
 //     q bytes     16 * B * bits / 8 bytes (below)
 //     scales      16 floats (fp32, or fp16 when every scale and min is exactly an fp16)
-//     mins        16 floats of the same type, only when the weight has a min
+//     mins        16 floats of the same type, only when the weight has a stored float min;
+//                 int_min instead: 16 int8 z with min = -(scale * z) (GPTQ / AWQ zero points);
+//                 implied_min: nothing (min = -8 * scale, GGUF Q4_0's offset)
 //   The B values of a block are split into G = B / 4 groups of 4 consecutive k; a group
 //   is 64 bytes, column j's 4 bytes at j * 4 (the operand layout of vpdpbusd: one
 //   32-bit lane per column, 4 k per lane).
@@ -39,9 +41,14 @@ struct WeightFormat {
   int block = 32;
   bool has_min = false;
   bool half_scales = false;
+  bool implied_min = false;  // has_min with min = -8 * scale exactly (bits 4: q - 8), not stored
+  bool int_min = false;      // has_min with min = -(scale * z), z an int8 per column and block
   int64_t qbytes() const { return int64_t(kPanel) * block * bits / 8; }
   int64_t scale_bytes() const { return half_scales ? 2 : 4; }
-  int64_t record() const { return qbytes() + kPanel * scale_bytes() * (has_min ? 2 : 1); }
+  bool stored_min() const { return has_min && !implied_min && !int_min; }
+  int64_t record() const {
+    return qbytes() + kPanel * scale_bytes() * (stored_min() ? 2 : 1) + (int_min ? kPanel : 0);
+  }
 };
 
 // Everything a kernel needs, sizes validated by qlinear().
@@ -69,6 +76,7 @@ struct Kernels {
   QuantizeFn quantize = nullptr;
   GemmFn gemm = nullptr;
   int panels_per_step = 1;  // panels a micro-kernel covers at once (work-split granularity)
+  int gemv_rows = 0;        // at M <= gemv_rows the kernel streams one panel at a time (granularity 1)
 };
 
 Kernels scalar_kernels(const WeightFormat& f);

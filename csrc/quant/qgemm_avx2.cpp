@@ -37,16 +37,27 @@ SQK_AVX2 SQK_INLINE __m256 load8f(const uint8_t* p, int half) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(p) + half * 8);
 }
 
-template <int BITS, int B, bool MIN, bool HALF>
+// Half a panel's minimums (see the AVX-512 file's min16): MIN 1 stored floats, 2 -8 * scale,
+// 3 -(scale * z) with int8 z.
+template <int MIN, bool HALF>
+SQK_AVX2 SQK_INLINE __m256 min8(const uint8_t* mins, int half, __m256 dw) {
+  if constexpr (MIN == 1) return load8f<HALF>(mins, half);
+  if constexpr (MIN == 2) return _mm256_mul_ps(dw, _mm256_set1_ps(-8.f));
+  const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mins + half * 8));
+  const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(z8));
+  return _mm256_xor_ps(_mm256_mul_ps(dw, z), _mm256_set1_ps(-0.f));
+}
+
+template <int BITS, int B, int MIN, bool HALF>
 struct Fmt {
   static constexpr int G = B / 4;
   static constexpr int QB = kPanel * B * BITS / 8;
   static constexpr int SB = HALF ? 2 : 4;
-  static constexpr int REC = QB + kPanel * SB * (MIN ? 2 : 1);
+  static constexpr int REC = QB + kPanel * SB * (MIN == 1 ? 2 : 1) + (MIN == 3 ? kPanel : 0);
 };
 
 // Rows [m0, m0 + MR) x NC half-panels starting at half-panel v0 (panel v0 / 2, half v0 % 2).
-template <int BITS, int B, bool MIN, bool HALF, int MR, int NC>
+template <int BITS, int B, int MIN, bool HALF, int MR, int NC>
 SQK_AVX2 void micro(const Ctx& c, int64_t v0, int64_t m0, const uint8_t* pf, int64_t pf_step) {
   using F = Fmt<BITS, B, MIN, HALF>;
   const int64_t nb = c.nb;
@@ -119,8 +130,8 @@ SQK_AVX2 void micro(const Ctx& c, int64_t v0, int64_t m0, const uint8_t* pf, int
         const __m256 s = _mm256_mul_ps(dw, _mm256_set1_ps(xd[i * nb + b]));
         acc[i][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[i][v]), s, acc[i][v]);
       }
-      if constexpr (MIN) {
-        const __m256 mw = load8f<HALF>(wp[v] + F::QB + kPanel * F::SB, hf[v]);
+      if constexpr (MIN != 0) {
+        const __m256 mw = min8<MIN, HALF>(wp[v] + F::QB + kPanel * F::SB, hf[v], dw);
         for (int i = 0; i < MR; ++i) acc[i][v] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[i * nb + b]), acc[i][v]);
       }
       wp[v] += F::REC;
@@ -147,7 +158,7 @@ SQK_AVX2 void micro(const Ctx& c, int64_t v0, int64_t m0, const uint8_t* pf, int
 
 // Panel by panel: both halves for all rows; meanwhile the next panel's weights are
 // prefetched, spread over this panel's micro-kernel calls.
-template <int BITS, int B, bool MIN, bool HALF>
+template <int BITS, int B, int MIN, bool HALF>
 SQK_AVX2 void gemm(const Ctx& c, int64_t p0, int64_t p1) {
   using F = Fmt<BITS, B, MIN, HALF>;
   const int64_t halves = (c.N + 7) / 8;  // skip an all-padding last half-panel
@@ -260,15 +271,19 @@ SQK_AVX2 void quantize(const float* x, int64_t ldx, const Ctx& c, int64_t m0, in
   }
 }
 
-template <int BITS, int B, bool MIN, bool HALF>
+template <int BITS, int B, int MIN, bool HALF>
 Kernels make() {
   return Kernels{quantize<B>, gemm<BITS, B, MIN, HALF>, 1};
 }
 
 template <int BITS, int B>
 Kernels pick_min_half(const WeightFormat& f) {
-  if (f.has_min) return f.half_scales ? make<BITS, B, true, true>() : make<BITS, B, true, false>();
-  return f.half_scales ? make<BITS, B, false, true>() : make<BITS, B, false, false>();
+  if (f.int_min) return f.half_scales ? make<BITS, B, 3, true>() : make<BITS, B, 3, false>();
+  if constexpr (BITS == 4) {
+    if (f.implied_min) return f.half_scales ? make<BITS, B, 2, true>() : make<BITS, B, 2, false>();
+  }
+  if (f.has_min) return f.half_scales ? make<BITS, B, 1, true>() : make<BITS, B, 1, false>();
+  return f.half_scales ? make<BITS, B, 0, true>() : make<BITS, B, 0, false>();
 }
 
 // The 4-bit inner step: vpmaddubsw + vpaddw (32 multiply-adds) in 6 independent chains

@@ -38,16 +38,30 @@ SQK_AVX512 SQK_INLINE __m512 load16f(const uint8_t* p) {
     return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
 }
 
-template <int BITS, int B, bool MIN, bool HALF>
+// The 16 columns' minimums of a block record at p (after the q bytes): MIN 1 stored floats,
+// 2 -8 * scale (GGUF Q4_0), 3 -(scale * z) with int8 z (zero points). Each is exact where the
+// packer chose it (kernels.pack checks the same float operations), so every MIN gives one result.
+template <int MIN, bool HALF>
+SQK_AVX512 SQK_INLINE __m512 min16(const uint8_t* mins, __m512 dw);
+
+template <int BITS, int B, int MIN, bool HALF>
 struct Fmt {
   static constexpr int G = B / 4;
   static constexpr int QB = kPanel * B * BITS / 8;
   static constexpr int SB = HALF ? 2 : 4;
-  static constexpr int REC = QB + kPanel * SB * (MIN ? 2 : 1);
+  static constexpr int REC = QB + kPanel * SB * (MIN == 1 ? 2 : 1) + (MIN == 3 ? kPanel : 0);
 };
 
+template <int MIN, bool HALF>
+SQK_AVX512 SQK_INLINE __m512 min16(const uint8_t* mins, __m512 dw) {
+  if constexpr (MIN == 1) return load16f<HALF>(mins);
+  if constexpr (MIN == 2) return _mm512_mul_ps(dw, _mm512_set1_ps(-8.f));
+  const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins))));
+  return _mm512_xor_ps(_mm512_mul_ps(dw, z), _mm512_set1_ps(-0.f));
+}
+
 // Rows [m0, m0 + MR) x panels [p0, p0 + NP) -> y.
-template <int BITS, int B, bool MIN, bool HALF, int MR, int NP>
+template <int BITS, int B, int MIN, bool HALF, int MR, int NP>
 SQK_AVX512 void micro(const Ctx& c, int64_t p0, int64_t m0, const uint8_t* pf, int64_t pf_step) {
   using F = Fmt<BITS, B, MIN, HALF>;
   const int64_t nb = c.nb;
@@ -107,8 +121,8 @@ SQK_AVX512 void micro(const Ctx& c, int64_t p0, int64_t m0, const uint8_t* pf, i
         const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(xd[i * nb + b]));
         acc[i][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][p]), s, acc[i][p]);
       }
-      if constexpr (MIN) {
-        const __m512 mw = load16f<HALF>(wp[p] + F::QB + kPanel * F::SB);
+      if constexpr (MIN != 0) {
+        const __m512 mw = min16<MIN, HALF>(wp[p] + F::QB + kPanel * F::SB, dw);
         for (int i = 0; i < MR; ++i) acc[i][p] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs[i * nb + b]), acc[i][p]);
       }
       wp[p] += F::REC;
@@ -126,7 +140,7 @@ SQK_AVX512 void micro(const Ctx& c, int64_t p0, int64_t m0, const uint8_t* pf, i
 }
 
 // The M % MR leftover rows: micro<R> for R = rem.
-template <int BITS, int B, bool MIN, bool HALF, int NP, int R>
+template <int BITS, int B, int MIN, bool HALF, int NP, int R>
 SQK_AVX512 void tail(const Ctx& c, int64_t p0, int64_t m, int64_t rem, const uint8_t* pf, int64_t step) {
   if constexpr (R > 0) {
     if (rem == R)
@@ -139,7 +153,7 @@ SQK_AVX512 void tail(const Ctx& c, int64_t p0, int64_t m, int64_t rem, const uin
 // All rows for panels [p0, p0 + NP), MR at a time. While they run, the next NP panels'
 // weights (the next contiguous strip) are prefetched, spread evenly over the row tiles, so
 // the memory stream overlaps the compute instead of stalling the first tile of each strip.
-template <int BITS, int B, bool MIN, bool HALF, int MR, int NP>
+template <int BITS, int B, int MIN, bool HALF, int MR, int NP>
 SQK_AVX512 void rows(const Ctx& c, int64_t p0, int64_t p_end, int64_t m_begin, int64_t m_end) {
   using F = Fmt<BITS, B, MIN, HALF>;
   const int64_t tiles = (m_end - m_begin + MR - 1) / MR;
@@ -155,6 +169,88 @@ SQK_AVX512 void rows(const Ctx& c, int64_t p0, int64_t p_end, int64_t m_begin, i
   if (m < m_end) tail<BITS, B, MIN, HALF, NP, MR - 1>(c, p0, m, m_end - m, pf(t), step);
 }
 
+// Decode (M <= kGemvRows rows: memory bound): all MR rows against one panel at a time, the
+// weights one sequential stream read once, prefetched a fixed kPfDist bytes ahead of the loads.
+// micro()'s tiles (4 rows x 2 panels, the next strip prefetched in whole) read a panel once per
+// 4 rows and, with long K (8192: 73 KB panels), prefetched past L1 and evicted the activations.
+// At MR = 1 a block's int32 dot product is split over two accumulators (low / high nibble
+// groups; even / odd groups for bits 8) to halve the chain of dependent vpdpbusd; with MR >= 2
+// the rows' chains interleave. The integer sums are exact and the float operations per row and
+// block are those of micro(), so the bits are the same.
+constexpr int64_t kPfDist = 2048;
+constexpr int kGemvRows = 8;
+
+template <int BITS, int B, int MIN, bool HALF, int MR>
+SQK_AVX512 void gemv(const Ctx& c, int64_t p) {
+  using F = Fmt<BITS, B, MIN, HALF>;
+  constexpr int S = MR == 1 ? 2 : 1;  // int32 accumulators per row
+  const int64_t nb = c.nb;
+  const uint8_t* wp = c.w + p * nb * F::REC;
+  __m512 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512i m4 = _mm512_set1_epi8(0x0f);
+  constexpr int kLines = (F::REC + 63) / 64;
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int l = 0; l < kLines; ++l) _mm_prefetch(reinterpret_cast<const char*>(wp) + kPfDist + 64 * l, _MM_HINT_T0);
+    __m512i ia[MR][S];
+    for (int i = 0; i < MR; ++i) {
+      ia[i][0] = BITS == 8 ? _mm512_set1_epi32(c.xc[i * nb + b]) : _mm512_setzero_si512();
+      if constexpr (S == 2) ia[i][S - 1] = _mm512_setzero_si512();
+    }
+    const int8_t* xb = c.xq + b * B;
+    if constexpr (BITS == 4) {
+      for (int h = 0; h < F::G / 2; ++h) {
+        const __m512i raw = _mm512_loadu_si512(wp + h * 64);
+        const __m512i lo = _mm512_and_si512(raw, m4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+        for (int i = 0; i < MR; ++i) {
+          const int8_t* xr = xb + i * c.Kp;
+          ia[i][0] = _mm512_dpbusd_epi32(ia[i][0], lo, bcast4(xr + 4 * h));
+          ia[i][S - 1] = _mm512_dpbusd_epi32(ia[i][S - 1], hi, bcast4(xr + 4 * (h + F::G / 2)));
+        }
+      }
+    } else {
+      for (int g = 0; g < F::G; g += 2) {
+        const __m512i w0 = _mm512_loadu_si512(wp + g * 64);
+        const __m512i w1 = _mm512_loadu_si512(wp + (g + 1) * 64);
+        for (int i = 0; i < MR; ++i) {
+          const int8_t* xr = xb + i * c.Kp;
+          ia[i][0] = _mm512_dpbusd_epi32(ia[i][0], w0, bcast4(xr + 4 * g));
+          ia[i][S - 1] = _mm512_dpbusd_epi32(ia[i][S - 1], w1, bcast4(xr + 4 * (g + 1)));
+        }
+      }
+    }
+    const __m512 dw = load16f<HALF>(wp + F::QB);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i isum = S == 2 ? _mm512_add_epi32(ia[i][0], ia[i][S - 1]) : ia[i][0];
+      const __m512 s = _mm512_mul_ps(dw, _mm512_set1_ps(c.xd[i * nb + b]));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[i]);
+    }
+    if constexpr (MIN != 0) {
+      const __m512 mw = min16<MIN, HALF>(wp + F::QB + kPanel * F::SB, dw);
+      for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(c.xs[i * nb + b]), acc[i]);
+    }
+    wp += F::REC;
+  }
+  const int64_t n0 = p * kPanel;
+  const int64_t cols = std::min<int64_t>(kPanel, c.N - n0);
+  const __mmask16 mask = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
+  const __m512 bias = c.bias ? _mm512_maskz_loadu_ps(mask, c.bias + n0) : _mm512_setzero_ps();
+  for (int i = 0; i < MR; ++i) _mm512_mask_storeu_ps(c.y + i * c.ldy + n0, mask, _mm512_add_ps(acc[i], bias));
+}
+
+// Panels [p0, p1) for M = R rows (R <= kGemvRows), gemv<R>.
+template <int BITS, int B, int MIN, bool HALF, int R>
+SQK_AVX512 void gemv_rows(const Ctx& c, int64_t p0, int64_t p1) {
+  if constexpr (R > 0) {
+    if (c.M == R) {
+      for (int64_t p = p0; p < p1; ++p) gemv<BITS, B, MIN, HALF, R>(c, p);
+    } else {
+      gemv_rows<BITS, B, MIN, HALF, R - 1>(c, p0, p1);
+    }
+  }
+}
+
 // Register tile: 4 rows x 2 panels = 8 int32 + 8 fp32 accumulators (measured best of 3x3,
 // 4x2, 5x2, 6x2, 8x1 on Zen 5: ~700 GOP/s per thread with the weights in cache).
 constexpr int kMR = 4;
@@ -164,10 +260,10 @@ constexpr int64_t kXChunkBytes = 256 << 10;
 
 // Panels [p0, p1) for all rows. Rows go in chunks whose quantized activations (chunk x Kp
 // bytes) stay in L2 next to this thread's weights; each chunk sweeps all the panels.
-template <int BITS, int B, bool MIN, bool HALF>
+template <int BITS, int B, int MIN, bool HALF>
 SQK_AVX512 void gemm(const Ctx& c, int64_t p0, int64_t p1) {
-  if (c.M == 1) {  // memory bound: one panel at a time keeps the weights a single sequential stream
-    for (int64_t p = p0; p < p1; ++p) rows<BITS, B, MIN, HALF, 1, 1>(c, p, p1, 0, 1);
+  if (c.M <= kGemvRows) {  // decode: memory bound, the weights as one sequential stream
+    gemv_rows<BITS, B, MIN, HALF, kGemvRows>(c, p0, p1);
     return;
   }
   const int64_t chunk = std::max<int64_t>(kMR, kXChunkBytes / c.Kp / kMR * kMR);
@@ -227,15 +323,19 @@ SQK_AVX512 void quantize(const float* x, int64_t ldx, const Ctx& c, int64_t m0, 
   }
 }
 
-template <int BITS, int B, bool MIN, bool HALF>
+template <int BITS, int B, int MIN, bool HALF>
 Kernels make() {
-  return Kernels{quantize<B>, gemm<BITS, B, MIN, HALF>, kNP};
+  return Kernels{quantize<B>, gemm<BITS, B, MIN, HALF>, kNP, kGemvRows};
 }
 
 template <int BITS, int B>
 Kernels pick_min_half(const WeightFormat& f) {
-  if (f.has_min) return f.half_scales ? make<BITS, B, true, true>() : make<BITS, B, true, false>();
-  return f.half_scales ? make<BITS, B, false, true>() : make<BITS, B, false, false>();
+  if (f.int_min) return f.half_scales ? make<BITS, B, 3, true>() : make<BITS, B, 3, false>();
+  if constexpr (BITS == 4) {
+    if (f.implied_min) return f.half_scales ? make<BITS, B, 2, true>() : make<BITS, B, 2, false>();
+  }
+  if (f.has_min) return f.half_scales ? make<BITS, B, 1, true>() : make<BITS, B, 1, false>();
+  return f.half_scales ? make<BITS, B, 0, true>() : make<BITS, B, 0, false>();
 }
 
 SQK_AVX512 int32_t peak_loop(int64_t iters, int32_t seed) {

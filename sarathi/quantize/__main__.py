@@ -37,6 +37,10 @@ def build_parser(prog: str = "python -m sarathi.quantize") -> argparse.ArgumentP
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="gptq/rtn: within a layer, feed later linears the outputs of already-quantized ones "
                         "(default on)")
+    p.add_argument("--lm-head", action=argparse.BooleanOptionalAction, default=False,
+                   help="rtn/gptq: also quantize the LM head (round-to-nearest, same bits and group; a tied head "
+                        "is written as its own tensor and the embedding stays float). On the CPU the head is then "
+                        "a quantized matmul instead of a float one, as in a GGUF file (default off)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads while quantizing (default: torch's default; 1 is often faster "
                         "on a busy machine)")
@@ -52,7 +56,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m sarathi.quanti
                            desc_act=ns.desc_act, damp=ns.damp, num_samples=ns.num_samples, seq_len=ns.seq_len,
                            seed=ns.seed, device=ns.device, batch_size=ns.batch_size, awq_grid=ns.awq_grid,
                            awq_clip=ns.awq_clip, true_sequential=ns.true_sequential,
-                           threads=ns.threads)
+                           lm_head=ns.lm_head, threads=ns.threads)
     try:
         report = quantize(ns.model, ns.out, opts, calib=ns.calib, overwrite=ns.overwrite, progress=not ns.quiet)
     except (ValueError, OSError) as e:  # QuantizeError and any other bad input: one line, no traceback

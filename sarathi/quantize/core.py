@@ -55,6 +55,7 @@ class QuantizeOptions:
     awq_clip: bool = True
     true_sequential: bool = True
     threads: Optional[int] = None     # torch intra-op threads while quantizing (None: leave as is)
+    lm_head: bool = False             # also quantize the LM head (RTN; GPTQModel's `lm_head` option)
 
 
 @dataclass
@@ -119,6 +120,9 @@ def validate_options(opts: QuantizeOptions) -> None:
         raise QuantizeError(f"--batch-size must be >= 1, got {opts.batch_size}")
     if opts.method == "awq" and not 1 <= opts.awq_grid <= 1000:
         raise QuantizeError(f"--awq-grid must be in [1, 1000], got {opts.awq_grid}")
+    if opts.lm_head and opts.method == "awq":
+        raise QuantizeError("--lm-head writes a GPTQ-format head: use --method rtn or gptq (AutoAWQ has no "
+                            "quantized LM head)")
     if opts.threads is not None and opts.threads < 1:
         raise QuantizeError(f"--threads must be >= 1, got {opts.threads}")
     if opts.device not in ("auto", "cpu", "cuda") and not opts.device.startswith("cuda:"):
@@ -342,6 +346,14 @@ def _quantize_layers(model, runner: Optional[LayerRunner], opts: QuantizeOptions
             mods[n].weight.data.copy_(res.weight.to(mods[n].weight.dtype))
 
         quantize_layer(model, runner, opts, li, layer, mods, record, last=li + 1 == len(layers))
+    if opts.lm_head:
+        # Round to nearest: the head is the last matmul, no later layer compensates; its weight
+        # (the embedding's, when tied) stays as it is in the model.
+        W = model.lm_head.weight.data.float()
+        _check_finite("lm_head.weight", W)
+        res = rtn_quantize(W, _spec(opts, W.shape[1]))
+        reports.append(LinearReport("lm_head.weight", *_rel_errors(W, res.weight, None)))
+        results["lm_head"] = res
 
 
 def _rtn_gptq_layer(model, runner: Optional[LayerRunner], opts: QuantizeOptions, li: int, layer, mods: dict,
@@ -472,7 +484,7 @@ def _quant_config(opts: QuantizeOptions) -> dict:
 
 
 def _autogptq_quantize_config(opts: QuantizeOptions) -> dict:
-    return {"bits": opts.bits, "group_size": opts.group_size, "damp_percent": opts.damp,
+    return {"bits": opts.bits, "group_size": opts.group_size, "damp_percent": opts.damp, "lm_head": bool(opts.lm_head),
             "desc_act": bool(opts.desc_act), "static_groups": False, "sym": bool(opts.sym),
             "true_sequential": bool(opts.true_sequential), "model_name_or_path": None,
             "model_file_base_name": "model", "quant_method": "gptq", "checkpoint_format": "gptq"}
@@ -503,7 +515,7 @@ def build_tensors(model, original_keys: Sequence[str], results: Dict[str, QuantR
         tensors[f"{prefix}.scales"] = res.scales.cpu().to(torch.float16).contiguous()
         if opts.method != "awq":
             tensors[f"{prefix}.g_idx"] = res.g_idx.cpu().to(torch.int32).contiguous()
-        bias = model.get_submodule(prefix).bias
+        bias = getattr(model.get_submodule(prefix), "bias", None)
         if bias is not None:
             tensors[f"{prefix}.bias"] = _fp16(f"{prefix}.bias", bias.data)
         replaced.update({f"{prefix}.weight", f"{prefix}.bias"})
@@ -526,6 +538,9 @@ def write_checkpoint(out_dir: Path, model_dir: Path, tensors: Dict[str, torch.Te
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             cfg = dict(config)
             cfg["quantization_config"] = _quant_config(opts)
+            if opts.lm_head:
+                cfg["quantization_config"]["lm_head"] = True
+                cfg["tie_word_embeddings"] = False  # the head is its own (quantized) tensor now
             cfg["torch_dtype"] = "float16"
             if "dtype" in cfg:
                 cfg["dtype"] = "float16"

@@ -35,7 +35,7 @@ class _Weight:
         p = linear.qweight.packed[0]
         self.data = p.data  # keeps the buffer alive
         self.args = (p.data.data_ptr(), p.data.numel(), p.out_features, p.bits, p.block, p.has_min, p.half_scales,
-                     0 if linear.bias is None else linear.bias.data_ptr())
+                     p.min_kind, 0 if linear.bias is None else linear.bias.data_ptr())
         self.bias = linear.bias
         self.in_features, self.out_features = p.in_features, p.out_features
 
@@ -86,6 +86,17 @@ class FusedLayer:
             return self._linear(w, x, _RMS_NORM, threads=threads, norm=norm)
         return self._linear(w, self._norm(norm, x), threads=threads)
 
+    def _norm_native(self, norm, x: torch.Tensor) -> torch.Tensor:
+        """norm(x) for a contiguous float32 [t, hidden] x: the native RMSNorm where it gives torch's
+        bits (one call instead of RMSNorm's six ops), else the module."""
+        if not self.norm_lanes or x.shape[0] == 0:
+            return norm(x)
+        out = torch.empty_like(x)
+        k = x.shape[1]
+        self._C.rms_norm(x.data_ptr(), x.shape[0], k, k, norm.weight.data_ptr(), norm.eps, norm.unit_offset,
+                         self.norm_lanes, out.data_ptr(), k)
+        return out
+
     @staticmethod
     def _norm(norm, x: torch.Tensor) -> torch.Tensor:
         # RMSNorm.forward's own float32 branch, without the module call.
@@ -123,9 +134,10 @@ class FusedLayer:
             x = self._linear(self.o, out, residual=x, threads=threads)
             h = self._normed_linear(self.gate_up, L.post_attention_layernorm, x, threads)
             return self._mlp(h, x, threads)
-        x = x + L.post_attention_layernorm(self._linear(self.o, out, threads=threads))
-        h = self._linear(self.gate_up, L.pre_feedforward_layernorm(x), threads=threads)
-        return x + L.post_feedforward_layernorm(self._mlp(h, None, threads))
+        # Gemma's sandwich: the norms after o and down natively, the one before gate_up inside its call.
+        x = x + self._norm_native(L.post_attention_layernorm, self._linear(self.o, out, threads=threads))
+        h = self._normed_linear(self.gate_up, L.pre_feedforward_layernorm, x, threads)
+        return x + self._norm_native(L.post_feedforward_layernorm, self._mlp(h, None, threads))
 
 
 @functools.lru_cache(maxsize=None)

@@ -56,15 +56,23 @@ class PackedWeight:
     in_features: int
     has_min: bool
     half_scales: bool
+    implied_min = False  # min = -8 * scale exactly (GGUF Q4_0), not stored
+    int_min = False      # min = -(scale * z) with z an int8 per column and block (zero points), z stored
 
     def __init__(self, data: torch.Tensor, bits: int, block: int, out_features: int, in_features: int,
-                 has_min: bool, half_scales: bool):
+                 has_min: bool, half_scales: bool, implied_min: bool = False, int_min: bool = False):
         self.bits = int(bits)
         self.block = int(block)
         self.out_features = int(out_features)
         self.in_features = int(in_features)
         self.has_min = bool(has_min)
         self.half_scales = bool(half_scales)
+        self.implied_min = bool(implied_min)
+        self.int_min = bool(int_min)
+        if self.implied_min and (self.bits != 4 or not self.has_min):
+            raise ValueError("an implied min (-8 * scale) needs bits=4 and has_min")
+        if self.int_min and (not self.has_min or self.implied_min):
+            raise ValueError("int8 min multipliers need has_min (and no implied min)")
         self.data = data
 
     @property
@@ -77,6 +85,11 @@ class PackedWeight:
         if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or not t.is_cpu or not t.is_contiguous():
             raise ValueError("PackedWeight.data must be a contiguous uint8 CPU tensor")
         self._data = t
+
+    @property
+    def min_kind(self) -> int:
+        """How the record holds the mins (the kernels' argument): 0 floats or none, 1 implied, 2 int8 z."""
+        return 1 if self.implied_min else 2 if self.int_min else 0
 
     @property
     def shape(self):
@@ -101,7 +114,13 @@ class PackedWeight:
         q = g.permute(0, 3, 1, 2, 4).reshape(P * PANEL, nb * B)
         scale = d[:, :, qb:qb + PANEL * sb].contiguous().view(sdt).float().permute(0, 2, 1).reshape(P * PANEL, nb)
         mn = None
-        if self.has_min:
+        if self.implied_min:
+            mn = scale * -8.0
+        elif self.int_min:
+            off = qb + PANEL * sb
+            z = d[:, :, off:off + PANEL].contiguous().view(torch.int8).float().permute(0, 2, 1).reshape(P * PANEL, nb)
+            mn = -(scale * z)
+        elif self.has_min:
             mn = d[:, :, qb + PANEL * sb:qb + 2 * PANEL * sb].contiguous().view(sdt).float()
             mn = mn.permute(0, 2, 1).reshape(P * PANEL, nb)
         return q, scale, mn
@@ -125,7 +144,8 @@ class PackedWeight:
 
     def __repr__(self) -> str:
         return (f"PackedWeight({self.out_features}x{self.in_features}, bits={self.bits}, block={self.block}, "
-                f"min={self.has_min}, {'fp16' if self.half_scales else 'fp32'} scales, {self.nbytes()} bytes)")
+                f"min={'-8 x scale' if self.implied_min else '-scale x int8' if self.int_min else self.has_min}, {'fp16' if self.half_scales else 'fp32'} "
+                f"scales, {self.nbytes()} bytes)")
 
 
 def _check_tensor(name: str, t, dtype, shape) -> None:
@@ -185,16 +205,32 @@ def pack(q: torch.Tensor, scale: torch.Tensor, min: Optional[torch.Tensor], bits
         t = t[:, :, :G // 2] | (t[:, :, G // 2:] << 4)
     parts = [t.reshape(P, nb, -1)]
 
-    half = _exact_half(scale) and (min is None or _exact_half(min))
+    # GGUF Q4_0, (q - 8) * d: the min is -8 * scale, computed by the kernel instead of streamed.
+    implied = bits == 4 and min is not None and bool(torch.equal(min, scale * -8.0))
+    # GPTQ / AWQ zero points: min = -(scale * z) with an integer z (8-bit GPTQ: zero - 128), computed
+    # by the kernel from one int8 per column and block instead of a float. Both only where the
+    # kernel's float32 product gives exactly these mins (equal values; a zero's sign may differ).
+    z = None
+    if min is not None and not implied:
+        nz = scale != 0
+        zc = torch.where(nz, -min / torch.where(nz, scale, torch.ones_like(scale)), torch.zeros_like(scale)).round()
+        if bool(((zc >= -128) & (zc <= 127)).all()) and bool(torch.equal(-(scale * zc), min)):
+            z = zc
+    half = _exact_half(scale) and (min is None or implied or z is not None or _exact_half(min))
     sdt = torch.float16 if half else torch.float32
-    for s in (scale,) if min is None else (scale, min):
+    for s in (scale,) if min is None or implied or z is not None else (scale, min):
         spad = torch.zeros(Np, nb, dtype=torch.float32)
         spad[:N] = s
         parts.append(spad.view(P, PANEL, nb).permute(0, 2, 1).to(sdt).contiguous().view(torch.uint8))
+    if z is not None:
+        zpad = torch.zeros(Np, nb, dtype=torch.int8)
+        zpad[:N] = z.to(torch.int8)
+        parts.append(zpad.view(P, PANEL, nb).permute(0, 2, 1).contiguous().view(torch.uint8))
     data = torch.cat(parts, dim=2).contiguous()
-    rec = int(_C.record_bytes(bits, block, min is not None, half))
+    w = PackedWeight(data, bits, block, N, K, min is not None, half, implied, z is not None)
+    rec = int(_C.record_bytes(bits, block, min is not None, half, w.min_kind))
     assert data.shape == (P, nb, rec), (data.shape, rec)
-    return PackedWeight(data, bits, block, N, K, min is not None, half)
+    return w
 
 
 def qlinear(x: torch.Tensor, w: PackedWeight, bias: Optional[torch.Tensor] = None,
@@ -242,7 +278,7 @@ def qlinear(x: torch.Tensor, w: PackedWeight, bias: Optional[torch.Tensor] = Non
         return out
     d = w._data
     _C.qlinear(x.data_ptr(), M, K, sx[0] if M > 1 else K, d.data_ptr(), d.numel(), N, w.bits, w.block,
-               w.has_min, w.half_scales, 0 if bias is None else bias.data_ptr(), out.data_ptr(), ldo,
+               w.has_min, w.half_scales, w.min_kind, 0 if bias is None else bias.data_ptr(), out.data_ptr(), ldo,
                native_threads() if num_threads is None else int(num_threads), isa or "")
     return out
 
