@@ -314,15 +314,6 @@ def test_draft_model_greedy_equal(tiny_model_dir, tmp_path, smollm2_dir):
                                                                          ignore_eos=True))
 
 
-def test_structured_output_requests_run_without_drafts(tiny_model_dir):
-    from sarathi.sampling_params import StructuredOutputsParams
-
-    llm = _llm(tiny_model_dir, NGRAM)
-    params = SamplingParams(temperature=0, max_tokens=8, structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
-    out = llm.generate(["answer: "], params)[0].outputs[0]
-    assert out.text in ("yes", "no")
-
-
 def test_metrics_expose_the_spec_decode_counters(tiny_model_dir):
     from sarathi.entrypoints.openai.metrics import ServerMetrics
 

@@ -12,7 +12,7 @@ import torch
 
 from sarathi.core.sequence import Binding
 from sarathi.model_executor.model_runner import InputBatch, ModelRunner, ModelRunnerOutput, SeqPlan
-from sarathi.model_executor.sampler import SampleRequest
+from sarathi.model_executor.sampler import SampleRequest, SampleResult
 from sarathi.spec_decode.config import SpeculativeConfig
 from sarathi.spec_decode.draft_model import DraftModel
 from sarathi.spec_decode.drafting import DraftRun
@@ -120,8 +120,15 @@ class Speculator:
                 q = state.draft_probs[:len(p.draft_token_ids)]
             reqs = [self._request(p, p.draft_token_ids[:j]) for j in range(len(p.draft_token_ids) + 1)]
             items.append(Verification(rows[p], p.draft_token_ids, q, reqs))
+        plan, items, bitmasks = self._grammar_masks(plan, items, out)
+        if not plan:
+            return
         step_drafted = step_accepted = 0
-        for p, kept in zip(plan, verify(items, batch.shared)):
+        verified = verify(items, batch.shared, bitmasks)
+        self._advance_grammars(plan, verified, out)
+        for p, kept in zip(plan, verified):
+            if p.seq.seq_id in out.failed:
+                continue
             sid, k = p.seq.seq_id, len(p.draft_token_ids)
             out.samples[sid], out.verified[sid] = kept[0], kept[1:]
             accepted = len(kept) - 1
@@ -138,6 +145,41 @@ class Speculator:
         if time.monotonic() - self._logged_at >= LOG_INTERVAL_S:
             self._logged_at = time.monotonic()
             logger.info(self.summary())
+
+    def _grammar_masks(self, plan: List[SeqPlan], items: List[Verification], out: ModelRunnerOutput):
+        """Each mask's bitmask over the 1 + k positions of every row (as plain sampling masks one);
+        a mask that fails fails the sequences it constrains, the rest verify."""
+        bitmasks = []
+        for m in self.runner.masks:
+            try:
+                allowed = m.bitmask([p.seq for p in plan], [p.draft_token_ids for p in plan])
+                if allowed is not None:
+                    bitmasks.append(allowed)
+            except Exception as e:  # noqa: BLE001
+                logger.exception("logits mask failed on drafts")
+                keep = [i for i, p in enumerate(plan) if not m.claims(p.seq)]
+                for p in plan:
+                    if m.claims(p.seq):
+                        out.failed[p.seq.seq_id] = f"{type(e).__name__}: {e}"
+                if len(keep) < len(plan):   # row numbers change: masks so far are redone
+                    plan, items = [plan[i] for i in keep], [items[i] for i in keep]
+                    return self._grammar_masks(plan, items, out) if plan else ([], [], [])
+        return plan, items, bitmasks
+
+    def _advance_grammars(self, plan: List[SeqPlan], verified: List[List[SampleResult]],
+                          out: ModelRunnerOutput) -> None:
+        """The masks learn the kept tokens, a position at a time for all rows."""
+        seqs = [p.seq for p in plan]
+        for j in range(max((len(kept) for kept in verified), default=0)):
+            at = [n for n, kept in enumerate(verified) if len(kept) > j and seqs[n].seq_id not in out.failed]
+            for m in self.runner.masks:
+                try:
+                    refused = m.accept([seqs[n] for n in at], [verified[n][j].token_id for n in at])
+                except Exception as e:  # noqa: BLE001
+                    logger.exception("logits mask failed to take the verified tokens")
+                    refused = {seqs[n].seq_id: f"{type(e).__name__}: {e}" for n in at if m.claims(seqs[n])}
+                for sid, why in refused.items():
+                    out.failed[sid] = why
 
     def summary(self) -> str:
         rate = self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
@@ -187,8 +229,9 @@ class Speculator:
             return
         if self.drafter is None:
             c = self.config
-            for p, tokens, k in wanted:
-                drafts = propose_ngram(tokens, k, c.prompt_lookup_min, c.prompt_lookup_max)
+            drafted = [(propose_ngram(tokens, k, c.prompt_lookup_min, c.prompt_lookup_max), None)
+                       for _, tokens, k in wanted]
+            for (p, _, _), (drafts, _) in zip(wanted, self._allowed(wanted, drafted)):
                 if drafts:
                     out.draft_token_ids[p.seq.seq_id] = drafts
             return
@@ -205,7 +248,9 @@ class Speculator:
             drafted = self.drafter.draft(runs, shared)
         else:
             drafted = self.drafter.draft(wanted, requests, shared)
-        for (p, _, _), (drafts, q) in zip(wanted, drafted):
+        for (p, _, _), (drafts, q) in zip(wanted, self._allowed(wanted, drafted)):
+            if not drafts:
+                continue
             sid = p.seq.seq_id
             out.draft_token_ids[sid] = drafts
             state = self.seqs[sid]
@@ -224,10 +269,19 @@ class Speculator:
         self._skip = min(2 ** self._probes, MAX_PROBE_INTERVAL)
         return False
 
+    def _allowed(self, wanted, drafted):
+        """Drafts cut before the first token a mask (a grammar) refuses after the tokens so far."""
+        if not self.runner.masks:
+            return drafted
+        seqs = [p.seq for p, _, _ in wanted]
+        keep = [len(d) for d, _ in drafted]
+        for m in self.runner.masks:
+            keep = [min(a, b) for a, b in zip(keep, m.allowed_prefix(seqs, [d[:n] for (d, _), n in zip(drafted, keep)]))]
+        return [(d[:n], None if q is None or n == 0 else q[:n]) for (d, q), n in zip(drafted, keep)]
+
     def _claimed(self, seq) -> bool:
-        """Another component draws or constrains this sequence's tokens: no drafts for it."""
-        return any(m.claims(seq) for m in self.runner.masks) or \
-            any(m.claims(seq) for m in self.runner.second_models)
+        """Another model draws this sequence's tokens (optimal sampling): no drafts for it."""
+        return any(m.claims(seq) for m in self.runner.second_models)
 
     def close(self) -> None:
         pass
