@@ -271,6 +271,26 @@ def test_seeded_sampling_is_reproducible(tiny_model_dir):
     assert a == b
 
 
+def test_speculation_turns_off_in_steps_of_the_default_batch_size(tiny_model_dir):
+    """By default no drafts in a step of 8 sequences or more (a verified position costs about a
+    decode row once a step is compute-bound); disable_by_batch_size moves the limit."""
+    from sarathi.spec_decode.config import DEFAULT_DISABLE_BY_BATCH_SIZE
+
+    assert parse_speculative_config(EARLY_EXIT).disable_by_batch_size == DEFAULT_DISABLE_BY_BATCH_SIZE == 8
+    prompts = REPEATING * 3   # nine sequences, admitted in one step, all finishing together
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = _run(_llm(tiny_model_dir), prompts, params)
+    loaded = _llm(tiny_model_dir, EARLY_EXIT, max_prefills_per_step=0)
+    assert _run(loaded, prompts, params) == want
+    assert loaded.engine.get_stats()["spec_decode_num_drafts_total"] == 0
+    assert _run(loaded, prompts[:2], params) == want[:2]
+    assert loaded.engine.get_stats()["spec_decode_num_drafts_total"] > 0
+    always = _llm(tiny_model_dir, json.dumps({**json.loads(EARLY_EXIT), "disable_by_batch_size": 64}),
+                  max_prefills_per_step=0)
+    assert _run(always, prompts, params) == want
+    assert always.engine.get_stats()["spec_decode_num_drafts_total"] > 0
+
+
 def test_optimal_sampling_with_speculation_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="optimal"):
         _llm(tiny_model_dir, NGRAM, optimal_sampling_target=str(tiny_model_dir))

@@ -276,7 +276,8 @@ class Speculator:
         seqs = [p.seq for p, _, _ in wanted]
         keep = [len(d) for d, _ in drafted]
         for m in self.runner.masks:
-            keep = [min(a, b) for a, b in zip(keep, m.allowed_prefix(seqs, [d[:n] for (d, _), n in zip(drafted, keep)]))]
+            allowed = m.allowed_prefix(seqs, [d[:n] for (d, _), n in zip(drafted, keep)])
+            keep = [min(a, b) for a, b in zip(keep, allowed)]
         return [(d[:n], None if q is None or n == 0 else q[:n]) for (d, q), n in zip(drafted, keep)]
 
     def _claimed(self, seq) -> bool:

@@ -4,8 +4,9 @@ A backend compiles a request's `StructuredOutputsParams` against the served toke
 vocabulary (the bytes each token id stands for, an AdaptiVocab n-token's being its base
 tokens' bytes joined), makes a matcher per sequence, fills the allowed-token bitmask of many
 matchers in one call (int32 words, bit k of word w = token 32 w + k; the sampler applies it),
-advances many matchers in one call and rolls them back (speculative decoding's drafts). llguidance (guidance) uses the same bitmask layout and
-would be a second class with the same methods.
+advances many matchers in one call and rolls them back (speculative decoding's drafts).
+llguidance (guidance) uses the same bitmask layout and would be a second class with the same
+methods.
 """
 from __future__ import annotations
 
