@@ -334,6 +334,19 @@ def test_draft_model_greedy_equal(tiny_model_dir, tmp_path, smollm2_dir):
                                                                          ignore_eos=True))
 
 
+def test_draft_model_keeps_its_own_weight_format(tiny_model_dir):
+    """A float target (--quantization none) with a GGUF draft: the draft stays in its Q4_1 blocks."""
+    from sarathi.model_executor.model_loader import _embedded_smollm2
+
+    # (a small KV budget: the 30-layer draft mirrors it at its own size)
+    llm = _llm(tiny_model_dir, _draft(_embedded_smollm2()), quantization="none", kv_cache_memory="16MiB",
+               max_model_len=256)
+    assert "Q4_1" in llm.engine.runner.proposer.drafter.runner.formats
+    assert "Q4_1" not in llm.engine.runner.formats
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert _run(llm, OPEN, params) == _run(_llm(tiny_model_dir, quantization="none"), OPEN, params)
+
+
 def test_metrics_expose_the_spec_decode_counters(tiny_model_dir):
     from sarathi.entrypoints.openai.metrics import ServerMetrics
 
