@@ -19,6 +19,7 @@ ones wait their turn, and a timed-out spec is remembered as failed).
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import os
 import threading
@@ -200,7 +201,7 @@ class StructuredOutputManager:
         what it allows after drafts[i][:j]. One batched fill per position: the matchers advance
         through the drafts, then roll back, so they hold what they held before."""
         counts = [1 + len(d) for d in drafts] if drafts is not None else [1] * len(seqs)
-        starts = [sum(counts[:i]) for i in range(len(seqs))]
+        starts = [0, *itertools.accumulate(counts)][:len(seqs)]
         constrained = [i for i, s in enumerate(seqs) if s.params.structured_outputs is not None]
         if not constrained:
             return None
