@@ -335,7 +335,8 @@ def test_draft_model_greedy_equal(tiny_model_dir, tmp_path, smollm2_dir):
 
 
 def test_draft_model_keeps_its_own_weight_format(tiny_model_dir):
-    """A float target (--quantization none) with a GGUF draft: the draft stays in its Q4_1 blocks."""
+    """A float target (--quantization none) with a GGUF draft: the draft stays in its Q4_1 blocks;
+    a draft whose pass costs more than the target's is gated off."""
     from sarathi.model_executor.model_loader import _embedded_smollm2
 
     # (a small KV budget: the 30-layer draft mirrors it at its own size)
@@ -345,6 +346,10 @@ def test_draft_model_keeps_its_own_weight_format(tiny_model_dir):
     assert "Q4_1" not in llm.engine.runner.formats
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     assert _run(llm, OPEN, params) == _run(_llm(tiny_model_dir, quantization="none"), OPEN, params)
+    # a 30-layer draft for a 2-layer target costs 15 target passes a position: no acceptance
+    # rate pays for it, so it never drafts (no probes either)
+    assert llm.engine.runner.proposer.cost == 15.0
+    assert llm.engine.get_stats()["spec_decode_num_drafts_total"] == 0
 
 
 def test_metrics_expose_the_spec_decode_counters(tiny_model_dir):

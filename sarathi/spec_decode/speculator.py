@@ -69,7 +69,11 @@ class Speculator:
         if isinstance(self.drafter, EarlyExitDrafter):
             return self.drafter.num_layers / self.runner.model.args.num_layers
         if self.drafter is not None:
-            return self.drafter.runner.weight_bytes() / max(self.runner.weight_bytes(), 1)
+            # a pass costs its weight bytes or, for a small model on a CPU, its per-layer
+            # overhead: a Q4_1 draft of a 30-layer target with 30 layers costs about a target pass
+            draft, target = self.drafter.runner, self.runner
+            return max(draft.weight_bytes() / max(target.weight_bytes(), 1),
+                       draft.model.args.num_layers / target.model.args.num_layers)
         return 0.0
 
     @property
@@ -258,10 +262,14 @@ class Speculator:
 
     def _gated(self) -> bool:
         """A model drafter whose acceptance rate does not cover its cost drafts only in probe
-        steps, 2, 4 ... MAX_PROBE_INTERVAL steps apart, to notice when the text turns easy."""
+        steps, 2, 4 ... MAX_PROBE_INTERVAL steps apart, to notice when the text turns easy; not
+        even those when a drafted position costs a whole target pass (no rate can pay for it,
+        and a probe costs the draft's catching up on the tokens it has not seen)."""
         if self.drafter is None or self.rate >= self.cost:
             self._probes = self._skip = 0
             return False
+        if self.cost >= 1.0:
+            return True
         if self._skip > 0:
             self._skip -= 1
             return True
