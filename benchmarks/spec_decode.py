@@ -14,6 +14,9 @@ cell. Writes benchmarks/results/spec_decode.json and .png.
 
     flock /tmp/sarathi-bench.lock .venv/bin/python benchmarks/spec_decode.py
     .venv/bin/python benchmarks/spec_decode.py --sweep-layers      # early_exit acceptance by L
+    .venv/bin/python benchmarks/spec_decode.py --step-cost         # decode step time by batch size
+    .venv/bin/python benchmarks/spec_decode.py --adaptivocab       # bytes per accepted draft, patched vs base
+    .venv/bin/python benchmarks/spec_decode.py --target T.gguf --methods off draft_model   # a draft model
 """
 from __future__ import annotations
 
@@ -92,18 +95,44 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.7])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, "draft_model"])
     ap.add_argument("--repeats", type=int, default=3, help="runs per method and cell, interleaved; the median counts")
     ap.add_argument("--sweep-layers", action="store_true", help="early_exit: acceptance and tok/s by exit layer")
-    ap.add_argument("--out", default=str(RESULTS / "spec_decode.json"))
+    ap.add_argument("--step-cost", action="store_true",
+                    help="decode step time by batch size, and the batch size where drafts stop paying")
+    ap.add_argument("--adaptivocab", action="store_true",
+                    help="ngram drafts with an AdaptiVocab patched tokenizer vs the base: bytes per accepted draft")
+    ap.add_argument("--target", default=None,
+                    help="serve this model instead of the embedded one; method draft_model drafts with the "
+                         "embedded SmolLM2 Q4_1 (see benchmarks/peers/spec_compare.py for the files)")
+    ap.add_argument("--quantization", default=None, help="the target's --quantization (e.g. none)")
+    ap.add_argument("--out", default=None, help="default: results/spec_decode.json (spec_decode_draft_model.json "
+                                                 "with --target)")
     args = ap.parse_args()
     engine_args = dict(kv_cache_memory="512MiB", max_model_len=2048)
+    if args.target:
+        engine_args.update(model=args.target)
+        from sarathi.model_executor.model_loader import _embedded_smollm2
+
+        METHODS["draft_model"] = json.dumps({"method": "draft_model", "model": str(_embedded_smollm2()),
+                                             "num_speculative_tokens": 3})
+    elif "draft_model" in args.methods:
+        ap.error("draft_model needs --target (the embedded model is the draft)")
+    if args.quantization:
+        engine_args.update(quantization=args.quantization)
+    args.out = args.out or str(RESULTS / ("spec_decode_draft_model.json" if args.target else "spec_decode.json"))
 
     if args.sweep_layers:
         sweep(engine_args, args)
         return
+    if args.step_cost:
+        step_cost(engine_args)
+        return
+    if args.adaptivocab:
+        adaptivocab(engine_args, args)
+        return
     # Every method is loaded once, then each cell runs the methods back to back, `--repeats`
-    # times in turn (off, ngram, early_exit, off, ...), and the median counts: on a shared
+    # times in turn (off, ngram, early_exit, then ngram, early_exit, off, ...), and the median counts: on a shared
     # machine the load drifts over minutes, and a method measured at another time than its
     # baseline measures the drift.
     llms = {m: LLM(speculative_config=METHODS[m], **engine_args) for m in args.methods}
@@ -117,8 +146,10 @@ def main() -> None:
             for c in args.concurrency:
                 batch = prompts * max(1, c // len(prompts)) if c > 1 else prompts
                 runs = {m: [] for m in llms}
-                for _ in range(args.repeats):
-                    for method, llm in llms.items():
+                order = list(llms.items())
+                for rep in range(args.repeats):
+                    # each repeat starts with the next method: no method always runs first (or last)
+                    for method, llm in order[rep % len(order):] + order[:rep % len(order)]:
                         before = llm.engine.get_stats()
                         tps, tokens, elapsed = run(llm, batch, c, temperature, args.max_tokens)
                         after = llm.engine.get_stats()
@@ -150,13 +181,14 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"max_tokens": args.max_tokens, "repeats": args.repeats, "engine_args": engine_args,
+                               "draft": "embedded SmolLM2-135M-Instruct Q4_1" if args.target else None,
                                "methods": {k: v for k, v in METHODS.items() if k in args.methods},
                                "results": results}, indent=2))
-    plot(results, out.with_suffix(".png"))
+    plot(results, out.with_suffix(".png"), Path(args.target).name if args.target else "SmolLM2-135M Q4_1")
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
-def plot(results, path: Path) -> None:
+def plot(results, path: Path, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,7 +206,7 @@ def plot(results, path: Path) -> None:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
     ax.set_xticklabels([f"{w}\nT={t} c={c}" for w, t, c in keys], fontsize=7)
     ax.set_ylabel("output tok/s vs off")
-    ax.set_title("Speculative decoding, SmolLM2-135M Q4_1, CPU")
+    ax.set_title(f"Speculative decoding, {model}, CPU")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -197,6 +229,112 @@ def sweep(engine_args, args) -> None:
         llm.engine.close()
     out = RESULTS / "spec_decode_layers.json"
     out.write_text(json.dumps(rows, indent=2))
+    print(f"wrote {out}")
+
+
+def adaptivocab(engine_args, args, num_new_tokens=1000) -> None:
+    """How many bytes an accepted draft token covers with an AdaptiVocab patched tokenizer
+    (n-tokens learnt from Python standard-library modules) against SmolLM2's own, with prompt
+    lookup drafts, greedy, one stream: each prompt asks to copy a held-out standard-library
+    code span. The patched model is SmolLM2 with the n-token rows initialised by `exp` and not
+    fine-tuned. A verifying step's tokens are its accepted drafts then the target's own token,
+    so the accepted drafts are read from each step's output delta."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from adaptivocab import PatchTokenizer
+    from adaptivocab.patch_model import patch_model
+    from adaptivocab_testutil import HELDOUT_MODULES, TRAIN_MODULES, stdlib_file
+    from sarathi.model_executor.model_loader import resolve_model_dir
+
+    work = HERE.parent / ".cache" / "spec-adaptivocab"
+    base = Path(resolve_model_dir("smollm2-135m-instruct"))
+    patched = work / f"patched-{num_new_tokens}"
+    if not (patched / "config.json").is_file():
+        tok = PatchTokenizer.build(str(base), [stdlib_file(n) for n in TRAIN_MODULES], num_new_tokens=num_new_tokens,
+                                   max_ngram=4, show_progress=False)
+        patch_model(base, tok, patched, init="exp")
+    spans = []
+    for name in HELDOUT_MODULES:
+        text = stdlib_file(name).read_text()
+        spans += ["def " + d.strip()[:400] for d in text.split("\ndef ")[1:3]]
+    texts = [f"Repeat this Python code exactly:\n\n{span}" for span in spans[:8]]
+    rows = []
+    for name, model in (("base", base), ("patched", patched)):
+        llm = LLM(**{**engine_args, "model": str(model)}, speculative_config=METHODS["ngram"])
+        engine, tok = llm.engine, llm.get_tokenizer()
+        prompts = chat_prompts(llm, texts)
+        params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+        accepted = accepted_bytes = tokens = out_bytes = steps = 0
+        t0 = time.perf_counter()
+        for i, prompt in enumerate(prompts):
+            engine.add_request(str(i), prompt, params)
+            seen = 0
+            while engine.has_unfinished_requests():
+                outs = engine.step()
+                if not outs:
+                    continue
+                ids = outs[0].outputs[0].token_ids
+                delta, seen = ids[seen:], len(ids)
+                if not delta:
+                    continue
+                steps += 1
+                if len(delta) > 1:
+                    accepted += len(delta) - 1
+                    accepted_bytes += len(tok.decode(delta[:-1]).encode())
+            tokens += seen
+            out_bytes += len(outs[0].outputs[0].text.encode())
+        elapsed = time.perf_counter() - t0
+        s = engine.get_stats()
+        drafted = s["spec_decode_num_draft_tokens_total"]
+        rows.append(dict(tokenizer=name, output_tokens=tokens, output_bytes=out_bytes,
+                         bytes_per_token=round(out_bytes / tokens, 3), accepted_drafts=accepted,
+                         bytes_per_accepted_draft=round(accepted_bytes / accepted, 3) if accepted else None,
+                         acceptance=round(s["spec_decode_num_accepted_tokens_total"] / drafted, 3) if drafted else None,
+                         tokens_per_step=round(tokens / steps, 3), output_bytes_per_s=round(out_bytes / elapsed, 1)))
+        print(json.dumps(rows[-1]), flush=True)
+        engine.close()
+    out = RESULTS / "spec_decode_adaptivocab.json"
+    out.write_text(json.dumps(dict(num_new_tokens=num_new_tokens, method=METHODS["ngram"], max_tokens=args.max_tokens,
+                                   engine_args=engine_args, rows=rows), indent=2))
+    print(f"wrote {out}")
+
+
+def step_cost(engine_args, batch_sizes=(1, 2, 4, 8, 16, 24, 32), steps=12) -> None:
+    """The median time of a decode-only step of B sequences (speculation off), fitted as
+    fixed + per_row * B. A speculating step of B sequences with k drafts each verifies B (1 + k)
+    rows and yields B (1 + a k) tokens at acceptance a, so it pays while
+    (1 + a k) (fixed + per_row B) > fixed + per_row B (1 + k), i.e. below the break-even batch
+    B* = a fixed / (per_row (1 - a)) (independent of k). The default disable_by_batch_size
+    comes from this (sarathi/spec_decode/config.py)."""
+    llm = LLM(**engine_args, max_prefills_per_step=0)   # every prompt in the first steps: all B decode together
+    engine = llm.engine
+    prompt = chat_prompts(llm, OPEN[:1])[0]
+    rows = []
+    for b in batch_sizes:
+        params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+        for i in range(b):
+            engine.add_request(f"{b}-{i}", prompt, params)
+        times, started = [], False
+        while engine.has_unfinished_requests():
+            t0 = time.perf_counter()
+            outs = engine.step()
+            dt = time.perf_counter() - t0
+            if started and len(outs) == b:
+                times.append(dt)
+            started = started or (len(outs) == b and all(len(o.outputs[0].token_ids) >= 1 for o in outs))
+        times.sort()
+        rows.append(dict(batch=b, step_ms=round(1000 * times[len(times) // 2], 2), steps=len(times)))
+        print(json.dumps(rows[-1]), flush=True)
+    engine.close()
+    n = len(rows)
+    mx = sum(r["batch"] for r in rows) / n
+    my = sum(r["step_ms"] for r in rows) / n
+    per_row = sum((r["batch"] - mx) * (r["step_ms"] - my) for r in rows) / sum((r["batch"] - mx) ** 2 for r in rows)
+    fixed = my - per_row * mx
+    breakeven = {f"{a:.2f}": round(a * fixed / (per_row * (1 - a)), 1) for a in (0.1, 0.25, 0.44, 0.6, 0.74)}
+    print(f"fixed {fixed:.2f} ms + {per_row:.3f} ms per row; break-even batch by acceptance: {breakeven}")
+    out = RESULTS / "spec_decode_step_cost.json"
+    out.write_text(json.dumps(dict(rows=rows, fixed_ms=round(fixed, 3), per_row_ms=round(per_row, 4),
+                                   breakeven_batch_by_acceptance=breakeven), indent=2))
     print(f"wrote {out}")
 
 

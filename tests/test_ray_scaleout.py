@@ -253,6 +253,22 @@ def test_optimal_sampling_gives_the_same_text_and_alphas_on_either_replica(ray_l
         run(c.shutdown())
 
 
+def test_speculative_replicas_give_one_engines_greedy_text(ray_local, tiny_model_dir):
+    """--speculative-config reaches every replica: each drafts (early exit after layer 1) and
+    verifies, and the text is what one engine without speculation writes."""
+    spec = '{"method": "early_exit", "num_speculative_tokens": 3, "num_early_exit_layers": 1}'
+    c = make_client(tiny_model_dir, speculative_config=spec)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+        outs = run(many(c, PROMPTS, params, "spec"))
+        assert min(routed(c)) >= 2, routed(c)
+        want = LLM(model=str(tiny_model_dir), **ENGINE_ARGS).generate(PROMPTS, params)
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in want]
+        assert all(_replica_stats(c, i)["spec_decode_num_drafts_total"] > 0 for i in range(2))
+    finally:
+        run(c.shutdown())
+
+
 async def many_lora(client, prompts, params, lora):
     async def one(i, p):
         final = None

@@ -271,6 +271,26 @@ def test_seeded_sampling_is_reproducible(tiny_model_dir):
     assert a == b
 
 
+def test_speculation_turns_off_in_steps_of_the_default_batch_size(tiny_model_dir):
+    """By default no drafts in a step of 8 sequences or more (a verified position costs about a
+    decode row once a step is compute-bound); disable_by_batch_size moves the limit."""
+    from sarathi.spec_decode.config import DEFAULT_DISABLE_BY_BATCH_SIZE
+
+    assert parse_speculative_config(EARLY_EXIT).disable_by_batch_size == DEFAULT_DISABLE_BY_BATCH_SIZE == 8
+    prompts = REPEATING * 3   # nine sequences, admitted in one step, all finishing together
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = _run(_llm(tiny_model_dir), prompts, params)
+    loaded = _llm(tiny_model_dir, EARLY_EXIT, max_prefills_per_step=0)
+    assert _run(loaded, prompts, params) == want
+    assert loaded.engine.get_stats()["spec_decode_num_drafts_total"] == 0
+    assert _run(loaded, prompts[:2], params) == want[:2]
+    assert loaded.engine.get_stats()["spec_decode_num_drafts_total"] > 0
+    always = _llm(tiny_model_dir, json.dumps({**json.loads(EARLY_EXIT), "disable_by_batch_size": 64}),
+                  max_prefills_per_step=0)
+    assert _run(always, prompts, params) == want
+    assert always.engine.get_stats()["spec_decode_num_drafts_total"] > 0
+
+
 def test_optimal_sampling_with_speculation_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="optimal"):
         _llm(tiny_model_dir, NGRAM, optimal_sampling_target=str(tiny_model_dir))
@@ -314,13 +334,22 @@ def test_draft_model_greedy_equal(tiny_model_dir, tmp_path, smollm2_dir):
                                                                          ignore_eos=True))
 
 
-def test_structured_output_requests_run_without_drafts(tiny_model_dir):
-    from sarathi.sampling_params import StructuredOutputsParams
+def test_draft_model_keeps_its_own_weight_format(tiny_model_dir):
+    """A float target (--quantization none) with a GGUF draft: the draft stays in its Q4_1 blocks;
+    a draft whose pass costs more than the target's is gated off."""
+    from sarathi.model_executor.model_loader import _embedded_smollm2
 
-    llm = _llm(tiny_model_dir, NGRAM)
-    params = SamplingParams(temperature=0, max_tokens=8, structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
-    out = llm.generate(["answer: "], params)[0].outputs[0]
-    assert out.text in ("yes", "no")
+    # (a small KV budget: the 30-layer draft mirrors it at its own size)
+    llm = _llm(tiny_model_dir, _draft(_embedded_smollm2()), quantization="none", kv_cache_memory="16MiB",
+               max_model_len=256)
+    assert "Q4_1" in llm.engine.runner.proposer.drafter.runner.formats
+    assert "Q4_1" not in llm.engine.runner.formats
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert _run(llm, OPEN, params) == _run(_llm(tiny_model_dir, quantization="none"), OPEN, params)
+    # a 30-layer draft for a 2-layer target costs 15 target passes a position: no acceptance
+    # rate pays for it, so it never drafts (no probes either)
+    assert llm.engine.runner.proposer.cost == 15.0
+    assert llm.engine.get_stats()["spec_decode_num_drafts_total"] == 0
 
 
 def test_metrics_expose_the_spec_decode_counters(tiny_model_dir):

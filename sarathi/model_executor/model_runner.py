@@ -124,9 +124,15 @@ class LogitsMask(Protocol):
     def claims(self, seq) -> bool:
         """This component constrains the sequence."""
 
-    def bitmask(self, seqs: Sequence[Any]) -> Optional[Tuple[torch.Tensor, List[int]]]:
+    def bitmask(self, seqs: Sequence[Any], drafts: Optional[Sequence[Sequence[int]]] = None
+                ) -> Optional[Tuple[torch.Tensor, List[int]]]:
         """What the sequences it claims may sample next: an int32 bitmask (bit k of word w allows
-        token 32 w + k) whose row i belongs to seqs[i], and the rows it filled (None: none)."""
+        token 32 w + k) whose row i belongs to seqs[i], and the rows it filled (None: none). With
+        drafts (speculative decoding) seqs[i] has 1 + len(drafts[i]) rows in turn, row j for the
+        position after drafts[i][:j]."""
+
+    def allowed_prefix(self, seqs: Sequence[Any], drafts: Sequence[Sequence[int]]) -> List[int]:
+        """How many leading tokens of drafts[i] the sequence may be verified with (len: all)."""
 
     def accept(self, seqs: Sequence[Any], tokens: Sequence[int]) -> Dict[int, str]:
         """The tokens drawn (tokens[i] for seqs[i]); returns {seq_id: why} for rows that failed."""

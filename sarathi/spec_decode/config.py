@@ -9,6 +9,12 @@ METHODS = ("ngram", "early_exit", "draft_model")
 KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model",
         "disable_by_batch_size", "num_early_exit_layers")
 MAX_SPECULATIVE_TOKENS = 16
+# No drafts in a step of this many sequences or more unless the config says otherwise. On a CPU
+# a step costs a fixed part plus a part per row (measured on the embedded model: 8.9 ms + 1.5 ms
+# per row), and a verified position is a row: drafts at acceptance a pay only below the batch
+# a * fixed / (per_row * (1 - a)), about 5 at prompt lookup's 44 % on open-ended text, 9 at 60 %,
+# 17 at 74 % on copying text (benchmarks/spec_decode.py --step-cost; docs/speculative-decoding.md).
+DEFAULT_DISABLE_BY_BATCH_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
     model: Optional[str] = None
-    disable_by_batch_size: Optional[int] = None
+    disable_by_batch_size: int = DEFAULT_DISABLE_BY_BATCH_SIZE
     num_early_exit_layers: Optional[int] = None   # None: the default measured for the model (early_exit.py)
 
     def to_json(self) -> str:
@@ -80,4 +86,5 @@ def parse_speculative_config(value: Any) -> Optional[SpeculativeConfig]:
     if layers is not None and method != "early_exit":
         raise ValueError("--speculative-config: num_early_exit_layers is early_exit's key")
     disable = _int(value, "disable_by_batch_size", 1)
-    return SpeculativeConfig(method, k if k is not None else 3, lo or 1, hi or 4, model, disable, layers)
+    return SpeculativeConfig(method, k if k is not None else 3, lo or 1, hi or 4, model,
+                             disable if disable is not None else DEFAULT_DISABLE_BY_BATCH_SIZE, layers)

@@ -33,8 +33,10 @@ def load_draft_model(config, runner: ModelRunner, tokenizer, model: str) -> "Dra
                          "served model; drafts must be token ids of the same vocabulary")
     args = model_args(load_hf_config(draft_dir))
     spec = runner.mirror_kv_spec(args.num_layers, args.num_kv_heads, args.head_dim)
+    # the draft is loaded as its checkpoint is (GGUF blocks stay blocks), whatever --quantization
+    # the served model was given: a float target with a quantized draft is the usual pairing
     dconfig = config.replace(model=model, enable_lora=False, lora_modules=None, optimal_sampling_target=None,
-                             speculative_config=None)
+                             speculative_config=None, quantization="auto")
     draft_runner = ModelRunner(dconfig, draft_dir, max_model_len=runner.max_model_len, kv_spec=spec)
     if draft_runner.vocab_size != runner.vocab_size:
         raise ValueError(f"--speculative-config: the draft model has {draft_runner.vocab_size} logits, the served "

@@ -10,16 +10,17 @@ the token is drawn from norm(max(p - q, 0)); when all k are kept, one more is dr
 at position k + 1. The tokens are then distributed exactly as plain sampling from p. A
 proposer without a distribution (n-gram lookup) proposes one token for sure: q is one-hot,
 so d is kept with probability p(d), and on rejection the token comes from p without d.
+A grammar's mask (structured outputs) restricts p at every position and q likewise.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from sarathi.model_executor.sampler import (SampleRequest, SampleResult, describe, draw, processed_logits,
-                                            sampling_probs)
+from sarathi.model_executor.sampler import (SampleRequest, SampleResult, apply_token_bitmask, describe, draw,
+                                            processed_logits, sampling_probs)
 
 
 @dataclass
@@ -34,9 +35,15 @@ class Verification:
     requests: List[SampleRequest]
 
 
-def verify(items: List[Verification], shared: torch.Generator) -> List[List[SampleResult]]:
-    """The tokens each sequence keeps (1 to k + 1), with the target's logprobs."""
+def verify(items: List[Verification], shared: torch.Generator,
+           bitmasks: Sequence[Tuple[torch.Tensor, List[int]]] = ()) -> List[List[SampleResult]]:
+    """The tokens each sequence keeps (1 to k + 1), with the target's logprobs. bitmasks: what
+    grammars allow at each position (rows of the items' 1 + k rows laid end to end), applied
+    to the target's logits as plain sampling applies them, and to the draft distributions."""
     raw = torch.cat([v.logits for v in items])
+    for bitmask, rows in bitmasks:
+        apply_token_bitmask(raw, bitmask, rows)
+        _restrict_drafts(items, bitmask, rows)
     reqs = [r for v in items for r in v.requests]
     processed = processed_logits(raw, reqs)
     greedy = processed.argmax(dim=-1).tolist()
@@ -57,6 +64,21 @@ def verify(items: List[Verification], shared: torch.Generator) -> List[List[Samp
         out.append(describe(raw[rows], kept, [reqs[i] for i in rows]))
         offset += n
     return out
+
+
+def _restrict_drafts(items: List[Verification], bitmask: torch.Tensor, rows: Sequence[int]) -> None:
+    """q restricted to what the grammar allows, renormalised. A draft the grammar refuses is
+    cut before verification (StructuredOutputManager.allowed_prefix), so a kept draft is
+    distributed as q given that it is allowed: rejection sampling against that q is exact."""
+    masked, offset = set(rows), 0
+    for v in items:
+        k = len(v.drafts)
+        local = [j for j in range(k) if offset + j in masked]
+        if v.draft_probs is not None and local:
+            logq = v.draft_probs.log()
+            apply_token_bitmask(logq, bitmask[offset:offset + k], local)
+            v.draft_probs = logq.softmax(dim=-1)
+        offset += k + 1
 
 
 def _greedy(targets: List[int], drafts: List[int]) -> List[int]:

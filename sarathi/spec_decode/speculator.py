@@ -12,7 +12,7 @@ import torch
 
 from sarathi.core.sequence import Binding
 from sarathi.model_executor.model_runner import InputBatch, ModelRunner, ModelRunnerOutput, SeqPlan
-from sarathi.model_executor.sampler import SampleRequest
+from sarathi.model_executor.sampler import SampleRequest, SampleResult
 from sarathi.spec_decode.config import SpeculativeConfig
 from sarathi.spec_decode.draft_model import DraftModel
 from sarathi.spec_decode.drafting import DraftRun
@@ -69,7 +69,11 @@ class Speculator:
         if isinstance(self.drafter, EarlyExitDrafter):
             return self.drafter.num_layers / self.runner.model.args.num_layers
         if self.drafter is not None:
-            return self.drafter.runner.weight_bytes() / max(self.runner.weight_bytes(), 1)
+            # a pass costs its weight bytes or, for a small model on a CPU, its per-layer
+            # overhead: a Q4_1 draft of a 30-layer target with 30 layers costs about a target pass
+            draft, target = self.drafter.runner, self.runner
+            return max(draft.weight_bytes() / max(target.weight_bytes(), 1),
+                       draft.model.args.num_layers / target.model.args.num_layers)
         return 0.0
 
     @property
@@ -120,8 +124,15 @@ class Speculator:
                 q = state.draft_probs[:len(p.draft_token_ids)]
             reqs = [self._request(p, p.draft_token_ids[:j]) for j in range(len(p.draft_token_ids) + 1)]
             items.append(Verification(rows[p], p.draft_token_ids, q, reqs))
+        plan, items, bitmasks = self._grammar_masks(plan, items, out)
+        if not plan:
+            return
         step_drafted = step_accepted = 0
-        for p, kept in zip(plan, verify(items, batch.shared)):
+        verified = verify(items, batch.shared, bitmasks)
+        self._advance_grammars(plan, verified, out)
+        for p, kept in zip(plan, verified):
+            if p.seq.seq_id in out.failed:
+                continue
             sid, k = p.seq.seq_id, len(p.draft_token_ids)
             out.samples[sid], out.verified[sid] = kept[0], kept[1:]
             accepted = len(kept) - 1
@@ -138,6 +149,41 @@ class Speculator:
         if time.monotonic() - self._logged_at >= LOG_INTERVAL_S:
             self._logged_at = time.monotonic()
             logger.info(self.summary())
+
+    def _grammar_masks(self, plan: List[SeqPlan], items: List[Verification], out: ModelRunnerOutput):
+        """Each mask's bitmask over the 1 + k positions of every row (as plain sampling masks one);
+        a mask that fails fails the sequences it constrains, the rest verify."""
+        bitmasks = []
+        for m in self.runner.masks:
+            try:
+                allowed = m.bitmask([p.seq for p in plan], [p.draft_token_ids for p in plan])
+                if allowed is not None:
+                    bitmasks.append(allowed)
+            except Exception as e:  # noqa: BLE001
+                logger.exception("logits mask failed on drafts")
+                keep = [i for i, p in enumerate(plan) if not m.claims(p.seq)]
+                for p in plan:
+                    if m.claims(p.seq):
+                        out.failed[p.seq.seq_id] = f"{type(e).__name__}: {e}"
+                if len(keep) < len(plan):   # row numbers change: masks so far are redone
+                    plan, items = [plan[i] for i in keep], [items[i] for i in keep]
+                    return self._grammar_masks(plan, items, out) if plan else ([], [], [])
+        return plan, items, bitmasks
+
+    def _advance_grammars(self, plan: List[SeqPlan], verified: List[List[SampleResult]],
+                          out: ModelRunnerOutput) -> None:
+        """The masks learn the kept tokens, a position at a time for all rows."""
+        seqs = [p.seq for p in plan]
+        for j in range(max((len(kept) for kept in verified), default=0)):
+            at = [n for n, kept in enumerate(verified) if len(kept) > j and seqs[n].seq_id not in out.failed]
+            for m in self.runner.masks:
+                try:
+                    refused = m.accept([seqs[n] for n in at], [verified[n][j].token_id for n in at])
+                except Exception as e:  # noqa: BLE001
+                    logger.exception("logits mask failed to take the verified tokens")
+                    refused = {seqs[n].seq_id: f"{type(e).__name__}: {e}" for n in at if m.claims(seqs[n])}
+                for sid, why in refused.items():
+                    out.failed[sid] = why
 
     def summary(self) -> str:
         rate = self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
@@ -187,8 +233,9 @@ class Speculator:
             return
         if self.drafter is None:
             c = self.config
-            for p, tokens, k in wanted:
-                drafts = propose_ngram(tokens, k, c.prompt_lookup_min, c.prompt_lookup_max)
+            drafted = [(propose_ngram(tokens, k, c.prompt_lookup_min, c.prompt_lookup_max), None)
+                       for _, tokens, k in wanted]
+            for (p, _, _), (drafts, _) in zip(wanted, self._allowed(wanted, drafted)):
                 if drafts:
                     out.draft_token_ids[p.seq.seq_id] = drafts
             return
@@ -205,7 +252,9 @@ class Speculator:
             drafted = self.drafter.draft(runs, shared)
         else:
             drafted = self.drafter.draft(wanted, requests, shared)
-        for (p, _, _), (drafts, q) in zip(wanted, drafted):
+        for (p, _, _), (drafts, q) in zip(wanted, self._allowed(wanted, drafted)):
+            if not drafts:
+                continue
             sid = p.seq.seq_id
             out.draft_token_ids[sid] = drafts
             state = self.seqs[sid]
@@ -213,10 +262,14 @@ class Speculator:
 
     def _gated(self) -> bool:
         """A model drafter whose acceptance rate does not cover its cost drafts only in probe
-        steps, 2, 4 ... MAX_PROBE_INTERVAL steps apart, to notice when the text turns easy."""
+        steps, 2, 4 ... MAX_PROBE_INTERVAL steps apart, to notice when the text turns easy; not
+        even those when a drafted position costs a whole target pass (no rate can pay for it,
+        and a probe costs the draft's catching up on the tokens it has not seen)."""
         if self.drafter is None or self.rate >= self.cost:
             self._probes = self._skip = 0
             return False
+        if self.cost >= 1.0:
+            return True
         if self._skip > 0:
             self._skip -= 1
             return True
@@ -224,10 +277,20 @@ class Speculator:
         self._skip = min(2 ** self._probes, MAX_PROBE_INTERVAL)
         return False
 
+    def _allowed(self, wanted, drafted):
+        """Drafts cut before the first token a mask (a grammar) refuses after the tokens so far."""
+        if not self.runner.masks:
+            return drafted
+        seqs = [p.seq for p, _, _ in wanted]
+        keep = [len(d) for d, _ in drafted]
+        for m in self.runner.masks:
+            allowed = m.allowed_prefix(seqs, [d[:n] for (d, _), n in zip(drafted, keep)])
+            keep = [min(a, b) for a, b in zip(keep, allowed)]
+        return [(d[:n], None if q is None or n == 0 else q[:n]) for (d, q), n in zip(drafted, keep)]
+
     def _claimed(self, seq) -> bool:
-        """Another component draws or constrains this sequence's tokens: no drafts for it."""
-        return any(m.claims(seq) for m in self.runner.masks) or \
-            any(m.claims(seq) for m in self.runner.second_models)
+        """Another model draws this sequence's tokens (optimal sampling): no drafts for it."""
+        return any(m.claims(seq) for m in self.runner.second_models)
 
     def close(self) -> None:
         pass

@@ -3,9 +3,10 @@
 A backend compiles a request's `StructuredOutputsParams` against the served tokenizer's real
 vocabulary (the bytes each token id stands for, an AdaptiVocab n-token's being its base
 tokens' bytes joined), makes a matcher per sequence, fills the allowed-token bitmask of many
-matchers in one call (int32 words, bit k of word w = token 32 w + k; the sampler applies it)
-and advances many matchers in one call. llguidance (guidance) uses the same bitmask layout and
-would be a second class with the same methods.
+matchers in one call (int32 words, bit k of word w = token 32 w + k; the sampler applies it),
+advances many matchers in one call and rolls them back (speculative decoding's drafts).
+llguidance (guidance) uses the same bitmask layout and would be a second class with the same
+methods.
 """
 from __future__ import annotations
 
@@ -49,6 +50,14 @@ class GrammarBackend:
         raise NotImplementedError
 
     def accept(self, matchers: Sequence[Any], tokens: Sequence[int]) -> List[bool]:
+        raise NotImplementedError
+
+    def rollback(self, matchers: Sequence[Any], counts: Sequence[int]) -> None:
+        """Undo the last counts[i] tokens matchers[i] accepted (speculative decoding's drafts)."""
+        raise NotImplementedError
+
+    def terminated(self, matchers: Sequence[Any]) -> List[bool]:
+        """Whether each matcher has accepted a stop token (nothing may follow)."""
         raise NotImplementedError
 
 
@@ -137,6 +146,13 @@ class XGrammarBackend(GrammarBackend):
 
     def accept(self, matchers: Sequence[Any], tokens: Sequence[int]) -> List[bool]:
         return list(self.xgr.BatchGrammarMatcher.batch_accept_token(list(matchers), list(tokens)))
+
+    def rollback(self, matchers: Sequence[Any], counts: Sequence[int]) -> None:
+        # unbounded in the pinned xgrammar (its Earley parser keeps every state; max_rollback_tokens is gone)
+        self.xgr.BatchGrammarMatcher.batch_rollback(list(matchers), list(counts))
+
+    def terminated(self, matchers: Sequence[Any]) -> List[bool]:
+        return [m.is_terminated() for m in matchers]
 
 
 def make_backend(name: str, tokenizer, vocab_size: int, stop_token_ids: Sequence[int],

@@ -8,7 +8,8 @@
 - a runner-side logits mask (`ModelRunner.masks`): in each step it fills one bitmask for every
   constrained row with one batched call (the sampler's pass applies it, natively, before the
   draw) and advances each sequence's matcher with the token it drew. A grammar allows
-  the end-of-sequence token only where it is complete.
+  the end-of-sequence token only where it is complete. With speculative decoding it also
+  says how much of a draft the grammar allows and fills a row per verified position.
 
 Compiled grammars are cached by the constraint's text (one manager per engine, so per
 tokenizer): a second request with the same schema pays nothing. A compile cannot be cancelled:
@@ -18,6 +19,7 @@ ones wait their turn, and a timed-out spec is remembered as failed).
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import os
 import threading
@@ -192,18 +194,70 @@ class StructuredOutputManager:
     def claims(self, seq) -> bool:
         return seq.params.structured_outputs is not None
 
-    def bitmask(self, seqs: Sequence[Any]) -> Optional[Tuple[torch.Tensor, List[int]]]:
-        """What each constrained row's grammar allows next (row i is seqs[i]), in one bitmask filled
-        by one batched call; the runner applies it in the sampler's pass."""
-        rows = [i for i, s in enumerate(seqs) if s.params.structured_outputs is not None]
-        if not rows:
+    def bitmask(self, seqs: Sequence[Any], drafts: Optional[Sequence[Sequence[int]]] = None
+                ) -> Optional[Tuple[torch.Tensor, List[int]]]:
+        """What each constrained row's grammar allows next, in one bitmask: row i is seqs[i]; with
+        drafts (speculative decoding), seqs[i] has 1 + len(drafts[i]) rows in turn, row j being
+        what it allows after drafts[i][:j]. One batched fill per position: the matchers advance
+        through the drafts, then roll back, so they hold what they held before."""
+        counts = [1 + len(d) for d in drafts] if drafts is not None else [1] * len(seqs)
+        starts = [0, *itertools.accumulate(counts)][:len(seqs)]
+        constrained = [i for i, s in enumerate(seqs) if s.params.structured_outputs is not None]
+        if not constrained:
             return None
         backend = self.backend()
-        matchers = [self._matcher(seqs[i]) for i in rows]
-        if self._bitmask is None or self._bitmask.shape[0] < len(seqs):
-            self._bitmask = backend.allocate_bitmask(max(len(seqs), 64))
-        backend.fill(matchers, self._bitmask, rows)
-        return self._bitmask, rows
+        matchers = [self._matcher(seqs[i]) for i in constrained]
+        total = starts[-1] + counts[-1]
+        if self._bitmask is None or self._bitmask.shape[0] < total:
+            self._bitmask = backend.allocate_bitmask(max(total, 64))
+        advanced = [0] * len(constrained)
+        try:
+            for j in range(max(counts[i] for i in constrained)):
+                live = [n for n, i in enumerate(constrained) if counts[i] > j]
+                if j > 0:
+                    ok = backend.accept([matchers[n] for n in live], [drafts[constrained[n]][j - 1] for n in live])
+                    for n, good in zip(live, ok):
+                        advanced[n] += good
+                    if not all(ok):   # drafts are checked when proposed (allowed_prefix)
+                        raise ValueError("a draft token is not allowed by the grammar")
+                backend.fill([matchers[n] for n in live], self._bitmask, [starts[constrained[n]] + j for n in live])
+        finally:
+            if any(advanced):
+                backend.rollback(matchers, advanced)
+        return self._bitmask, [starts[i] + j for i in constrained for j in range(counts[i])]
+
+    def allowed_prefix(self, seqs: Sequence[Any], drafts: Sequence[Sequence[int]]) -> List[int]:
+        """How many leading tokens of drafts[i] seqs[i]'s grammar allows: the draft stops before
+        the first token it refuses or that ends it (a stop token: nothing may be verified after
+        it). One batched accept per position, then the matchers roll back."""
+        keep = [len(d) for d in drafts]
+        constrained = [i for i, s in enumerate(seqs) if s.params.structured_outputs is not None and drafts[i]]
+        if not constrained:
+            return keep
+        backend = self.backend()
+        matchers = [self._matcher(seqs[i]) for i in constrained]
+        advanced = [0] * len(constrained)
+        live = list(range(len(constrained)))
+        for n in live:
+            keep[constrained[n]] = 0
+        try:
+            for j in range(max(len(drafts[i]) for i in constrained)):
+                live = [n for n in live if len(drafts[constrained[n]]) > j]
+                if not live:
+                    break
+                ok = backend.accept([matchers[n] for n in live], [drafts[constrained[n]][j] for n in live])
+                ended = backend.terminated([matchers[n] for n in live])
+                still = []
+                for n, good, end in zip(live, ok, ended):
+                    advanced[n] += good
+                    if good and not end:
+                        keep[constrained[n]] = j + 1
+                        still.append(n)
+                live = still
+        finally:
+            if any(advanced):
+                backend.rollback(matchers, advanced)
+        return keep
 
     def accept(self, seqs: Sequence[Any], tokens: Sequence[int]) -> Dict[int, str]:
         """Advance the constrained rows' matchers; {seq_id: why} for tokens a grammar refused."""
