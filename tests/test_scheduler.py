@@ -191,19 +191,27 @@ def _first_token_steps(max_prefills, prompts, chunk=512):
     sched = make_scheduler("sarathi", kv, 8, 4096, chunk, None, max_prefills=max_prefills)
     for i, n in enumerate(prompts):
         sched.add(_seq(i, n, 4, t=0.0))
-    first, finished, step, widest = {}, [], 0, 0
+    first, finished, steps = _run_to_end(sched, chunk, 1000)
+    assert len(finished) == len(prompts)
+    return first, max(len(prefills) for prefills, _ in steps)
+
+
+def _run_to_end(sched, budget, limit, arrive=lambda step: None):
+    """Run the scheduler to the end (`arrive(step)` may add requests before each step), checking
+    the token budget. Returns (step of each sequence's first sample, finished sequences,
+    per step: (request ids with a prefill chunk, seq ids decoding))."""
+    first, finished, steps = {}, [], []
     while sched.has_unfinished():
+        arrive(len(steps))
         out = sched.schedule()
-        assert out.num_prefill_tokens + out.num_decode_tokens <= max(chunk, out.num_decode_tokens)
-        widest = max(widest, len({p.seq.request_id for p in out.prefills}))
+        assert out.num_prefill_tokens + out.num_decode_tokens <= max(budget, out.num_decode_tokens)
+        steps.append(({p.seq.request_id for p in out.prefills}, {d.seq.seq_id for d in out.decodes}))
         for item in out.scheduled:
             if item.samples:
-                first.setdefault(item.seq.seq_id, step)
+                first.setdefault(item.seq.seq_id, len(steps) - 1)
         _run_step(sched, out, finished)
-        step += 1
-        assert step < 1000
-    assert len(finished) == len(prompts)
-    return first, widest
+        assert len(steps) < limit
+    return first, finished, steps
 
 
 def test_one_prompt_per_step_spreads_first_tokens():
@@ -237,19 +245,13 @@ def test_streams_decode_every_step_while_a_long_prompt_prefills():
     kv = KVManager(1024, 16, 16)
     sched = make_scheduler("sarathi", kv, 16, 8192, 64, None, max_prefills=1)
     sched.add(_seq(0, 2000, 4, t=0.0))
-    first, decoded, finished, step = {}, [], [], 0
-    while sched.has_unfinished():
+
+    def arrive(step):
         if 1 <= step // 3 <= 8 and step % 3 == 0:
             sched.add(_seq(step // 3, 20, 30, t=float(step)))
-        out = sched.schedule()
-        assert out.num_prefill_tokens + out.num_decode_tokens <= 64
-        decoded.append({d.seq.seq_id for d in out.decodes})
-        for item in out.scheduled:
-            if item.samples:
-                first.setdefault(item.seq.seq_id, step)
-        _run_step(sched, out, finished)
-        step += 1
-        assert step < 2000
+    # (at most 9 decodes a step: the budget bound is the 64 tokens)
+    first, finished, steps = _run_to_end(sched, 64, 2000, arrive)
+    decoded, step = [d for _, d in steps], len(steps)
     assert len(finished) == 9
     for i in range(1, 9):
         steps = [t for t in range(first[i] + 1, step) if i in decoded[t]]
