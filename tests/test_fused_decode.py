@@ -115,6 +115,7 @@ def test_fused_layer_matches_reference(name, fmt):
     assert all(layer._fused_layer() is not None for layer in model.layers), "fused path not taken"
     assert model.layers[0]._fused_layer().native_silu == (model.args.activation == "silu")
     assert model.layers[0]._fused_layer().norm_lanes
+    assert bool(model.layers[0]._fused_layer().head_norm_lanes) == model.args.qk_norm  # native per-head norms
     prompt = list(range(40, 80))  # longer than the sliding windows
     ref, fused = run_both(model, prompt, 8)
     assert torch.equal(fused, ref), (fused - ref).abs().max().item()
@@ -166,6 +167,21 @@ def test_fused_parts_give_torch_bits():
                         width)
             with torch.no_grad():
                 assert torch.equal(out, norm(x)), (width, unit)
+    # per-head norms over the q heads of a fused qkv row (Qwen3, Gemma 3): token stride != heads x D
+    for d in (64, 128, 256):
+        lanes = native_rms_norm_lanes(d)
+        qkv = torch.randn(3, 7 * d, generator=g) * 3
+        for unit in (False, True):
+            norm = RMSNorm(d, 1e-6, unit)
+            with torch.no_grad():
+                norm.weight.normal_(generator=g)
+                want = norm(qkv.view(3, 7, d)[:, 1:5])   # heads 1..4, a strided view as the reference takes it
+            out = torch.empty(3, 4, d)
+            _C.rms_norm_heads(qkv.data_ptr() + 4 * d, 3, 7 * d, 4, d, norm.weight.data_ptr(), 1e-6, unit, lanes,
+                              out.data_ptr())
+            assert torch.equal(out, want), (d, unit)
+    with pytest.raises(ValueError, match="bad sizes"):
+        _C.rms_norm_heads(qkv.data_ptr(), 3, 2 * d, 4, d, norm.weight.data_ptr(), 1e-6, False, 8, out.data_ptr())
 
 
 def test_fused_refuses_bad_arguments():

@@ -110,6 +110,23 @@ PYBIND11_MODULE(_C, m) {
         py::arg("unit_offset"), py::arg("lanes"), py::arg("out"), py::arg("ldo"),
         "out = torch.rms_norm(x, (K,), w, eps) with torch's CPU order of float operations (see qgemm.h).");
 
+  m.def("rms_norm_heads",
+        [](uintptr_t x, int64_t T, int64_t st, int64_t H, int64_t D, uintptr_t w, float eps, bool unit_offset,
+           int lanes, uintptr_t out) {
+          if (T < 0 || H < 1 || D < 1 || st < H * D) throw std::invalid_argument("rms_norm_heads: bad sizes");
+          if (lanes != 8 && lanes != 16) throw std::invalid_argument("rms_norm_heads: lanes must be 8 or 16");
+          if (T == 0) return;
+          if (!x || !w || !out) throw std::invalid_argument("rms_norm_heads: null pointer");
+          py::gil_scoped_release nogil;
+          for (int64_t t = 0; t < T; ++t)
+            sqk::rms_norm_torch(ptr<const float>(x) + t * st, H, D, D, ptr<const float>(w), eps, unit_offset, lanes,
+                                ptr<float>(out) + t * H * D, D);
+        },
+        py::arg("x"), py::arg("T"), py::arg("st"), py::arg("H"), py::arg("D"), py::arg("w"), py::arg("eps"),
+        py::arg("unit_offset"), py::arg("lanes"), py::arg("out"),
+        "out [T][H][D] = rms_norm over each head of x [T][H][D] (token stride st, heads contiguous), the bits of "
+        "rms_norm above: the per-head q/k norms of Qwen3 and Gemma 3.");
+
   m.def("rope_inplace",
         [](uintptr_t x, int64_t T, int64_t H, int64_t st, int64_t sh, uintptr_t cos, uintptr_t sin, int64_t half) {
           if (T < 0 || H < 0 || half < 0 || st < 0 || sh < 0) throw std::invalid_argument("rope_inplace: bad sizes");

@@ -2,7 +2,8 @@
 
 The loop owns the LLMEngine: requests and aborts queued from the event loop are
 applied between steps, and each step runs in a worker thread so the event loop
-(HTTP handlers, streaming) stays responsive while the model computes.
+(HTTP handlers, streaming) stays responsive while the model computes. A step's outputs
+are delivered while the next step computes.
 """
 from __future__ import annotations
 
@@ -147,26 +148,45 @@ class AsyncLLMEngine:
             self._wakeup.set()
 
     async def _run_loop(self) -> None:
+        """Steps back to back: the next step starts as soon as one returns, and its outputs go
+        to their streams (SSE formatting and writes, on this event loop) while it computes, so
+        a token's delivery does not add to the time per output token. Requests, aborts and
+        admin calls are applied between two steps, when none is in flight."""
         loop = asyncio.get_running_loop()
-        while not self._stopping:
-            if not self._new and not self._aborts and not self._calls and not self.engine.has_pending_work():
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            if self._stopping:
-                return
-            self._apply_pending()
-            try:
-                outputs = await loop.run_in_executor(None, self.engine.step)
-            except Exception as e:  # noqa: BLE001 - the engine gave up (repeated step failures)
-                self._die(e)
-                return
-            for out in outputs:
-                q = self._streams.get(out.request_id)
-                if q is not None:
-                    q.put_nowait(out)
-            if self.engine.is_waiting():   # every request waits for its hold (a grammar compiling)
-                await asyncio.sleep(IDLE_POLL_S)
-            await asyncio.sleep(0)
+        step: Optional[asyncio.Future] = None
+        try:
+            while not self._stopping:
+                if step is None:
+                    if not self._new and not self._aborts and not self._calls and not self.engine.has_pending_work():
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
+                    if self._stopping:
+                        return
+                    self._apply_pending()
+                    step = loop.run_in_executor(None, self.engine.step)
+                try:
+                    outputs = await step
+                except Exception as e:  # noqa: BLE001 - the engine gave up (repeated step failures)
+                    step = None
+                    self._die(e)
+                    return
+                step = None
+                self._apply_pending()
+                if not self._stopping and not self.engine.is_waiting() and self.engine.has_pending_work():
+                    step = loop.run_in_executor(None, self.engine.step)
+                for out in outputs:
+                    q = self._streams.get(out.request_id)
+                    if q is not None:
+                        q.put_nowait(out)
+                if step is None and self.engine.is_waiting():  # every request waits for its hold (a grammar compiling)
+                    await asyncio.sleep(IDLE_POLL_S)
+                await asyncio.sleep(0)
+        finally:
+            if step is not None:   # stopping: the step in flight uses the KV cache until it returns
+                try:
+                    await step
+                except Exception:  # noqa: BLE001 - shutting down anyway
+                    pass
 
     def _die(self, error: BaseException) -> None:
         logger.error("engine loop stopped: %r", error)

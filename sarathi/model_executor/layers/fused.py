@@ -2,7 +2,8 @@
 eight calls instead of ~25 torch ops, with the same bits.
 
     qkv  = qlinear(rmsnorm(x))                 torch's RMSNorm (one op), the quantized kernel
-    q, k = rope(qkv) in place                  the float ops of apply_rope, natively
+    q, k = rope(qkv) in place                  the float ops of apply_rope, natively (after the per-head
+                                               q/k norms of Qwen3 / Gemma 3, natively too)
     out  = attend(q, k, v)                     the KV backend's kernel (stores K/V itself)
     x    = x + qlinear(out)                    the residual added to the kernel's output panels
     h    = qlinear(rmsnorm(x))                 gate and up in one matmul
@@ -58,6 +59,9 @@ class FusedLayer:
         self.norm_lanes = native_rms_norm_lanes(attn.qkv_proj.in_features) if all(
             n.weight.dtype == torch.float32 and n.weight.is_contiguous() for n in norms) else 0
         self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        # Qwen3 / Gemma 3: the per-head q/k norms natively where that gives torch's bits
+        self.head_norm_lanes = native_rms_norm_lanes(attn.head_dim) if attn.qk_norm and all(
+            n.weight.dtype == torch.float32 and n.weight.is_contiguous() for n in (attn.q_norm, attn.k_norm)) else 0
         self.q_size, self.kv_size = attn.q_size, attn.kv_size
         self.head_split = [attn.num_heads, attn.num_kv_heads, attn.num_kv_heads]
 
@@ -97,6 +101,14 @@ class FusedLayer:
                          self.norm_lanes, out.data_ptr(), k)
         return out
 
+    def _head_norm(self, norm, qkv: torch.Tensor, t: int, offset: int, heads: int) -> torch.Tensor:
+        """norm over each of `heads` heads starting at column `offset` of qkv -> a new [t, heads, D]."""
+        D = self.head_dim
+        out = qkv.new_empty(t, heads, D)
+        self._C.rms_norm_heads(qkv.data_ptr() + 4 * offset, t, qkv.stride(0), heads, D, norm.weight.data_ptr(),
+                               norm.eps, norm.unit_offset, self.head_norm_lanes, out.data_ptr())
+        return out
+
     @staticmethod
     def _norm(norm, x: torch.Tensor) -> torch.Tensor:
         # RMSNorm.forward's own float32 branch, without the module call.
@@ -120,7 +132,16 @@ class FusedLayer:
             x = x.contiguous()
         qkv = self._normed_linear(self.qkv, L.input_layernorm, x, threads)
         D = self.head_dim
-        if attn.qk_norm:
+        if attn.qk_norm and self.head_norm_lanes and t:
+            # per-head norms natively into q and k of their own, then RoPE in place on them
+            if not (cos.is_contiguous() and sin.is_contiguous()):
+                cos, sin = cos.contiguous(), sin.contiguous()
+            q = self._head_norm(attn.q_norm, qkv, t, 0, self.heads)
+            k = self._head_norm(attn.k_norm, qkv, t, self.q_size, self.kv_heads)
+            for x_, h_ in ((q, self.heads), (k, self.kv_heads)):
+                self._C.rope_inplace(x_.data_ptr(), t, h_, h_ * D, D, cos.data_ptr(), sin.data_ptr(), cos.shape[-1])
+            v = qkv[:, self.q_size + self.kv_size:].view(t, self.kv_heads, D)
+        elif attn.qk_norm:
             q, k, v = qkv.view(t, -1, D).split(self.head_split, dim=1)
             q, k = apply_rope(attn.q_norm(q), cos, sin), apply_rope(attn.k_norm(k), cos, sin)
         else:
