@@ -58,6 +58,12 @@ class FusedLayer:
             [layer.pre_feedforward_layernorm] if layer.sandwich else [])
         self.norm_lanes = native_rms_norm_lanes(attn.qkv_proj.in_features) if all(
             n.weight.dtype == torch.float32 and n.weight.is_contiguous() for n in norms) else 0
+        # the modules forward reads, as plain attributes (nn.Module's attribute lookup costs per call)
+        self.attn, self.qk_norm, self.sandwich = attn, attn.qk_norm, layer.sandwich
+        self.q_norm, self.k_norm = (attn.q_norm, attn.k_norm) if attn.qk_norm else (None, None)
+        self.norm_in, self.norm_post = layer.input_layernorm, layer.post_attention_layernorm
+        self.norm_pre_ff = layer.pre_feedforward_layernorm if layer.sandwich else None
+        self.norm_post_ff = layer.post_feedforward_layernorm if layer.sandwich else None
         self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         # Qwen3 / Gemma 3: the per-head q/k norms natively where that gives torch's bits
         self.head_norm_lanes = native_rms_norm_lanes(attn.head_dim) if attn.qk_norm and all(
@@ -125,25 +131,24 @@ class FusedLayer:
         return self._linear(self.down, mlp.act(gate) * up, residual=residual, threads=threads)
 
     def forward(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
-        L, threads = self.layer, native_threads()
-        attn = L.self_attn
+        threads = native_threads()
         t = x.shape[0]
         if not x.is_contiguous():
             x = x.contiguous()
-        qkv = self._normed_linear(self.qkv, L.input_layernorm, x, threads)
+        qkv = self._normed_linear(self.qkv, self.norm_in, x, threads)
         D = self.head_dim
-        if attn.qk_norm and self.head_norm_lanes and t:
+        if self.qk_norm and self.head_norm_lanes and t:
             # per-head norms natively into q and k of their own, then RoPE in place on them
             if not (cos.is_contiguous() and sin.is_contiguous()):
                 cos, sin = cos.contiguous(), sin.contiguous()
-            q = self._head_norm(attn.q_norm, qkv, t, 0, self.heads)
-            k = self._head_norm(attn.k_norm, qkv, t, self.q_size, self.kv_heads)
+            q = self._head_norm(self.q_norm, qkv, t, 0, self.heads)
+            k = self._head_norm(self.k_norm, qkv, t, self.q_size, self.kv_heads)
             for x_, h_ in ((q, self.heads), (k, self.kv_heads)):
                 self._C.rope_inplace(x_.data_ptr(), t, h_, h_ * D, D, cos.data_ptr(), sin.data_ptr(), cos.shape[-1])
             v = qkv[:, self.q_size + self.kv_size:].view(t, self.kv_heads, D)
-        elif attn.qk_norm:
+        elif self.qk_norm:
             q, k, v = qkv.view(t, -1, D).split(self.head_split, dim=1)
-            q, k = apply_rope(attn.q_norm(q), cos, sin), apply_rope(attn.k_norm(k), cos, sin)
+            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         else:
             if not (cos.is_contiguous() and sin.is_contiguous()):
                 cos, sin = cos.contiguous(), sin.contiguous()
@@ -151,14 +156,14 @@ class FusedLayer:
                                  sin.data_ptr(), cos.shape[-1])
             q, k, v = qkv.view(t, -1, D).split(self.head_split, dim=1)
         out = attend(layer, q, k, v).reshape(t, self.q_size)
-        if not L.sandwich:
+        if not self.sandwich:
             x = self._linear(self.o, out, residual=x, threads=threads)
-            h = self._normed_linear(self.gate_up, L.post_attention_layernorm, x, threads)
+            h = self._normed_linear(self.gate_up, self.norm_post, x, threads)
             return self._mlp(h, x, threads)
         # Gemma's sandwich: the norms after o and down natively, the one before gate_up inside its call.
-        x = x + self._norm_native(L.post_attention_layernorm, self._linear(self.o, out, threads=threads))
-        h = self._normed_linear(self.gate_up, L.pre_feedforward_layernorm, x, threads)
-        return x + self._norm_native(L.post_feedforward_layernorm, self._mlp(h, None, threads))
+        x = x + self._norm_native(self.norm_post, self._linear(self.o, out, threads=threads))
+        h = self._normed_linear(self.gate_up, self.norm_pre_ff, x, threads)
+        return x + self._norm_native(self.norm_post_ff, self._mlp(h, None, threads))
 
 
 @functools.lru_cache(maxsize=None)

@@ -200,9 +200,10 @@ class DecoderLM(nn.Module):
             x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
         dtype = self.embed_tokens.weight.dtype
         tables = [rope(positions, dtype) for rope in self._ropes]
-        for i, layer in enumerate(self.layers[:num_layers]):
+        layers = self.layers if num_layers is None else self.layers[:num_layers]
+        for i, layer in enumerate(layers):
             cos, sin = tables[self._layer_rope[i]]
-            x = layer(i, x, cos, sin, attend)
+            x = layer.forward(i, x, cos, sin, attend)   # no module hooks here: skip __call__'s per-call cost
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
