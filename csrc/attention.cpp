@@ -8,6 +8,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -30,6 +31,57 @@ inline float load(const uint16_t* p, int64_t i) {
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
+// IEEE half, kept as its bits: an element of an F16 K/V cache.
+struct Half {
+  uint16_t bits;
+};
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);  // inf, nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: man x 2^-24, normalised
+    exp = 113;
+    while (!(man & 0x400)) {
+      man <<= 1;
+      --exp;
+    }
+    bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Round to nearest even, as torch's Tensor.half() and F16C's vcvtps2ph.
+inline uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const uint32_t sign = (x >> 16) & 0x8000;
+  x &= 0x7fffffff;
+  if (x > 0x7f800000u) return uint16_t(sign | 0x7e00);  // nan
+  if (x >= 0x477ff000u) return uint16_t(sign | 0x7c00);  // >= 65520 (and inf): inf
+  if (x < 0x38800000u) {                                  // below 2^-14: subnormal or zero
+    if (x < 0x33000000u) return uint16_t(sign);           // <= 2^-25 rounds to zero
+    const uint32_t e = x >> 23, m = (x & 0x7fffff) | 0x800000, shift = 126 - e;
+    uint32_t r = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1), mid = 1u << (shift - 1);
+    if (rem > mid || (rem == mid && (r & 1))) ++r;
+    return uint16_t(sign | r);
+  }
+  uint32_t r = (x >> 13) - (112u << 10);
+  const uint32_t rem = x & 0x1fff;
+  if (rem > 0x1000 || (rem == 0x1000 && (r & 1))) ++r;  // a carry into the exponent is right
+  return uint16_t(sign | r);
+}
+
+inline float load(const Half* p, int64_t i) { return half_to_float(p[i].bits); }
+inline void store(Half* p, int64_t i, float v) { p[i].bits = float_to_half(v); }
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
 inline void store(uint16_t* p, int64_t i, float v) {
   uint32_t bits;
@@ -178,7 +230,7 @@ RowFn<T> row_kernel(int64_t head_dim) {
 // with a longer row's may take extra fma(0, v, acc) steps, which leave acc unchanged.
 #if defined(__GNUC__) && defined(__x86_64__)
 #define VATTN_BLOCKED 1
-#define VATTN_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+#define VATTN_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
 
 constexpr int64_t kMaxVectors = 64;  // query vectors (rows x heads of a group) per pass
 
@@ -186,6 +238,9 @@ VATTN_AVX2_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 VATTN_AVX2_INLINE __m256 load8(const uint16_t* p) {  // bf16 -> fp32
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+VATTN_AVX2_INLINE __m256 load8(const Half* p) {  // fp16 -> fp32 (exact)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 // A key of zeros: stands in for the keys past the last one when scoring four at a time.
@@ -260,7 +315,7 @@ VATTN_AVX2_INLINE void pv_block(const float* const* p, const T* v, int64_t strid
 // sees keys [0, n0 + r + 1) -- n0 = context_len + first row. q: [nv][D] fp32 pre-scaled;
 // out: [nv][D] fp32. Scratch: P [nv][kKeyBlock], acc [nv][D].
 template <typename T, int DC>
-__attribute__((target("avx2,fma"))) void attend_vectors(const float* q, int64_t nv, int64_t G, int64_t n0,
+__attribute__((target("avx2,fma,f16c"))) void attend_vectors(const float* q, int64_t nv, int64_t G, int64_t n0,
                                                         const T* k, const T* v, int64_t stride_token,
                                                         int64_t D_runtime, float softcap, float* P, float* acc,
                                                         float* out) {
@@ -360,7 +415,7 @@ template <typename T>
 VectorsFn<T> vectors_kernel(int64_t head_dim) {
   static const bool avx2 = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }();
   if (!avx2 || head_dim % 8 != 0) return nullptr;
   return head_dim == 64 ? &attend_vectors<T, 64> : head_dim == 128 ? &attend_vectors<T, 128> : &attend_vectors<T, 0>;
@@ -376,15 +431,19 @@ std::string seq_text(size_t i) { return "sequence " + std::to_string(i) + ": "; 
 }  // namespace
 
 AttentionPlan::AttentionPlan(const CacheGeometry& cache, DType dtype, std::vector<int64_t> slots,
-                             std::vector<int64_t> context_lens, std::vector<int64_t> query_lens, int64_t num_threads)
+                             std::vector<int64_t> context_lens, std::vector<int64_t> query_lens, int64_t num_threads,
+                             DType q_dtype)
     : cache_(cache),
       dtype_(dtype),
+      q_dtype_(q_dtype),
       slots_(std::move(slots)),
       context_lens_(std::move(context_lens)),
       query_lens_(std::move(query_lens)),
       num_threads_(num_threads) {
   const CacheGeometry& c = cache_;
-  if (dtype != DType::F32 && dtype != DType::BF16) fail("dtype must be F32 or BF16");
+  if (dtype != DType::F32 && dtype != DType::BF16 && dtype != DType::F16) fail("dtype must be F32, BF16 or F16");
+  if (!(q_dtype == DType::F32 || (q_dtype == DType::BF16 && dtype == DType::BF16)))
+    fail("queries must be F32, or BF16 over a BF16 cache");
   if (c.num_slots < 0 || c.max_ctx < 0) fail("num_slots and max_ctx must be >= 0");
   if (c.num_kv_heads <= 0 || c.head_dim <= 0) fail("num_kv_heads and head_dim must be positive");
   if (c.head_dim > kMaxHeadDim) fail("head_dim " + std::to_string(c.head_dim) + " above 512");
@@ -435,18 +494,30 @@ void AttentionPlan::run(const void* q, const void* k_new, const void* v_new, voi
   if (!(softcap >= 0.0f) || std::isinf(softcap)) fail("softcap must be finite and >= 0 (0: off)");
   if (num_tokens() == 0) return;
   if (!q || !out || !k_cache || !v_cache) fail("null pointer");
-  if (dtype_ == DType::F32)
-    run_typed(static_cast<const float*>(q), static_cast<const float*>(k_new), static_cast<const float*>(v_new),
-              static_cast<float*>(out), static_cast<float*>(k_cache), static_cast<float*>(v_cache), num_heads, scale,
-              window, softcap);
-  else
+  if (q_dtype_ == DType::BF16) {
     run_typed(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k_new),
               static_cast<const uint16_t*>(v_new), static_cast<uint16_t*>(out), static_cast<uint16_t*>(k_cache),
               static_cast<uint16_t*>(v_cache), num_heads, scale, window, softcap);
+    return;
+  }
+  const float* qf = static_cast<const float*>(q);
+  const float* kf = static_cast<const float*>(k_new);
+  const float* vf = static_cast<const float*>(v_new);
+  float* of = static_cast<float*>(out);
+  if (dtype_ == DType::F32)
+    run_typed(qf, kf, vf, of, static_cast<float*>(k_cache), static_cast<float*>(v_cache), num_heads, scale, window,
+              softcap);
+  else if (dtype_ == DType::BF16)
+    run_typed(qf, kf, vf, of, static_cast<uint16_t*>(k_cache), static_cast<uint16_t*>(v_cache), num_heads, scale,
+              window, softcap);
+  else
+    run_typed(qf, kf, vf, of, static_cast<Half*>(k_cache), static_cast<Half*>(v_cache), num_heads, scale, window,
+              softcap);
 }
 
-template <typename T>
-void AttentionPlan::run_typed(const T* q, const T* kn, const T* vn, T* out, T* kc, T* vc, int64_t num_heads,
+// TQ: the queries' (and new keys' and values', and the output's) element type; T: the caches'.
+template <typename TQ, typename T>
+void AttentionPlan::run_typed(const TQ* q, const TQ* kn, const TQ* vn, TQ* out, T* kc, T* vc, int64_t num_heads,
                               float scale, int64_t window, float softcap) const {
   const CacheGeometry& c = cache_;
   const RowFn<T> attend = row_kernel<T>(c.head_dim);
@@ -465,8 +536,19 @@ void AttentionPlan::run_typed(const T* q, const T* kn, const T* vn, T* out, T* k
         const int64_t pos = context_lens_[i] + (t - token_start[i]);
         const int64_t base = slots_[i] * c.stride_slot + pos * c.stride_token;
         for (int64_t h = 0; h < Hkv; ++h) {
-          std::memcpy(kc + base + h * c.stride_head, kn + (t * Hkv + h) * D, D * sizeof(T));
-          std::memcpy(vc + base + h * c.stride_head, vn + (t * Hkv + h) * D, D * sizeof(T));
+          T* kd = kc + base + h * c.stride_head;
+          T* vd = vc + base + h * c.stride_head;
+          const TQ* ks = kn + (t * Hkv + h) * D;
+          const TQ* vs = vn + (t * Hkv + h) * D;
+          if constexpr (std::is_same_v<TQ, T>) {
+            std::memcpy(kd, ks, D * sizeof(T));
+            std::memcpy(vd, vs, D * sizeof(T));
+          } else {  // rounded to the cache's type as stored
+            for (int64_t e = 0; e < D; ++e) {
+              store(kd, e, load(ks, e));
+              store(vd, e, load(vs, e));
+            }
+          }
         }
       }
     });
@@ -503,14 +585,14 @@ void AttentionPlan::run_typed(const T* q, const T* kn, const T* vn, T* out, T* k
       for (int64_t r0 = w.row_begin; r0 < w.row_end; r0 += pass) {
         const int64_t rows = std::min(pass, w.row_end - r0);
         for (int64_t r = 0; r < rows; ++r) {
-          const T* qt = q + ((token_start[w.seq] + r0 + r) * Hq + w.head * G) * D;
+          const TQ* qt = q + ((token_start[w.seq] + r0 + r) * Hq + w.head * G) * D;
           for (int64_t e = 0; e < G * D; ++e) qv[r * G * D + e] = load(qt, e) * scale;
         }
         const int64_t first = window > 0 ? std::max<int64_t>(0, w.ctx + r0 + 1 - window) : 0;  // rows == 1 here
         blocked(qv, rows * G, G, w.ctx + r0 - first, w.k + first * c.stride_token, w.v + first * c.stride_token,
                 c.stride_token, D, softcap, P, acc, ov);
         for (int64_t r = 0; r < rows; ++r) {
-          T* ot = out + ((token_start[w.seq] + r0 + r) * Hq + w.head * G) * D;
+          TQ* ot = out + ((token_start[w.seq] + r0 + r) * Hq + w.head * G) * D;
           for (int64_t e = 0; e < G * D; ++e) store(ot, e, ov[r * G * D + e]);
         }
       }
@@ -528,13 +610,13 @@ void AttentionPlan::run_typed(const T* q, const T* kn, const T* vn, T* out, T* k
     const Item w = item_of(it);
     for (int64_t r = w.row_begin; r < w.row_end; ++r) {
       const int64_t t = token_start[w.seq] + r;
-      const T* qt = q + (t * Hq + w.head * G) * D;
+      const TQ* qt = q + (t * Hq + w.head * G) * D;
       for (int64_t e = 0; e < G * D; ++e) qrow[e] = load(qt, e) * scale;
       // Causal: the query at position ctx + r sees keys 0 .. ctx + r (the last `window` of them).
       const int64_t first = window > 0 ? std::max<int64_t>(0, w.ctx + r + 1 - window) : 0;
       attend(qrow, w.k + first * c.stride_token, w.v + first * c.stride_token, c.stride_token, w.ctx + r + 1 - first,
              G, D, softcap, scores, acc, orow);
-      T* ot = out + (t * Hq + w.head * G) * D;
+      TQ* ot = out + (t * Hq + w.head * G) * D;
       for (int64_t e = 0; e < G * D; ++e) store(ot, e, orow[e]);
     }
   });

@@ -10,7 +10,9 @@
 
 namespace vattn {
 
-enum class DType : int { F32 = 0, BF16 = 1 };
+// Element types: F16 (IEEE half) holds K/V only, read into fp32 (a half-size KV cache, as
+// llama.cpp's default); queries and outputs are F32 or BF16.
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 // Caches [num_slots, max_ctx, num_kv_heads, head_dim], strides in elements; head_dim
 // is contiguous. Every layer's K and V cache that a plan runs over has this geometry.
@@ -25,11 +27,14 @@ class AttentionPlan {
   // tokens already cached before this step, and its new tokens this step.
   // Throws std::invalid_argument on any inconsistency: slot out of range, a negative
   // length, context_len + query_len > max_ctx, sizes that overflow int64, ...
+  // dtype: the caches'; q_dtype: q, k_new, v_new and out's (F32 with any cache, or BF16
+  // with a BF16 cache); new keys and values are rounded to the cache's type as they are stored.
   AttentionPlan(const CacheGeometry& cache, DType dtype, std::vector<int64_t> slots,
-                std::vector<int64_t> context_lens, std::vector<int64_t> query_lens, int64_t num_threads);
+                std::vector<int64_t> context_lens, std::vector<int64_t> query_lens, int64_t num_threads,
+                DType q_dtype);
 
   // One layer. q and out: [num_tokens, num_heads, head_dim]; k_new/v_new:
-  // [num_tokens, num_kv_heads, head_dim]; all contiguous, of the plan's dtype. k_new/v_new
+  // [num_tokens, num_kv_heads, head_dim]; all contiguous, of the plan's q_dtype. k_new/v_new
   // are stored into the caches at positions context_lens[i]... first; both null means
   // the caches already hold them. k_cache/v_cache must have the plan's geometry.
   // The caller vouches that the pointers address tensors of those shapes.
@@ -40,6 +45,7 @@ class AttentionPlan {
 
   const CacheGeometry& geometry() const { return cache_; }
   DType dtype() const { return dtype_; }
+  DType q_dtype() const { return q_dtype_; }
   int64_t num_seqs() const { return int64_t(slots_.size()); }
   int64_t num_tokens() const { return token_start_.back(); }
   int64_t num_threads() const { return num_threads_; }
@@ -48,12 +54,12 @@ class AttentionPlan {
   const std::vector<int64_t>& query_lens() const { return query_lens_; }
 
  private:
-  template <typename T>
-  void run_typed(const T* q, const T* k_new, const T* v_new, T* out, T* k_cache, T* v_cache, int64_t num_heads,
-                 float scale, int64_t window, float softcap) const;
+  template <typename TQ, typename TC>
+  void run_typed(const TQ* q, const TQ* k_new, const TQ* v_new, TQ* out, TC* k_cache, TC* v_cache,
+                 int64_t num_heads, float scale, int64_t window, float softcap) const;
 
   CacheGeometry cache_;
-  DType dtype_;
+  DType dtype_, q_dtype_;
   std::vector<int64_t> slots_, context_lens_, query_lens_;
   std::vector<int64_t> token_start_;  // [num_seqs + 1]: first token of each sequence in q
   std::vector<int64_t> item_start_;   // [num_seqs + 1]: first work item (KV head x query block)

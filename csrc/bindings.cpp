@@ -84,7 +84,8 @@ PYBIND11_MODULE(_C, m) {
 
   py::enum_<vattn::DType>(m, "DType", "Element type of the attention kernel's tensors")
       .value("F32", vattn::DType::F32)
-      .value("BF16", vattn::DType::BF16);
+      .value("BF16", vattn::DType::BF16)
+      .value("F16", vattn::DType::F16);
 
   // Low level: vattention_ext.kernel.AttentionPlan checks the torch tensors and passes
   // their data pointers here.
@@ -94,7 +95,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](int64_t num_slots, int64_t max_ctx, int64_t num_kv_heads, int64_t head_dim,
                        int64_t stride_slot, int64_t stride_token, int64_t stride_head, vattn::DType dtype,
                        std::vector<int64_t> slots, std::vector<int64_t> context_lens,
-                       std::vector<int64_t> query_lens, int64_t num_threads) {
+                       std::vector<int64_t> query_lens, int64_t num_threads, std::optional<vattn::DType> q_dtype) {
              vattn::CacheGeometry g;
              g.num_slots = num_slots;
              g.max_ctx = max_ctx;
@@ -104,11 +105,12 @@ PYBIND11_MODULE(_C, m) {
              g.stride_token = stride_token;
              g.stride_head = stride_head;
              return new AttentionPlan(g, dtype, std::move(slots), std::move(context_lens), std::move(query_lens),
-                                      num_threads);
+                                      num_threads, q_dtype.value_or(dtype));
            }),
            py::arg("num_slots"), py::arg("max_ctx"), py::arg("num_kv_heads"), py::arg("head_dim"),
            py::arg("stride_slot"), py::arg("stride_token"), py::arg("stride_head"), py::arg("dtype"),
-           py::arg("slots"), py::arg("context_lens"), py::arg("query_lens"), py::arg("num_threads") = 1)
+           py::arg("slots"), py::arg("context_lens"), py::arg("query_lens"), py::arg("num_threads") = 1,
+           py::arg("q_dtype") = py::none())
       .def(
           "run",
           [](const AttentionPlan& p, uintptr_t q, uintptr_t k_new, uintptr_t v_new, uintptr_t out, uintptr_t k_cache,
@@ -126,6 +128,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_tokens", &AttentionPlan::num_tokens)
       .def_property_readonly("num_threads", &AttentionPlan::num_threads)
       .def_property_readonly("dtype", &AttentionPlan::dtype)
+      .def_property_readonly("q_dtype", &AttentionPlan::q_dtype)
       .def_property_readonly("num_kv_heads", [](const AttentionPlan& p) { return p.geometry().num_kv_heads; })
       .def_property_readonly("head_dim", [](const AttentionPlan& p) { return p.geometry().head_dim; })
       .def_property_readonly("slots", &AttentionPlan::slots)

@@ -141,6 +141,10 @@ class CacheConfig(_Part):
     block_size: int = flag(16, "paged backend: tokens per block")
     page_size: Optional[int] = flag(None, "vattention backend: bytes per physical page", "--model_block_size",
                                     type=parse_bytes)
+    kv_cache_dtype: str = flag("auto", "KV cache element type: auto = the model's --dtype; float16 or bfloat16 "
+                               "halve the KV memory and the bytes attention reads (vattention on CPU; keys and "
+                               "values are rounded as stored and computed with in float32)",
+                               choices=("auto", "float32", "float16", "bfloat16"))
     async_kv_mapping: bool = flag(True, "vattention: map pages ahead on a background thread")
     enable_prefix_caching: bool = flag(True, "reuse the KV of prompt prefixes other requests computed "
                                        "(vattention on CPU and paged backends)")

@@ -130,6 +130,33 @@ def test_bfloat16():
     assert (out.float() - ref).abs().max().item() < 2e-2  # bf16 output rounding
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+def test_half_cache_under_float32_queries(kv_dtype):
+    """--kv-cache-dtype: float32 queries over a float16 / bfloat16 cache. New keys and values are
+    stored rounded as torch rounds them, attention equals the reference over those values, a
+    token's bits do not depend on its batch, and mismatched tensors are refused."""
+    g = torch.Generator().manual_seed(3)
+    kc = torch.randn(3, 300, 2, 64, generator=g).to(kv_dtype)
+    vc = torch.randn(3, 300, 2, 64, generator=g).to(kv_dtype)
+    slots, ctx, qlens = [1, 0, 2], [0, 130, 250], [40, 1, 1]
+    q = torch.randn(42, 6, 64, generator=g)
+    kn, vn = torch.randn(42, 2, 64, generator=g) * 300, torch.randn(42, 2, 64, generator=g) * 1e-6
+    out = attention(q, kc, vc, slots, ctx, qlens, 0.125, k_new=kn, v_new=vn)
+    assert out.dtype == torch.float32
+    assert torch.equal(kc[1, :40], kn[:40].to(kv_dtype)) and torch.equal(vc[2, 250], vn[41].to(kv_dtype))
+    ref = attention_reference(q, kc, vc, slots, ctx, qlens, 0.125)
+    assert (out - ref).abs().max().item() < 1e-4
+    alone = attention(q[40:41], kc, vc, [0], [130], [1], 0.125)   # the decode alone: the same bits
+    assert torch.equal(alone, out[40:41])
+    plan = AttentionPlan(kc, [0], [5], [1], q_dtype=torch.float32)
+    with pytest.raises(ValueError, match="k_new"):
+        plan.run(q[:1], kn[:1].to(kv_dtype), vn[:1].to(kv_dtype), kc, vc, 0.125)   # new K/V come in q's type
+    with pytest.raises(ValueError, match="v_cache"):
+        plan.run(q[:1], kn[:1], vn[:1], kc, vc.float(), 0.125)
+    with pytest.raises(ValueError, match="not supported"):
+        AttentionPlan(kc, [0], [5], [1], q_dtype=torch.bfloat16 if kv_dtype == torch.float16 else torch.float16)
+
+
 def test_over_vattention_cache():
     cache = va.KVCache(1, 3, 64, 4, 2048, page_size=4096 * 3, kv_cache_memory=64 << 20)
     slots, ctx, qlens = [3, 1], [0, 1500], [33, 1]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sarathi.config import EngineConfig, add_engine_args, parse_bytes
 from sarathi.sampling_params import SamplingParams
@@ -145,3 +146,28 @@ def test_step_stats_record_batch_composition(tiny_model_dir):
     assert all(s.num_prefill_tokens + s.num_decode_tokens <= 16 or s.num_prefill_tokens == 0 for s in stats)
     assert any(s.num_prefill_tokens and s.num_decode_tokens for s in stats) or len(stats) > 2
     assert all(s.step_time > 0 for s in stats)
+
+
+def test_kv_cache_dtype_float16(tiny_model_dir):
+    """--kv-cache-dtype float16: half the bytes per token, twice the tokens in the same budget,
+    float16 caches under float32 activations; refused where no kernel reads it."""
+    from sarathi import LLM
+
+    assert _parse(["--kv-cache-dtype", "float16"]).cache_config.kv_cache_dtype == "float16"
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="int4")
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    runs = {}
+    for dt in ("auto", "float16"):
+        llm = LLM(model=str(tiny_model_dir), kv_cache_memory="4MiB", max_model_len=256, kv_cache_dtype=dt)
+        kv, runner = llm.engine.kv, llm.engine.runner
+        runs[dt] = (runner.kv_bytes_per_token, kv.num_blocks * kv.block_size, runner.kv_backend.k[0].dtype,
+                    llm.generate(["hello there", "one two three"], params))
+        llm.engine.close()
+    (full_bytes, full_tokens, full_dt, full_out), (half_bytes, half_tokens, half_dt, half_out) = runs.values()
+    assert (full_dt, half_dt) == (torch.float32, torch.float16)
+    assert half_bytes * 2 == full_bytes and half_tokens == 2 * full_tokens
+    assert all(len(o.outputs[0].token_ids) == 12 for o in half_out)
+    with pytest.raises(ValueError, match="vattention backend on CPU"):
+        LLM(model=str(tiny_model_dir), kv_cache_memory="4MiB", max_model_len=256, kv_cache_dtype="float16",
+            kv_cache_backend="paged")

@@ -195,7 +195,8 @@ def fuzz_attention(rng: random.Random, cases: int, tally: Tally) -> None:
                        stride_slot=pick(rng, lambda r: r.randint(0, 1 << 20), 0.5, False),
                        stride_token=pick(rng, lambda r: r.randint(0, 1024), 0.5, False),
                        stride_head=pick(rng, lambda r: r.randint(0, 128), 0.5, False),
-                       dtype=rng.choice([_C.DType.F32, _C.DType.BF16]),
+                       dtype=rng.choice([_C.DType.F32, _C.DType.BF16, _C.DType.F16]),
+                       q_dtype=rng.choice([None, _C.DType.F32, _C.DType.BF16, _C.DType.F16]),
                        num_threads=pick(rng, [1, 2], 0.8, False))
             n = rng.randint(0, 4)
             for key in ("slots", "context_lens", "query_lens"):
@@ -213,8 +214,10 @@ def fuzz_attention(rng: random.Random, cases: int, tally: Tally) -> None:
         max_ctx = rng.randint(1, 80) if rng.random() < 0.9 else 0
         hkv, d = rng.randint(1, 3), rng.choice([1, 8, 16, 40, 64, 128])
         pad = rng.choice([0, 0, 7])  # > 0: caches are views with a longer token stride
-        k_full = torch.randn(num_slots, max_ctx + pad, hkv, d).to(dtype)
-        v_full = torch.randn(num_slots, max_ctx + pad, hkv, d).to(dtype)
+        # a half cache under float32 queries (--kv-cache-dtype float16), now and then a refused pair
+        kv_dtype = rng.choice([dtype, dtype, torch.float16])
+        k_full = torch.randn(num_slots, max_ctx + pad, hkv, d).to(kv_dtype)
+        v_full = torch.randn(num_slots, max_ctx + pad, hkv, d).to(kv_dtype)
         kc, vc = k_full[:, :max_ctx], v_full[:, :max_ctx]
         n = rng.randint(0, 5)
         slots, ctx, qlens = [], [], []
@@ -226,7 +229,7 @@ def fuzz_attention(rng: random.Random, cases: int, tally: Tally) -> None:
             qlens.append(pick(rng, lambda r: r.randint(1, max(1, min(room, 20))), 0.95))
         threads = rng.choice([None, None, 1, 2, pick(rng, [1], 0.0, True)])
         announce("attention", case, ("plan", dtype, tuple(kc.shape), kc.stride(), slots, ctx, qlens, threads))
-        ok, plan = tally.call(AttentionPlan, kc, slots, ctx, qlens, num_threads=threads)
+        ok, plan = tally.call(AttentionPlan, kc, slots, ctx, qlens, num_threads=threads, q_dtype=dtype)
         if not ok:
             continue
         T = plan.num_tokens
@@ -250,7 +253,7 @@ def fuzz_attention(rng: random.Random, cases: int, tally: Tally) -> None:
                 out = torch.empty(*q_shape, dtype=dtype) if rng.random() < 0.8 else torch.empty(1, dtype=dtype)
             caches = (kc, vc)
             if rng.random() < 0.1:
-                caches = (kc, torch.randn(num_slots, max_ctx, hkv, d).to(dtype))  # contiguous: other strides if pad
+                caches = (kc, torch.randn(num_slots, max_ctx, hkv, d).to(kv_dtype))  # contiguous: other strides if pad
             scale = rng.choice([d ** -0.5, 1.0, 0.0, -3.0, math.inf, math.nan])
             announce("attention", case, ("run", q_shape, str(q.dtype), with_new, None if out is None else tuple(out.shape),
                                          scale))

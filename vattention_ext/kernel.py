@@ -15,8 +15,10 @@ import torch
 from . import _C
 from .threads import native_threads
 
-# The one torch dtype -> kernel element type table.
-KERNEL_DTYPES = {torch.float32: _C.DType.F32, torch.bfloat16: _C.DType.BF16}
+# The one torch dtype -> kernel element type table. float16 is a cache type only (read into
+# fp32); queries are float32, or bfloat16 over a bfloat16 cache.
+KERNEL_DTYPES = {torch.float32: _C.DType.F32, torch.bfloat16: _C.DType.BF16, torch.float16: _C.DType.F16}
+QUERY_DTYPES = {torch.float32: (torch.float32, torch.bfloat16, torch.float16), torch.bfloat16: (torch.bfloat16,)}
 
 
 def _int_list(x, name: str) -> list:
@@ -46,24 +48,33 @@ class AttentionPlan:
     """One step's batch for the C++ kernel: causal GQA attention for prefill chunks and
     decodes over slot-contiguous caches.
 
-    k_cache: [num_slots, max_ctx, Hkv, D] (head_dim contiguous; fp32 or bf16), any layer's:
-    every cache passed to run() must have its shape, strides and dtype. Sequence i lives
+    k_cache: [num_slots, max_ctx, Hkv, D] (head_dim contiguous; fp32, bf16 or fp16), any layer's:
+    every cache passed to run() must have its shape, strides and dtype. q_dtype: the queries',
+    new keys' and values' and the output's dtype (default: the cache's; float32 with any cache,
+    new keys and values rounded to the cache's type as stored). Sequence i lives
     in slot slots[i], has context_lens[i] tokens cached before this step and
     query_lens[i] >= 1 new tokens (prefill chunks first, then decodes). num_threads:
     default vattention_ext.threads.native_threads(). Raises ValueError on an inconsistent batch.
     """
 
-    __slots__ = ("_core", "dtype", "cache_shape", "cache_strides", "num_tokens", "_kv_shape", "_head_dim")
+    __slots__ = ("_core", "dtype", "cache_dtype", "cache_shape", "cache_strides", "num_tokens", "_kv_shape",
+                 "_head_dim")
 
-    def __init__(self, k_cache: torch.Tensor, slots, context_lens, query_lens, num_threads: int | None = None):
+    def __init__(self, k_cache: torch.Tensor, slots, context_lens, query_lens, num_threads: int | None = None,
+                 q_dtype: torch.dtype | None = None):
         _check_cache(k_cache, "k_cache")
+        q_dtype = k_cache.dtype if q_dtype is None else q_dtype
+        if k_cache.dtype not in QUERY_DTYPES.get(q_dtype, ()):
+            raise ValueError(f"queries of {q_dtype} over a {k_cache.dtype} cache are not supported "
+                             f"(float32 queries with any cache, or bfloat16 over bfloat16)")
         n, L, hkv, d = k_cache.shape
         s0, s1, s2, _ = k_cache.stride()
         threads = native_threads() if num_threads is None else int(num_threads)
         self._core = _C.AttentionPlan(n, L, hkv, d, s0, s1, s2, KERNEL_DTYPES[k_cache.dtype],
                                       _int_list(slots, "slots"), _int_list(context_lens, "context_lens"),
-                                      _int_list(query_lens, "query_lens"), threads)
-        self.dtype = k_cache.dtype
+                                      _int_list(query_lens, "query_lens"), threads, KERNEL_DTYPES[q_dtype])
+        self.dtype = q_dtype             # q, k_new, v_new, out
+        self.cache_dtype = k_cache.dtype
         self.cache_shape = k_cache.shape
         self.cache_strides = k_cache.stride()
         self.num_tokens = self._core.num_tokens
@@ -90,9 +101,10 @@ class AttentionPlan:
             raise ValueError(f"q must be a CPU {dt} tensor [{self.num_tokens}, heads, {self._head_dim}], got "
                              f"{getattr(q, 'dtype', type(q))} {tuple(getattr(q, 'shape', ()))}")
         for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if (not isinstance(c, torch.Tensor) or c.dtype != dt or not c.is_cpu or c.shape != self.cache_shape
-                    or c.stride() != self.cache_strides):
-                raise ValueError(f"{name} must be a CPU {dt} tensor of the plan's shape {tuple(self.cache_shape)} "
+            if (not isinstance(c, torch.Tensor) or c.dtype != self.cache_dtype or not c.is_cpu
+                    or c.shape != self.cache_shape or c.stride() != self.cache_strides):
+                raise ValueError(f"{name} must be a CPU {self.cache_dtype} tensor of the plan's shape "
+                                 f"{tuple(self.cache_shape)} "
                                  f"and strides {self.cache_strides}, got {getattr(c, 'dtype', type(c))} "
                                  f"{tuple(getattr(c, 'shape', ()))} {c.stride() if isinstance(c, torch.Tensor) else ''}")
         if (k_new is None) != (v_new is None):
@@ -122,17 +134,18 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slo
               out: torch.Tensor | None = None, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """Causal GQA attention for a batch of prefill chunks and decodes: one AttentionPlan,
     run once (see AttentionPlan for the arguments). Returns out [T, Hq, D] (same dtype
-    as q). fp32 and bf16 on CPU. Uses native_threads() threads."""
+    as q). On CPU: fp32 queries over fp32, bf16 or fp16 caches, bf16 over bf16. Uses
+    native_threads() threads."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"q must be [tokens, heads, head_dim], got shape {tuple(getattr(q, 'shape', ()))}")
-    if q.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"attention supports float32 and bfloat16, got {q.dtype}")
+    if q.dtype not in QUERY_DTYPES:
+        raise ValueError(f"attention supports float32 and bfloat16 queries, got {q.dtype}")
     _check_cache(k_cache, "k_cache")
     if k_cache.shape[3] != q.shape[2]:
         raise ValueError(f"k_cache: head_dim must match q ({q.shape[2]}) and be contiguous")
-    if k_cache.dtype != q.dtype:
-        raise ValueError(f"k_cache must be {q.dtype} like q, got {k_cache.dtype}")
-    plan = AttentionPlan(k_cache, slots, context_lens, query_lens)
+    if k_cache.dtype not in QUERY_DTYPES[q.dtype]:
+        raise ValueError(f"k_cache of {k_cache.dtype} cannot take {q.dtype} queries")
+    plan = AttentionPlan(k_cache, slots, context_lens, query_lens, q_dtype=q.dtype)
     return plan.run(q, k_new, v_new, k_cache, v_cache, scale, out=out, window=window, softcap=softcap)
 
 
@@ -147,8 +160,8 @@ def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     for slot, ctx, n in zip(list(map(int, slots)), list(map(int, context_lens)), list(map(int, query_lens))):
         # Keys before the first query's window are never touched: their pages may be unmapped.
         lo = max(0, ctx + 1 - window) if window else 0
-        k = k_cache[slot, lo : ctx + n].transpose(0, 1)  # [Hkv, L, D]
-        v = v_cache[slot, lo : ctx + n].transpose(0, 1)
+        k = k_cache[slot, lo : ctx + n].transpose(0, 1).to(q.dtype)  # [Hkv, L, D]; a half cache read in q's type
+        v = v_cache[slot, lo : ctx + n].transpose(0, 1).to(q.dtype)
         qs = q[start : start + n].transpose(0, 1)  # [Hq, n, D]
         # query r (position ctx + r) sees keys 0 .. ctx + r, or the last `window` of them
         keys = torch.arange(lo, ctx + n, device=q.device)[None, :]

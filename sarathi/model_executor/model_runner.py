@@ -202,8 +202,10 @@ class ModelRunner:
         self.scale = a.attn_scale
         # A given kv_spec brings the geometry; the attention options stay this model's own.
         attention = dict(sliding_windows=a.sliding_windows, attn_softcap=a.attn_logit_softcap)
+        kv_dtype = self._kv_dtype(cache)
         self.kv_spec = dataclasses.replace(kv_spec, **attention) if kv_spec else KVCacheSpec(
-            num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, dtype=self.dtype,
+            num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, dtype=kv_dtype,
+            act_dtype=None if kv_dtype == self.dtype else self.dtype,
             device=self.device, max_model_len=self.max_model_len, max_num_seqs=config.scheduler_config.max_num_seqs,
             kv_cache_memory=cache.kv_cache_memory, block_size=cache.block_size,
             page_size=cache.page_size, async_mapping=cache.async_kv_mapping, **attention)
@@ -217,6 +219,22 @@ class ModelRunner:
         self.masks: List[LogitsMask] = []
         self.proposer: Optional[Proposer] = None
         self.torch_threads = torch.get_num_threads()
+
+    def _kv_dtype(self, cache) -> torch.dtype:
+        """The KV cache's element type: --kv-cache-dtype, or the model's dtype (auto). Another type
+        than the model's needs the vattention backend's CPU kernel, which reads it into float32."""
+        if cache.kv_cache_dtype == "auto":
+            return self.dtype
+        kv = torch_dtype(cache.kv_cache_dtype, self.device.type)
+        if kv != self.dtype:
+            from vattention_ext.kernel import QUERY_DTYPES
+
+            if self.device.type != "cpu" or cache.kv_cache_backend != "vattention" \
+                    or kv not in QUERY_DTYPES.get(self.dtype, ()):
+                raise ValueError(f"--kv-cache-dtype {cache.kv_cache_dtype} with {str(self.dtype)[6:]} activations "
+                                 f"needs the vattention backend on CPU with float32 activations (here: "
+                                 f"{cache.kv_cache_backend} on {self.device.type}); use --kv-cache-dtype auto")
+        return kv
 
     # ---- threads --------------------------------------------------------------
     @property

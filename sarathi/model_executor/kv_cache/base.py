@@ -36,9 +36,14 @@ class KVCacheSpec:
     async_mapping: bool = True    # vattention: map ahead on a background thread
     sliding_windows: Tuple[int, ...] = ()  # per layer: the keys a query sees (0 = all); () = no window
     attn_softcap: float = 0.0     # attention scores -> cap * tanh(scores / cap) (Gemma 2); 0 = off
+    act_dtype: Optional[torch.dtype] = None  # the queries' (activations') dtype when not `dtype` (a half KV cache)
 
     def window(self, layer: int) -> int:
         return self.sliding_windows[layer] if self.sliding_windows else 0
+
+    @property
+    def query_dtype(self) -> torch.dtype:
+        return self.act_dtype or self.dtype
 
     @property
     def elem_size(self) -> int:

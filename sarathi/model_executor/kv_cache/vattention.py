@@ -2,7 +2,8 @@
 physical pages mapped in by vattention_ext as sequences grow (mapping for the next
 tokens overlaps the forward pass when async_mapping is on).
 
-Attention: the C++ kernel over the slot-contiguous cache on CPU (fp32/bf16);
+Attention: the C++ kernel over the slot-contiguous cache on CPU (fp32, bf16 or fp16 K/V;
+fp32 or bf16 queries);
 flash_attn_with_kvcache(cache_batch_idx=...) for decodes on CUDA when flash-attn is
 importable; the torch reference (SDPA) otherwise.
 """
@@ -14,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from vattention_ext.kernel import KERNEL_DTYPES, AttentionPlan, attention_reference
+from vattention_ext.kernel import QUERY_DTYPES, AttentionPlan, attention_reference
 
 from .base import KVBackend, KVCacheSpec, StepBatch
 
@@ -142,7 +143,7 @@ class VAttentionBackend(KVBackend):
         self.k = [where[i][0].k_cache(where[i][1]) for i in range(spec.num_layers)]
         self.v = [where[i][0].v_cache(where[i][1]) for i in range(spec.num_layers)]
         self._seq_lens = [0] * spec.max_num_seqs
-        self._native = spec.device.type == "cpu" and spec.dtype in KERNEL_DTYPES
+        self._native = spec.device.type == "cpu" and spec.dtype in QUERY_DTYPES.get(spec.query_dtype, ())
         self._flash = None
         if spec.device.type == "cuda":
             try:
@@ -166,7 +167,8 @@ class VAttentionBackend(KVBackend):
             self.cache.step(lens)
         step = VAttentionStep(batch)
         if self._native:  # every layer's K and V cache shares layer 0's geometry
-            step.plan = AttentionPlan(self.k[0], batch.slots, batch.context_lens, batch.query_lens)
+            step.plan = AttentionPlan(self.k[0], batch.slots, batch.context_lens, batch.query_lens,
+                                      q_dtype=self.spec.query_dtype)
         else:
             pos = [(s, p) for s, c, n in zip(batch.slots, batch.context_lens, batch.query_lens)
                    for p in range(c, c + n)]
