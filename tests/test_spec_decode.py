@@ -82,7 +82,7 @@ def test_ngram_proposes_the_latest_match_of_the_longest_n():
     assert propose_ngram(toks, 2, 1, 3) == [7, 8]
     assert propose_ngram(toks, 5, 1, 3) == [7, 8, 5, 2, 3]
     assert propose_ngram([1, 2, 3, 4], 3, 1, 3) == []
-    assert propose_ngram([5, 6, 5], 3, 1, 1) == [6, 5]
+    assert propose_ngram([5, 6, 5], 3, 1, 1) == [6, 5, 6]   # period 2: the draft repeats itself
     assert propose_ngram([5, 6, 5], 3, 2, 2) == []
     assert propose_ngram([4], 3, 1, 3) == []
     # the longest n wins over a later match of a shorter one

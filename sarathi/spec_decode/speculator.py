@@ -23,7 +23,11 @@ from sarathi.spec_decode.rejection import Verification, verify
 logger = logging.getLogger("sarathi")
 
 MAX_BACKOFF_STEPS = 16   # a sequence whose drafts all failed rests at most this many steps
-MAX_PROBE_INTERVAL = 32  # a model drafter that does not pay drafts once in at most this many steps
+# A model drafter that does not pay probes in steps 2, 4 ... this many steps apart, one
+# drafted token each. A probe costs about 1.3 plain steps on the embedded model (one pass of
+# the first layers, which includes the whole LM head, and one more verified row): 128 keeps
+# probing under 1.5 % of the steps (docs/speculative-decoding.md).
+MAX_PROBE_INTERVAL = 128
 RATE_EMA = 0.3           # weight of a step's acceptance rate in the running rate
 LOG_INTERVAL_S = 10.0    # how often the acceptance rate goes to the log while drafts are verified
 
@@ -146,6 +150,8 @@ class Speculator:
             self._adapt(sid, k, accepted)
         if step_drafted:
             self.rate = (1 - RATE_EMA) * self.rate + RATE_EMA * step_accepted / step_drafted
+            if step_accepted:   # a probe that hit: probe again at once (easy text may have begun)
+                self._probes = self._skip = 0
         if time.monotonic() - self._logged_at >= LOG_INTERVAL_S:
             self._logged_at = time.monotonic()
             logger.info(self.summary())
@@ -193,11 +199,12 @@ class Speculator:
                 f"rate {rate:.1%}, {mean:.2f} tokens per verifying step; accepted by position: {per_pos}")
 
     def _adapt(self, sid: int, k: int, accepted: int) -> None:
-        """Acceptance-driven k: one more after a fully accepted draft, else what was accepted
-        plus one; after drafts that all failed, rest 1, 2, 4 ... 16 steps (a miss costs the
-        step its verified positions, and a model drafter its passes)."""
+        """Acceptance-driven k: twice as many after a fully accepted draft (a copied span is
+        long, and the rows after the first cost little), else what was accepted plus one; after
+        drafts that all failed, rest 1, 2, 4 ... 16 steps (a miss costs the step its verified
+        positions, and a model drafter its passes)."""
         state = self.seqs.setdefault(sid, SeqSpec(self.k))
-        state.k = min(k + 1, self.k) if accepted == k else max(accepted + 1, 1)
+        state.k = min(2 * k, self.k) if accepted == k else max(accepted + 1, 1)
         if accepted == 0:
             state.misses += 1
             # a model drafter's passes cost the same for fewer sequences: it is gated per step instead
@@ -210,7 +217,8 @@ class Speculator:
         limit = self.config.disable_by_batch_size
         if limit is not None and len(plan) >= limit:
             return
-        if self._gated():
+        cap = self._draft_cap()
+        if cap == 0:
             return
         wanted: List[Tuple[SeqPlan, List[int], int]] = []
         for p in plan:
@@ -225,10 +233,10 @@ class Speculator:
             if any(t in seq.eos_token_ids or t in seq.stop_token_ids for t in new):
                 continue   # it may stop here (the scheduler decides): no drafts spent on it
             room = seq.max_tokens - len(seq.output_token_ids) - len(new) - 1
-            k = min(state.k, room)
+            k = min(state.k, room, cap)
             if k <= 0:
                 continue
-            wanted.append((p, seq.token_ids() + new, k))
+            wanted.append((p, seq.prompt_token_ids + seq.output_token_ids + new, k))
         if not wanted:
             return
         if self.drafter is None:
@@ -260,22 +268,23 @@ class Speculator:
             state = self.seqs[sid]
             state.drafts, state.draft_probs = drafts, q
 
-    def _gated(self) -> bool:
-        """A model drafter whose acceptance rate does not cover its cost drafts only in probe
-        steps, 2, 4 ... MAX_PROBE_INTERVAL steps apart, to notice when the text turns easy; not
-        even those when a drafted position costs a whole target pass (no rate can pay for it,
-        and a probe costs the draft's catching up on the tokens it has not seen)."""
+    def _draft_cap(self) -> int:
+        """The most tokens a sequence may draft this step. A model drafter whose acceptance rate
+        does not cover its cost drafts only in probe steps, 2, 4 ... MAX_PROBE_INTERVAL steps
+        apart, one token each, to notice when the text turns easy; not even those when a
+        drafted position costs a whole target pass (no rate can pay for it, and a probe costs
+        the draft's catching up on the tokens it has not seen)."""
         if self.drafter is None or self.rate >= self.cost:
             self._probes = self._skip = 0
-            return False
+            return self.k
         if self.cost >= 1.0:
-            return True
+            return 0
         if self._skip > 0:
             self._skip -= 1
-            return True
+            return 0
         self._probes += 1
         self._skip = min(2 ** self._probes, MAX_PROBE_INTERVAL)
-        return False
+        return 1
 
     def _allowed(self, wanted, drafted):
         """Drafts cut before the first token a mask (a grammar) refuses after the tokens so far."""
