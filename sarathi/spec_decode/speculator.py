@@ -22,7 +22,12 @@ from sarathi.spec_decode.rejection import Verification, verify
 
 logger = logging.getLogger("sarathi")
 
-MAX_BACKOFF_STEPS = 16   # a sequence whose drafts all failed rests at most this many steps
+# A prompt-lookup sequence whose drafts failed twice running rests 1, 2, 4 ... this many steps.
+# Not after one miss: it drafts one token next (k falls to 1), which costs a verified row (about
+# a tenth of a step on the embedded model) and is accepted about a third of the time on
+# open-ended text; resting after every miss drafted less and gained less
+# (docs/speculative-decoding.md).
+MAX_BACKOFF_STEPS = 16
 # A model drafter that does not pay probes in steps 2, 4 ... this many steps apart, one
 # drafted token each. A probe costs about 1.3 plain steps on the embedded model (one pass of
 # the first layers, which includes the whole LM head, and one more verified row): 128 keeps
@@ -148,13 +153,18 @@ class Speculator:
             step_drafted += k
             step_accepted += accepted
             self._adapt(sid, k, accepted)
-        if step_drafted:
-            self.rate = (1 - RATE_EMA) * self.rate + RATE_EMA * step_accepted / step_drafted
-            if step_accepted:   # a probe that hit: probe again at once (easy text may have begun)
-                self._probes = self._skip = 0
+        self._record_step(step_drafted, step_accepted)
         if time.monotonic() - self._logged_at >= LOG_INTERVAL_S:
             self._logged_at = time.monotonic()
             logger.info(self.summary())
+
+    def _record_step(self, drafted: int, accepted: int) -> None:
+        """The running acceptance rate a model drafter is gated by (_draft_cap); a probe that
+        hit brings the next probe to the next step (easy text may have begun)."""
+        if drafted:
+            self.rate = (1 - RATE_EMA) * self.rate + RATE_EMA * accepted / drafted
+            if accepted:
+                self._probes = self._skip = 0
 
     def _grammar_masks(self, plan: List[SeqPlan], items: List[Verification], out: ModelRunnerOutput):
         """Each mask's bitmask over the 1 + k positions of every row (as plain sampling masks one);
@@ -201,14 +211,14 @@ class Speculator:
     def _adapt(self, sid: int, k: int, accepted: int) -> None:
         """Acceptance-driven k: twice as many after a fully accepted draft (a copied span is
         long, and the rows after the first cost little), else what was accepted plus one; after
-        drafts that all failed, rest 1, 2, 4 ... 16 steps (a miss costs the step its verified
-        positions, and a model drafter its passes)."""
+        drafts that failed twice running, rest 1, 2, 4 ... 16 steps (a miss costs the step its
+        verified positions; a model drafter is gated for the whole batch instead, _draft_cap)."""
         state = self.seqs.setdefault(sid, SeqSpec(self.k))
         state.k = min(2 * k, self.k) if accepted == k else max(accepted + 1, 1)
         if accepted == 0:
             state.misses += 1
-            # a model drafter's passes cost the same for fewer sequences: it is gated per step instead
-            state.rest = min(2 ** (state.misses - 1), MAX_BACKOFF_STEPS) if self.drafter is None else 0
+            state.rest = min(2 ** (state.misses - 2), MAX_BACKOFF_STEPS) \
+                if self.drafter is None and state.misses >= 2 else 0
         else:
             state.misses = 0
         state.drafts, state.draft_probs = [], None
