@@ -12,8 +12,9 @@ runs the methods in turn, --repeats times interleaved, and reports the median, s
 method and its baseline see the same machine load. Ratios are against "off" of the same
 cell. Writes benchmarks/results/spec_decode.json and .png.
 
-Two engines of the same configuration in one process decode at speeds up to ~10 % apart (a
-plain decode step measured 8.7 vs 9.3 ms), more than the 5 % a method may lose. So each
+Two engines of the same configuration in one process can decode at speeds 10-20 % apart for
+their whole life (the disabled rows of results/spec_decode_c1_v3_*.json ran at 0.83-1.11x of
+off with the same steps), more than the 5 % a method may lose. So each
 speculating engine is also run with speculation disabled ("<method>:disabled",
 disable_by_batch_size 1: no step drafts, the plain path): `vs_disabled` is the method against
 the same engine, and the disabled row against "off" is what the disabled path costs.
