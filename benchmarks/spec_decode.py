@@ -12,6 +12,13 @@ runs the methods in turn, --repeats times interleaved, and reports the median, s
 method and its baseline see the same machine load. Ratios are against "off" of the same
 cell. Writes benchmarks/results/spec_decode.json and .png.
 
+Two engines of the same configuration in one process can decode at speeds 10-20 % apart for
+their whole life (the disabled rows of results/spec_decode_c1_v3_*.json ran at 0.83-1.11x of
+off with the same steps), more than the 5 % a method may lose. So each
+speculating engine is also run with speculation disabled ("<method>:disabled",
+disable_by_batch_size 1: no step drafts, the plain path): `vs_disabled` is the method against
+the same engine, and the disabled row against "off" is what the disabled path costs.
+
     flock /tmp/sarathi-bench.lock .venv/bin/python benchmarks/spec_decode.py
     .venv/bin/python benchmarks/spec_decode.py --sweep-layers      # early_exit acceptance by L
     .venv/bin/python benchmarks/spec_decode.py --step-cost         # decode step time by batch size
@@ -21,6 +28,8 @@ cell. Writes benchmarks/results/spec_decode.json and .png.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -79,6 +88,18 @@ def chat_prompts(llm, texts):
             for t in texts]
 
 
+@contextlib.contextmanager
+def speculation_disabled(llm):
+    """The same engine with no step drafting (disable_by_batch_size 1), then as it was."""
+    proposer = llm.engine.runner.proposer
+    config = proposer.config
+    proposer.config = dataclasses.replace(config, disable_by_batch_size=1)
+    try:
+        yield
+    finally:
+        proposer.config = config
+
+
 def run(llm, prompts, concurrency, temperature, max_tokens):
     """Output tok/s: `concurrency` requests at once, until every prompt ran."""
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=0 if temperature else None)
@@ -97,6 +118,9 @@ def main() -> None:
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.7])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, "draft_model"])
     ap.add_argument("--repeats", type=int, default=3, help="runs per method and cell, interleaved; the median counts")
+    ap.add_argument("--workloads", nargs="+", default=["grounded", "open"], choices=["grounded", "open"])
+    ap.add_argument("--no-disabled", action="store_true",
+                    help="skip the speculating engines' runs with speculation disabled")
     ap.add_argument("--sweep-layers", action="store_true", help="early_exit: acceptance and tok/s by exit layer")
     ap.add_argument("--step-cost", action="store_true",
                     help="decode step time by batch size, and the batch size where drafts stop paying")
@@ -138,20 +162,26 @@ def main() -> None:
     llms = {m: LLM(speculative_config=METHODS[m], **engine_args) for m in args.methods}
     any_llm = next(iter(llms.values()))
     workloads = {"grounded": chat_prompts(any_llm, GROUNDED), "open": chat_prompts(any_llm, OPEN)}
+    workloads = {w: workloads[w] for w in args.workloads}
     for llm in llms.values():
-        llm.generate(workloads["open"][:1], SamplingParams(max_tokens=8))   # warm-up
+        # warm-up: every prompt once, so that every measured run finds them in the prefix cache
+        # (the engine's default) and its memory mapped; a first run measures ~1.7x slower
+        llm.generate([p for prompts in workloads.values() for p in prompts], SamplingParams(max_tokens=8))
+    order = [(m, llm, False) for m, llm in llms.items()]
+    if not args.no_disabled:
+        order += [(f"{m}:disabled", llm, True) for m, llm in llms.items() if METHODS.get(m)]
     results = []
     for name, prompts in workloads.items():
         for temperature in args.temperatures:
             for c in args.concurrency:
                 batch = prompts * max(1, c // len(prompts)) if c > 1 else prompts
-                runs = {m: [] for m in llms}
-                order = list(llms.items())
+                runs = {m: [] for m, _, _ in order}
                 for rep in range(args.repeats):
                     # each repeat starts with the next method: no method always runs first (or last)
-                    for method, llm in order[rep % len(order):] + order[:rep % len(order)]:
+                    for method, llm, disabled in order[rep % len(order):] + order[:rep % len(order)]:
                         before = llm.engine.get_stats()
-                        tps, tokens, elapsed = run(llm, batch, c, temperature, args.max_tokens)
+                        with speculation_disabled(llm) if disabled else contextlib.nullcontext():
+                            tps, tokens, elapsed = run(llm, batch, c, temperature, args.max_tokens)
                         after = llm.engine.get_stats()
                         runs[method].append((tps, tokens, elapsed, *(
                             after.get(k, 0) - before.get(k, 0) for k in
@@ -169,15 +199,19 @@ def main() -> None:
         llm.engine.close()
     base = {(r["workload"], r["temperature"], r["concurrency"]): r["output_tok_s"]
             for r in results if r["method"] == "off"}
+    own = {(r["workload"], r["temperature"], r["concurrency"], r["method"]): r["output_tok_s"] for r in results}
     for r in results:
-        b = base.get((r["workload"], r["temperature"], r["concurrency"]))
+        cell = (r["workload"], r["temperature"], r["concurrency"])
+        b = base.get(cell)
         r["speedup"] = round(r["output_tok_s"] / b, 3) if b else None
-    print("\n| workload | temp | conc | method | output tok/s | vs off | acceptance |")
-    print("|---|---:|---:|---|---:|---:|---:|")
+        d = own.get((*cell, r["method"] + ":disabled"))
+        r["vs_disabled"] = round(r["output_tok_s"] / d, 3) if d else None
+    print("\n| workload | temp | conc | method | output tok/s | vs off | vs same engine disabled | drafted / accepted |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
     for r in results:
-        acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
+        own_ratio = "" if r["vs_disabled"] is None else f"{r['vs_disabled']:.2f}x"
         print(f"| {r['workload']} | {r['temperature']} | {r['concurrency']} | {r['method']} | {r['output_tok_s']:.1f} "
-              f"| {r['speedup']:.2f}x | {acc} |")
+              f"| {r['speedup']:.2f}x | {own_ratio} | {r['draft_tokens']} / {r['accepted_tokens']} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"max_tokens": args.max_tokens, "repeats": args.repeats, "engine_args": engine_args,
@@ -195,7 +229,7 @@ def plot(results, path: Path, model: str) -> None:
     import matplotlib.pyplot as plt
 
     keys = sorted({(r["workload"], r["temperature"], r["concurrency"]) for r in results})
-    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    methods = [m for m in METHODS if any(r["method"] == m for r in results)]   # not the disabled runs
     fig, ax = plt.subplots(figsize=(max(6, len(keys) * 1.2), 4))
     width = 0.8 / len(methods)
     for j, m in enumerate(methods):

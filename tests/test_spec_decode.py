@@ -82,12 +82,83 @@ def test_ngram_proposes_the_latest_match_of_the_longest_n():
     assert propose_ngram(toks, 2, 1, 3) == [7, 8]
     assert propose_ngram(toks, 5, 1, 3) == [7, 8, 5, 2, 3]
     assert propose_ngram([1, 2, 3, 4], 3, 1, 3) == []
-    assert propose_ngram([5, 6, 5], 3, 1, 1) == [6, 5]
+    assert propose_ngram([5, 6, 5], 3, 1, 1) == [6, 5, 6]   # period 2: the draft repeats itself
     assert propose_ngram([5, 6, 5], 3, 2, 2) == []
     assert propose_ngram([4], 3, 1, 3) == []
     # the longest n wins over a later match of a shorter one
     assert propose_ngram([1, 2, 3, 4, 9, 3, 5, 1, 2, 3], 1, 1, 3) == [4]
 
+
+
+def test_ngram_draft_repeats_the_period_past_the_end_of_the_context():
+    # (3, 1, 2) last occurred 3 tokens back: the text repeats with period 3
+    assert propose_ngram([1, 2, 3, 1, 2, 3, 1, 2], 5, 1, 3) == [3, 1, 2, 3, 1]
+    assert propose_ngram([7, 7], 4, 1, 3) == [7, 7, 7, 7]
+
+
+def _speculator(spec):
+    """A Speculator on a stand-in runner of 30 layers: its policy only, no model."""
+    from types import SimpleNamespace
+
+    from sarathi.spec_decode.speculator import Speculator
+
+    runner = SimpleNamespace(model=SimpleNamespace(args=SimpleNamespace(num_layers=30)))
+    return Speculator(parse_speculative_config(spec), runner)
+
+
+def test_k_doubles_after_full_acceptance_and_a_sequence_rests_after_two_misses():
+    s = _speculator('{"method": "ngram", "num_speculative_tokens": 8}')
+    seen = []
+    for k, accepted in [(1, 1), (2, 2), (4, 4), (8, 8), (8, 3), (4, 0), (1, 0), (1, 0), (1, 0)]:
+        s._adapt(7, k, accepted)
+        seen.append((s.seqs[7].k, s.seqs[7].rest))
+    assert seen == [(2, 0), (4, 0), (8, 0), (8, 0), (4, 0), (1, 0), (1, 1), (1, 2), (1, 4)]
+    s.seqs[7].rest = 0   # rested; a hit, then one miss: no rest again
+    s._adapt(7, 1, 1)
+    s._adapt(7, 2, 0)
+    assert (s.seqs[7].k, s.seqs[7].rest) == (1, 0)
+
+
+def test_a_model_drafter_that_does_not_pay_probes_one_token_ever_more_rarely():
+    from sarathi.spec_decode.speculator import MAX_PROBE_INTERVAL
+
+    s = _speculator('{"method": "early_exit", "num_speculative_tokens": 3, "num_early_exit_layers": 15}')
+    assert s.cost == 0.5 and s._draft_cap() == 3   # no misses yet: full drafts
+    for _ in range(10):
+        s._record_step(3, 0)
+    caps = [s._draft_cap() for _ in range(2000)]
+    probes = [i for i, c in enumerate(caps) if c]
+    assert all(caps[i] == 1 for i in probes)
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps) and gaps[0] <= 3 and max(gaps) == MAX_PROBE_INTERVAL + 1
+    assert len(probes) <= 2000 // MAX_PROBE_INTERVAL + 8
+    # a probe that hits: the next step probes again, a second hit lifts the rate over the cost
+    s._record_step(1, 1)
+    assert s.rate < s.cost and s._draft_cap() == 1
+    s._record_step(1, 1)
+    assert s._draft_cap() == 3
+
+
+def test_a_step_without_drafts_takes_the_plain_sampler(tiny_model_dir):
+    """Only sequences with drafts are verified by the proposer; the rest of the batch, and
+    every step without drafts, is drawn by the runner's plain sampler."""
+    llm = _llm(tiny_model_dir, NGRAM)
+    runner = llm.engine.runner
+    verified, plain = [], []
+    verify, sample = runner.proposer.verify, runner._sample
+
+    def spy_verify(plan, rows, batch, out):
+        verified.extend(len(p.draft_token_ids) for p in plan)
+        return verify(plan, rows, batch, out)
+
+    def spy_sample(plan, rows, out):
+        plain.extend(len(p.draft_token_ids) for p in plan)
+        return sample(plan, rows, out)
+
+    runner.proposer.verify, runner._sample = spy_verify, spy_sample
+    _run(llm, REPEATING + OPEN, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    assert verified and all(k > 0 for k in verified)
+    assert plain and all(k == 0 for k in plain)
 
 # ---- rejection sampling: the distribution of plain sampling ---------------------------
 def _chi_square(counts, probs):

@@ -22,8 +22,17 @@ from sarathi.spec_decode.rejection import Verification, verify
 
 logger = logging.getLogger("sarathi")
 
-MAX_BACKOFF_STEPS = 16   # a sequence whose drafts all failed rests at most this many steps
-MAX_PROBE_INTERVAL = 32  # a model drafter that does not pay drafts once in at most this many steps
+# A prompt-lookup sequence whose drafts failed twice running rests 1, 2, 4 ... this many steps.
+# Not after one miss: it drafts one token next (k falls to 1), which costs a verified row (about
+# a tenth of a step on the embedded model) and is accepted about a third of the time on
+# open-ended text; resting after every miss drafted less and gained less
+# (docs/speculative-decoding.md).
+MAX_BACKOFF_STEPS = 16
+# A model drafter that does not pay probes in steps 2, 4 ... this many steps apart, one
+# drafted token each. A probe costs about 1.3 plain steps on the embedded model (one pass of
+# the first layers, which includes the whole LM head, and one more verified row): 128 keeps
+# probing under 1.5 % of the steps (docs/speculative-decoding.md).
+MAX_PROBE_INTERVAL = 128
 RATE_EMA = 0.3           # weight of a step's acceptance rate in the running rate
 LOG_INTERVAL_S = 10.0    # how often the acceptance rate goes to the log while drafts are verified
 
@@ -144,11 +153,18 @@ class Speculator:
             step_drafted += k
             step_accepted += accepted
             self._adapt(sid, k, accepted)
-        if step_drafted:
-            self.rate = (1 - RATE_EMA) * self.rate + RATE_EMA * step_accepted / step_drafted
+        self._record_step(step_drafted, step_accepted)
         if time.monotonic() - self._logged_at >= LOG_INTERVAL_S:
             self._logged_at = time.monotonic()
             logger.info(self.summary())
+
+    def _record_step(self, drafted: int, accepted: int) -> None:
+        """The running acceptance rate a model drafter is gated by (_draft_cap); a probe that
+        hit brings the next probe to the next step (easy text may have begun)."""
+        if drafted:
+            self.rate = (1 - RATE_EMA) * self.rate + RATE_EMA * accepted / drafted
+            if accepted:
+                self._probes = self._skip = 0
 
     def _grammar_masks(self, plan: List[SeqPlan], items: List[Verification], out: ModelRunnerOutput):
         """Each mask's bitmask over the 1 + k positions of every row (as plain sampling masks one);
@@ -193,15 +209,16 @@ class Speculator:
                 f"rate {rate:.1%}, {mean:.2f} tokens per verifying step; accepted by position: {per_pos}")
 
     def _adapt(self, sid: int, k: int, accepted: int) -> None:
-        """Acceptance-driven k: one more after a fully accepted draft, else what was accepted
-        plus one; after drafts that all failed, rest 1, 2, 4 ... 16 steps (a miss costs the
-        step its verified positions, and a model drafter its passes)."""
+        """Acceptance-driven k: twice as many after a fully accepted draft (a copied span is
+        long, and the rows after the first cost little), else what was accepted plus one; after
+        drafts that failed twice running, rest 1, 2, 4 ... 16 steps (a miss costs the step its
+        verified positions; a model drafter is gated for the whole batch instead, _draft_cap)."""
         state = self.seqs.setdefault(sid, SeqSpec(self.k))
-        state.k = min(k + 1, self.k) if accepted == k else max(accepted + 1, 1)
+        state.k = min(2 * k, self.k) if accepted == k else max(accepted + 1, 1)
         if accepted == 0:
             state.misses += 1
-            # a model drafter's passes cost the same for fewer sequences: it is gated per step instead
-            state.rest = min(2 ** (state.misses - 1), MAX_BACKOFF_STEPS) if self.drafter is None else 0
+            state.rest = min(2 ** (state.misses - 2), MAX_BACKOFF_STEPS) \
+                if self.drafter is None and state.misses >= 2 else 0
         else:
             state.misses = 0
         state.drafts, state.draft_probs = [], None
@@ -210,7 +227,8 @@ class Speculator:
         limit = self.config.disable_by_batch_size
         if limit is not None and len(plan) >= limit:
             return
-        if self._gated():
+        cap = self._draft_cap()
+        if cap == 0:
             return
         wanted: List[Tuple[SeqPlan, List[int], int]] = []
         for p in plan:
@@ -225,10 +243,10 @@ class Speculator:
             if any(t in seq.eos_token_ids or t in seq.stop_token_ids for t in new):
                 continue   # it may stop here (the scheduler decides): no drafts spent on it
             room = seq.max_tokens - len(seq.output_token_ids) - len(new) - 1
-            k = min(state.k, room)
+            k = min(state.k, room, cap)
             if k <= 0:
                 continue
-            wanted.append((p, seq.token_ids() + new, k))
+            wanted.append((p, seq.prompt_token_ids + seq.output_token_ids + new, k))
         if not wanted:
             return
         if self.drafter is None:
@@ -260,22 +278,23 @@ class Speculator:
             state = self.seqs[sid]
             state.drafts, state.draft_probs = drafts, q
 
-    def _gated(self) -> bool:
-        """A model drafter whose acceptance rate does not cover its cost drafts only in probe
-        steps, 2, 4 ... MAX_PROBE_INTERVAL steps apart, to notice when the text turns easy; not
-        even those when a drafted position costs a whole target pass (no rate can pay for it,
-        and a probe costs the draft's catching up on the tokens it has not seen)."""
+    def _draft_cap(self) -> int:
+        """The most tokens a sequence may draft this step. A model drafter whose acceptance rate
+        does not cover its cost drafts only in probe steps, 2, 4 ... MAX_PROBE_INTERVAL steps
+        apart, one token each, to notice when the text turns easy; not even those when a
+        drafted position costs a whole target pass (no rate can pay for it, and a probe costs
+        the draft's catching up on the tokens it has not seen)."""
         if self.drafter is None or self.rate >= self.cost:
             self._probes = self._skip = 0
-            return False
+            return self.k
         if self.cost >= 1.0:
-            return True
+            return 0
         if self._skip > 0:
             self._skip -= 1
-            return True
+            return 0
         self._probes += 1
         self._skip = min(2 ** self._probes, MAX_PROBE_INTERVAL)
-        return False
+        return 1
 
     def _allowed(self, wanted, drafted):
         """Drafts cut before the first token a mask (a grammar) refuses after the tokens so far."""
