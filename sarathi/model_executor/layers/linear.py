@@ -32,7 +32,8 @@ class QuantLinear(nn.Module):
             else:
                 groups.append([p])
         merged = [concat_rows(g) if len(g) > 1 else g[0] for g in groups]
-        self.packed = [kernels.pack(t.q, t.scale, t.min, t.bits, t.block) for t in merged]
+        self.packed = [kernels.pack(t.q, t.scale, t.min, t.bits, t.block, super_scale=t.super_scale,
+                                    super_min=t.super_min) for t in merged]
         self.perms = [t.input_perm for t in merged]
         self.source = describe(parts)
         self.in_features = parts[0].q.shape[1]
