@@ -1,7 +1,7 @@
 """GGUF's 5- / 6-bit blocks and K-quant super-blocks in the kernels at the file's size.
 
-Q6_K and Q4_K are packed with their integer sub-scales under the fp16 super-scales, Q5_0 as
-5-bit blocks; the packed bytes must dequantise to exactly what the gguf package decodes, and
+Q6_K, Q4_K and Q5_K are packed with their integer sub-scales under the fp16 super-scales, Q5_0
+as 5-bit blocks; the packed bytes must dequantise to exactly what the gguf package decodes, and
 every kernel path (AVX-512 decode from the packed bits, the panel expansion for prefill, AVX2
 and scalar) must give the same bits as the same weight loaded as int8 / 4-bit blocks (the
 previous layout), on every batch size, within the activation-rounding bound of the float result.
@@ -21,7 +21,7 @@ from sarathi.model_executor.quantization import formats
 from sarathi.model_executor.quantization import kernels
 
 ISAS = kernels.available_isas()
-NATIVE = {"Q6_K": 6.5625, "Q5_0": 5.5, "Q4_K": 4.625}  # packed bits/weight at N % 16 == 0
+NATIVE = {"Q6_K": 6.5625, "Q5_0": 5.5, "Q4_K": 4.625, "Q5_K": 5.625}  # packed bits/weight at N % 16 == 0
 MS = (1, 2, 5, 8, 17, 64)
 
 
@@ -50,7 +50,7 @@ def test_packed_at_the_files_size_and_exact(kind, N):
     qt, want = gguf_tensor(kind, N, K)
     w = pack_native(qt)
     assert torch.equal(w.dequantize(), want)  # the gguf package's dequantisation, bit for bit
-    assert w.k_super == (kind != "Q5_0") and w.bits == {"Q6_K": 6, "Q5_0": 5, "Q4_K": 4}[kind]
+    assert w.k_super == (kind != "Q5_0") and w.bits == {"Q6_K": 6, "Q5_0": 5, "Q4_K": 4, "Q5_K": 5}[kind]
     padded_n = -(-N // 16) * 16
     assert 8 * w.nbytes() / (padded_n * K) == NATIVE[kind]
     assert w.nbytes() < pack_expanded(qt).nbytes()
@@ -109,6 +109,8 @@ def test_bad_5_and_6_bit_weights_are_rejected():
         kernels.pack(q, scale, torch.zeros(4, 2), 6, 32)
     with pytest.raises(ValueError, match=r"\[-16, 15\]"):
         kernels.pack(q + 16, scale, None, 5, 32)
+    with pytest.raises(ValueError, match="only as K-quant super-blocks"):
+        kernels.pack(q, scale, torch.zeros(4, 2), 5, 32)
     w = kernels.pack(q, torch.ones(4, 4), None, 6, 16)
     bad = kernels.PackedWeight(w.data[:, :-1].contiguous(), 6, 16, 4, 64, False, w.half_scales)
     with pytest.raises(ValueError, match="bytes"):
@@ -123,3 +125,16 @@ def test_quant_linear_stacks_k_quant_parts_natively():
     assert torch.equal(lin.dequantize(), torch.cat([wa, wb]))
     x = torch.randn(2, 512)
     assert torch.equal(lin(x, None), kernels.qlinear(x, pack_expanded(formats.concat_rows([a, b]))))
+
+
+def test_a_layer_with_q5_0_and_q8_0_parts_stays_one_call():
+    """Gemma's Q4_K_M q / k (Q5_0) beside its v (Q8_0): widened to int8 blocks, one packed part
+    (the fused decode path needs one); a layer of Q5_0 parts alone keeps its 5-bit blocks."""
+    (q, wq), (v, wv) = gguf_tensor("Q5_0", 32, 256, seed=9), gguf_tensor("Q8_0", 16, 256, seed=10)
+    mixed = QuantLinear([q, v])
+    assert len(mixed.packed) == 1 and mixed.packed[0].bits == 8
+    assert torch.equal(mixed.dequantize(), torch.cat([wq, wv]))
+    alone = QuantLinear([q, q])
+    assert len(alone.packed) == 1 and alone.packed[0].bits == 5
+    k4, _ = gguf_tensor("Q4_K", 16, 256, seed=11)
+    assert len(QuantLinear([q, k4]).packed) == 2  # no common block form: two calls

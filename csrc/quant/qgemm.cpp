@@ -239,11 +239,13 @@ void qlinear_fused(const float* x, int64_t M, int64_t K, int64_t ldx, const uint
   auto fail = [](const std::string& msg) { throw std::invalid_argument("qlinear: " + msg); };
   if (fmt.bits < 4 || fmt.bits > 8 || fmt.bits == 7) fail("bits must be 4, 5, 6 or 8, got " + std::to_string(fmt.bits));
   if (fmt.block != 16 && fmt.block != 32) fail("block must be 16 or 32, got " + std::to_string(fmt.block));
-  if (fmt.bits == 5 && (fmt.block != 32 || fmt.has_min)) fail("bits 5 (GGUF Q5_0) needs block 32 and no min");
+  if (fmt.bits == 5 && (fmt.block != 32 || (fmt.has_min && !fmt.k_super)))
+    fail("bits 5 (GGUF Q5_0, Q5_K) needs block 32 and no min outside K-quant super-blocks");
   if (fmt.bits == 6 && (fmt.block != 16 || fmt.has_min)) fail("bits 6 (GGUF Q6_K) needs block 16 and no min");
   if (fmt.k_super && !(fmt.half_scales && ((fmt.bits == 6 && !fmt.has_min) ||
-                                           (fmt.bits == 4 && fmt.block == 32 && fmt.stored_min()))))
-    fail("K-quant super-blocks are Q6_K (bits 6, block 16) or Q4_K (bits 4, block 32, min), fp16 super-scales");
+                                           ((fmt.bits == 4 || fmt.bits == 5) && fmt.block == 32 && fmt.stored_min()))))
+    fail("K-quant super-blocks are Q6_K (bits 6, block 16) or Q4_K / Q5_K (bits 4 / 5, block 32, min), fp16 "
+         "super-scales");
   if (fmt.implied_min && (fmt.bits != 4 || !fmt.has_min)) fail("an implied min (-8 * scale) needs bits 4 and has_min");
   if (fmt.int_min && (!fmt.has_min || fmt.implied_min)) fail("int8 min multipliers need has_min (and no implied min)");
   if (M < 0) fail("M must be >= 0, got " + std::to_string(M));

@@ -18,22 +18,23 @@
 //   bits = 4: G / 2 chunks of 64 bytes; chunk h's low nibbles are group h and its high
 //             nibbles group h + G / 2 (q in 0..15).
 //   bits = 5 (block 32) / 6 (block 16): GGUF Q5_0 / Q6_K's own q, stored u = q + 16 / q + 32
-//             (offset binary, like bits 8; no min): the bits 4 chunks of u's low nibbles, then
+//             (offset binary, like bits 8; u = q when the format has a min: Q5_K, 0..31):
+//             the bits 4 chunks of u's low nibbles, then
 //             one 64-byte plane of the high bits: byte j * 4 + t of it holds, for each group g,
 //             bit 4 (bits 5: at bit g) or bits 4-5 (bits 6: at bits 2g, 2g + 1) of that lane's u.
 //   Padding (k >= K, columns >= N) holds q = 0 (bits 8: byte 128) and zero scale/min.
 //
-// K-quant super-blocks (k_super: GGUF Q6_K = bits 6, block 16; Q4_K = bits 4, block 32 with a
-// min): a record covers 256 k of a panel, the file's own super-block, with its integer
+// K-quant super-blocks (k_super: GGUF Q6_K = bits 6, block 16; Q4_K / Q5_K = bits 4 / 5, block 32
+// with a min): a record covers 256 k of a panel, the file's own super-block, with its integer
 // sub-scales instead of one float per sub-block:
 //     256 / block q sections, each the plain record's q bytes above
-//     sub-scales  [256 / block][16]: int8 (Q6_K) or uint8 6-bit (Q4_K)
-//     sub-mins    [8][16] uint8 6-bit (Q4_K only)
-//     d           16 fp16, then (Q4_K) dmin 16 fp16
+//     sub-scales  [256 / block][16]: int8 (Q6_K) or uint8 6-bit (Q4_K / Q5_K)
+//     sub-mins    [8][16] uint8 6-bit (Q4_K / Q5_K only)
+//     d           16 fp16, then (Q4_K / Q5_K) dmin 16 fp16
 //   scale of sub-block s, column j = d[j] * sc[s][j] (exact in fp32), min = -(dmin[j] * m[s][j]):
 //   the floats the expanded block form holds, so every path gives the same bits.
-//   Q6_K: 3360 bytes per 16 x 256 weights = 6.5625 bits/weight (the file's); Q4_K: 2368 = 4.625
-//   (the file's 4.5 packs the 6-bit sub-scales; here a byte each).
+//   Q6_K: 3360 bytes per 16 x 256 weights = 6.5625 bits/weight (the file's); Q4_K: 2368 = 4.625,
+//   Q5_K: 2880 = 5.625 (the files' 4.5 / 5.5 pack the 6-bit sub-scales; here a byte each).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -79,6 +80,7 @@ struct WeightFormat {
     return e;
   }
   bool native_only() const { return bits == 5 || bits == 6 || k_super; }  // run by qgemm_kquant.cpp
+  int offset() const { return (bits == 5 || bits == 6) && !has_min ? 1 << (bits - 1) : 0; }  // u - q (bits 5 / 6)
 };
 
 // Everything a kernel needs, sizes validated by qlinear().

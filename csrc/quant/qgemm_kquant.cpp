@@ -3,7 +3,7 @@
 // Decode (M <= 8) on AVX-512 reads the packed bits directly: per block, the low nibbles and the
 // high-bit plane are merged into the unsigned operand u of vpdpbusd (one ternary-logic op per
 // 64 bytes), the int32 accumulator starts at -offset * sum(q_x) (offset 16 / 32 for the signed
-// Q5_0 / Q6_K values, 0 for Q4_K), and a K-quant sub-block's float scale d * sc (and min
+// Q5_0 / Q6_K values, 0 for Q4_K / Q5_K), and a K-quant sub-block's float scale d * sc (and min
 // -(dmin * m)) is formed in the kernel. Every other case (prefill, AVX2, scalar) expands one
 // panel at a time into the block form of f.expanded() and runs that format's kernel. Both do
 // the float operations of the expanded block form in the same order (the integer sums are
@@ -29,8 +29,8 @@ namespace sqk {
 namespace {
 
 // One block's q section (bits 4 / 5 / 6, block B) -> the expanded q bytes: bits 4 as they are;
-// bits 5 / 6 as bits 8 offset binary, u - offset + 128.
-void expand_q(int bits, int B, const uint8_t* src, uint8_t* dst) {
+// bits 5 / 6 as bits 8 offset binary, q + 128 = u - offset + 128.
+void expand_q(int bits, int B, int offset, const uint8_t* src, uint8_t* dst) {
   const int G = B / 4, H = G / 2;
   if (bits == 4) {
     std::memcpy(dst, src, size_t(H) * 64);
@@ -38,7 +38,7 @@ void expand_q(int bits, int B, const uint8_t* src, uint8_t* dst) {
   }
   const uint8_t* hp = src + H * 64;
   const int hb = bits - 4;
-  const uint8_t add = uint8_t(128 - (1 << (bits - 1)));
+  const uint8_t add = uint8_t(128 - offset);
   for (int g = 0; g < G; ++g) {
     const uint8_t* lo = src + (g % H) * 64;
     const int shift = g < H ? 0 : 4;
@@ -62,7 +62,7 @@ void expand_panel(const WeightFormat& f, const uint8_t* src, int64_t nrec, uint8
   const int64_t qb = f.qbytes(), eqb = e.qbytes(), erec = e.record(), rec = f.record();
   if (!f.k_super) {
     for (int64_t r = 0; r < nrec; ++r, src += rec, dst += erec) {
-      expand_q(f.bits, f.block, src, dst);
+      expand_q(f.bits, f.block, f.offset(), src, dst);
       std::memcpy(dst + eqb, src + qb, size_t(erec - eqb));  // the scales (bits 5 / 6 have no min)
     }
     return;
@@ -78,7 +78,7 @@ void expand_panel(const WeightFormat& f, const uint8_t* src, int64_t nrec, uint8
       if (f.has_min) dmin[j] = half_at(dp + 2 * kPanel, j);
     }
     for (int64_t s = 0; s < subs; ++s, dst += erec) {
-      expand_q(f.bits, f.block, src + s * qb, dst);
+      expand_q(f.bits, f.block, f.offset(), src + s * qb, dst);
       float scale[kPanel], mins[kPanel];
       for (int j = 0; j < kPanel; ++j) {
         const uint8_t v = sc[s * kPanel + j];
@@ -145,7 +145,8 @@ SQK_AVX512 void gemv(const Ctx& c, int64_t p) {
   constexpr int QB = kPanel * B * BITS / 8;
   constexpr int SUBS = SUPER ? WeightFormat::kSuper / B : 1;
   constexpr int S = MR == 1 ? 2 : 1;  // int32 accumulators per row (two chains at M = 1)
-  constexpr int32_t kDiv = 128 >> (BITS - 1);  // xc / kDiv = -offset * sum(q_x), offset 2^(BITS - 1)
+  constexpr bool kOffset = BITS != 4 && !MIN;  // signed q stored u = q + 2^(BITS - 1)
+  constexpr int32_t kDiv = 128 >> (BITS - 1);  // xc / kDiv = -offset * sum(q_x)
   const int64_t nb = c.nb, rec = c.fmt.record(), nrec = nb / SUBS;
   const int64_t pf_step = (rec / SUBS + 63) / 64 * 64;
   const uint8_t* wp = c.w + p * nrec * rec;
@@ -168,10 +169,10 @@ SQK_AVX512 void gemv(const Ctx& c, int64_t p) {
       const uint8_t* q = wp + s * QB;
       __m512i ia[MR][S];
       for (int i = 0; i < MR; ++i) {
-        if constexpr (BITS == 4)
-          ia[i][0] = _mm512_setzero_si512();
-        else
+        if constexpr (kOffset)
           ia[i][0] = _mm512_set1_epi32(c.xc[i * nb + b] / kDiv);
+        else
+          ia[i][0] = _mm512_setzero_si512();
         if constexpr (S == 2) ia[i][S - 1] = _mm512_setzero_si512();
       }
       const int8_t* xb = c.xq + b * B;
@@ -238,7 +239,10 @@ void gemm_avx512(const Ctx& c, int64_t p0, int64_t p1) {
 }
 
 GemmFn avx512_gemm(const WeightFormat& f) {
-  if (f.k_super) return f.bits == 6 ? gemm_avx512<6, 16, true, false, true> : gemm_avx512<4, 32, true, true, true>;
+  if (f.k_super) {
+    if (f.bits == 6) return gemm_avx512<6, 16, true, false, true>;
+    return f.bits == 5 ? gemm_avx512<5, 32, true, true, true> : gemm_avx512<4, 32, true, true, true>;
+  }
   if (f.bits == 6) return f.half_scales ? gemm_avx512<6, 16, false, false, true> : gemm_avx512<6, 16, false, false, false>;
   return f.half_scales ? gemm_avx512<5, 32, false, false, true> : gemm_avx512<5, 32, false, false, false>;
 }

@@ -7,9 +7,10 @@ layout. The conversions below are exact: the logical values equal what the sourc
 means, bit for bit (GGUF: the `gguf` package's own dequantisation; GPTQ / AWQ: (q - z) * s).
 
 - GGUF Q8_0 / Q5_1: int8 blocks; Q5_0: 5-bit blocks (bits 5, q in [-16, 15]); Q6_K: 6-bit blocks
-  of 16 (bits 6, q in [-32, 31]); Q4_0 / Q4_1 / Q4_K: 4-bit blocks; Q5_K: int8 blocks of 32 with a
-  min. Q6_K and Q4_K also keep their fp16 super-block scales (`super_scale`, and Q4_K's
-  `super_min`), so that the kernels store the integer sub-scales at the file's size. Other GGUF types
+  of 16 (bits 6, q in [-32, 31]); Q4_0 / Q4_1 / Q4_K: 4-bit blocks; Q5_K: 5-bit blocks of 32 with a
+  min (q in [0, 31]). The K-quants also keep their fp16 super-block scales (`super_scale`, and
+  Q4_K's / Q5_K's `super_min`), so that the kernels store the integer sub-scales at the file's
+  size. Other GGUF types
   (Q2_K, Q3_K, IQ*) have no kernel: they are dequantised and re-quantised to int8 blocks of
   32 (the next supported type) with a logged note.
 - GPTQ (v1 and v2 zero conventions, act-order via g_idx) and AWQ (GEMM packing): 4-bit
@@ -169,7 +170,7 @@ def _decode_gguf_blocks(kind: str, b: np.ndarray):
         qs = b[:, 48:176].reshape(nb, 4, 32)
         low = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(nb, 8, 32)
         high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
-        return (low | (high << 4)).reshape(nb, 256).astype(np.int8), scale, minus, 8, 32, None, None
+        return (low | (high << 4)).reshape(nb, 256).astype(np.int8), scale, minus, 5, 32, d[:, 0], dmin[:, 0]
     if kind == "Q6_K":
         ql = b[:, :128].reshape(nb, 2, 64)
         qh = b[:, 128:192].reshape(nb, 2, 32)

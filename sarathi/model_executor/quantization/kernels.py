@@ -6,10 +6,11 @@ Logical weight format (what loaders hand to `pack`): W [N out, K in] in blocks o
     W[n, k] = scale[n, k // block] * q[n, k] + min[n, k // block]      (min None: 0)
 
 with q uint8 in [0, 15] (bits=4) or int8 in [-128, 127] (bits=8), [-16, 15] (bits=5, block 32:
-GGUF Q5_0) or [-32, 31] (bits=6, block 16: GGUF Q6_K), scale / min float32 [N, ceil(K / block)].
+GGUF Q5_0; [0, 31] with a min: Q5_K) or [-32, 31] (bits=6, block 16: GGUF Q6_K), scale / min
+float32 [N, ceil(K / block)].
 K need not be a multiple of the block. GGUF's K-quants may also pass their fp16 super-block
 scales (`super_scale`, `super_min`: [N, K / 256]); the sub-block scales are then stored as the
-file's integers (Q6_K: 6.5625 bits/weight, as in the file; Q4_K: 4.625).
+file's integers (Q6_K: 6.5625 bits/weight, as in the file; Q4_K 4.625, Q5_K 5.625).
 
 How `qlinear` computes it: each row of x is quantized per block to int8 (scale d = max|x| / 127,
 q_x = round(x / d), like llama.cpp's Q8_0; also the block sums d * sum(q_x) for mins), then
@@ -121,7 +122,7 @@ class PackedWeight:
         sb = 2 if self.half_scales else 4
         sdt = torch.float16 if self.half_scales else torch.float32
         d = self.data
-        q = _unpack_q(d[:, :, :qb], self.bits, B)
+        q = _unpack_q(d[:, :, :qb], self.bits, B, _offset(self.bits, self.has_min))
         scale = d[:, :, qb:qb + PANEL * sb].contiguous().view(sdt).float().permute(0, 2, 1).reshape(P * PANEL, nb)
         mn = None
         if self.implied_min:
@@ -140,7 +141,7 @@ class PackedWeight:
         B, subs = self.block, _SUPER // self.block
         qb = PANEL * B * self.bits // 8
         d = self.data
-        q = _unpack_q(d[:, :, :subs * qb].reshape(P, nrec * subs, qb), self.bits, B)
+        q = _unpack_q(d[:, :, :subs * qb].reshape(P, nrec * subs, qb), self.bits, B, _offset(self.bits, self.has_min))
 
         def ints(off, dtype):  # [P, nrec, subs, 16] bytes -> float [P * 16, nrec * subs]
             v = d[:, :, off:off + subs * PANEL].contiguous().view(dtype).float().reshape(P, nrec, subs, PANEL)
@@ -181,7 +182,13 @@ class PackedWeight:
                 f"scales, {self.nbytes()} bytes)")
 
 
-def _unpack_q(raw: torch.Tensor, bits: int, B: int) -> torch.Tensor:
+def _offset(bits: int, has_min: bool) -> int:
+    """u - q as stored: bits 8 and the signed bits 5 / 6 (Q5_0, Q6_K) are offset binary; with a min
+    (Q5_K) bits 5 holds q in [0, 31] as it is."""
+    return 128 if bits == 8 else 1 << (bits - 1) if bits in (5, 6) and not has_min else 0
+
+
+def _unpack_q(raw: torch.Tensor, bits: int, B: int, offset: int) -> torch.Tensor:
     """q sections [P, nb, q bytes] -> logical q int16 [P * 16, nb * B] (the layout in csrc/quant/qgemm.h)."""
     P, nb, _ = raw.shape
     G, H = B // 4, B // 8
@@ -194,16 +201,14 @@ def _unpack_q(raw: torch.Tensor, bits: int, B: int) -> torch.Tensor:
             hb = bits - 4
             hp = raw[:, :, H * 64:H * 64 + 64].reshape(P, nb, 1, PANEL, 4).to(torch.int16)
             shifts = (hb * torch.arange(G, dtype=torch.int16)).view(1, 1, G, 1, 1)
-            g = g | (((hp >> shifts) & ((1 << hb) - 1)) << 4)
-            g = g - (1 << (bits - 1))
+            g = (g | (((hp >> shifts) & ((1 << hb) - 1)) << 4)) - offset
     return g.permute(0, 3, 1, 2, 4).reshape(P * PANEL, nb * B)
 
 
-def _pack_q(q: torch.Tensor, bits: int, B: int, P: int, nb: int) -> torch.Tensor:
-    """Logical q [N, K] -> q sections uint8 [P, nb, q bytes] (padding: q = 0)."""
+def _pack_q(q: torch.Tensor, bits: int, B: int, P: int, nb: int, off: int) -> torch.Tensor:
+    """Logical q [N, K] -> q sections uint8 [P, nb, q bytes] holding q + off (padding: q = 0)."""
     N, K = q.shape
     G = B // 4
-    off = 0 if bits == 4 else 1 << (bits - 1)  # bits 5 / 6 / 8: offset binary
     qpad = torch.full((P * PANEL, nb * B), off, dtype=torch.uint8)
     qpad[:N, :K] = (q.to(torch.int16) + off).to(torch.uint8)
     t = qpad.view(P, PANEL, nb, G, 4).permute(0, 2, 3, 1, 4)  # [P, nb, G, 16, 4]
@@ -248,9 +253,10 @@ def pack(q: torch.Tensor, scale: torch.Tensor, min: Optional[torch.Tensor], bits
     """Repack a logical quantized weight (see the module docstring) into the kernel layout.
 
     q: [N, K] uint8 in [0, 15] (bits=4) or int8 (bits=5: [-16, 15], 6: [-32, 31], 8); scale, min:
-    float32 [N, ceil(K / block)], finite. super_scale / super_min (GGUF Q6_K: bits 6, no min; Q4_K:
-    bits 4 with a min): [N, K / 256] fp16 values; when every scale is super_scale times an int8
-    (Q6_K) or 0..63 (Q4_K) and every min -(super_min times 0..63), exactly, the integers are stored
+    float32 [N, ceil(K / block)], finite. super_scale / super_min (GGUF Q6_K: bits 6, no min; Q4_K /
+    Q5_K: bits 4 / 5 with a min, Q5_K's q in [0, 31]): [N, K / 256] fp16 values; when every scale is
+    super_scale times an int8 (Q6_K) or 0..63 (Q4_K / Q5_K) and every min -(super_min times 0..63),
+    exactly, the integers are stored
     in K-quant super-blocks; otherwise the plain layout. Raises ValueError naming what is wrong.
     Cost: a few vectorised torch passes over the weight (~10 ms for 576 x 3072 on one core); do it
     once at load time."""
@@ -258,8 +264,10 @@ def pack(q: torch.Tensor, scale: torch.Tensor, min: Optional[torch.Tensor], bits
         raise ValueError(f"bits must be 4, 5, 6 or 8, got {bits!r}")
     if block not in _BLOCKS:
         raise ValueError(f"block must be 16 or 32, got {block!r}")
-    if bits in _HIGH_BITS_BLOCK and (block != _HIGH_BITS_BLOCK[bits] or min is not None):
-        raise ValueError(f"bits={bits} needs block {_HIGH_BITS_BLOCK[bits]} and no min")
+    q5k = bits == 5 and min is not None and super_scale is not None  # GGUF Q5_K: q in [0, 31] with a min
+    if bits in _HIGH_BITS_BLOCK and (block != _HIGH_BITS_BLOCK[bits] or (min is not None and not q5k)):
+        raise ValueError(f"bits={bits} needs block {_HIGH_BITS_BLOCK[bits]} and no min (bits=5 with a min: "
+                         "only as K-quant super-blocks)")
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"q must be a torch.Tensor, got {type(q).__name__}")
     if q.dim() != 2 or q.shape[0] < 1 or q.shape[1] < 1:
@@ -269,8 +277,9 @@ def pack(q: torch.Tensor, scale: torch.Tensor, min: Optional[torch.Tensor], bits
     _check_tensor("q", q, torch.uint8 if bits == 4 else torch.int8, (N, K))
     if bits == 4 and int(q.max()) > 15:
         raise ValueError(f"q values must be in [0, 15] for bits=4, got max {int(q.max())}")
-    if bits in (5, 6) and not (-(1 << (bits - 1)) <= int(q.min()) and int(q.max()) < 1 << (bits - 1)):
-        raise ValueError(f"q values must be in [{-(1 << (bits - 1))}, {(1 << (bits - 1)) - 1}] for bits={bits}")
+    lo = -_offset(bits, min is not None) if bits in (5, 6) else 0
+    if bits in (5, 6) and not (lo <= int(q.min()) and int(q.max()) < lo + (1 << bits)):
+        raise ValueError(f"q values must be in [{lo}, {lo + (1 << bits) - 1}] for bits={bits}")
     _check_tensor("scale", scale, torch.float32, (N, nb))
     if not bool(torch.isfinite(scale).all()):
         raise ValueError("scale has non-finite values")
@@ -284,8 +293,10 @@ def pack(q: torch.Tensor, scale: torch.Tensor, min: Optional[torch.Tensor], bits
         w = _pack_super(q, scale, min, bits, block, super_scale, super_min, P)
         if w is not None:
             return w
+        if q5k:
+            raise ValueError("bits=5 with a min needs scales and mins that are the super-scales times 0..63")
     Np = P * PANEL
-    parts = [_pack_q(q, bits, block, P, nb)]  # bits 5 / 6 / 8 offset binary: the unsigned vpdpbusd operand
+    parts = [_pack_q(q, bits, block, P, nb, _offset(bits, False))]  # offset binary: the unsigned vpdpbusd operand
 
     # GGUF Q4_0, (q - 8) * d: the min is -8 * scale, computed by the kernel instead of streamed.
     implied = bits == 4 and min is not None and bool(torch.equal(min, scale * -8.0))
@@ -318,7 +329,7 @@ def pack(q: torch.Tensor, scale: torch.Tensor, min: Optional[torch.Tensor], bits
 def _pack_super(q, scale, mn, bits, block, sup, sup_min, P) -> Optional[PackedWeight]:
     """GGUF Q6_K / Q4_K super-blocks (layout in csrc/quant/qgemm.h), or None when the weight is not one."""
     N, K = q.shape
-    if not ((bits == 6 and mn is None) or (bits == 4 and block == 32 and mn is not None and sup_min is not None)):
+    if not ((bits == 6 and mn is None) or (bits in (4, 5) and block == 32 and mn is not None and sup_min is not None)):
         return None
     nrec = K // _SUPER
     if K % _SUPER or sup.shape != (N, nrec) or (sup_min is not None and sup_min.shape != (N, nrec)):
@@ -339,7 +350,8 @@ def _pack_super(q, scale, mn, bits, block, sup, sup_min, P) -> Optional[PackedWe
         return t.view(torch.uint8).reshape(P, nrec, -1)
 
     ints = torch.int8 if bits == 6 else torch.uint8
-    parts = [_pack_q(q, bits, block, P, nrec * subs).reshape(P, nrec, -1), per_record(sc, ints)]
+    parts = [_pack_q(q, bits, block, P, nrec * subs, _offset(bits, mn is not None)).reshape(P, nrec, -1),
+             per_record(sc, ints)]
     if m is not None:
         parts.append(per_record(m, torch.uint8))
     parts.append(per_record(sup, torch.float16))
