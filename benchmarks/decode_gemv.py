@@ -11,10 +11,10 @@ the same run (a native-speed sum over 1 GiB with 1 and 2 threads).
 
     .venv/bin/python benchmarks/decode_gemv.py                    # ~1-2 minutes
     .venv/bin/python benchmarks/decode_gemv.py --models 1b --formats Q4_0 --ms 1 --threads 2
-    .venv/bin/python benchmarks/decode_gemv.py --formats Q6_K Q4_K Q5_0 --expanded  # + the int8 / fp32-scale layout
+    .venv/bin/python benchmarks/decode_gemv.py --formats Q6_K Q4_K Q5_K Q5_0 --expanded  # + the previous layout
 
 --expanded also times the 5- / 6-bit and K-quant formats in the layout they had before they were
-native (int8 blocks for Q5_0 / Q6_K, fp32 sub-scales for Q4_K), the same weights, same run.
+native (int8 blocks for Q5_0 / Q5_K / Q6_K, fp32 sub-scales for Q4_K), the same weights, same run.
 
 Prints a markdown table; writes benchmarks/results/decode_gemv.json.
 """
@@ -46,8 +46,8 @@ MODELS = {  # name: {shape: (K in, N out)}
               "lm_head": (640, 262144)},
 }
 BLOCK_ELEMS = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "gptq4-g128": 128}
-NATIVE = ("Q4_K", "Q5_0", "Q6_K")  # packed at the file's size; --expanded: also as before
-FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q6_K", "Q8_0", "gptq4-g128", "gptq8-g32", "int8")
+NATIVE = ("Q4_K", "Q5_0", "Q5_K", "Q6_K")  # packed at the file's size; --expanded: also as before
+FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0", "gptq4-g128", "gptq8-g32", "int8")
 
 
 def gguf_weight(kind: str, N: int, K: int, rng: np.random.Generator) -> formats.QuantTensor:
