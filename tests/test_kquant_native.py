@@ -23,6 +23,7 @@ from sarathi.model_executor.quantization import kernels
 ISAS = kernels.available_isas()
 NATIVE = {"Q6_K": 6.5625, "Q5_0": 5.5, "Q4_K": 4.625, "Q5_K": 5.625}  # packed bits/weight at N % 16 == 0
 MS = (1, 2, 5, 8, 17, 64)
+NATIVE_BY_DEFAULT = kernels.kernel_isa() == "avx512vnni"  # pack's default layout choice
 
 
 def gguf_tensor(kind, N, K, seed=0):
@@ -33,9 +34,9 @@ def gguf_tensor(kind, N, K, seed=0):
     return formats.from_gguf(raw, kind, (N, K), f"test {kind}"), want
 
 
-def pack_native(qt):
+def pack_native(qt, native=True):
     return kernels.pack(qt.q, qt.scale, qt.min, qt.bits, qt.block, super_scale=qt.super_scale,
-                        super_min=qt.super_min)
+                        super_min=qt.super_min, native=native)
 
 
 def pack_expanded(qt):
@@ -91,12 +92,13 @@ def test_a_rows_result_does_not_depend_on_the_batch(kind, isa):
 def test_scales_that_are_not_the_files_integers_keep_the_plain_layout():
     qt, want = gguf_tensor("Q6_K", 16, 256, seed=5)
     odd = qt.super_scale * 3  # scale / super_scale no longer integers (in general)
-    w = kernels.pack(qt.q, qt.scale, None, 6, 16, super_scale=odd)
+    w = kernels.pack(qt.q, qt.scale, None, 6, 16, super_scale=odd, native=True)
     assert not w.k_super and torch.equal(w.dequantize(), want)
     x = torch.randn(3, 256)
     assert torch.equal(kernels.qlinear(x, w), kernels.qlinear(x, pack_native(qt)))
     qt4, want4 = gguf_tensor("Q4_K", 16, 256, seed=6)
-    w4 = kernels.pack(qt4.q, qt4.scale, qt4.min, 4, 32, super_scale=qt4.super_scale, super_min=qt4.super_min * 3)
+    w4 = kernels.pack(qt4.q, qt4.scale, qt4.min, 4, 32, super_scale=qt4.super_scale, super_min=qt4.super_min * 3,
+                      native=True)
     assert not w4.k_super and torch.equal(w4.dequantize(), want4)
 
 
@@ -111,7 +113,7 @@ def test_bad_5_and_6_bit_weights_are_rejected():
         kernels.pack(q + 16, scale, None, 5, 32)
     with pytest.raises(ValueError, match="only as K-quant super-blocks"):
         kernels.pack(q, scale, torch.zeros(4, 2), 5, 32)
-    w = kernels.pack(q, torch.ones(4, 4), None, 6, 16)
+    w = kernels.pack(q, torch.ones(4, 4), None, 6, 16, native=True)
     bad = kernels.PackedWeight(w.data[:, :-1].contiguous(), 6, 16, 4, 64, False, w.half_scales)
     with pytest.raises(ValueError, match="bytes"):
         kernels.qlinear(torch.randn(1, 64), bad)
@@ -121,7 +123,7 @@ def test_quant_linear_stacks_k_quant_parts_natively():
     """A fused gate / up from two GGUF Q6_K tensors: one super-block call, the file's dequantisation."""
     (a, wa), (b, wb) = gguf_tensor("Q6_K", 24, 512, seed=7), gguf_tensor("Q6_K", 40, 512, seed=8)
     lin = QuantLinear([a, b])
-    assert len(lin.packed) == 1 and lin.packed[0].k_super
+    assert len(lin.packed) == 1 and lin.packed[0].k_super == NATIVE_BY_DEFAULT
     assert torch.equal(lin.dequantize(), torch.cat([wa, wb]))
     x = torch.randn(2, 512)
     assert torch.equal(lin(x, None), kernels.qlinear(x, pack_expanded(formats.concat_rows([a, b]))))
@@ -135,6 +137,18 @@ def test_a_layer_with_q5_0_and_q8_0_parts_stays_one_call():
     assert len(mixed.packed) == 1 and mixed.packed[0].bits == 8
     assert torch.equal(mixed.dequantize(), torch.cat([wq, wv]))
     alone = QuantLinear([q, q])
-    assert len(alone.packed) == 1 and alone.packed[0].bits == 5
+    assert len(alone.packed) == 1 and alone.packed[0].bits == (5 if NATIVE_BY_DEFAULT else 8)
     k4, _ = gguf_tensor("Q4_K", 16, 256, seed=11)
     assert len(QuantLinear([q, k4]).packed) == 2  # no common block form: two calls
+
+
+@pytest.mark.parametrize("kind", NATIVE)
+def test_without_the_avx512_kernel_the_blocks_are_packed_as_before(kind):
+    """AVX2 / scalar expand 5- / 6-bit blocks slower than they read int8 ones: native=False (the
+    default where the kernel path is not AVX-512) packs the previous layout, same values."""
+    qt, want = gguf_tensor(kind, 16, 256, seed=12)
+    w = pack_native(qt, native=False)
+    assert not w.k_super and w.bits in (4, 8) and w.data.shape == pack_expanded(qt).data.shape
+    assert torch.equal(w.dequantize(), want)
+    default = pack_native(qt, native=None)
+    assert (default.k_super or default.bits == 5) == NATIVE_BY_DEFAULT

@@ -26,11 +26,14 @@ namespace sqk {
 
 // ---------------------------------------------------------------- expansion (every ISA)
 
+#define SQK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define SQK_INLINE inline __attribute__((always_inline))
+
 namespace {
 
 // One block's q section (bits 4 / 5 / 6, block B) -> the expanded q bytes: bits 4 as they are;
-// bits 5 / 6 as bits 8 offset binary, q + 128 = u - offset + 128.
-void expand_q(int bits, int B, int offset, const uint8_t* src, uint8_t* dst) {
+// bits 5 / 6 as bits 8 offset binary, q + 128 = u - offset + 128 (no byte overflows: u <= 63).
+SQK_INLINE void expand_q(int bits, int B, int offset, const uint8_t* src, uint8_t* dst) {
   const int G = B / 4, H = G / 2;
   if (bits == 4) {
     std::memcpy(dst, src, size_t(H) * 64);
@@ -38,31 +41,38 @@ void expand_q(int bits, int B, int offset, const uint8_t* src, uint8_t* dst) {
   }
   const uint8_t* hp = src + H * 64;
   const int hb = bits - 4;
-  const uint8_t add = uint8_t(128 - offset);
+  const uint8_t hmask = uint8_t((1 << hb) - 1), add = uint8_t(128 - offset);
   for (int g = 0; g < G; ++g) {
     const uint8_t* lo = src + (g % H) * 64;
-    const int shift = g < H ? 0 : 4;
-    for (int i = 0; i < 64; ++i) {
-      const int u = ((lo[i] >> shift) & 15) | (((hp[i] >> (hb * g)) & ((1 << hb) - 1)) << 4);
-      dst[g * 64 + i] = uint8_t(u + add);
-    }
+    const int shift = g < H ? 0 : 4, hs = hb * g;
+    uint8_t* out = dst + g * 64;
+    for (int i = 0; i < 64; ++i)  // loop-invariant shifts: vectorized for the caller's ISA
+      out[i] = uint8_t(uint8_t(((lo[i] >> shift) & 15) | (((hp[i] >> hs) & hmask) << 4)) + add);
   }
 }
 
-inline float half_at(const uint8_t* p, int j) {
+SQK_INLINE float half_at(const uint8_t* p, int j) {
   uint16_t h;
   std::memcpy(&h, p + 2 * j, 2);
   return half_to_float(h);
 }
 
-}  // namespace
+SQK_AVX512 void expand_q_avx512(int bits, int B, int offset, const uint8_t* src, uint8_t* dst);
 
-void expand_panel(const WeightFormat& f, const uint8_t* src, int64_t nrec, uint8_t* dst) {
+// One panel's records; AVX512: expand_q's q bytes by the decode kernel's unpacking instead.
+template <bool AVX512>
+SQK_INLINE void expand_body(const WeightFormat& f, const uint8_t* src, int64_t nrec, uint8_t* dst) {
+  auto q = [&](const uint8_t* s, uint8_t* d) {
+    if constexpr (AVX512)
+      expand_q_avx512(f.bits, f.block, f.offset(), s, d);
+    else
+      expand_q(f.bits, f.block, f.offset(), s, d);
+  };
   const WeightFormat e = f.expanded();
   const int64_t qb = f.qbytes(), eqb = e.qbytes(), erec = e.record(), rec = f.record();
   if (!f.k_super) {
     for (int64_t r = 0; r < nrec; ++r, src += rec, dst += erec) {
-      expand_q(f.bits, f.block, f.offset(), src, dst);
+      q(src, dst);
       std::memcpy(dst + eqb, src + qb, size_t(erec - eqb));  // the scales (bits 5 / 6 have no min)
     }
     return;
@@ -78,7 +88,7 @@ void expand_panel(const WeightFormat& f, const uint8_t* src, int64_t nrec, uint8
       if (f.has_min) dmin[j] = half_at(dp + 2 * kPanel, j);
     }
     for (int64_t s = 0; s < subs; ++s, dst += erec) {
-      expand_q(f.bits, f.block, f.offset(), src + s * qb, dst);
+      q(src + s * qb, dst);
       float scale[kPanel], mins[kPanel];
       for (int j = 0; j < kPanel; ++j) {
         const uint8_t v = sc[s * kPanel + j];
@@ -91,33 +101,49 @@ void expand_panel(const WeightFormat& f, const uint8_t* src, int64_t nrec, uint8
   }
 }
 
+// The same code compiled for each ISA (the byte loops vectorize 2-4x wider than the baseline's).
+SQK_AVX512 void expand_avx512(const WeightFormat& f, const uint8_t* src, int64_t nrec, uint8_t* dst) {
+  expand_body<true>(f, src, nrec, dst);
+}
+SQK_AVX2 void expand_avx2(const WeightFormat& f, const uint8_t* src, int64_t nrec, uint8_t* dst) {
+  expand_body<false>(f, src, nrec, dst);
+}
+
+}  // namespace
+
+void expand_panel(const WeightFormat& f, const uint8_t* src, int64_t nrec, uint8_t* dst) {
+  expand_body<false>(f, src, nrec, dst);
+}
+
 namespace {
 
-// Panels [p0, p1) through the expanded format's kernel, one panel expanded at a time (a
-// thread's buffer: nb expanded records, 160 KiB for a Q6_K panel with K = 8192).
+// Panels [p0, p1) through the expanded format's kernel, expanded as many at a time as its
+// micro-kernel covers (a thread's buffer: nb expanded records a panel, 160 KiB for a Q6_K panel
+// with K = 8192).
 template <Isa I>
 void gemm_expanded(const Ctx& c, int64_t p0, int64_t p1) {
   const WeightFormat& f = c.fmt;
   const WeightFormat e = f.expanded();
   const Kernels k = plain_kernels(e, I);
-  const int64_t nrec = c.nb * f.block / f.elems();
+  auto expand = I == Isa::Avx512Vnni ? expand_avx512 : I == Isa::Avx2 ? expand_avx2 : expand_panel;
+  const int64_t nrec = c.nb * f.block / f.elems(), step = std::max(1, k.panels_per_step);
+  const int64_t ebytes = c.nb * e.record();  // one expanded panel
   thread_local std::vector<uint8_t> buf;
-  buf.resize(size_t(c.nb * e.record()));
-  for (int64_t p = p0; p < p1; ++p) {
-    expand_panel(f, c.w + p * nrec * f.record(), nrec, buf.data());
+  buf.resize(size_t(step * ebytes));
+  for (int64_t p = p0; p < p1; p += step) {
+    const int64_t np = std::min(step, p1 - p);
+    for (int64_t i = 0; i < np; ++i) expand(f, c.w + (p + i) * nrec * f.record(), nrec, buf.data() + i * ebytes);
     Ctx pc = c;
     pc.fmt = e;
     pc.w = buf.data();
-    pc.N = std::min<int64_t>(kPanel, c.N - p * kPanel);
+    pc.N = std::min<int64_t>(np * kPanel, c.N - p * kPanel);
     pc.y = c.y + p * kPanel;
     pc.bias = c.bias ? c.bias + p * kPanel : nullptr;
-    k.gemm(pc, 0, 1);
+    k.gemm(pc, 0, np);
   }
 }
 
 // ---------------------------------------------------------------- AVX-512 decode
-
-#define SQK_INLINE inline __attribute__((always_inline))
 
 SQK_AVX512 SQK_INLINE __m512i bcast4(const int8_t* p) {
   int32_t v;
@@ -132,6 +158,26 @@ SQK_AVX512 SQK_INLINE __m512i high_bits(__m512i hp, int g) {
   const int from = (BITS - 4) * g;  // the group's lowest high bit
   if (from < 4) return _mm512_sll_epi16(hp, _mm_cvtsi32_si128(4 - from));
   return _mm512_srl_epi16(hp, _mm_cvtsi32_si128(from - 4));
+}
+
+SQK_AVX512 void expand_q_avx512(int bits, int B, int offset, const uint8_t* src, uint8_t* dst) {
+  const int H = B / 8;
+  if (bits == 4) {
+    std::memcpy(dst, src, size_t(H) * 64);
+    return;
+  }
+  const __m512i m4 = _mm512_set1_epi8(0x0f), mh = _mm512_set1_epi8(bits == 5 ? 0x10 : 0x30);
+  const __m512i add = _mm512_set1_epi8(char(128 - offset));
+  const __m512i hp = _mm512_loadu_si512(src + H * 64);
+  for (int h = 0; h < H; ++h) {
+    const __m512i raw = _mm512_loadu_si512(src + h * 64);
+    const __m512i lo = bits == 5 ? high_bits<5>(hp, h) : high_bits<6>(hp, h);
+    const __m512i hi = bits == 5 ? high_bits<5>(hp, h + H) : high_bits<6>(hp, h + H);
+    const __m512i u0 = _mm512_ternarylogic_epi32(_mm512_and_si512(raw, m4), lo, mh, 0xF8);
+    const __m512i u1 = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(raw, 4), m4), hi, mh, 0xF8);
+    _mm512_storeu_si512(dst + h * 64, _mm512_add_epi8(u0, add));
+    _mm512_storeu_si512(dst + (h + H) * 64, _mm512_add_epi8(u1, add));
+  }
 }
 
 constexpr int64_t kPfDist = 2048;

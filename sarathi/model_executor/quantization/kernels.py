@@ -7,8 +7,7 @@ Logical weight format (what loaders hand to `pack`): W [N out, K in] in blocks o
 
 with q uint8 in [0, 15] (bits=4) or int8 in [-128, 127] (bits=8), [-16, 15] (bits=5, block 32:
 GGUF Q5_0; [0, 31] with a min: Q5_K) or [-32, 31] (bits=6, block 16: GGUF Q6_K), scale / min
-float32 [N, ceil(K / block)].
-K need not be a multiple of the block. GGUF's K-quants may also pass their fp16 super-block
+float32 [N, ceil(K / block)]. K need not be a multiple of the block. GGUF's K-quants may also pass their fp16 super-block
 scales (`super_scale`, `super_min`: [N, K / 256]); the sub-block scales are then stored as the
 file's integers (Q6_K: 6.5625 bits/weight, as in the file; Q4_K 4.625, Q5_K 5.625).
 
@@ -158,12 +157,12 @@ class PackedWeight:
         return q, scale, mn
 
     def unpack(self):
-        """(q, scale, min) in the logical format, as given to `pack`."""
+        """(q, scale, min) in the logical format, as given to `pack` (K-quant super-blocks: each sub-block's
+        scale and min as its float, super-scale x integer)."""
         N, K = self.out_features, self.in_features
         q, scale, mn = self._parts()
         q = q[:N, :K]
         q = q.to(torch.uint8) if self.bits == 4 else q.to(torch.int8)
-        # (k_super: the sub-block scales as floats, super-scale x integer)
         return q.contiguous(), scale[:N].contiguous(), None if mn is None else mn[:N].contiguous()
 
     def dequantize(self) -> torch.Tensor:
@@ -249,7 +248,7 @@ def _exact_half(t: torch.Tensor) -> bool:
 
 def pack(q: torch.Tensor, scale: torch.Tensor, min: Optional[torch.Tensor], bits: int,
          block: int = 32, *, super_scale: Optional[torch.Tensor] = None,
-         super_min: Optional[torch.Tensor] = None) -> PackedWeight:
+         super_min: Optional[torch.Tensor] = None, native: Optional[bool] = None) -> PackedWeight:
     """Repack a logical quantized weight (see the module docstring) into the kernel layout.
 
     q: [N, K] uint8 in [0, 15] (bits=4) or int8 (bits=5: [-16, 15], 6: [-32, 31], 8); scale, min:
@@ -257,7 +256,10 @@ def pack(q: torch.Tensor, scale: torch.Tensor, min: Optional[torch.Tensor], bits
     Q5_K: bits 4 / 5 with a min, Q5_K's q in [0, 31]): [N, K / 256] fp16 values; when every scale is
     super_scale times an int8 (Q6_K) or 0..63 (Q4_K / Q5_K) and every min -(super_min times 0..63),
     exactly, the integers are stored
-    in K-quant super-blocks; otherwise the plain layout. Raises ValueError naming what is wrong.
+    in K-quant super-blocks; otherwise the plain layout. native (default: the kernel path is AVX-512)
+    keeps the 5- / 6-bit blocks and super-blocks; False packs them as int8 / fp32-scale blocks, which
+    the AVX2 and scalar paths read faster than they expand the others. Raises ValueError naming what
+    is wrong.
     Cost: a few vectorised torch passes over the weight (~10 ms for 576 x 3072 on one core); do it
     once at load time."""
     if bits not in _BITS:
@@ -288,6 +290,10 @@ def pack(q: torch.Tensor, scale: torch.Tensor, min: Optional[torch.Tensor], bits
         if not bool(torch.isfinite(min).all()):
             raise ValueError("min has non-finite values")
 
+    if native is None:
+        native = kernel_isa() == "avx512vnni"
+    if not native:
+        bits, super_scale, super_min = 8 if bits in (5, 6) else bits, None, None
     P = -(-N // PANEL)
     if super_scale is not None:
         w = _pack_super(q, scale, min, bits, block, super_scale, super_min, P)
