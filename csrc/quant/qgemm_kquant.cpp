@@ -4,8 +4,9 @@
 // high-bit plane are merged into the unsigned operand u of vpdpbusd (one ternary-logic op per
 // 64 bytes), the int32 accumulator starts at -offset * sum(q_x) (offset 16 / 32 for the signed
 // Q5_0 / Q6_K values, 0 for Q4_K / Q5_K), and a K-quant sub-block's float scale d * sc (and min
-// -(dmin * m)) is formed in the kernel. Every other case (prefill, AVX2, scalar) expands one
-// panel at a time into the block form of f.expanded() and runs that format's kernel. Both do
+// -(dmin * m)) is formed in the kernel. Every other case (prefill; AVX2 and scalar, where the
+// loader packs these types as int8 / 4-bit blocks unless asked not to) expands one or two panels
+// at a time into the block form of f.expanded() and runs that format's kernel. Both do
 // the float operations of the expanded block form in the same order (the integer sums are
 // exact, d * sc is exact in fp32), so every path and batch size gives the same bits as the
 // same weight loaded as int8 / 4-bit blocks.
