@@ -11,6 +11,10 @@ the same run (a native-speed sum over 1 GiB with 1 and 2 threads).
 
     .venv/bin/python benchmarks/decode_gemv.py                    # ~1-2 minutes
     .venv/bin/python benchmarks/decode_gemv.py --models 1b --formats Q4_0 --ms 1 --threads 2
+    .venv/bin/python benchmarks/decode_gemv.py --formats Q6_K Q4_K Q5_K Q5_0 --expanded  # + the previous layout
+
+--expanded also times the 5- / 6-bit and K-quant formats in the layout they had before they were
+native (int8 blocks for Q5_0 / Q5_K / Q6_K, fp32 sub-scales for Q4_K), the same weights, same run.
 
 Prints a markdown table; writes benchmarks/results/decode_gemv.json.
 """
@@ -42,7 +46,8 @@ MODELS = {  # name: {shape: (K in, N out)}
               "lm_head": (640, 262144)},
 }
 BLOCK_ELEMS = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "gptq4-g128": 128}
-FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q6_K", "Q8_0", "gptq4-g128", "gptq8-g32", "int8")
+NATIVE = ("Q4_K", "Q5_0", "Q5_K", "Q6_K")  # packed at the file's size; --expanded: also as before
+FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0", "gptq4-g128", "gptq8-g32", "int8")
 
 
 def gguf_weight(kind: str, N: int, K: int, rng: np.random.Generator) -> formats.QuantTensor:
@@ -111,6 +116,34 @@ def time_cell(ws, M, K, N, threads, reps):
     return statistics.median(ts), min(ts)
 
 
+def layout(w: qk.PackedWeight) -> str:
+    mins = "+min" if w.has_min and not w.implied_min and not w.int_min else "+z8" if w.int_min else ""
+    return f"{w.bits}b/B{w.block}{mins}/" + ("super" if w.k_super else "fp16" if w.half_scales else "fp32")
+
+
+def time_weight(model, shape, fmt, w0, args, bw):
+    N, K = w0.shape
+    copies = max(1, -(-(args.cold_mb << 20) // w0.nbytes()))
+    ws = [w0] + [qk.PackedWeight(w0.data.clone(), w0.bits, w0.block, N, K, w0.has_min, w0.half_scales,
+                                 w0.implied_min, w0.int_min, w0.k_super)
+                 for _ in range(copies - 1)]
+    rows = []
+    for T in args.threads:
+        set_native_threads(T)
+        for M in args.ms:
+            med, best = time_cell(ws, M, K, N, T, args.reps)
+            row = {"model": model, "shape": shape, "K": K, "N": N, "format": fmt, "M": M, "threads": T,
+                   "bytes": w0.nbytes(), "bits_per_weight": 8 * w0.nbytes() / (N * K), "layout": layout(w0),
+                   "us_median": med * 1e6, "us_best": best * 1e6,
+                   "gbs_median": w0.nbytes() / med / 1e9, "gbs_best": w0.nbytes() / best / 1e9,
+                   "frac_of_bw": w0.nbytes() / med / 1e9 / bw[T]}
+            rows.append(row)
+            print(f"  {model:5s} {shape:7s} {K}x{N} {fmt:10s} {row['layout']:16s} T={T} M={M}: "
+                  f"{row['us_median']:8.1f} us (best {row['us_best']:8.1f})  "
+                  f"{row['gbs_median']:5.1f} GB/s = {100 * row['frac_of_bw']:3.0f}% of read bw", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -120,6 +153,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--cold-mb", type=int, default=80)
     ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--expanded", action="store_true", help="also time Q4_K / Q5_0 / Q6_K packed as before")
     ap.add_argument("--out", default=str(RESULTS / "decode_gemv"))
     args = ap.parse_args()
     rng = np.random.default_rng(0)
@@ -136,29 +170,14 @@ def main() -> None:
                 if K % BLOCK_ELEMS.get(fmt, 32):
                     continue  # a K-quant needs K % 256 == 0 (Gemma's 640-input layers are Q5_0 / Q8_0)
                 qt = build(fmt, N, K, rng, gen)
-                w0 = qk.pack(qt.q, qt.scale, qt.min, qt.bits, qt.block)
+                packings = [qk.pack(qt.q, qt.scale, qt.min, qt.bits, qt.block, super_scale=qt.super_scale,
+                                    super_min=qt.super_min)]
+                if args.expanded and fmt in NATIVE:
+                    packings.append(qk.pack(qt.q, qt.scale, qt.min, 8 if qt.bits in (5, 6) else qt.bits, qt.block))
                 del qt
-                copies = max(1, -(-(args.cold_mb << 20) // w0.nbytes()))
-                ws = [w0] + [qk.PackedWeight(w0.data.clone(), w0.bits, w0.block, N, K, w0.has_min, w0.half_scales,
-                                             w0.implied_min, w0.int_min)
-                             for _ in range(copies - 1)]
-                for T in args.threads:
-                    set_native_threads(T)
-                    for M in args.ms:
-                        med, best = time_cell(ws, M, K, N, T, args.reps)
-                        row = {"model": model, "shape": shape, "K": K, "N": N, "format": fmt, "M": M, "threads": T,
-                               "bytes": w0.nbytes(), "bits_per_weight": 8 * w0.nbytes() / (N * K),
-                               "layout": f"{w0.bits}b/B{w0.block}{'+min' if w0.has_min and not w0.implied_min and not w0.int_min else '+z8' if w0.int_min else ''}/"
-                                         f"{'fp16' if w0.half_scales else 'fp32'}",
-                               "us_median": med * 1e6, "us_best": best * 1e6,
-                               "gbs_median": w0.nbytes() / med / 1e9, "gbs_best": w0.nbytes() / best / 1e9,
-                               "frac_of_bw": w0.nbytes() / med / 1e9 / bw[T]}
-                        rows.append(row)
-                        print(f"  {model:5s} {shape:7s} {K}x{N} {fmt:10s} {row['layout']:16s} T={T} M={M}: "
-                              f"{row['us_median']:8.1f} us (best {row['us_best']:8.1f})  "
-                              f"{row['gbs_median']:5.1f} GB/s = {100 * row['frac_of_bw']:3.0f}% of read bw",
-                              flush=True)
-                del ws, w0
+                for w0 in packings:
+                    rows += time_weight(model, shape, fmt, w0, args, bw)
+                del packings, w0
     set_native_threads(None)
     print()
     print("| model | shape (KxN) | format | packed layout | bits/w | T | M | us median | us best | GB/s | % of read bw |")

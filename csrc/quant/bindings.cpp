@@ -22,9 +22,10 @@ T* ptr(uintptr_t p) {
 
 sqk::Isa isa_arg(const std::string& name) { return name.empty() ? sqk::default_isa() : sqk::parse_isa(name); }
 
-// min_kind: 0 stored floats (or none: has_min false), 1 implied -8 * scale, 2 int8 z (min = -(scale * z)).
+// min_kind: 0 stored floats (or none: has_min false), 1 implied -8 * scale, 2 int8 z (min = -(scale * z)),
+// 3 GGUF K-quant super-blocks (integer sub-scales and mins under fp16 d / dmin; see qgemm.h).
 sqk::WeightFormat weight_format(int bits, int block, bool has_min, bool half_scales, int min_kind) {
-  if (min_kind < 0 || min_kind > 2) throw std::invalid_argument("min_kind must be 0, 1 or 2");
+  if (min_kind < 0 || min_kind > 3) throw std::invalid_argument("min_kind must be 0, 1, 2 or 3");
   sqk::WeightFormat f;
   f.bits = bits;
   f.block = block;
@@ -32,6 +33,7 @@ sqk::WeightFormat weight_format(int bits, int block, bool has_min, bool half_sca
   f.half_scales = half_scales;
   f.implied_min = min_kind == 1;
   f.int_min = min_kind == 2;
+  f.k_super = min_kind == 3;
   return f;
 }
 

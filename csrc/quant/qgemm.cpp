@@ -66,8 +66,6 @@ std::vector<std::string> available_isas() {
 
 // ---------------------------------------------------------------- scalar pieces
 
-namespace {
-
 float half_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000) << 16;
   const uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
@@ -94,6 +92,8 @@ float half_to_float(uint16_t h) {
   return f;
 }
 
+namespace {
+
 inline float load_scale(const uint8_t* p, int j, bool half) {
   if (half) {
     uint16_t h;
@@ -110,7 +110,7 @@ void quantize_scalar(const float* x, int64_t ldx, const Ctx& c, int64_t m0, int6
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * ldx;
     for (int64_t b = 0; b < c.nb; ++b) {
-      const int n = int(std::min<int64_t>(B, c.K - b * B));
+      const int n = int(std::clamp<int64_t>(c.K - b * B, 0, B));  // k_super pads K to 256: whole blocks past K
       int32_t sum = 0;
       int8_t* q = const_cast<int8_t*>(c.xq) + m * c.Kp + b * B;
       const float d = quantize_block_ref(xr + b * B, n, B, q, &sum);
@@ -196,6 +196,14 @@ float quantize_block_ref(const float* x, int n, int B, int8_t* q, int32_t* sum) 
 
 Kernels scalar_kernels(const WeightFormat&) { return Kernels{quantize_scalar, gemm_scalar, 1, 0}; }
 
+Kernels plain_kernels(const WeightFormat& f, Isa isa) {
+  switch (isa) {
+    case Isa::Avx512Vnni: return avx512_kernels(f);
+    case Isa::Avx2: return avx2_kernels(f);
+    default: return scalar_kernels(f);
+  }
+}
+
 // ---------------------------------------------------------------- driver
 
 namespace {
@@ -229,8 +237,15 @@ void qlinear_fused(const float* x, int64_t M, int64_t K, int64_t ldx, const uint
                    int64_t N, const WeightFormat& fmt, const float* bias, const PreOp& pre, const float* res,
                    int64_t ldr, float* y, int64_t ldy, int threads, Isa isa) {
   auto fail = [](const std::string& msg) { throw std::invalid_argument("qlinear: " + msg); };
-  if (fmt.bits != 4 && fmt.bits != 8) fail("bits must be 4 or 8, got " + std::to_string(fmt.bits));
+  if (fmt.bits < 4 || fmt.bits > 8 || fmt.bits == 7) fail("bits must be 4, 5, 6 or 8, got " + std::to_string(fmt.bits));
   if (fmt.block != 16 && fmt.block != 32) fail("block must be 16 or 32, got " + std::to_string(fmt.block));
+  if (fmt.bits == 5 && (fmt.block != 32 || (fmt.has_min && !fmt.k_super)))
+    fail("bits 5 (GGUF Q5_0, Q5_K) needs block 32 and no min outside K-quant super-blocks");
+  if (fmt.bits == 6 && (fmt.block != 16 || fmt.has_min)) fail("bits 6 (GGUF Q6_K) needs block 16 and no min");
+  if (fmt.k_super && !(fmt.half_scales && ((fmt.bits == 6 && !fmt.has_min) ||
+                                           ((fmt.bits == 4 || fmt.bits == 5) && fmt.block == 32 && fmt.stored_min()))))
+    fail("K-quant super-blocks are Q6_K (bits 6, block 16) or Q4_K / Q5_K (bits 4 / 5, block 32, min), fp16 "
+         "super-scales");
   if (fmt.implied_min && (fmt.bits != 4 || !fmt.has_min)) fail("an implied min (-8 * scale) needs bits 4 and has_min");
   if (fmt.int_min && (!fmt.has_min || fmt.implied_min)) fail("int8 min multipliers need has_min (and no implied min)");
   if (M < 0) fail("M must be >= 0, got " + std::to_string(M));
@@ -242,9 +257,10 @@ void qlinear_fused(const float* x, int64_t M, int64_t K, int64_t ldx, const uint
   if (res && ldr < N) fail("residual row stride " + std::to_string(ldr) + " < N " + std::to_string(N));
   if (ldy < N) fail("out row stride " + std::to_string(ldy) + " < N " + std::to_string(N));
   if (int(isa) > int(best_isa())) fail(std::string("ISA ") + isa_name(isa) + " is not supported by this CPU");
-  const int64_t nb = checked_add(K, fmt.block - 1, "qlinear: K") / fmt.block;
+  const int64_t nrec = checked_add(K, fmt.elems() - 1, "qlinear: K") / fmt.elems();
+  const int64_t nb = nrec * (fmt.elems() / fmt.block);  // activation blocks
   const int64_t panels = checked_add(N, kPanel - 1, "qlinear: N") / kPanel;
-  const int64_t want = checked_mul(checked_mul(panels, nb, "qlinear: weight size"), fmt.record(), "qlinear: weight size");
+  const int64_t want = checked_mul(checked_mul(panels, nrec, "qlinear: weight size"), fmt.record(), "qlinear: weight size");
   if (w_nbytes != want)
     fail("packed weight has " + std::to_string(w_nbytes) + " bytes, the format needs " + std::to_string(want));
   if (M == 0) return;
@@ -285,12 +301,7 @@ void qlinear_fused(const float* x, int64_t M, int64_t K, int64_t ldx, const uint
   c.xc = reinterpret_cast<const int32_t*>(buf + off_c);
   c.xq = reinterpret_cast<const int8_t*>(buf + off_q);
 
-  Kernels k;
-  switch (isa) {
-    case Isa::Avx512Vnni: k = avx512_kernels(fmt); break;
-    case Isa::Avx2: k = avx2_kernels(fmt); break;
-    default: k = scalar_kernels(fmt); break;
-  }
+  const Kernels k = fmt.native_only() ? kquant_kernels(fmt, isa) : plain_kernels(fmt, isa);
 
   vattn::WorkPool& pool = vattn::WorkPool::shared();
   // Quantize the activations once per call; split rows across threads only when large.

@@ -17,7 +17,24 @@
 //   bits = 8: G groups of 64 bytes, each byte q + 128 (offset binary, unsigned).
 //   bits = 4: G / 2 chunks of 64 bytes; chunk h's low nibbles are group h and its high
 //             nibbles group h + G / 2 (q in 0..15).
+//   bits = 5 (block 32) / 6 (block 16): GGUF Q5_0 / Q6_K's own q, stored u = q + 16 / q + 32
+//             (offset binary, like bits 8; u = q when the format has a min: Q5_K, 0..31):
+//             the bits 4 chunks of u's low nibbles, then
+//             one 64-byte plane of the high bits: byte j * 4 + t of it holds, for each group g,
+//             bit 4 (bits 5: at bit g) or bits 4-5 (bits 6: at bits 2g, 2g + 1) of that lane's u.
 //   Padding (k >= K, columns >= N) holds q = 0 (bits 8: byte 128) and zero scale/min.
+//
+// K-quant super-blocks (k_super: GGUF Q6_K = bits 6, block 16; Q4_K / Q5_K = bits 4 / 5, block 32
+// with a min): a record covers 256 k of a panel, the file's own super-block, with its integer
+// sub-scales instead of one float per sub-block:
+//     256 / block q sections, each the plain record's q bytes above
+//     sub-scales  [256 / block][16]: int8 (Q6_K) or uint8 6-bit (Q4_K / Q5_K)
+//     sub-mins    [8][16] uint8 6-bit (Q4_K / Q5_K only)
+//     d           16 fp16, then (Q4_K / Q5_K) dmin 16 fp16
+//   scale of sub-block s, column j = d[j] * sc[s][j] (exact in fp32), min = -(dmin[j] * m[s][j]):
+//   the floats the expanded block form holds, so every path gives the same bits.
+//   Q6_K: 3360 bytes per 16 x 256 weights = 6.5625 bits/weight (the file's); Q4_K: 2368 = 4.625,
+//   Q5_K: 2880 = 5.625 (the files' 4.5 / 5.5 pack the 6-bit sub-scales; here a byte each).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -43,12 +60,27 @@ struct WeightFormat {
   bool half_scales = false;
   bool implied_min = false;  // has_min with min = -8 * scale exactly (bits 4: q - 8), not stored
   bool int_min = false;      // has_min with min = -(scale * z), z an int8 per column and block
-  int64_t qbytes() const { return int64_t(kPanel) * block * bits / 8; }
+  bool k_super = false;      // GGUF K-quant super-blocks of 256 (see above)
+  static constexpr int kSuper = 256;
+  int64_t qbytes() const { return int64_t(kPanel) * block * bits / 8; }  // one block of 16 columns
   int64_t scale_bytes() const { return half_scales ? 2 : 4; }
   bool stored_min() const { return has_min && !implied_min && !int_min; }
+  int64_t elems() const { return k_super ? kSuper : block; }  // k per record
+  int64_t subs() const { return kSuper / block; }             // k_super: sub-blocks per record
   int64_t record() const {
+    if (k_super) return subs() * (qbytes() + kPanel * (has_min ? 2 : 1)) + kPanel * 2 * (has_min ? 2 : 1);
     return qbytes() + kPanel * scale_bytes() * (stored_min() ? 2 : 1) + (int_min ? kPanel : 0);
   }
+  // The block form a record expands to (bits 8 / 4 records, fp32 scales for k_super).
+  WeightFormat expanded() const {
+    WeightFormat e = *this;
+    e.k_super = false;
+    if (bits == 5 || bits == 6) e.bits = 8;
+    if (k_super) e.half_scales = false;
+    return e;
+  }
+  bool native_only() const { return bits == 5 || bits == 6 || k_super; }  // run by qgemm_kquant.cpp
+  int offset() const { return (bits == 5 || bits == 6) && !has_min ? 1 << (bits - 1) : 0; }  // u - q (bits 5 / 6)
 };
 
 // Everything a kernel needs, sizes validated by qlinear().
@@ -82,6 +114,15 @@ struct Kernels {
 Kernels scalar_kernels(const WeightFormat& f);
 Kernels avx2_kernels(const WeightFormat& f);
 Kernels avx512_kernels(const WeightFormat& f);
+Kernels plain_kernels(const WeightFormat& f, Isa isa);   // one of the three above
+// bits 5 / 6 and K-quant super-block records (qgemm_kquant.cpp): the ISA's activation
+// quantization; decode (M <= 8) on AVX-512 straight from the packed bits, everything else by
+// expanding each panel to f.expanded() records and running that format's kernel.
+Kernels kquant_kernels(const WeightFormat& f, Isa isa);
+// One panel's records [nrec] of format f -> f.expanded() records (nrec * subs() of them for k_super).
+void expand_panel(const WeightFormat& f, const uint8_t* src, int64_t nrec, uint8_t* dst);
+
+float half_to_float(uint16_t h);  // IEEE fp16 bits -> float (exact)
 
 // Scalar reference quantization of one block (shared definition of the rounding).
 // Returns the scale; writes q[0..n) and q[n..B) = 0; sum = sum of q.

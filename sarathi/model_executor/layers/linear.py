@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from sarathi.model_executor.quantization.formats import QuantTensor, concat_rows, describe, same_layout
+from sarathi.model_executor.quantization.formats import QuantTensor, describe, kernel_groups
 
 
 class QuantLinear(nn.Module):
@@ -25,14 +25,9 @@ class QuantLinear(nn.Module):
         from sarathi.model_executor.quantization import kernels
 
         self._kernels = kernels
-        groups: List[List[QuantTensor]] = []
-        for p in parts:
-            if groups and same_layout([groups[-1][0], p]):
-                groups[-1].append(p)
-            else:
-                groups.append([p])
-        merged = [concat_rows(g) if len(g) > 1 else g[0] for g in groups]
-        self.packed = [kernels.pack(t.q, t.scale, t.min, t.bits, t.block) for t in merged]
+        merged = kernel_groups(parts)
+        self.packed = [kernels.pack(t.q, t.scale, t.min, t.bits, t.block, super_scale=t.super_scale,
+                                    super_min=t.super_min) for t in merged]
         self.perms = [t.input_perm for t in merged]
         self.source = describe(parts)
         self.in_features = parts[0].q.shape[1]

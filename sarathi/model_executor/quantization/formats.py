@@ -6,8 +6,11 @@ with q uint8 in [0, 15] (bits=4) or int8 (bits=8). `kernels.pack` turns it into 
 layout. The conversions below are exact: the logical values equal what the source format
 means, bit for bit (GGUF: the `gguf` package's own dequantisation; GPTQ / AWQ: (q - z) * s).
 
-- GGUF Q8_0 / Q5_0 / Q5_1 / Q6_K: int8 blocks (Q6_K keeps its 16-element sub-blocks);
-  Q4_0 / Q4_1 / Q4_K: 4-bit blocks; Q5_K: int8 blocks of 32 with a min. Other GGUF types
+- GGUF Q8_0 / Q5_1: int8 blocks; Q5_0: 5-bit blocks (bits 5, q in [-16, 15]); Q6_K: 6-bit blocks
+  of 16 (bits 6, q in [-32, 31]); Q4_0 / Q4_1 / Q4_K: 4-bit blocks; Q5_K: 5-bit blocks of 32 with a
+  min (q in [0, 31]). The K-quants also keep their fp16 super-block scales (`super_scale`, and
+  Q4_K's / Q5_K's `super_min`), so that the kernels store the integer sub-scales at the file's
+  size. Other GGUF types
   (Q2_K, Q3_K, IQ*) have no kernel: they are dequantised and re-quantised to int8 blocks of
   32 (the next supported type) with a logged note.
 - GPTQ (v1 and v2 zero conventions, act-order via g_idx) and AWQ (GEMM packing): 4-bit
@@ -35,13 +38,17 @@ class QuantTensor:
     input_perm (act-order checkpoints): the layer computes x[:, input_perm] @ W.T, i.e. the
     stored columns are the original input features in that order."""
 
-    q: torch.Tensor              # [N, K] uint8 (bits 4) or int8 (bits 8)
+    q: torch.Tensor              # [N, K] uint8 (bits 4) or int8 (bits 5, 6, 8)
     scale: torch.Tensor          # [N, ceil(K / block)] float32
     min: Optional[torch.Tensor]  # like scale, or None
     bits: int
     block: int
     source: str                  # e.g. "gguf Q4_1", "gptq 4-bit g128" (logs and /metrics)
     input_perm: Optional[torch.Tensor] = None
+    # GGUF K-quants: the fp16 scale of each super-block of 256 [N, K / 256] float32, with
+    # scale = super_scale * an integer per sub-block (and min = -(super_min * an integer))
+    super_scale: Optional[torch.Tensor] = None
+    super_min: Optional[torch.Tensor] = None
 
     @property
     def shape(self):
@@ -61,8 +68,9 @@ class QuantTensor:
 
     def rows(self, index: torch.Tensor) -> "QuantTensor":
         """The output rows `index` (in that order)."""
-        return QuantTensor(self.q[index], self.scale[index], None if self.min is None else self.min[index],
-                           self.bits, self.block, self.source, self.input_perm)
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return QuantTensor(self.q[index], self.scale[index], pick(self.min), self.bits, self.block, self.source,
+                           self.input_perm, pick(self.super_scale), pick(self.super_min))
 
 
 def same_layout(parts: Sequence[QuantTensor]) -> bool:
@@ -71,14 +79,43 @@ def same_layout(parts: Sequence[QuantTensor]) -> bool:
     return all(p.bits == a.bits and p.block == a.block and (p.min is None) == (a.min is None)
                and p.q.shape[1] == a.q.shape[1]
                and (p.input_perm is None) == (a.input_perm is None)
-               and (p.input_perm is None or torch.equal(p.input_perm, a.input_perm)) for p in parts)
+               and (p.input_perm is None or torch.equal(p.input_perm, a.input_perm))
+               and (p.super_scale is None) == (a.super_scale is None)
+               and (p.super_min is None) == (a.super_min is None) for p in parts)
+
+
+def kernel_groups(parts: Sequence[QuantTensor]) -> List[QuantTensor]:
+    """Parts stacked along N -> the fewest tensors of one layout each (one kernel call each).
+
+    Neighbours of one layout are concatenated. When that leaves several and every part fits int8
+    blocks of one size (GGUF Q4_K_M's q / k in Q5_0 beside its v in Q8_0), the 5- / 6-bit parts
+    are widened to int8 so that the layer stays one call: the fused decode path needs one, and it
+    saves more per step than the widened blocks' extra bytes cost (measured on Gemma 3 270M)."""
+    groups: List[List[QuantTensor]] = []
+    for p in parts:
+        if groups and same_layout([groups[-1][0], p]):
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    if len(groups) > 1:
+        wide = [_as_int8_blocks(p) for p in parts]
+        if same_layout(wide):
+            groups = [wide]
+    return [concat_rows(g) if len(g) > 1 else g[0] for g in groups]
+
+
+def _as_int8_blocks(t: QuantTensor) -> QuantTensor:
+    """A 5- / 6-bit tensor as int8 blocks (its q already is int8); others unchanged."""
+    if t.bits not in (5, 6):
+        return t
+    return QuantTensor(t.q, t.scale, t.min, 8, t.block, t.source, t.input_perm)
 
 
 def concat_rows(parts: Sequence[QuantTensor]) -> QuantTensor:
     a = parts[0]
-    return QuantTensor(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
-                       None if a.min is None else torch.cat([p.min for p in parts]), a.bits, a.block,
-                       a.source, a.input_perm)
+    cat = lambda name: None if getattr(a, name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return QuantTensor(cat("q"), cat("scale"), cat("min"), a.bits, a.block, a.source, a.input_perm,
+                       cat("super_scale"), cat("super_min"))
 
 
 # ---------------------------------------------------------------------------- GGUF
@@ -102,15 +139,16 @@ def _k_scale_min(scales: np.ndarray):
 
 
 def _decode_gguf_blocks(kind: str, b: np.ndarray):
-    """Blocks [nb, bytes] of one GGUF type -> (q [nb, elems], scale [nb, sub], min or None, bits, block)."""
+    """Blocks [nb, bytes] of one GGUF type -> (q [nb, elems], scale [nb, sub], min or None, bits, block,
+    super_scale [nb] or None, super_min [nb] or None)."""
     nb = b.shape[0]
     if kind == "Q8_0":
-        return b[:, 2:].view(np.int8), _f16(b[:, :2]), None, 8, 32
+        return b[:, 2:].view(np.int8), _f16(b[:, :2]), None, 8, 32, None, None
     if kind == "Q4_0":
         d = _f16(b[:, :2])
-        return _nibbles(b[:, 2:], 16), d, -8.0 * d, 4, 32
+        return _nibbles(b[:, 2:], 16), d, -8.0 * d, 4, 32, None, None
     if kind == "Q4_1":
-        return _nibbles(b[:, 4:], 16), _f16(b[:, :2]), _f16(b[:, 2:4]), 4, 32
+        return _nibbles(b[:, 4:], 16), _f16(b[:, :2]), _f16(b[:, 2:4]), 4, 32, None, None
     if kind in ("Q5_0", "Q5_1"):
         off = 2 if kind == "Q5_0" else 4
         qh = np.ascontiguousarray(b[:, off:off + 4]).view(np.uint32)
@@ -118,8 +156,8 @@ def _decode_gguf_blocks(kind: str, b: np.ndarray):
         q = _nibbles(b[:, off + 4:], 16) | (high << 4)
         d = _f16(b[:, :2])
         if kind == "Q5_0":
-            return (q.astype(np.int16) - 16).astype(np.int8), d, None, 8, 32
-        return q.astype(np.int8), d, _f16(b[:, 2:4]), 8, 32
+            return (q.astype(np.int16) - 16).astype(np.int8), d, None, 5, 32, None, None
+        return q.astype(np.int8), d, _f16(b[:, 2:4]), 8, 32, None, None
     if kind in ("Q4_K", "Q5_K"):
         d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
         sc, mn = _k_scale_min(b[:, 4:16])
@@ -127,12 +165,12 @@ def _decode_gguf_blocks(kind: str, b: np.ndarray):
         if kind == "Q4_K":
             qs = b[:, 16:144].reshape(nb, 4, 32)       # 4 chunks: low nibbles = sub 2c, high = 2c + 1
             q = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(nb, 256)
-            return q, scale, minus, 4, 32
+            return q, scale, minus, 4, 32, d[:, 0], dmin[:, 0]
         qh = b[:, 16:48]                               # bit j of byte i: high bit of sub-block j, element i
         qs = b[:, 48:176].reshape(nb, 4, 32)
         low = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(nb, 8, 32)
         high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
-        return (low | (high << 4)).reshape(nb, 256).astype(np.int8), scale, minus, 8, 32
+        return (low | (high << 4)).reshape(nb, 256).astype(np.int8), scale, minus, 5, 32, d[:, 0], dmin[:, 0]
     if kind == "Q6_K":
         ql = b[:, :128].reshape(nb, 2, 64)
         qh = b[:, 128:192].reshape(nb, 2, 32)
@@ -140,7 +178,8 @@ def _decode_gguf_blocks(kind: str, b: np.ndarray):
         high = np.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=2)        # [nb, 2, 4, 32]
         q = ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8).reshape(nb, 256)
         sc = b[:, 192:208].view(np.int8).astype(np.float32)
-        return q, _f16(b[:, 208:210]) * sc, None, 8, 16
+        d = _f16(b[:, 208:210])
+        return q, d * sc, None, 6, 16, d[:, 0], None
     raise KeyError(kind)
 
 
@@ -167,13 +206,14 @@ def from_gguf(data: np.ndarray, kind: str, shape: Sequence[int], name: str) -> Q
         logger.info("GGUF tensor %s is %s, which has no kernel: re-quantised to int8 blocks of 32", name, kind)
         return quantize_int8(torch.from_numpy(w), block=KERNEL_BLOCK, source=f"gguf {kind}->int8")
     blocks = np.ascontiguousarray(data).reshape(-1, nbytes)
-    q, scale, mn, bits, block = _decode_gguf_blocks(kind, blocks)
-    per_row = k // block
-    return QuantTensor(torch.from_numpy(np.ascontiguousarray(q).reshape(n, k)),
-                       torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(n, per_row)),
-                       None if mn is None else torch.from_numpy(np.ascontiguousarray(mn, dtype=np.float32)
-                                                                .reshape(n, per_row)),
-                       bits, block, f"gguf {kind}")
+    q, scale, mn, bits, block, dsup, dmin = _decode_gguf_blocks(kind, blocks)
+
+    def rows(a, per_row):
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).reshape(n, per_row))
+
+    return QuantTensor(torch.from_numpy(np.ascontiguousarray(q).reshape(n, k)), rows(scale, k // block),
+                       rows(mn, k // block), bits, block, f"gguf {kind}", None, rows(dsup, k // elems),
+                       rows(dmin, k // elems))
 
 
 # ---------------------------------------------------------------------------- GPTQ / AWQ
