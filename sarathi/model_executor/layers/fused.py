@@ -59,7 +59,7 @@ class FusedLayer:
         self.norm_lanes = native_rms_norm_lanes(attn.qkv_proj.in_features) if all(
             n.weight.dtype == torch.float32 and n.weight.is_contiguous() for n in norms) else 0
         # the modules forward reads, as plain attributes (nn.Module's attribute lookup costs per call)
-        self.attn, self.qk_norm, self.sandwich = attn, attn.qk_norm, layer.sandwich
+        self.qk_norm, self.sandwich = attn.qk_norm, layer.sandwich
         self.q_norm, self.k_norm = (attn.q_norm, attn.k_norm) if attn.qk_norm else (None, None)
         self.norm_in, self.norm_post = layer.input_layernorm, layer.post_attention_layernorm
         self.norm_pre_ff = layer.pre_feedforward_layernorm if layer.sandwich else None
@@ -137,10 +137,10 @@ class FusedLayer:
             x = x.contiguous()
         qkv = self._normed_linear(self.qkv, self.norm_in, x, threads)
         D = self.head_dim
+        if not (cos.is_contiguous() and sin.is_contiguous()):
+            cos, sin = cos.contiguous(), sin.contiguous()
         if self.qk_norm and self.head_norm_lanes and t:
             # per-head norms natively into q and k of their own, then RoPE in place on them
-            if not (cos.is_contiguous() and sin.is_contiguous()):
-                cos, sin = cos.contiguous(), sin.contiguous()
             q = self._head_norm(self.q_norm, qkv, t, 0, self.heads)
             k = self._head_norm(self.k_norm, qkv, t, self.q_size, self.kv_heads)
             for x_, h_ in ((q, self.heads), (k, self.kv_heads)):
@@ -150,8 +150,6 @@ class FusedLayer:
             q, k, v = qkv.view(t, -1, D).split(self.head_split, dim=1)
             q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         else:
-            if not (cos.is_contiguous() and sin.is_contiguous()):
-                cos, sin = cos.contiguous(), sin.contiguous()
             self._C.rope_inplace(qkv.data_ptr(), t, self.heads + self.kv_heads, qkv.stride(0), D, cos.data_ptr(),
                                  sin.data_ptr(), cos.shape[-1])
             q, k, v = qkv.view(t, -1, D).split(self.head_split, dim=1)
