@@ -105,7 +105,14 @@ def last_output(page):
 
 
 def wait_finished(page, timeout=60_000):
+    """The last message once the stream has closed: the page renders a finish reason as soon as the
+    last chunk arrives but saves the conversation only after the stream ends, so wait for both."""
     expect(last_output(page)).not_to_have_attribute("data-finish", "streaming", timeout=timeout)
+    page.wait_for_function("""() => {
+        const convs = JSON.parse(localStorage.getItem('sarathi.conversations') || '[]');
+        const msgs = convs.length ? convs[0].messages : [];
+        return msgs.length && msgs[msgs.length - 1].finish !== 'streaming';
+    }""", timeout=timeout)
     return conversations(page)[0]["messages"][-1]
 
 
