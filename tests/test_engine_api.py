@@ -136,6 +136,50 @@ def test_async_engine_streams_and_aborts(tiny_model_dir):
     assert stats["num_running"] == 0 and stats["generation_tokens_total"] >= sum(range(6, 10))
 
 
+def test_async_engine_admits_what_arrives_while_steps_run(tiny_model_dir):
+    """Requests, aborts and admin calls that arrive at any moment of the engine thread's loop (in
+    one event-loop turn, while it sleeps, while a step computes, just as it takes the queued
+    work) are all applied: every stream ends."""
+    from sarathi.engine.async_llm_engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir), max_model_len=256, kv_cache_memory="64MiB",
+                                         max_num_seqs=8))
+
+    async def one(i, delay):
+        await asyncio.sleep(delay)
+        n = 0
+        async for out in engine.generate(f"Hello {i}", SamplingParams(temperature=0, max_tokens=3 + i % 4,
+                                                                      ignore_eos=True), f"s{i}"):
+            n = len(out.outputs[0].token_ids)
+            if i % 5 == 4 and n >= 2:
+                return -1   # abandoned: aborted mid-stream
+        return n
+
+    async def main():
+        got = []
+        for r in range(8):   # pairs and triples arriving together at an idle engine
+            got += await asyncio.wait_for(asyncio.gather(*(one(3 * r + j, 0) for j in range(2 + r % 2))), 30)
+        # a stream of arrivals spread over many steps, with admin calls in between
+        spread = asyncio.gather(*(one(i, 0.004 * (i - 20)) for i in range(20, 60)))
+        counts = []
+        for _ in range(10):
+            counts.append(await asyncio.wait_for(engine.reset_prefix_cache(), 30))
+            await asyncio.sleep(0.003)
+        got += await asyncio.wait_for(spread, 60)
+        for _ in range(100):
+            if not engine.engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.02)
+        await engine.shutdown()
+        return got, counts
+
+    got, counts = asyncio.run(main())
+    ids = [3 * r + j for r in range(8) for j in range(2 + r % 2)] + list(range(20, 60))
+    assert got == [-1 if i % 5 == 4 else 3 + i % 4 for i in ids]
+    assert len(counts) == 10 and all(c >= 0 for c in counts)
+    assert not engine.engine.has_unfinished_requests()
+
+
 def test_step_stats_record_batch_composition(tiny_model_dir):
     from sarathi import LLM
 

@@ -1,14 +1,16 @@
-"""asyncio face of the engine: a background loop runs steps, each request gets a stream.
+"""asyncio face of the engine: an engine thread runs steps back to back, each request gets a stream.
 
-The loop owns the LLMEngine: requests and aborts queued from the event loop are
-applied between steps, and each step runs in a worker thread so the event loop
-(HTTP handlers, streaming) stays responsive while the model computes. A step's outputs
-are delivered while the next step computes.
+The engine thread owns the LLMEngine: requests, aborts and admin calls queued from the event
+loop are applied between two steps, and each step's outputs are handed to the event loop
+(call_soon_threadsafe), which delivers them to their streams (SSE formatting and writes) while
+the next step computes. So nothing the event loop does sits between two steps, and the HTTP
+handlers stay responsive while the model computes.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
@@ -39,8 +41,9 @@ class AsyncLLMEngine:
         self._new: List[Tuple[str, Optional[str], SamplingParams, List[int], float, Optional[LoRARequest]]] = []
         self._aborts: List[str] = []
         self._calls: List[Tuple[Callable[[], Any], asyncio.Future]] = []  # engine calls run between steps
-        self._wakeup: Optional[asyncio.Event] = None
-        self._loop_task: Optional[asyncio.Task] = None
+        self._work = threading.Condition()   # guards _new, _aborts, _calls, _stopping; wakes the engine thread
+        self._thread: Optional[threading.Thread] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None   # the event loop that owns the streams
         self._stopping = False
         self._admitting = 0     # requests inside generate() that are not in _new yet
 
@@ -57,10 +60,16 @@ class AsyncLLMEngine:
         stats["num_waiting_requests"] = stats.get("num_waiting_requests", 0) + len(self._new) + self._admitting
         return stats
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._wakeup = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+    def _submit(self, queue: str, item) -> None:
+        """Queue a request, abort or admin call (queue: the list's attribute name, read under the lock:
+        the engine thread swaps the lists) for the engine thread (started on first use) and wake it."""
+        with self._work:
+            if self._thread is None:
+                self._loop = asyncio.get_running_loop()
+                self._thread = threading.Thread(target=self._run, name="sarathi-engine", daemon=True)
+                self._thread.start()
+            getattr(self, queue).append(item)
+            self._work.notify()
 
     async def generate(self, prompt: Optional[str], sampling_params: SamplingParams, request_id: str,
                        prompt_token_ids: Optional[List[int]] = None,
@@ -79,9 +88,7 @@ class AsyncLLMEngine:
             self._admitting -= 1
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
-        self._new.append((request_id, prompt, sampling_params, ids, time.monotonic(), lora_request))
-        self._ensure_loop()
-        self._wakeup.set()
+        self._submit("_new", (request_id, prompt, sampling_params, ids, time.monotonic(), lora_request))
         finished = False
         try:
             while True:
@@ -136,57 +143,63 @@ class AsyncLLMEngine:
         if self.errored is not None or self._stopping:
             raise EngineDead("the engine is not running (it failed or is shutting down)")
         future = asyncio.get_running_loop().create_future()
-        self._calls.append((fn, future))
-        self._ensure_loop()
-        self._wakeup.set()
+        self._submit("_calls", (fn, future))
         return await future
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its KV slot is freed before the next step runs."""
-        self._aborts.append(request_id)
-        if self._wakeup is not None:
-            self._wakeup.set()
+        if self._thread is not None:
+            self._submit("_aborts", request_id)
 
-    async def _run_loop(self) -> None:
-        """Steps back to back: the next step starts as soon as one returns, and its outputs go
-        to their streams (SSE formatting and writes, on this event loop) while it computes, so
-        a token's delivery does not add to the time per output token. Requests, aborts and
-        admin calls are applied between two steps, when none is in flight."""
-        loop = asyncio.get_running_loop()
-        step: Optional[asyncio.Future] = None
+    def _run(self) -> None:
+        """The engine thread: apply what the event loop queued, run a step, hand its outputs to the
+        event loop, again; sleep when there is nothing to do."""
         try:
-            while not self._stopping:
-                if step is None:
-                    if not self._new and not self._aborts and not self._calls and not self.engine.has_pending_work():
-                        self._wakeup.clear()
-                        await self._wakeup.wait()
-                    if self._stopping:
-                        return
-                    self._apply_pending()
-                    step = loop.run_in_executor(None, self.engine.step)
-                try:
-                    outputs = await step
-                except Exception as e:  # noqa: BLE001 - the engine gave up (repeated step failures)
-                    step = None
-                    self._die(e)
+            self._serve()
+        except Exception as e:  # noqa: BLE001 - the engine gave up (repeated step failures) or broke between steps
+            self.errored = e
+            self._to_loop(self._die, e)
+
+    def _serve(self) -> None:
+        while True:
+            with self._work:
+                while not (self._stopping or self._new or self._aborts or self._calls
+                           or self.engine.has_pending_work()):
+                    self._work.wait()
+                if self._stopping:
                     return
-                step = None
-                self._apply_pending()
-                if not self._stopping and not self.engine.is_waiting() and self.engine.has_pending_work():
-                    step = loop.run_in_executor(None, self.engine.step)
-                for out in outputs:
-                    q = self._streams.get(out.request_id)
-                    if q is not None:
-                        q.put_nowait(out)
-                if step is None and self.engine.is_waiting():  # every request waits for its hold (a grammar compiling)
-                    await asyncio.sleep(IDLE_POLL_S)
-                await asyncio.sleep(0)
-        finally:
-            if step is not None:   # stopping: the step in flight uses the KV cache until it returns
-                try:
-                    await step
-                except Exception:  # noqa: BLE001 - shutting down anyway
-                    pass
+                new, self._new = self._new, []
+                calls, self._calls = self._calls, []
+                aborts, self._aborts = self._aborts, []
+            self._apply(new, calls, aborts)
+            if self.engine.is_waiting():  # every request waits for its hold (a grammar compiling)
+                with self._work:
+                    self._work.wait(IDLE_POLL_S)
+            elif self.engine.has_pending_work():
+                outputs = self.engine.step()
+                if outputs:
+                    self._to_loop(self._deliver, outputs)
+
+    def _to_loop(self, fn: Callable, *args) -> None:
+        """Run fn(*args) on the event loop (from the engine thread); dropped if that loop has closed."""
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: nobody is left to tell
+            pass
+
+    def _deliver(self, outputs: List[RequestOutput]) -> None:
+        """On the event loop: each output to its request's stream, if that is still open."""
+        for out in outputs:
+            q = self._streams.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    def _refuse(self, refused: List[Tuple[str, ValueError]]) -> None:
+        """On the event loop: requests the engine refused at admission end their streams with the error."""
+        for rid, error in refused:
+            q = self._streams.get(rid)
+            if q is not None:
+                q.put_nowait(error)
 
     def _die(self, error: BaseException) -> None:
         logger.error("engine loop stopped: %r", error)
@@ -196,38 +209,48 @@ class AsyncLLMEngine:
         for callback in self.on_dead:
             callback(error)
 
-    def _apply_pending(self) -> None:
-        # Requests first, then admin calls: an adapter unloaded in the same round is then in
-        # use by them and the unload is refused, rather than the requests failing mid-stream.
-        calls, self._calls = self._calls, []
-        new, self._new = self._new, []
+    def _apply(self, new: List, calls: List, aborts: List[str]) -> None:
+        """On the engine thread, between steps. Requests first, then admin calls: an adapter unloaded
+        in the same round is then in use by them and the unload is refused, rather than the
+        requests failing mid-stream."""
+        refused = []
         for rid, prompt, params, ids, arrival, lora in new:
             try:
                 self.engine.add_request(rid, prompt, params, prompt_token_ids=ids, arrival_time=arrival,
                                         lora_request=lora)
             except ValueError as e:
-                q = self._streams.get(rid)
-                if q is not None:
-                    q.put_nowait(e)
+                refused.append((rid, e))
+        if refused:
+            self._to_loop(self._refuse, refused)
         for fn, future in calls:
             try:
-                future.set_result(fn())
+                result, error = fn(), None
             except Exception as e:  # noqa: BLE001 - handed to the caller
-                future.set_exception(e)
-        aborts, self._aborts = self._aborts, []
+                result, error = None, e
+            self._to_loop(_settle, future, result, error)
         if aborts:
             self.engine.abort_request(aborts)
 
     async def shutdown(self) -> None:
         """Stop the loop, end every open stream with an error, release the KV cache."""
-        self._stopping = True
-        if self._wakeup is not None:
-            self._wakeup.set()
-        if self._loop_task is not None:
-            await self._loop_task   # returns after the step in flight (the KV cache is in use until then)
+        with self._work:
+            self._stopping = True
+            self._work.notify()
+        if self._thread is not None:   # returns after the step in flight (the KV cache is in use until then)
+            await asyncio.to_thread(self._thread.join)
         for q in self._streams.values():
             q.put_nowait(EngineDead("the server is shutting down"))
         for _, future in self._calls:
             if not future.done():
                 future.set_exception(EngineDead("the server is shutting down"))
         self.engine.close()
+
+
+def _settle(future: asyncio.Future, result: Any, error: Optional[BaseException]) -> None:
+    """On the event loop: an admin call's result to its caller (who may have gone)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
