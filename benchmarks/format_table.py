@@ -17,7 +17,7 @@ exactly as g64 is (blocks of 32, each with its group's scale and minimum), so it
   int8            per-output-channel int8 at load (`quantization="int8"`)
 
 Q4_K_M needs llama.cpp's quantizer (no Python encoder for K-quants): measured when
-benchmarks/peers/build/bin/llama-quantize exists, else listed as skipped.
+benchmarks/peers/build/llama-quantize exists (benchmarks/peers/build_llama_server.sh builds it), else listed as skipped.
 
 Per variant, through the offline engine (one at a time, greedy, ignore_eos): the decode step at
 concurrency 1 = (time of 1 + N generated tokens - time of 1) / N, median of --reps alternations;
@@ -26,6 +26,13 @@ linear layers (LM head included) stream per token / their weights.
 
     .venv/bin/python benchmarks/format_table.py --build-only   # once: ~4-6 minutes (quantizing)
     .venv/bin/python benchmarks/format_table.py                # ~3 minutes on 2 cores
+
+--servers adds, for each GGUF variant (Q4_0, Q4_1, Q4_K_M, Q8_0), our server and llama-server side by
+side on that file (benchmarks/peers/compare.py: each server alone, the same streaming client):
+TPOT at concurrency 1 and output tok/s at concurrency 32 over two full waves (--serve-prompts
+requests of --serve-len prompt and output tokens). Needs benchmarks/peers/build/llama-server.
+
+    .venv/bin/python benchmarks/format_table.py --servers      # + ~2-3 minutes per GGUF variant
 
 Prints a markdown table; writes benchmarks/results/format_table.json.
 """
@@ -48,7 +55,7 @@ sys.path.insert(0, str(REPO))
 from adaptivocab.outdir import check_result_prefix, write_result_file  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-LLAMA_QUANTIZE = REPO / "benchmarks" / "peers" / "build" / "bin" / "llama-quantize"
+LLAMA_QUANTIZE = REPO / "benchmarks" / "peers" / "build" / "llama-quantize"
 ARGS = dict(max_model_len=512, max_num_seqs=32, kv_cache_memory="256MiB")
 
 
@@ -176,6 +183,31 @@ def measure(kw: dict, args) -> dict:
     return row
 
 
+GGUF_VARIANTS = ("Q4_0", "Q4_1", "Q4_K_M", "Q8_0")
+
+
+def serve_side_by_side(name: str, kw: dict, args) -> dict:
+    """Our server and llama-server on one GGUF variant (compare.py, each alone): c1 TPOT, c32 tok/s."""
+    result_dir = Path(args.work) / f"serve-{name}"
+    result_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(REPO / "benchmarks" / "peers" / "compare.py"), "--systems", "sarathi", "llama-server",
+           "--gguf", kw["model"], "--concurrency", "1", "32", "--num-prompts", "4", str(args.serve_prompts),
+           "--input-len", str(args.serve_len), "--output-len", str(args.serve_len), "--result-dir", str(result_dir)]
+    if args.sarathi_args:
+        cmd += ["--sarathi-args", args.sarathi_args]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    rows = json.loads((result_dir / "serving-compare.json").read_text())["rows"]
+    out = {}
+    for r in rows:
+        key = "ours" if r["system"] == "sarathi" else "llama_server"
+        if r["concurrency"] == 1:
+            out[f"{key}_c1_tpot_ms"] = r["tpot_median_ms"]
+        else:
+            out[f"{key}_c32_tok_s"] = r["output_throughput"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=str(REPO / ".cache" / "format-table"), help="where the variants are built")
@@ -185,7 +217,14 @@ def main() -> None:
     ap.add_argument("--c1-tokens", type=int, default=32)
     ap.add_argument("--c32-tokens", type=int, default=32)
     ap.add_argument("--out", default=str(RESULTS / "format_table"))
+    ap.add_argument("--servers", action="store_true", help="also both servers on each GGUF variant (see above)")
+    ap.add_argument("--serve-prompts", type=int, default=64, help="requests at c32 (two waves: 64)")
+    ap.add_argument("--serve-len", type=int, default=64, help="prompt and output tokens per served request")
+    ap.add_argument("--sarathi-args", default="", help="extra flags for our server, e.g. '--kv-cache-dtype float16'")
     args = ap.parse_args()
+    llama_server = REPO / "benchmarks" / "peers" / "build" / "llama-server"
+    if args.servers and not llama_server.exists():
+        raise SystemExit(f"--servers needs {llama_server} (benchmarks/peers/build_llama_server.sh)")
     variants = build_variants(Path(args.work), set(args.only or ()))
     if args.build_only:
         return
@@ -197,6 +236,10 @@ def main() -> None:
         print(f"  {name:15s} {r['bytes_per_weight']:5.2f} B/w  {r['linear_mb_per_token']:6.1f} MB/token  "
               f"c1 step {r['c1_step_ms']:6.2f} ms (best {r['c1_step_ms_best']:.2f})  c32 {r['c32_tok_s']:6.1f} tok/s",
               flush=True)
+    if args.servers:
+        for name in GGUF_VARIANTS:
+            if name in variants:
+                rows[name]["served"] = serve_side_by_side(name, variants[name], args)
     base = rows.get("Q4_1")
     print()
     print("| format | loaded as | bits/weight (linears) | MB/token | c1 decode step ms | vs Q4_1 x bytes ratio "
@@ -209,9 +252,22 @@ def main() -> None:
             rel = f"{r['c1_step_ms'] / expect:.2f}"
         print(f"| {name} | {r['formats']} | {8 * r['bytes_per_weight']:.2f} | {r['linear_mb_per_token']:.1f} | "
               f"{r['c1_step_ms']:.2f} | {rel} | {r['c32_tok_s']:.1f} |")
+    served = {name: r["served"] for name, r in rows.items() if "served" in r}
+    if served:
+        print()
+        print(f"served, each server alone ({args.serve_len}-token prompts and outputs; c32: {args.serve_prompts} "
+              f"requests):")
+        print("| format | c1 TPOT ms ours / llama-server | ratio | c32 tok/s ours / llama-server | ratio |")
+        print("|---|---|---|---|---|")
+        for name, v in served.items():
+            print(f"| {name} | {v['ours_c1_tpot_ms']:.1f} / {v['llama_server_c1_tpot_ms']:.1f} | "
+                  f"{v['ours_c1_tpot_ms'] / v['llama_server_c1_tpot_ms']:.2f} | {v['ours_c32_tok_s']:.1f} / "
+                  f"{v['llama_server_c32_tok_s']:.1f} | {v['ours_c32_tok_s'] / v['llama_server_c32_tok_s']:.2f} |")
     out = check_result_prefix(args.out)
     meta = {"model": "smollm2-135m-instruct (embedded Q4_1, dequantised)", "reps": args.reps,
             "c1_tokens": args.c1_tokens, "c32_tokens": args.c32_tokens, "loadavg_start": load0,
+            "servers": args.servers, "serve_prompts": args.serve_prompts, "serve_len": args.serve_len,
+            "sarathi_args": args.sarathi_args,
             "loadavg_end": os.getloadavg()}
     write_result_file(out.with_suffix(".json"), json.dumps({"config": meta, "rows": rows}, indent=2))
     print(f"wrote {out.with_suffix('.json')}")

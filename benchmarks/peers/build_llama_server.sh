@@ -27,7 +27,9 @@ echo "llama.cpp source: $LLAMA"
 cd "$LLAMA"
 nice -n 10 cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF ${CMAKE_EXTRA:-}
-nice -n 10 cmake --build build --target llama-server -j"$JOBS"
-BIN="$(find "$LLAMA/build" -name llama-server -type f -perm -u+x | head -n1)"
-ln -sf "$BIN" "$BUILD/llama-server"
-echo "built: $BUILD/llama-server -> $BIN"
+nice -n 10 cmake --build build --target llama-server llama-quantize -j"$JOBS"
+for tool in llama-server llama-quantize; do   # llama-quantize: K-quant files for benchmarks/format_table.py
+  BIN="$(find "$LLAMA/build" -name "$tool" -type f -perm -u+x | head -n1)"
+  ln -sf "$BIN" "$BUILD/$tool"
+  echo "built: $BUILD/$tool -> $BIN"
+done
