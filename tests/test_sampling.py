@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from sarathi import LLM, SamplingParams
 from sarathi.sampling_params import InvalidParam
@@ -219,3 +220,23 @@ def test_draw_follows_the_probabilities():
     alone = draw(p[None], [a])[0]
     assert draw(torch.stack([other[0], p, other[1]]), [torch.Generator(), b, torch.Generator()])[1] == alone
     assert draw(torch.full((1, 4), float("nan")), [g])[0] in range(4)
+
+
+def test_logsumexp_rows_keeps_torchs_bits_where_exp_underflows():
+    """The sampler's logsumexp clamps x - max at -87 (no underflowing exp, which is slow on x86):
+    the same bits as torch.logsumexp on wide logits (a random-weight model's), masked rows and
+    ordinary ones; rows without a finite max give torch's answer."""
+    from sarathi.model_executor.sampler import logsumexp_rows
+
+    g = torch.Generator().manual_seed(0)
+    for std in (0.5, 3.0, 45.0, 400.0):
+        x = torch.randn(33, 49152, generator=g) * std
+        x[3, ::2] = float("-inf")               # a grammar's mask
+        x[5, 7] = x[5].max() + 1e-3             # a near tie at the top
+        assert torch.equal(logsumexp_rows(x), torch.logsumexp(x, dim=-1)), std
+    odd = torch.zeros(4, 16)
+    odd[0] = float("-inf")
+    odd[1, 3] = float("inf")
+    odd[2, 5] = float("nan")
+    want, got = torch.logsumexp(odd, dim=-1), logsumexp_rows(odd)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])

@@ -156,12 +156,32 @@ def sample(logits: torch.Tensor, rows: Seq[SampleRequest], shared: torch.Generat
     return describe(logits, chosen.tolist(), rows)
 
 
+_EXP_FLOOR = -87.0   # exp(-87) = 1.6e-38: still a normal float
+
+
+def logsumexp_rows(raw: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp over the last dimension, without x86's slow underflow path on the CPU.
+
+    torch computes max + log(sum(exp(x - max))); where logits spread wide (a random-weight model's
+    span hundreds of units) most exp(x - max) underflow, and each underflowing exp runs a slow path:
+    1.4 vs 0.04 ms for one 49k-vocabulary row, 45 vs 2 ms for 32 rows. Here x - max is clamped at -87
+    first, so every exp stays a normal float. That adds < 2^-126 per entry (< 2^-109 for a 2^17
+    vocabulary) to a sum that holds exp(0) = 1, far below half an ulp of it: the same bits as
+    torch.logsumexp. Rows whose max is not finite (all -inf, +inf, NaN) take torch's op."""
+    if raw.device.type != "cpu":
+        return torch.logsumexp(raw, dim=-1)
+    m = raw.amax(dim=-1, keepdim=True)
+    if not bool(torch.isfinite(m).all()):
+        return torch.logsumexp(raw, dim=-1)
+    return (raw - m).clamp_(min=_EXP_FLOOR).exp_().sum(dim=-1).log_().add_(m.squeeze(-1))
+
+
 def describe(raw: torch.Tensor, chosen: Seq[int], rows: Seq[SampleRequest]) -> List[SampleResult]:
     """The SampleResult of token chosen[i] drawn from row i: its logprob in the raw distribution
     (log-softmax of raw), and its rank and the top-N where the row asks for logprobs."""
     chosen_t = torch.tensor(list(chosen), dtype=torch.long, device=raw.device)
     # Logprobs of the raw distribution: one logsumexp pass; ranks and top-N only where asked.
-    lse = torch.logsumexp(raw, dim=-1)
+    lse = logsumexp_rows(raw)
     chosen_lp = raw.gather(1, chosen_t.unsqueeze(1)).squeeze(1) - lse
     want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     ranks: Dict[int, int] = {}

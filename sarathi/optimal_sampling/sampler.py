@@ -23,7 +23,7 @@ import torch
 from sarathi.core.sequence import Binding
 from sarathi.model_executor.kv_cache import kv_backend_class
 from sarathi.model_executor.model_runner import ModelRunner, ModelRunnerOutput, SeqPlan
-from sarathi.model_executor.sampler import SampleResult, draw
+from sarathi.model_executor.sampler import SampleResult, draw, logsumexp_rows
 from sarathi.optimal_sampling.native import solve_rows
 from sarathi.outputs import OptimalToken
 from sarathi.sampling_params import InvalidParam
@@ -244,7 +244,7 @@ def sample_rows(rows: Sequence[OptimalRow], shared: torch.Generator) -> List[Tup
     if at_end:
         raw = torch.stack([theta[i] if rows[i].alpha == 0.0 else target[i] for i in at_end])
         drawn = draw(raw.softmax(-1), [rows[i].generator or shared for i in at_end])
-        lse = torch.logsumexp(raw, -1)
+        lse = logsumexp_rows(raw)
         for j, i in enumerate(at_end):
             tokens[i], logq[i] = drawn[j], float(raw[j, drawn[j]] - lse[j])
     out = []
