@@ -187,19 +187,20 @@ class AsyncLLMEngine:
         except RuntimeError:  # the event loop is closed: nobody is left to tell
             pass
 
+    def _put(self, request_id: str, item) -> None:
+        """On the event loop: an output or error to its request's stream, if that is still open."""
+        q = self._streams.get(request_id)
+        if q is not None:
+            q.put_nowait(item)
+
     def _deliver(self, outputs: List[RequestOutput]) -> None:
-        """On the event loop: each output to its request's stream, if that is still open."""
         for out in outputs:
-            q = self._streams.get(out.request_id)
-            if q is not None:
-                q.put_nowait(out)
+            self._put(out.request_id, out)
 
     def _refuse(self, refused: List[Tuple[str, ValueError]]) -> None:
-        """On the event loop: requests the engine refused at admission end their streams with the error."""
+        """Requests the engine refused at admission end their streams with the error."""
         for rid, error in refused:
-            q = self._streams.get(rid)
-            if q is not None:
-                q.put_nowait(error)
+            self._put(rid, error)
 
     def _die(self, error: BaseException) -> None:
         logger.error("engine loop stopped: %r", error)
